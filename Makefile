@@ -1,0 +1,85 @@
+# modelgrid: `make up` runs the mesh locally, `make test` runs the suite. Both install what is missing first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN_DIR := .run
+CONSUL := .tools/consul/usr/bin/consul
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBIAN_PACKAGES := redis-server docker-compose
+PROTO_FILES := $(shell find protos -name '*.proto')
+PYTEST_ARGS ?=
+
+.PHONY: help setup protos up down status test lint format clean lock bench-registry
+
+help:
+	@echo "make up              install what is missing, start Consul, Redis and the services locally"
+	@echo "make down            stop everything make up started"
+	@echo "make test            install what is missing, run the whole suite against real Consul and Redis"
+	@echo "make bench-registry  registry push/pull throughput vs a plain file copy, metadata ops/s"
+	@echo "make lint            ruff check and format check"
+	@echo "make protos          regenerate Python code from protos/ into gen/"
+
+setup: $(VENV)/.installed $(CONSUL) .tools/.debian-packages gen/.generated
+
+# Debian packages: installed only when one of them is missing.
+.tools/.debian-packages:
+	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	@mkdir -p .tools && touch $@
+
+$(CONSUL):
+	bash scripts/install-consul.sh
+
+# The generated code must exist before the editable install so that the `modelgrid` package maps to gen/.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt grpcio-tools
+	PY=$(PY) bash scripts/gen-protos.sh
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $@
+
+protos: $(VENV)/.installed
+	PY=$(PY) bash scripts/gen-protos.sh
+
+gen/.generated: $(PROTO_FILES) | $(VENV)/.installed
+	PY=$(PY) bash scripts/gen-protos.sh
+
+up: setup
+	$(PY) -m services.kit.localinfra up --state-dir $(RUN_DIR)
+	$(PY) scripts/mesh.py up --state-dir $(RUN_DIR)
+
+down:
+	-[ -x $(PY) ] && $(PY) scripts/mesh.py down --state-dir $(RUN_DIR)
+	-[ -x $(PY) ] && $(PY) -m services.kit.localinfra down --state-dir $(RUN_DIR)
+
+status: setup
+	$(PY) -m services.kit.localinfra status --state-dir $(RUN_DIR); $(PY) scripts/mesh.py status --state-dir $(RUN_DIR)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check services tests bench scripts
+	$(VENV)/bin/ruff format --check services tests bench scripts
+
+format: setup
+	$(VENV)/bin/ruff format services tests bench scripts
+	$(VENV)/bin/ruff check --fix services tests bench scripts
+
+bench-registry: setup
+	$(PY) bench/registry_bench.py
+
+# Re-pins constraints.txt to what the venv has now (after changing pyproject.toml dependencies).
+lock: $(VENV)/.installed
+	{ echo "# Exact versions that install together on Python 3.11 (pip install -c constraints.txt). Regenerate: make lock"; \
+	  $(PY) -m pip freeze --exclude-editable; } > constraints.txt
+
+clean: down
+	rm -rf $(RUN_DIR) gen build *.egg-info .pytest_cache .ruff_cache

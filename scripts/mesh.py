@@ -1,0 +1,141 @@
+"""Starts, stops and reports the modelgrid services of a local mesh (`make up` / `make down` / `make status`).
+
+Each service runs detached as `python -m <module>`, its pid and log in the state dir. `up` waits until every
+service is SERVING and passing in Consul, and is idempotent: a service that already runs is left alone.
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONSUL_URL = os.environ.get("MODELGRID_CONSUL_URL", "http://127.0.0.1:8500")
+
+
+@dataclass
+class LocalService:
+    """One process of the mesh: a name (also its pid/log file), its module, its port and its settings."""
+
+    name: str
+    module: str
+    consul_name: str
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def mesh(state_dir: Path) -> list[LocalService]:
+    """The services `make up` runs, in start order."""
+    return [
+        LocalService(
+            "registry",
+            "services.registry",
+            "registry",
+            50051,
+            {"MODELGRID_REGISTRY_PORT": "50051", "MODELGRID_REGISTRY_BLOB_DIR": str(state_dir / "registry" / "blobs")},
+        ),
+    ]
+
+
+def _pid(state_dir: Path, name: str) -> int | None:
+    try:
+        pid = int((state_dir / f"{name}.pid").read_text())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+
+
+def _serving(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _passing_in_consul(consul_name: str, port: int) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{CONSUL_URL}/v1/health/service/{consul_name}?passing=true", timeout=2) as response:
+        return any(entry["Service"]["Port"] == port for entry in json.load(response))
+
+
+def up(state_dir: Path, timeout: float = 120.0) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for service in mesh(state_dir):
+        if _pid(state_dir, service.name):
+            print(f"{service.name}: already running on 127.0.0.1:{service.port}")
+            continue
+        with (state_dir / f"{service.name}.log").open("ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", service.module],
+                cwd=REPO_ROOT,
+                env={**os.environ, **service.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (state_dir / f"{service.name}.pid").write_text(str(process.pid))
+        deadline = time.monotonic() + timeout
+        while not (_serving(service.port) and _passing_in_consul(service.consul_name, service.port)):
+            if process.poll() is not None or time.monotonic() > deadline:
+                log_tail = (state_dir / f"{service.name}.log").read_text()[-2000:]
+                sys.exit(f"{service.name} did not start; see {state_dir / service.name}.log:\n{log_tail}")
+            time.sleep(0.3)
+        print(f"{service.name}: serving on 127.0.0.1:{service.port}, passing in Consul (pid {process.pid})")
+
+
+def down(state_dir: Path) -> None:
+    for service in reversed(mesh(state_dir)):
+        pid = _pid(state_dir, service.name)
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(150):
+                if not _pid(state_dir, service.name):
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+            print(f"{service.name}: stopped")
+        (state_dir / f"{service.name}.pid").unlink(missing_ok=True)
+
+
+def status(state_dir: Path) -> bool:
+    healthy = True
+    for service in mesh(state_dir):
+        pid = _pid(state_dir, service.name)
+        ok = bool(pid) and _serving(service.port)
+        healthy &= ok
+        print(
+            f"{service.name}: {'serving' if ok else 'down'} on 127.0.0.1:{service.port}"
+            + (f" pid {pid}" if pid else "")
+        )
+    return healthy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--state-dir", type=Path, default=REPO_ROOT / ".run")
+    args = parser.parse_args()
+    state_dir = args.state_dir.resolve()
+    if args.command == "up":
+        up(state_dir)
+    elif args.command == "down":
+        down(state_dir)
+    else:
+        sys.exit(0 if status(state_dir) else 1)
+
+
+if __name__ == "__main__":
+    main()

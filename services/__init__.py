@@ -1,0 +1,1 @@
+"""modelgrid services."""

@@ -1,0 +1,1 @@
+"""Shared service kit: settings, logging, telemetry, gRPC server runtime, Consul and Redis clients."""

@@ -1,0 +1,120 @@
+"""Consul agent HTTP API: register and deregister instances, and ask for the healthy ones (blocking queries)."""
+
+import logging
+from dataclasses import dataclass, field
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One healthy instance of a service as Consul reports it."""
+
+    id: str
+    service: str
+    address: str
+    port: int
+    tags: tuple[str, ...] = ()
+    meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def target(self) -> str:
+        """host:port for a gRPC channel."""
+        return f"{self.address}:{self.port}"
+
+
+@dataclass
+class Registration:
+    """What an instance tells Consul about itself; Consul checks its gRPC health endpoint."""
+
+    id: str
+    name: str
+    address: str
+    port: int
+    tags: list[str] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+    check_interval: str = "2s"
+    deregister_critical_after: str = "1m"
+
+    def payload(self) -> dict:
+        """Body of PUT /v1/agent/service/register."""
+        return {
+            "ID": self.id,
+            "Name": self.name,
+            "Address": self.address,
+            "Port": self.port,
+            "Tags": self.tags,
+            "Meta": self.meta,
+            "Check": {
+                "CheckID": f"{self.id}:grpc-health",
+                "Name": f"{self.name} gRPC health",
+                "GRPC": f"{self.address}:{self.port}",
+                "GRPCUseTLS": False,
+                "Interval": self.check_interval,
+                "Timeout": self.check_interval,
+                "DeregisterCriticalServiceAfter": self.deregister_critical_after,
+            },
+        }
+
+
+class ConsulClient:
+    """A small async client for the parts of Consul's agent and health APIs modelgrid uses."""
+
+    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
+        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout)
+
+    async def register(self, registration: Registration) -> None:
+        """Registers (or re-registers, to change tags and meta) an instance with the local agent."""
+        response = await self._http.put("/v1/agent/service/register", json=registration.payload())
+        response.raise_for_status()
+        logger.info("registered %s (%s:%d) in Consul", registration.id, registration.address, registration.port)
+
+    async def deregister(self, instance_id: str) -> None:
+        """Removes an instance from the local agent."""
+        response = await self._http.put(f"/v1/agent/service/deregister/{instance_id}")
+        response.raise_for_status()
+        logger.info("deregistered %s from Consul", instance_id)
+
+    async def healthy_instances(
+        self, service: str, *, index: int = 0, wait: str = "30s", tag: str | None = None
+    ) -> tuple[int, list[Instance]]:
+        """Instances whose checks all pass. With index > 0 this is a blocking query that returns when the answer
+        changes or `wait` runs out; the returned index feeds the next call."""
+        params: dict[str, str | int] = {"passing": "true"}
+        if index:
+            params.update(index=index, wait=wait)
+        if tag:
+            params["tag"] = tag
+        timeout = _seconds(wait) + 10 if index else self._http.timeout.read
+        response = await self._http.get(f"/v1/health/service/{service}", params=params, timeout=timeout)
+        response.raise_for_status()
+        new_index = int(response.headers.get("X-Consul-Index", "0"))
+        instances = []
+        for entry in response.json():
+            svc = entry["Service"]
+            instances.append(
+                Instance(
+                    id=svc["ID"],
+                    service=svc["Service"],
+                    address=svc["Address"] or entry["Node"]["Address"],
+                    port=svc["Port"],
+                    tags=tuple(svc.get("Tags") or ()),
+                    meta=dict(svc.get("Meta") or {}),
+                )
+            )
+        return new_index, instances
+
+    async def close(self) -> None:
+        """Closes the HTTP connection pool."""
+        await self._http.aclose()
+
+
+def _seconds(duration: str) -> float:
+    """Seconds in a Consul duration such as "30s", "2m" or "500ms"."""
+    units = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
+    for suffix, factor in units:
+        if duration.endswith(suffix) and duration[: -len(suffix)].replace(".", "", 1).isdigit():
+            return float(duration[: -len(suffix)]) * factor
+    raise ValueError(f"not a Consul duration: {duration!r}")

@@ -1,0 +1,90 @@
+"""The one server interceptor that turns domain errors into gRPC status codes."""
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from services.kit import errors
+
+logger = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[errors.ModelgridError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.DataLoss: grpc.StatusCode.DATA_LOSS,
+}
+
+
+def status_of(exc: errors.ModelgridError) -> grpc.StatusCode:
+    """The status code for a domain error (its nearest mapped base class)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.UNKNOWN
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    if isinstance(exc, errors.ModelgridError):
+        await context.abort(status_of(exc), str(exc))
+    incident = uuid.uuid4().hex[:12]
+    logger.error("unexpected error in %s (incident %s)", method, incident, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server log has details")
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps ModelgridError subclasses to their status code with their message; anything else to INTERNAL with a
+    generic message (the traceback goes to the log, never to the client)."""
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer
+        )
+
+
+def _wrap_unary(behavior: Callable, method: str) -> Callable:
+    async def wrapper(request, context: grpc.aio.ServicerContext):
+        try:
+            return await behavior(request, context)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, logged when unexpected
+            await _abort_for(exc, context, method)
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Callable, method: str) -> Callable:
+    async def wrapper(request, context: grpc.aio.ServicerContext) -> AsyncIterator:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, logged when unexpected
+            await _abort_for(exc, context, method)
+
+    return wrapper

@@ -1,0 +1,168 @@
+"""The gRPC server runtime every service uses: build, register in Consul, serve, and shut down in order."""
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.kit.consul import ConsulClient, Registration
+from services.kit.interceptors import ErrorMappingInterceptor
+from services.kit.settings import ServiceSettings
+from services.kit.telemetry import server_interceptor, setup_tracing
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceSpec:
+    """What a service is: its Consul name, version, the proto services it serves and how to add them."""
+
+    name: str
+    version: str
+    proto_services: Sequence[str]
+    add_servicers: Callable[[grpc.aio.Server], None]
+    tags: list[str] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+def grpc_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """Channel/server options carrying the message size limits."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
+    ]
+
+
+class GrpcService:
+    """A running service: a grpc.aio server with health, reflection, tracing and error mapping, registered in
+    Consul.
+
+    Health starts NOT_SERVING; the service calls `set_serving(True)` once it can answer. Shutdown follows one
+    order: health NOT_SERVING, deregister from Consul, stop the server with a grace period, then run the
+    service's own cleanups (close Redis, channels) in reverse order of registration.
+    """
+
+    def __init__(self, spec: ServiceSpec, settings: ServiceSettings) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.port = 0
+        self._health = health.aio.HealthServicer()
+        self._cleanups: list[Callable[[], Awaitable[None]]] = []
+        self._server: grpc.aio.Server | None = None
+        self._consul: ConsulClient | None = None
+        self._registration: Registration | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    def add_cleanup(self, cleanup: Callable[[], Awaitable[None]]) -> None:
+        """Runs `cleanup()` at shutdown, after the server has stopped."""
+        self._cleanups.append(cleanup)
+
+    async def start(self) -> int:
+        """Binds, starts serving (health NOT_SERVING) and registers in Consul; returns the bound port."""
+        provider = setup_tracing(self.spec.name, self.spec.version, self.settings)
+        self.add_cleanup(lambda: asyncio.to_thread(provider.shutdown))
+        server = grpc.aio.server(
+            interceptors=[server_interceptor(provider), ErrorMappingInterceptor()],
+            options=grpc_options(self.settings),
+        )
+        self.spec.add_servicers(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [*self.spec.proto_services, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
+        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
+        await server.start()
+        self._server = server
+        await self.set_serving(False)
+        logger.info("%s listening on %s:%d", self.spec.name, self.settings.host, self.port)
+        if self.settings.consul_enabled:
+            await self._register()
+        return self.port
+
+    @property
+    def instance_id(self) -> str:
+        """This instance's id in Consul."""
+        return self.settings.instance_id or f"{self.spec.name}-{self.settings.advertise_host}-{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        """Sets the overall health and that of every proto service this server serves."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.spec.proto_services):
+            await self._health.set(name, status)
+
+    async def set_health(self, name: str, serving: bool) -> None:
+        """Sets the health of one named part (e.g. a loaded model) without touching the others."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._health.set(name, status)
+
+    async def update_registration(self, *, tags: list[str] | None = None, meta: dict[str, str] | None = None) -> None:
+        """Re-registers with new tags or meta (e.g. the models a predictor serves)."""
+        if self._registration is None or self._consul is None:
+            return
+        if tags is not None:
+            self._registration.tags = tags
+        if meta is not None:
+            self._registration.meta = meta
+        await self._consul.register(self._registration)
+
+    async def _register(self) -> None:
+        self._consul = ConsulClient(self.settings.consul_url)
+        self._registration = Registration(
+            id=self.instance_id,
+            name=self.spec.name,
+            address=self.settings.advertise_host,
+            port=self.port,
+            tags=list(self.spec.tags),
+            meta={"version": self.spec.version, **self.spec.meta},
+            check_interval=self.settings.consul_check_interval,
+            deregister_critical_after=self.settings.consul_deregister_after,
+        )
+        for attempt in range(20):
+            try:
+                await self._consul.register(self._registration)
+                return
+            except httpx.HTTPError as exc:
+                if attempt == 19:
+                    raise
+                logger.warning("Consul at %s not reachable (%s); retrying", self.settings.consul_url, exc)
+                await asyncio.sleep(0.5)
+
+    async def stop(self) -> None:
+        """Shuts down in order; safe to call twice."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        logger.info("%s shutting down", self.spec.name)
+        await self.set_serving(False)
+        if self._consul is not None:
+            try:
+                await self._consul.deregister(self.instance_id)
+            except httpx.HTTPError as exc:
+                logger.warning("could not deregister %s from Consul: %s", self.instance_id, exc)
+            await self._consul.close()
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace_seconds)
+        for cleanup in reversed(self._cleanups):
+            try:
+                await cleanup()
+            except Exception:  # noqa: BLE001 - one failed cleanup must not skip the others
+                logger.exception("cleanup failed during shutdown")
+        self._stopped.set()
+
+    async def run_until_signal(self) -> None:
+        """Serves until SIGTERM or SIGINT, then stops."""
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        await stop_requested.wait()
+        await self.stop()

@@ -1,0 +1,51 @@
+"""Settings every modelgrid service shares; each service subclasses them with its own env prefix."""
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class ServiceSettings(BaseSettings):
+    """Network, discovery, state, telemetry and limit settings common to all services.
+
+    Subclasses set `model_config = SettingsConfigDict(env_prefix="MODELGRID_<SERVICE>_")`, so for the registry
+    `MODELGRID_REGISTRY_PORT=50051` sets `port`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MODELGRID_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds to (0.0.0.0 in containers)."""
+    port: int = 0
+    """Port the gRPC server binds to; 0 picks a free port (tests)."""
+    advertise_host: str = "127.0.0.1"
+    """Address other services and Consul's health check use to reach this instance."""
+    instance_id: str = ""
+    """Consul service id of this instance; empty: <service>-<advertise_host>-<port>."""
+    consul_url: str = "http://127.0.0.1:8500"
+    """Consul agent HTTP API."""
+    consul_enabled: bool = True
+    """Register in Consul on start and deregister on shutdown."""
+    consul_check_interval: str = "2s"
+    """How often Consul calls this instance's gRPC health endpoint."""
+    consul_deregister_after: str = "1m"
+    """Consul removes this instance after its check has been critical this long (a crashed process)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis holding the service's state."""
+    max_receive_message_bytes: int = Field(default=64 * MiB, ge=1024)
+    """Largest gRPC message the server accepts (streams send many messages)."""
+    max_send_message_bytes: int = Field(default=64 * MiB, ge=1024)
+    """Largest gRPC message the server sends."""
+    shutdown_grace_seconds: float = Field(default=5.0, ge=0)
+    """On SIGTERM, how long in-flight calls may finish before they are cancelled."""
+    otel_exporter: Literal["none", "console", "otlp"] = "none"
+    """Where trace spans go: nowhere, stderr, or an OTLP/gRPC collector."""
+    otel_endpoint: str = "http://127.0.0.1:4317"
+    """OTLP collector endpoint, used when otel_exporter is "otlp"."""
+    log_level: str = "INFO"
+    """Root log level."""
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as human-readable text or one JSON object each."""

@@ -1,0 +1,1 @@
+"""The model registry service: models, versions, artifacts, aliases and their audit trail."""

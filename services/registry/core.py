@@ -1,0 +1,331 @@
+"""The registry's transport-free core: validates requests, runs uploads into the blob store, resolves references
+and keeps metadata consistent through RegistryStore."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.kit.modelref import ModelRef, check_alias, check_model_name
+from services.registry.blobstore import BlobStore, check_digest
+from services.registry.domain import (
+    Alias,
+    Artifact,
+    ArtifactFormat,
+    Lineage,
+    ModelVersion,
+    RegisteredModel,
+    RegistryEvent,
+    VersionStatus,
+)
+from services.registry.settings import RegistrySettings
+from services.registry.signatures import read_signatures
+from services.registry.store import RegistryStore
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_ID = 128
+_MAX_TAGS = 256
+
+
+@dataclass
+class NewVersion:
+    """Metadata of a version being uploaded (the first CreateVersion message)."""
+
+    model_name: str
+    artifact_digest: str
+    artifact_size: int = 0
+    artifact_format: ArtifactFormat = ArtifactFormat.RAW
+    description: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    lineage: Lineage = field(default_factory=Lineage)
+    request_id: str = ""
+
+
+@dataclass
+class Page:
+    """A page of a list: its items and the token for the next page (empty on the last)."""
+
+    items: list
+    next_token: str = ""
+
+
+def _check_tags(tags: dict[str, str]) -> None:
+    if len(tags) > _MAX_TAGS:
+        raise InvalidArgument(f"at most {_MAX_TAGS} tags")
+    for key in tags:
+        if not key or len(key) > 128:
+            raise InvalidArgument(f"tag key {key!r} must be 1-128 characters")
+
+
+class ModelRegistry:
+    """Registry operations. `actor` is the client identity recorded in the audit trail."""
+
+    def __init__(self, store: RegistryStore, blobs: BlobStore, settings: RegistrySettings) -> None:
+        self._store = store
+        self._blobs = blobs
+        self._settings = settings
+
+    def _page_size(self, requested: int) -> int:
+        if requested < 0:
+            raise InvalidArgument("page_size must be >= 0")
+        return min(requested or self._settings.default_page_size, self._settings.max_page_size)
+
+    # -- models ------------------------------------------------------------------------------------------------
+
+    async def create_model(self, name: str, description: str, tags: dict[str, str], actor: str) -> RegisteredModel:
+        check_model_name(name)
+        _check_tags(tags)
+        return await self._store.create_model(RegisteredModel(name, description, dict(tags)), actor)
+
+    async def get_model(self, name: str) -> RegisteredModel:
+        return await self._store.get_model(check_model_name(name))
+
+    async def list_models(self, prefix: str, tag: str, page_size: int, page_token: str) -> Page:
+        """Models in name order; `tag` is "key" or "key=value"."""
+        limit = self._page_size(page_size)
+        key, _, value = tag.partition("=")
+        models: list[RegisteredModel] = []
+        after = page_token
+        while len(models) < limit:
+            names, more = await self._store.list_models(prefix, after, limit)
+            for name in names:
+                after = name
+                try:
+                    model = await self._store.get_model(name)
+                except NotFound:  # deleted between the two reads
+                    continue
+                if not tag or (key in model.tags and (not value or model.tags[key] == value)):
+                    models.append(model)
+                    if len(models) == limit:
+                        break
+            if not more:
+                return Page(models)
+        return Page(models, after)
+
+    async def update_model(
+        self, name: str, description: str | None, set_tags: dict[str, str], remove_tags: list[str], actor: str
+    ) -> RegisteredModel:
+        check_model_name(name)
+        _check_tags(set_tags)
+
+        def change(model: RegisteredModel) -> dict[str, str]:
+            changed = []
+            if description is not None:
+                model.description = description
+                changed.append("description")
+            if set_tags or remove_tags:
+                model.tags.update(set_tags)
+                for tag_key in remove_tags:
+                    model.tags.pop(tag_key, None)
+                changed.append("tags")
+            return {"fields": ",".join(changed)}
+
+        return await self._store.update_model(name, change, actor)
+
+    async def delete_model(self, name: str, force: bool, actor: str) -> int:
+        return await self._store.delete_model(check_model_name(name), force, actor)
+
+    # -- versions ----------------------------------------------------------------------------------------------
+
+    async def create_version(self, meta: NewVersion, chunks: AsyncIterator[bytes], actor: str) -> ModelVersion:
+        """Streams the artifact into the blob store while hashing, verifies the declared digest, reads the
+        SavedModel signature, then commits the version with the next number. Any failure leaves nothing behind:
+        the staged bytes are dropped and no number is consumed."""
+        check_model_name(meta.model_name)
+        check_digest(meta.artifact_digest)
+        _check_tags(meta.tags)
+        if len(meta.request_id) > MAX_REQUEST_ID:
+            raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
+        limit = self._settings.max_artifact_bytes
+        if meta.artifact_size > limit:
+            raise ResourceExhausted(
+                f"artifact of {meta.artifact_size} bytes is larger than the registry's limit of {limit} bytes "
+                "(setting MODELGRID_REGISTRY_MAX_ARTIFACT_BYTES)"
+            )
+        await self._store.get_model(meta.model_name)  # NotFound before any byte is stored
+
+        writer = self._blobs.writer(limit)
+        try:
+            async for chunk in chunks:
+                await asyncio.to_thread(writer.write, chunk)
+            if meta.artifact_size and writer.size != meta.artifact_size:
+                raise InvalidArgument(
+                    f"artifact size mismatch: declared {meta.artifact_size} bytes, received {writer.size}"
+                )
+            signatures = []
+            if meta.artifact_format == ArtifactFormat.SAVEDMODEL_TAR:
+                signatures = await asyncio.to_thread(read_signatures, writer.staged_path)
+            digest = await asyncio.to_thread(writer.commit, meta.artifact_digest)
+        except BaseException:
+            writer.abort()
+            raise
+        version = ModelVersion(
+            model_name=meta.model_name,
+            version=0,
+            artifact=Artifact(digest, writer.size, meta.artifact_format),
+            status=VersionStatus.READY,
+            metrics=dict(meta.metrics),
+            params=dict(meta.params),
+            tags=dict(meta.tags),
+            description=meta.description,
+            lineage=meta.lineage,
+            signatures=signatures,
+            created_by=actor,
+        )
+        committed, created = await self._store.commit_version(version, meta.request_id)
+        if created:
+            logger.info("%s:%d committed (%s, %d bytes)", committed.model_name, committed.version, digest, writer.size)
+        return committed
+
+    async def get_version(self, name: str, number: int) -> ModelVersion:
+        check_model_name(name)
+        if number < 1:
+            raise InvalidArgument("version must be >= 1")
+        return await self._store.get_version(name, number)
+
+    async def list_versions(self, name: str, status: VersionStatus | None, page_size: int, page_token: str) -> Page:
+        """Versions newest first; the page token is the last version number of the previous page."""
+        check_model_name(name)
+        limit = self._page_size(page_size)
+        if page_token and not page_token.isdigit():
+            raise InvalidArgument(f"invalid page_token {page_token!r}")
+        below = int(page_token) if page_token else None
+        versions = [
+            v
+            for v in await self._store.list_versions(name)
+            if (status is None or v.status == status) and (below is None or v.version < below)
+        ]
+        page = versions[:limit]
+        return Page(page, str(page[-1].version) if len(versions) > limit else "")
+
+    async def update_version(
+        self,
+        name: str,
+        number: int,
+        description: str | None,
+        set_metrics: dict[str, float],
+        set_tags: dict[str, str],
+        remove_tags: list[str],
+        status: VersionStatus | None,
+        actor: str,
+    ) -> ModelVersion:
+        await self.get_version(name, number)
+        _check_tags(set_tags)
+        if status not in (None, VersionStatus.READY, VersionStatus.ARCHIVED):
+            raise InvalidArgument("status can only be set to ARCHIVED, or to READY to unarchive")
+
+        def change(version: ModelVersion, aliases: dict[str, int]) -> dict[str, str]:
+            changed: dict[str, str] = {}
+            if status is not None and status != version.status:
+                if version.status not in (VersionStatus.READY, VersionStatus.ARCHIVED):
+                    raise FailedPrecondition(f"version {number} is {version.status.value} and cannot change status")
+                pointing = sorted(a for a, v in aliases.items() if v == number)
+                if status == VersionStatus.ARCHIVED and pointing:
+                    raise FailedPrecondition(
+                        f"version {number} of {name!r} is the target of aliases {pointing}; move them first"
+                    )
+                version.status = status
+                changed["status"] = status.value
+            if description is not None:
+                version.description = description
+                changed["description"] = "changed"
+            if set_metrics:
+                version.metrics.update(set_metrics)
+                changed["metrics"] = ",".join(sorted(set_metrics))
+            if set_tags or remove_tags:
+                version.tags.update(set_tags)
+                for tag_key in remove_tags:
+                    version.tags.pop(tag_key, None)
+                changed["tags"] = "changed"
+            return changed
+
+        return await self._store.update_version(name, number, change, actor)
+
+    async def resolve(self, ref: ModelRef) -> ModelVersion:
+        """The READY version a reference names: an exact number, an alias target, or the newest READY version."""
+        check_model_name(ref.name)
+        if ref.version:
+            version = await self._store.get_version(ref.name, ref.version)
+        elif ref.alias:
+            check_alias(ref.alias)
+            version = await self._store.get_version(ref.name, await self._store.alias_target(ref.name, ref.alias))
+        else:
+            ready = [v for v in await self._store.list_versions(ref.name) if v.status == VersionStatus.READY]
+            if not ready:
+                raise NotFound(f"model {ref.name!r} has no READY version")
+            return ready[0]
+        if version.status != VersionStatus.READY:
+            raise FailedPrecondition(f"{ref} is version {version.version}, which is {version.status.value}")
+        return version
+
+    async def open_artifact(self, ref: ModelRef, offset: int) -> tuple[ModelVersion, Iterator[bytes]]:
+        """The resolved version and an iterator over its artifact's bytes from `offset`."""
+        version = await self.resolve(ref)
+        size = await asyncio.to_thread(self._blobs.size, version.artifact.digest)
+        if offset < 0 or offset > size:
+            raise InvalidArgument(f"offset {offset} is outside the artifact (0..{size})")
+        chunks = self._blobs.read(version.artifact.digest, offset, self._settings.download_chunk_bytes)
+        return version, chunks
+
+    # -- aliases -----------------------------------------------------------------------------------------------
+
+    async def set_alias(self, name: str, alias: str, number: int, expected: int | None, actor: str) -> Alias:
+        check_model_name(name)
+        check_alias(alias)
+        if number < 1:
+            raise InvalidArgument("version must be >= 1")
+        if expected is not None and expected < 0:
+            raise InvalidArgument("expected_version must be >= 0 (0: the alias must be unset)")
+        return await self._store.set_alias(name, alias, number, expected, actor)
+
+    async def delete_alias(self, name: str, alias: str, actor: str) -> int:
+        return await self._store.delete_alias(check_model_name(name), check_alias(alias), actor)
+
+    # -- events ------------------------------------------------------------------------------------------------
+
+    async def watch(self, cursor: str, model_name: str) -> AsyncIterator[RegistryEvent]:
+        """Every event after `cursor` ("": from now, "0": from the first kept), then new ones as they come."""
+        if model_name:
+            check_model_name(model_name)
+        if cursor == "":
+            cursor = await self._store.last_cursor()
+        elif cursor != "0" and not _is_stream_id(cursor):
+            raise InvalidArgument(f'invalid cursor {cursor!r}: pass back an event\'s cursor, "0" or nothing')
+        while True:
+            for event in await self._store.events_after(cursor, count=256, block_ms=5000):
+                cursor = event.cursor
+                if not model_name or event.model_name == model_name:
+                    yield event
+
+    async def history(self, name: str, alias: str, version: int, page_size: int, page_token: str) -> Page:
+        """A model's audit trail, oldest first, narrowed to an alias or a version when given."""
+        check_model_name(name)
+        if alias:
+            check_alias(alias)
+        if page_token and not _is_stream_id(page_token):
+            raise InvalidArgument(f"invalid page_token {page_token!r}")
+        limit = self._page_size(page_size)
+        events: list[RegistryEvent] = []
+        after = page_token
+        while len(events) < limit:
+            batch = await self._store.history(name, after, limit)
+            if not batch:
+                if not events and not page_token:
+                    await self._store.get_model(name)  # NotFound for a model that never existed
+                return Page(events)
+            for event in batch:
+                after = event.cursor
+                if (not alias or event.alias == alias) and (not version or event.version == version):
+                    events.append(event)
+                    if len(events) == limit:
+                        break
+        return Page(events, after)
+
+
+def _is_stream_id(text: str) -> bool:
+    ms, sep, seq = text.partition("-")
+    return bool(sep) and ms.isdigit() and seq.isdigit()

@@ -1,0 +1,137 @@
+"""Thin gRPC servicer of modelgrid.registry.v1.ModelRegistry: protobuf in, core call, protobuf out."""
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from modelgrid.common.v1 import common_pb2
+from modelgrid.registry.v1 import registry_pb2 as pb
+from modelgrid.registry.v1 import registry_pb2_grpc
+from services.kit.errors import InvalidArgument
+from services.registry import converters as conv
+from services.registry.core import ModelRegistry
+
+CLIENT_ID_HEADER = "x-modelgrid-client"
+
+
+def actor_of(context: grpc.aio.ServicerContext) -> str:
+    """The client identity for the audit trail: the x-modelgrid-client metadata, else the peer address."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_ID_HEADER and value:
+            return str(value)[:200]
+    return context.peer() or "unknown"
+
+
+def _page(token: str) -> common_pb2.PageResponse:
+    return common_pb2.PageResponse(next_page_token=token)
+
+
+class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
+    """Adapts gRPC calls to ModelRegistry."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self._registry = registry
+
+    async def CreateModel(self, request: pb.CreateModelRequest, context) -> pb.RegisteredModel:
+        model = await self._registry.create_model(
+            request.name, request.description, dict(request.tags), actor_of(context)
+        )
+        return conv.model_to_pb(model)
+
+    async def GetModel(self, request: pb.GetModelRequest, context) -> pb.RegisteredModel:
+        return conv.model_to_pb(await self._registry.get_model(request.name))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        page = await self._registry.list_models(
+            request.name_prefix, request.tag, request.page.page_size, request.page.page_token
+        )
+        return pb.ListModelsResponse(models=[conv.model_to_pb(m) for m in page.items], page=_page(page.next_token))
+
+    async def UpdateModel(self, request: pb.UpdateModelRequest, context) -> pb.RegisteredModel:
+        description = request.description if request.HasField("description") else None
+        model = await self._registry.update_model(
+            request.name, description, dict(request.set_tags), list(request.remove_tags), actor_of(context)
+        )
+        return conv.model_to_pb(model)
+
+    async def DeleteModel(self, request: pb.DeleteModelRequest, context) -> pb.DeleteModelResponse:
+        count = await self._registry.delete_model(request.name, request.force, actor_of(context))
+        return pb.DeleteModelResponse(deleted_versions=count)
+
+    async def CreateVersion(self, request_iterator: AsyncIterator[pb.CreateVersionRequest], context) -> pb.ModelVersion:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("payload") != "metadata":
+            raise InvalidArgument("the first CreateVersion message must carry metadata")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if message.WhichOneof("payload") != "chunk":
+                    raise InvalidArgument("only the first CreateVersion message may carry metadata")
+                yield message.chunk
+
+        meta = conv.new_version_from_pb(first.metadata)
+        version = await self._registry.create_version(meta, chunks(), actor_of(context))
+        return conv.version_to_pb(version)
+
+    async def GetVersion(self, request: pb.GetVersionRequest, context) -> pb.ModelVersion:
+        return conv.version_to_pb(await self._registry.get_version(request.model_name, request.version))
+
+    async def ListVersions(self, request: pb.ListVersionsRequest, context) -> pb.ListVersionsResponse:
+        page = await self._registry.list_versions(
+            request.model_name, conv.status_from_pb(request.status), request.page.page_size, request.page.page_token
+        )
+        return pb.ListVersionsResponse(
+            versions=[conv.version_to_pb(v) for v in page.items], page=_page(page.next_token)
+        )
+
+    async def UpdateVersion(self, request: pb.UpdateVersionRequest, context) -> pb.ModelVersion:
+        version = await self._registry.update_version(
+            request.model_name,
+            request.version,
+            request.description if request.HasField("description") else None,
+            dict(request.set_metrics),
+            dict(request.set_tags),
+            list(request.remove_tags),
+            conv.status_from_pb(request.status),
+            actor_of(context),
+        )
+        return conv.version_to_pb(version)
+
+    async def DownloadArtifact(self, request: pb.DownloadArtifactRequest, context):
+        version, chunks = await self._registry.open_artifact(conv.ref_from_pb(request.ref), request.offset)
+        yield pb.DownloadArtifactResponse(
+            header=pb.ArtifactHeader(
+                model_name=version.model_name,
+                version=version.version,
+                artifact=conv.artifact_to_pb(version.artifact),
+                offset=request.offset,
+            )
+        )
+        done = object()
+        while (chunk := await asyncio.to_thread(next, chunks, done)) is not done:
+            yield pb.DownloadArtifactResponse(chunk=chunk)
+
+    async def SetAlias(self, request: pb.SetAliasRequest, context) -> pb.Alias:
+        expected = request.expected_version if request.HasField("expected_version") else None
+        alias = await self._registry.set_alias(
+            request.model_name, request.alias, request.version, expected, actor_of(context)
+        )
+        return conv.alias_to_pb(alias)
+
+    async def DeleteAlias(self, request: pb.DeleteAliasRequest, context) -> pb.DeleteAliasResponse:
+        previous = await self._registry.delete_alias(request.model_name, request.alias, actor_of(context))
+        return pb.DeleteAliasResponse(previous_version=previous)
+
+    async def Resolve(self, request: pb.ResolveRequest, context) -> pb.ModelVersion:
+        return conv.version_to_pb(await self._registry.resolve(conv.ref_from_pb(request.ref)))
+
+    async def WatchEvents(self, request: pb.WatchEventsRequest, context):
+        async for event in self._registry.watch(request.cursor, request.model_name):
+            yield conv.event_to_pb(event)
+
+    async def GetHistory(self, request: pb.GetHistoryRequest, context) -> pb.GetHistoryResponse:
+        page = await self._registry.history(
+            request.model_name, request.alias, request.version, request.page.page_size, request.page.page_token
+        )
+        return pb.GetHistoryResponse(events=[conv.event_to_pb(e) for e in page.items], page=_page(page.next_token))

@@ -1,0 +1,31 @@
+"""Registry settings (environment prefix MODELGRID_REGISTRY_)."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.kit.settings import MiB, ServiceSettings
+
+
+class RegistrySettings(ServiceSettings):
+    """Settings of the registry service."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELGRID_REGISTRY_", extra="ignore")
+
+    port: int = 50051
+    """gRPC port (0: any free port)."""
+    blob_dir: Path = Path(".run/registry/blobs")
+    """Directory of the content-addressed artifact store."""
+    max_artifact_bytes: int = Field(default=4096 * MiB, ge=1)
+    """Largest artifact a version may carry; larger uploads fail with RESOURCE_EXHAUSTED."""
+    download_chunk_bytes: int = Field(default=1 * MiB, ge=4096, le=16 * MiB)
+    """Size of each chunk DownloadArtifact sends."""
+    default_page_size: int = Field(default=50, ge=1)
+    """Items per page when a list call does not say."""
+    max_page_size: int = Field(default=1000, ge=1)
+    """Cap on the page size a client may ask for."""
+    events_max_length: int = Field(default=1_000_000, ge=1000)
+    """Approximate number of events the Redis event stream keeps (older ones are trimmed)."""
+    redis_key_prefix: str = "mg:registry:"
+    """Prefix of every Redis key the registry writes (lets several registries share one Redis)."""

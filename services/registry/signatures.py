@@ -1,0 +1,68 @@
+"""Reads the serving signatures out of a SavedModel packed as a tar, without loading the model."""
+
+import tarfile
+from pathlib import Path
+
+from services.kit.errors import InvalidArgument
+from services.registry.domain import Signature, TensorSpec
+
+# TensorFlow's DataType enum values (tensorflow/core/framework/types.proto) to numpy-style names.
+_TF_DTYPES = {
+    1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8", 7: "string", 9: "int64",
+    10: "bool", 14: "bfloat16", 17: "uint16", 19: "float16", 22: "uint32", 23: "uint64",
+}  # fmt: skip
+
+_MAX_GRAPH_BYTES = 512 * 1024 * 1024
+
+
+def read_signatures(tar_path: str | Path) -> list[Signature]:
+    """The signature defs of the "serve" meta graph of a SavedModel tar, sorted by name.
+
+    Raises InvalidArgument when the tar is not a SavedModel. Imports TensorFlow's protobuf definitions on first
+    use (a few seconds, once per process).
+    """
+    from tensorflow.core.protobuf import saved_model_pb2  # heavy: only when a SavedModel arrives
+
+    try:
+        with tarfile.open(tar_path, mode="r:") as tar:
+            member = next((m for m in tar.getmembers() if m.name.lstrip("./") == "saved_model.pb"), None)
+            if member is None or not member.isfile():
+                raise InvalidArgument("artifact declared as a SavedModel tar has no saved_model.pb at its root")
+            if member.size > _MAX_GRAPH_BYTES:
+                raise InvalidArgument("saved_model.pb is larger than 512 MiB")
+            data = tar.extractfile(member).read()
+    except tarfile.TarError as exc:
+        raise InvalidArgument(f"artifact declared as a SavedModel tar is not a readable tar: {exc}") from None
+    saved_model = saved_model_pb2.SavedModel()
+    try:
+        saved_model.ParseFromString(data)
+    except Exception:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeError depending on the backend
+        raise InvalidArgument("saved_model.pb in the artifact is not a valid SavedModel protobuf") from None
+    graphs = list(saved_model.meta_graphs)
+    if not graphs:
+        return []
+    meta_graph = next((g for g in graphs if "serve" in g.meta_info_def.tags), graphs[0])
+    signatures = []
+    for key in sorted(meta_graph.signature_def):
+        if key.startswith("__"):  # e.g. __saved_model_init_op
+            continue
+        sig = meta_graph.signature_def[key]
+        signatures.append(
+            Signature(
+                name=key,
+                method_name=sig.method_name,
+                inputs=[_tensor_spec(name, info) for name, info in sorted(sig.inputs.items())],
+                outputs=[_tensor_spec(name, info) for name, info in sorted(sig.outputs.items())],
+            )
+        )
+    return signatures
+
+
+def _tensor_spec(name: str, info) -> TensorSpec:
+    shape = info.tensor_shape
+    return TensorSpec(
+        name=name,
+        dtype=_TF_DTYPES.get(info.dtype, f"tf_dtype_{info.dtype}"),
+        shape=[int(d.size) for d in shape.dim],
+        unknown_rank=bool(shape.unknown_rank),
+    )

@@ -1,0 +1,79 @@
+"""Test support: run a modelgrid service as a real subprocess on a free port and wait until it serves."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.kit.localinfra import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_serving(target: str, timeout: float = 60.0, service: str = "") -> None:
+    """Waits until the gRPC health endpoint at `target` says SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} did not become SERVING within {timeout}s")
+            time.sleep(0.1)
+
+
+class ServiceProcess:
+    """`python -m <module>` with settings from the environment, on a free port, logs in a file."""
+
+    def __init__(self, module: str, env_prefix: str, settings: dict[str, str], log_path: Path) -> None:
+        self.module = module
+        self.port = int(settings.get("PORT") or free_port())
+        self.env = {**os.environ, **{f"{env_prefix}{k}": str(v) for k, v in {**settings, "PORT": self.port}.items()}}
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "ServiceProcess":
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module], env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        try:
+            wait_serving(self.target, timeout)
+        except TimeoutError:
+            self.kill()
+            raise TimeoutError(f"{self.module} did not start; log:\n{self.log_path.read_text()[-3000:]}") from None
+        return self
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            try:
+                self.terminate()
+            except subprocess.TimeoutExpired:
+                self.kill()
