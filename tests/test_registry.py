@@ -381,3 +381,18 @@ def test_invalid_cursor_and_page_token(client, model):
     assert code_of(next, stream) == grpc.StatusCode.INVALID_ARGUMENT
     bad_page = pb.ListVersionsRequest(model_name=model, page=common_pb2.PageRequest(page_token="zzz"))
     assert code_of(client.stub.ListVersions, bad_page) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_blobs_round_trip_by_digest_and_unknown_digest_is_not_found(client, tmp_path):
+    data = os.urandom(2 * MiB + 5)
+    source = tmp_path / "dataset.npz"
+    source.write_bytes(data)
+    info = client.upload_blob(source)
+    assert (info.digest, info.size_bytes) == (bytes_digest(data), len(data))
+    assert client.stub.StatBlob(pb.StatBlobRequest(digest=info.digest)).size_bytes == len(data)
+    header = client.download_blob(info.digest, tmp_path / "copy")
+    assert header.artifact.digest == info.digest
+    assert (tmp_path / "copy").read_bytes() == data
+    unknown = bytes_digest(b"never uploaded")
+    assert code_of(client.stub.StatBlob, pb.StatBlobRequest(digest=unknown)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(client.stub.StatBlob, pb.StatBlobRequest(digest="../x")) == grpc.StatusCode.INVALID_ARGUMENT

@@ -49,6 +49,10 @@ class BlobStore(abc.ABC):
         """Starts an upload of at most `max_bytes`."""
 
     @abc.abstractmethod
+    def exists(self, digest: str) -> bool:
+        """Whether a blob with this digest is stored."""
+
+    @abc.abstractmethod
     def size(self, digest: str) -> int:
         """Size of a stored blob; NotFound when absent."""
 
@@ -137,6 +141,9 @@ class LocalBlobStore(BlobStore):
 
     def writer(self, max_bytes: int) -> LocalBlobWriter:
         return LocalBlobWriter(self, max_bytes)
+
+    def exists(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
 
     def size(self, digest: str) -> int:
         try:

@@ -105,14 +105,46 @@ class RegistryClient:
     def download(
         self, ref: str | ModelRef, dest: str | os.PathLike, *, progress: Progress | None = None
     ) -> pb.ArtifactHeader:
-        """Downloads an artifact into the file `dest`, resuming from what `dest` already holds, and checks the
-        digest over the whole file. Raises DigestMismatch (and removes `dest`) when it does not match."""
-        dest = Path(dest)
+        """Downloads a version's artifact into the file `dest`, resuming from what `dest` already holds, and
+        checks the digest over the whole file. Raises DigestMismatch (and removes `dest`) when it does not match."""
+        return self._download(
+            lambda offset: self.stub.DownloadArtifact(
+                pb.DownloadArtifactRequest(ref=ref_message(ref), offset=offset), metadata=self._metadata
+            ),
+            Path(dest),
+            progress,
+        )
+
+    def upload_blob(self, path: str | os.PathLike, *, digest: str = "") -> pb.BlobInfo:
+        """Stores a file that is not a model version (a data set) and returns its digest and size."""
+        size = Path(path).stat().st_size
+
+        def messages() -> Iterator[pb.UploadBlobRequest]:
+            yield pb.UploadBlobRequest(metadata=pb.BlobMetadata(digest=digest or file_digest(path), size_bytes=size))
+            for chunk in read_chunks(path, self._chunk_bytes):
+                yield pb.UploadBlobRequest(chunk=chunk)
+
+        return self.stub.UploadBlob(messages(), metadata=self._metadata)
+
+    def download_blob(
+        self, digest: str, dest: str | os.PathLike, *, progress: Progress | None = None
+    ) -> pb.ArtifactHeader:
+        """Downloads a blob by digest into `dest` (resuming), verified like `download`."""
+        return self._download(
+            lambda offset: self.stub.DownloadBlob(
+                pb.DownloadBlobRequest(digest=digest, offset=offset), metadata=self._metadata
+            ),
+            Path(dest),
+            progress,
+        )
+
+    def _download(
+        self, open_stream: Callable[[int], Iterator[pb.DownloadArtifactResponse]], dest: Path, progress: Progress | None
+    ) -> pb.ArtifactHeader:
         offset = dest.stat().st_size if dest.exists() else 0
         header = None
-        request = pb.DownloadArtifactRequest(ref=ref_message(ref), offset=offset)
         with dest.open("ab") as out:
-            for message in self.stub.DownloadArtifact(request, metadata=self._metadata):
+            for message in open_stream(offset):
                 if message.WhichOneof("payload") == "header":
                     header = message.header
                     continue
@@ -120,7 +152,8 @@ class RegistryClient:
                 offset += len(message.chunk)
                 if progress and header is not None:
                     progress(offset, header.artifact.size_bytes)
-        assert header is not None, "the registry sent no header"
+        if header is None:
+            raise DigestMismatch("the registry sent no header")
         if file_digest(dest) != header.artifact.digest:
             dest.unlink()
             raise DigestMismatch(f"{dest} does not hash to {header.artifact.digest}; removed it")

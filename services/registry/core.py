@@ -3,8 +3,10 @@ and keeps metadata consistent through RegistryStore."""
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
 
 from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.kit.modelref import ModelRef, check_alias, check_model_name
@@ -25,6 +27,7 @@ from services.registry.store import RegistryStore
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 MAX_REQUEST_ID = 128
 _MAX_TAGS = 256
 
@@ -140,46 +143,72 @@ class ModelRegistry:
         _check_tags(meta.tags)
         if len(meta.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
-        limit = self._settings.max_artifact_bytes
-        if meta.artifact_size > limit:
-            raise ResourceExhausted(
-                f"artifact of {meta.artifact_size} bytes is larger than the registry's limit of {limit} bytes "
-                "(setting MODELGRID_REGISTRY_MAX_ARTIFACT_BYTES)"
-            )
         await self._store.get_model(meta.model_name)  # NotFound before any byte is stored
-
-        writer = self._blobs.writer(limit)
-        try:
-            async for chunk in chunks:
-                await asyncio.to_thread(writer.write, chunk)
-            if meta.artifact_size and writer.size != meta.artifact_size:
-                raise InvalidArgument(
-                    f"artifact size mismatch: declared {meta.artifact_size} bytes, received {writer.size}"
-                )
-            signatures = []
-            if meta.artifact_format == ArtifactFormat.SAVEDMODEL_TAR:
-                signatures = await asyncio.to_thread(read_signatures, writer.staged_path)
-            digest = await asyncio.to_thread(writer.commit, meta.artifact_digest)
-        except BaseException:
-            writer.abort()
-            raise
+        inspect = read_signatures if meta.artifact_format == ArtifactFormat.SAVEDMODEL_TAR else None
+        digest, size, signatures = await self._receive(meta.artifact_digest, meta.artifact_size, chunks, inspect)
         version = ModelVersion(
             model_name=meta.model_name,
             version=0,
-            artifact=Artifact(digest, writer.size, meta.artifact_format),
+            artifact=Artifact(digest, size, meta.artifact_format),
             status=VersionStatus.READY,
             metrics=dict(meta.metrics),
             params=dict(meta.params),
             tags=dict(meta.tags),
             description=meta.description,
             lineage=meta.lineage,
-            signatures=signatures,
+            signatures=signatures or [],
             created_by=actor,
         )
         committed, created = await self._store.commit_version(version, meta.request_id)
         if created:
-            logger.info("%s:%d committed (%s, %d bytes)", committed.model_name, committed.version, digest, writer.size)
+            logger.info("%s:%d committed (%s, %d bytes)", committed.model_name, committed.version, digest, size)
         return committed
+
+    async def _receive(
+        self, digest: str, declared_size: int, chunks: AsyncIterator[bytes], inspect: Callable[[Path], T] | None
+    ) -> tuple[str, int, T | None]:
+        """Streams bytes into the blob store while hashing, checks the declared size and digest, runs
+        `inspect(staged file)` before committing, and commits. Any failure drops the staged bytes."""
+        check_digest(digest)
+        limit = self._settings.max_artifact_bytes
+        if declared_size > limit:
+            raise ResourceExhausted(
+                f"artifact of {declared_size} bytes is larger than the registry's limit of {limit} bytes "
+                "(setting MODELGRID_REGISTRY_MAX_ARTIFACT_BYTES)"
+            )
+        writer = self._blobs.writer(limit)
+        try:
+            async for chunk in chunks:
+                await asyncio.to_thread(writer.write, chunk)
+            if declared_size and writer.size != declared_size:
+                raise InvalidArgument(f"size mismatch: declared {declared_size} bytes, received {writer.size}")
+            inspected = await asyncio.to_thread(inspect, writer.staged_path) if inspect else None
+            committed = await asyncio.to_thread(writer.commit, digest)
+        except BaseException:
+            writer.abort()
+            raise
+        return committed, writer.size, inspected
+
+    # -- blobs -------------------------------------------------------------------------------------------------
+
+    async def upload_blob(self, digest: str, declared_size: int, chunks: AsyncIterator[bytes]) -> tuple[str, int]:
+        """Stores bytes that are not a model version (data sets, batch results); returns (digest, size)."""
+        digest, size, _ = await self._receive(digest, declared_size, chunks, None)
+        return digest, size
+
+    async def stat_blob(self, digest: str) -> int:
+        """Size of a stored blob; NotFound when absent."""
+        check_digest(digest)
+        if not await asyncio.to_thread(self._blobs.exists, digest):
+            raise NotFound(f"no blob with digest {digest}")
+        return await asyncio.to_thread(self._blobs.size, digest)
+
+    async def open_blob(self, digest: str, offset: int) -> tuple[int, Iterator[bytes]]:
+        """A blob's size and an iterator over its bytes from `offset`."""
+        size = await self.stat_blob(digest)
+        if offset < 0 or offset > size:
+            raise InvalidArgument(f"offset {offset} is outside the blob (0..{size})")
+        return size, self._blobs.read(digest, offset, self._settings.download_chunk_bytes)
 
     async def get_version(self, name: str, number: int) -> ModelVersion:
         check_model_name(name)

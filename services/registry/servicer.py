@@ -1,7 +1,7 @@
 """Thin gRPC servicer of modelgrid.registry.v1.ModelRegistry: protobuf in, core call, protobuf out."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
@@ -64,14 +64,9 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         if first is None or first.WhichOneof("payload") != "metadata":
             raise InvalidArgument("the first CreateVersion message must carry metadata")
 
-        async def chunks() -> AsyncIterator[bytes]:
-            async for message in request_iterator:
-                if message.WhichOneof("payload") != "chunk":
-                    raise InvalidArgument("only the first CreateVersion message may carry metadata")
-                yield message.chunk
-
         meta = conv.new_version_from_pb(first.metadata)
-        version = await self._registry.create_version(meta, chunks(), actor_of(context))
+        chunks = _chunks_of(request_iterator, "CreateVersion")
+        version = await self._registry.create_version(meta, chunks, actor_of(context))
         return conv.version_to_pb(version)
 
     async def GetVersion(self, request: pb.GetVersionRequest, context) -> pb.ModelVersion:
@@ -108,9 +103,8 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
                 offset=request.offset,
             )
         )
-        done = object()
-        while (chunk := await asyncio.to_thread(next, chunks, done)) is not done:
-            yield pb.DownloadArtifactResponse(chunk=chunk)
+        async for message in _chunk_messages(chunks):
+            yield message
 
     async def SetAlias(self, request: pb.SetAliasRequest, context) -> pb.Alias:
         expected = request.expected_version if request.HasField("expected_version") else None
@@ -135,3 +129,38 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
             request.model_name, request.alias, request.version, request.page.page_size, request.page.page_token
         )
         return pb.GetHistoryResponse(events=[conv.event_to_pb(e) for e in page.items], page=_page(page.next_token))
+
+    async def UploadBlob(self, request_iterator: AsyncIterator[pb.UploadBlobRequest], context) -> pb.BlobInfo:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("payload") != "metadata":
+            raise InvalidArgument("the first UploadBlob message must carry metadata")
+        digest, size = await self._registry.upload_blob(
+            first.metadata.digest, first.metadata.size_bytes, _chunks_of(request_iterator, "UploadBlob")
+        )
+        return pb.BlobInfo(digest=digest, size_bytes=size)
+
+    async def StatBlob(self, request: pb.StatBlobRequest, context) -> pb.BlobInfo:
+        size = await self._registry.stat_blob(request.digest)
+        return pb.BlobInfo(digest=request.digest, size_bytes=size)
+
+    async def DownloadBlob(self, request: pb.DownloadBlobRequest, context):
+        size, chunks = await self._registry.open_blob(request.digest, request.offset)
+        artifact = pb.Artifact(digest=request.digest, size_bytes=size, format=pb.ARTIFACT_FORMAT_RAW)
+        yield pb.DownloadArtifactResponse(header=pb.ArtifactHeader(artifact=artifact, offset=request.offset))
+        async for message in _chunk_messages(chunks):
+            yield message
+
+
+async def _chunks_of(request_iterator: AsyncIterator, rpc: str) -> AsyncIterator[bytes]:
+    """The chunk payloads of an upload stream after its first (metadata) message."""
+    async for message in request_iterator:
+        if message.WhichOneof("payload") != "chunk":
+            raise InvalidArgument(f"only the first {rpc} message may carry metadata")
+        yield message.chunk
+
+
+async def _chunk_messages(chunks: Iterator[bytes]) -> AsyncIterator[pb.DownloadArtifactResponse]:
+    """Download messages for blocking file chunks, read off the event loop."""
+    done = object()
+    while (chunk := await asyncio.to_thread(next, chunks, done)) is not done:
+        yield pb.DownloadArtifactResponse(chunk=chunk)

@@ -1,0 +1,171 @@
+"""deploy/docker-compose.yml is valid for docker-compose and starts only what the local mesh also runs and tests.
+
+No Docker engine runs here, so the file is checked statically: `docker-compose config` must accept it, each
+service built from deploy/Dockerfile must run a module that `make up` (scripts/mesh.py) runs too, and each
+MODELGRID_<SERVICE>_* variable it sets must be a field of that service's settings class.
+"""
+
+import importlib
+import importlib.util
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from services.kit.settings import ServiceSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = REPO_ROOT / "deploy" / "docker-compose.yml"
+DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
+MESH_SCRIPT = REPO_ROOT / "scripts" / "mesh.py"
+ENV_PREFIX = "MODELGRID_"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    """The compose file as `docker-compose config` normalises it (anchors merged, paths absolute)."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose not found: install Debian's docker-compose package (`make setup` does)")
+    result = subprocess.run(
+        [binary, "-f", str(COMPOSE_FILE), "config"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, f"docker-compose config rejected {COMPOSE_FILE}:\n{result.stderr}"
+    config = yaml.safe_load(result.stdout)
+    assert config["services"], "the compose file defines no services"
+    return config
+
+
+@pytest.fixture(scope="module")
+def our_services(compose: dict) -> dict[str, dict]:
+    """The compose services built from deploy/Dockerfile (not third-party images such as consul and redis)."""
+    ours = {name: service for name, service in compose["services"].items() if _built_from_our_dockerfile(service)}
+    assert ours, f"no service in {COMPOSE_FILE} is built from {DOCKERFILE}"
+    return ours
+
+
+def _built_from_our_dockerfile(service: dict) -> bool:
+    build = service.get("build")
+    if build is None:
+        return False
+    if isinstance(build, str):
+        build = {"context": build}
+    context = Path(build["context"])
+    return (context / build.get("dockerfile", "Dockerfile")).resolve() == DOCKERFILE
+
+
+def _module_of(service_name: str, service: dict) -> str:
+    """The module a `python -m <module>` command runs."""
+    command = service.get("command")
+    assert command, f"{service_name}: no command (the one image runs whichever service the command names)"
+    argv = shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+    assert argv[:2] == ["python", "-m"] and len(argv) >= 3, f"{service_name}: command {argv} is not python -m <module>"
+    return argv[2]
+
+
+def _settings_class(module: str) -> type[ServiceSettings]:
+    """The one ServiceSettings subclass that `<module>.settings` defines."""
+    settings_module = importlib.import_module(f"{module}.settings")
+    classes = [
+        value
+        for value in vars(settings_module).values()
+        if isinstance(value, type)
+        and issubclass(value, ServiceSettings)
+        and value.__module__ == settings_module.__name__
+    ]
+    assert len(classes) == 1, f"{settings_module.__name__} should define one settings class, found {classes}"
+    return classes[0]
+
+
+def _environment(service: dict) -> dict[str, str | None]:
+    environment = service.get("environment") or {}
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) if "=" in item else (item, None) for item in environment)
+    return {name: None if value is None else str(value) for name, value in environment.items()}
+
+
+def _modelgrid_variables(service: dict) -> dict[str, str | None]:
+    return {key: value for key, value in _environment(service).items() if key.startswith(ENV_PREFIX)}
+
+
+def _load_mesh_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("modelgrid_mesh_script", MESH_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compose_config_is_valid(compose: dict) -> None:
+    assert {"consul", "redis", "registry"} <= set(compose["services"])
+
+
+def test_each_command_runs_a_repo_module_the_local_mesh_also_runs(our_services: dict, tmp_path: Path) -> None:
+    local_modules = {service.module for service in _load_mesh_script().mesh(tmp_path)}
+    for name, service in our_services.items():
+        module = _module_of(name, service)
+        path = REPO_ROOT.joinpath(*module.split("."))
+        assert (path / "__main__.py").is_file() or path.with_suffix(".py").is_file(), f"{name}: no module {module}"
+        assert module in local_modules, f"{name}: runs {module}, which scripts/mesh.py never runs ({local_modules})"
+
+
+def test_each_modelgrid_variable_is_a_settings_field(our_services: dict) -> None:
+    for name, service in our_services.items():
+        settings_class = _settings_class(_module_of(name, service))
+        prefix = settings_class.model_config["env_prefix"]
+        for variable in _modelgrid_variables(service):
+            where = f"{name}: {variable} ({settings_class.__name__}, prefix {prefix})"
+            assert variable.startswith(prefix), f"{where}: wrong prefix, no setting reads it"
+            assert variable.removeprefix(prefix).lower() in settings_class.model_fields, f"{where}: no such field"
+
+
+def test_settings_make_each_service_reachable_on_the_compose_network(
+    our_services: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, service in our_services.items():
+        settings_class = _settings_class(_module_of(name, service))
+        prefix = settings_class.model_config["env_prefix"]
+        with monkeypatch.context() as env:
+            for variable in [key for key in os.environ if key.startswith(prefix)]:
+                env.delenv(variable)
+            for variable, value in _modelgrid_variables(service).items():
+                if value is not None:
+                    env.setenv(variable, value)
+            settings = settings_class()  # the values parse as the service itself will parse them
+        assert settings.host in ("0.0.0.0", "::"), f"{name}: binds {settings.host}, unreachable from other containers"
+        assert settings.advertise_host == name, f"{name}: advertises {settings.advertise_host} to Consul, not {name}"
+        for url in (settings.consul_url, settings.redis_url):
+            assert urlsplit(url).hostname in service.get("depends_on", {}), f"{name}: {url} is no dependency of it"
+        published = {str(port.get("target")) for port in service.get("ports", [])}
+        assert str(settings.port) in published, f"{name}: port {settings.port} is not published"
+        assert f"127.0.0.1:{settings.port}" in service["healthcheck"]["test"], f"{name}: healthcheck misses its port"
+
+
+def test_every_service_has_a_healthcheck_and_waits_for_healthy_dependencies(compose: dict) -> None:
+    for name, service in compose["services"].items():
+        healthcheck = service.get("healthcheck") or {}
+        assert healthcheck.get("test") and not healthcheck.get("disable"), f"{name}: no healthcheck"
+        assert healthcheck["test"][0] in ("CMD", "CMD-SHELL"), f"{name}: healthcheck {healthcheck['test']}"
+        for dependency, condition in (service.get("depends_on") or {}).items():
+            assert condition == {"condition": "service_healthy"}, f"{name}: starts before {dependency} is healthy"
+
+
+def test_dockerfile_installs_pinned_dependencies_and_generates_protos() -> None:
+    instructions = DOCKERFILE.read_text().replace("\\\n", " ").splitlines()
+    runs = [line for line in instructions if line.startswith("RUN ")]
+    assert any("pip install" in run and "-c constraints.txt" in run for run in runs), "pip install not pinned"
+    assert any("scripts/gen-protos.sh" in run for run in runs), "protos are not generated in the image"
+    assert any(line.startswith("USER ") and line.split()[1] not in ("root", "0") for line in instructions)
+    assert "python:3.11-slim-bookworm" in DOCKERFILE.read_text()
+    for line in instructions:
+        if line.startswith("COPY ") and "--from=" not in line:
+            for source in line.split()[1:-1]:
+                assert (REPO_ROOT / source).exists(), f"Dockerfile copies {source}, which the repo lacks"
