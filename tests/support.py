@@ -37,7 +37,7 @@ class ServiceProcess:
 
     def __init__(self, module: str, env_prefix: str, settings: dict[str, str], log_path: Path) -> None:
         self.module = module
-        self.port = int(settings.get("PORT") or free_port())
+        self.port = int(settings.get("PORT", 0)) or free_port()
         self.env = {**os.environ, **{f"{env_prefix}{k}": str(v) for k, v in {**settings, "PORT": self.port}.items()}}
         self.log_path = log_path
         self.process: subprocess.Popen | None = None

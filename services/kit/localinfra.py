@@ -52,9 +52,26 @@ class _PortInUse(InfraError):
 
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """`count` distinct TCP ports on 127.0.0.1 that were free a moment ago (held open together while chosen, so
+    none repeats), none of them in `exclude`."""
+    sockets: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind((LOOPBACK, 0))
+            port = int(sock.getsockname()[1])
+            if port not in exclude:
+                ports.append(port)
+        return ports
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def consul_binary() -> str:
@@ -269,7 +286,8 @@ class ConsulAgent(_LoopbackProcess):
         return f"{LOOPBACK}:{self.dns_port}"
 
     def _assign_other_ports(self) -> None:
-        self.dns_port, self.serf_lan_port, self.serf_wan_port, self.server_port = (free_port() for _ in range(4))
+        ports = free_ports(4, exclude={self.http_port})
+        self.dns_port, self.serf_lan_port, self.serf_wan_port, self.server_port = ports
 
     def _choose_new_ports(self) -> bool:
         if self._http_port_given:

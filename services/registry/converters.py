@@ -5,17 +5,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from modelgrid.common.v1 import common_pb2
 from modelgrid.registry.v1 import registry_pb2 as pb
 from services.kit.modelref import ModelRef
+from services.kit.tensors import BY_NAME
 from services.registry import domain
 from services.registry.core import NewVersion
-
-_DTYPES = {
-    "bool": common_pb2.DATA_TYPE_BOOL, "uint8": common_pb2.DATA_TYPE_UINT8, "uint16": common_pb2.DATA_TYPE_UINT16,
-    "uint32": common_pb2.DATA_TYPE_UINT32, "uint64": common_pb2.DATA_TYPE_UINT64, "int8": common_pb2.DATA_TYPE_INT8,
-    "int16": common_pb2.DATA_TYPE_INT16, "int32": common_pb2.DATA_TYPE_INT32, "int64": common_pb2.DATA_TYPE_INT64,
-    "float16": common_pb2.DATA_TYPE_FLOAT16, "float32": common_pb2.DATA_TYPE_FLOAT32,
-    "float64": common_pb2.DATA_TYPE_FLOAT64, "bfloat16": common_pb2.DATA_TYPE_BFLOAT16,
-    "string": common_pb2.DATA_TYPE_STRING,
-}  # fmt: skip
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -90,7 +82,7 @@ def model_to_pb(model: domain.RegisteredModel) -> pb.RegisteredModel:
 def _spec_to_pb(spec: domain.TensorSpec) -> common_pb2.TensorSpec:
     return common_pb2.TensorSpec(
         name=spec.name,
-        dtype=_DTYPES.get(spec.dtype, common_pb2.DATA_TYPE_UNSPECIFIED),
+        dtype=BY_NAME[spec.dtype].proto if spec.dtype in BY_NAME else common_pb2.DATA_TYPE_UNSPECIFIED,
         shape=spec.shape,
         unknown_rank=spec.unknown_rank,
     )

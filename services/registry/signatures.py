@@ -4,13 +4,8 @@ import tarfile
 from pathlib import Path
 
 from services.kit.errors import InvalidArgument
+from services.kit.tensors import BY_TF
 from services.registry.domain import Signature, TensorSpec
-
-# TensorFlow's DataType enum values (tensorflow/core/framework/types.proto) to numpy-style names.
-_TF_DTYPES = {
-    1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8", 7: "string", 9: "int64",
-    10: "bool", 14: "bfloat16", 17: "uint16", 19: "float16", 22: "uint32", 23: "uint64",
-}  # fmt: skip
 
 _MAX_GRAPH_BYTES = 512 * 1024 * 1024
 
@@ -62,7 +57,7 @@ def _tensor_spec(name: str, info) -> TensorSpec:
     shape = info.tensor_shape
     return TensorSpec(
         name=name,
-        dtype=_TF_DTYPES.get(info.dtype, f"tf_dtype_{info.dtype}"),
+        dtype=BY_TF[info.dtype].name if info.dtype in BY_TF else f"tf_dtype_{info.dtype}",
         shape=[int(d.size) for d in shape.dim],
         unknown_rank=bool(shape.unknown_rank),
     )

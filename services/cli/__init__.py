@@ -1,0 +1,1 @@
+"""The `modelgrid` command-line client: models, versions, aliases and artifacts of the registry from a shell."""

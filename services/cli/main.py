@@ -1,0 +1,131 @@
+"""Entry point of the `modelgrid` command: global options, sub-commands, and how failures become exit codes.
+
+    modelgrid [--target HOST:PORT] [--client-id ID] [--json] COMMAND ...
+
+Exit codes: 0 success, 1 the command failed (a gRPC error prints `error: <CODE>: <details>`), 2 bad usage,
+130 interrupted. Tests call `run(argv)`, which returns the code; the console script calls `main()`.
+"""
+
+import argparse
+import getpass
+import logging
+import os
+import socket
+import sys
+
+import grpc
+
+from services.cli import registry_commands
+from services.cli.output import Output
+from services.cli.registry_commands import CommandError, RegistrySession, UsageError
+from services.registry.client import DigestMismatch, RegistryClient
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT_S = 30.0
+CLIENT_ID_HEADER = "x-modelgrid-client"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def default_client_id() -> str:
+    """$MODELGRID_CLIENT_ID, else "cli:<user>@<hostname>"."""
+    if os.environ.get("MODELGRID_CLIENT_ID"):
+        return os.environ["MODELGRID_CLIENT_ID"]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no $USER, e.g. in some containers
+        user = str(os.getuid())
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The options every command takes. Sub-commands repeat them with SUPPRESS defaults, so they may be given
+    before or after the command (`modelgrid --json models list` or `modelgrid models list --json`) without the
+    sub-command's default overwriting the value given before it."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--target",
+        default=default(os.environ.get("MODELGRID_TARGET") or DEFAULT_TARGET),
+        metavar="HOST:PORT",
+        help=f"registry or gateway address (env MODELGRID_TARGET, default {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--client-id",
+        default=default(default_client_id()),
+        metavar="ID",
+        help="identity recorded in the audit trail (env MODELGRID_CLIENT_ID, default cli:<user>@<host>)",
+    )
+    parser.add_argument("--json", action="store_true", default=default(False), help="print results as JSON")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default(DEFAULT_TIMEOUT_S),
+        metavar="SECONDS",
+        help=f"deadline of each single call; uploads and downloads have none (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False), help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line parser (reads MODELGRID_TARGET and MODELGRID_CLIENT_ID for defaults)."""
+    parser = argparse.ArgumentParser(prog="modelgrid", description="Command-line client of the modelgrid registry.")
+    _global_options(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    registry_commands.add_parsers(commands, common)
+    return parser
+
+
+def _execute(args: argparse.Namespace, out: Output) -> None:
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    logger.debug("connecting to %s as %s", args.target, args.client_id)
+    with grpc.insecure_channel(args.target, options=options) as channel:
+        client = RegistryClient(channel, client_id=args.client_id)
+        metadata = ((CLIENT_ID_HEADER, args.client_id),) if args.client_id else ()
+        args.handler(RegistrySession(client, metadata, args.timeout, out), args)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Runs one command and returns its exit code; never raises for a failed call or bad usage."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: bad usage (2) or --help (0)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+    out = Output(json_mode=args.json)
+    try:
+        _execute(args, out)
+    except grpc.RpcError as err:
+        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+        details = err.details() if hasattr(err, "details") else str(err)
+        out.error(f"{code.name}: {details}")
+        return EXIT_FAILED
+    except UsageError as exc:
+        out.error(str(exc))
+        return EXIT_USAGE
+    except (CommandError, DigestMismatch, OSError) as exc:
+        out.error(str(exc))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        out.error("interrupted")
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: runs the command and exits with its code."""
+    sys.exit(run(argv))
+
+
+if __name__ == "__main__":
+    main()
