@@ -43,6 +43,21 @@ def mesh(state_dir: Path) -> list[LocalService]:
             50051,
             {"MODELGRID_REGISTRY_PORT": "50051", "MODELGRID_REGISTRY_BLOB_DIR": str(state_dir / "registry" / "blobs")},
         ),
+        *(
+            LocalService(
+                f"predictor-{i}",
+                "services.predictor",
+                "predictor",
+                50060 + i,
+                {
+                    "MODELGRID_PREDICTOR_PORT": str(50060 + i),
+                    "MODELGRID_PREDICTOR_METRICS_PORT": str(9160 + i),
+                    "MODELGRID_PREDICTOR_AUTO_LOAD": "true",
+                    "MODELGRID_PREDICTOR_CACHE_DIR": str(state_dir / f"predictor-{i}" / "cache"),
+                },
+            )
+            for i in (1, 2)
+        ),
     ]
 
 

@@ -47,6 +47,7 @@ class ServiceProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> "ServiceProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", self.module], env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT

@@ -31,9 +31,28 @@ def status_of(exc: errors.ModelgridError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+# Status codes of a failed call to another service that say something about the caller's request; they are
+# passed on with the other service's message. Any other failure of a dependency is UNAVAILABLE (retryable).
+_PASSED_ON = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(exc, errors.ModelgridError):
         await context.abort(status_of(exc), str(exc))
+    if isinstance(exc, grpc.aio.AioRpcError):
+        if exc.code() in _PASSED_ON:
+            await context.abort(exc.code(), exc.details() or exc.code().name)
+        logger.warning("a dependency of %s failed: %s %s", method, exc.code().name, exc.details())
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"a service this call depends on failed ({exc.code().name})")
     incident = uuid.uuid4().hex[:12]
     logger.error("unexpected error in %s (incident %s)", method, incident, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server log has details")

@@ -15,6 +15,8 @@ def create_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         max_connections=max_connections,
         health_check_interval=15,
         socket_connect_timeout=5,
+        # Longer than any blocking read the services make (XREAD BLOCK up to 5 s), or those would time out.
+        socket_timeout=30,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )

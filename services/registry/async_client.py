@@ -35,6 +35,22 @@ class AsyncRegistryClient:
         request = pb.ResolveRequest(ref=ref_message(ref))
         return await self._stub().Resolve(request, metadata=self._metadata, timeout=timeout)
 
+    async def get_model(self, name: str, timeout: float = 10.0) -> pb.RegisteredModel:
+        """A registered model with its aliases."""
+        return await self._stub().GetModel(pb.GetModelRequest(name=name), metadata=self._metadata, timeout=timeout)
+
+    async def list_model_names(self, timeout: float = 10.0) -> list[str]:
+        """Names of every registered model."""
+        names, token = [], ""
+        while True:
+            request = pb.ListModelsRequest()
+            request.page.page_size, request.page.page_token = 1000, token
+            reply = await self._stub().ListModels(request, metadata=self._metadata, timeout=timeout)
+            names += [m.name for m in reply.models]
+            token = reply.page.next_page_token
+            if not token:
+                return names
+
     async def list_versions(self, name: str, timeout: float = 10.0) -> list[pb.ModelVersion]:
         """Every READY version of a model, newest first."""
         versions, token = [], ""
@@ -56,6 +72,10 @@ class AsyncRegistryClient:
         """Downloads a blob into `dest`, verified against its digest."""
         request = pb.DownloadBlobRequest(digest=digest)
         return await _receive(self._stub().DownloadBlob(request, metadata=self._metadata), dest)
+
+    async def stat_blob(self, digest: str, timeout: float = 10.0) -> pb.BlobInfo:
+        """Size of a stored blob; the call fails with NOT_FOUND when it is absent."""
+        return await self._stub().StatBlob(pb.StatBlobRequest(digest=digest), metadata=self._metadata, timeout=timeout)
 
     async def upload_blob(self, path: str | os.PathLike) -> pb.BlobInfo:
         """Stores a file by digest (e.g. batch prediction results)."""

@@ -1,0 +1,1 @@
+"""The predictor: loads model versions from the registry and serves predictions over gRPC."""

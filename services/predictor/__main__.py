@@ -1,0 +1,5 @@
+"""`python -m services.predictor` runs a predictor replica."""
+
+from services.predictor.main import main
+
+main()

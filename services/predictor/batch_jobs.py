@@ -1,0 +1,227 @@
+"""Bulk prediction jobs: a data set (an NPZ blob in the registry, one array per signature input) is predicted in
+slices on one pinned model version, with progress and cancellation kept in Redis so any replica can answer
+GetBatchJob; the results are stored back in the registry as an NPZ blob (one array per output)."""
+
+import asyncio
+import dataclasses
+import enum
+import io
+import json
+import logging
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound, ResourceExhausted
+from services.kit.modelref import ModelRef
+from services.predictor.inference import Inference
+from services.registry.async_client import AsyncRegistryClient
+
+logger = logging.getLogger(__name__)
+
+
+class JobState(enum.StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+FINAL_STATES = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+
+
+@dataclass
+class BatchJob:
+    """A bulk prediction job as stored in Redis."""
+
+    id: str
+    model: str  # the reference as given, e.g. "digits@production"
+    input_digest: str
+    output_filter: list[str] = field(default_factory=list)
+    batch_size: int = 0
+    state: JobState = JobState.PENDING
+    version: int = 0
+    total_records: int = 0
+    done_records: int = 0
+    output_digest: str = ""
+    error: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    instance: str = ""
+    cancel_requested: bool = False
+
+
+class BatchJobs:
+    """Accepts, runs, reports and cancels bulk prediction jobs."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        registry: AsyncRegistryClient,
+        inference: Inference,
+        *,
+        instance: str,
+        default_batch_size: int,
+        max_records: int,
+        key_prefix: str = "mg:predictor:",
+    ) -> None:
+        self._redis = redis
+        self._registry = registry
+        self._inference = inference
+        self._instance = instance
+        self._default_batch_size = default_batch_size
+        self._max_records = max_records
+        self._prefix = f"{key_prefix}jobs"
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    def _key(self, job_id: str) -> str:
+        return f"{self._prefix}:{job_id}"
+
+    async def _save(self, job: BatchJob) -> None:
+        job.updated_at = time.time()
+        await self._redis.set(self._key(job.id), json.dumps(dataclasses.asdict(job)))
+
+    async def get(self, job_id: str) -> BatchJob:
+        raw = await self._redis.get(self._key(job_id)) if job_id else None
+        if raw is None:
+            raise NotFound(f"no batch job {job_id!r}")
+        data = json.loads(raw)
+        data["state"] = JobState(data["state"])
+        return BatchJob(**data)
+
+    async def list_jobs(self, page_size: int, page_token: str) -> tuple[list[BatchJob], str]:
+        """Jobs newest first; the token is the offset of the next page."""
+        if page_token and not page_token.isdigit():
+            raise InvalidArgument(f"invalid page_token {page_token!r}")
+        start, size = int(page_token or 0), min(page_size or 50, 1000)
+        ids = await self._redis.zrevrange(self._prefix, start, start + size)
+        jobs = []
+        for job_id in ids[:size]:
+            try:
+                jobs.append(await self.get(job_id))
+            except NotFound:
+                continue
+        return jobs, str(start + size) if len(ids) > size else ""
+
+    async def submit(self, ref: ModelRef, input_digest: str, output_filter: list[str], batch_size: int) -> BatchJob:
+        """Validates and stores a job, then runs it in the background on this replica."""
+        if batch_size < 0:
+            raise InvalidArgument("batch_size must be >= 0")
+        self._inference.served(ref)  # NotFound / Unavailable before anything is stored
+        job = BatchJob(
+            id=uuid.uuid4().hex[:16], model=str(ref), input_digest=input_digest, output_filter=list(output_filter),
+            batch_size=batch_size or self._default_batch_size, created_at=time.time(), instance=self._instance,
+        )  # fmt: skip
+        await self._save(job)
+        await self._redis.zadd(self._prefix, {job.id: job.created_at})
+        self._tasks[job.id] = asyncio.create_task(self._run(job), name=f"batch-job-{job.id}")
+        self._tasks[job.id].add_done_callback(lambda _: self._tasks.pop(job.id, None))
+        return job
+
+    async def cancel(self, job_id: str) -> BatchJob:
+        job = await self.get(job_id)
+        if job.state in FINAL_STATES:
+            raise FailedPrecondition(f"batch job {job_id} is already {job.state.value}")
+        job.cancel_requested = True
+        await self._redis.set(self._key(job.id), json.dumps(dataclasses.asdict(job)))
+        return job
+
+    async def fail_orphans(self) -> None:
+        """Jobs this instance was running when it stopped cannot resume: mark them FAILED."""
+        for job_id in await self._redis.zrange(self._prefix, 0, -1):
+            job = await self.get(job_id)
+            if job.instance == self._instance and job.state not in FINAL_STATES:
+                job.state, job.error = JobState.FAILED, "the predictor running it restarted"
+                await self._save(job)
+
+    async def close(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def _run(self, job: BatchJob) -> None:
+        try:
+            await self._execute(job)
+        except asyncio.CancelledError:
+            job.state, job.error = JobState.FAILED, "the predictor shut down"
+            await asyncio.shield(self._save(job))
+            raise
+        except ModelgridError as exc:
+            job.state, job.error = JobState.FAILED, str(exc)
+        except Exception as exc:  # noqa: BLE001 - the job records the failure; the replica keeps serving
+            logger.exception("batch job %s failed", job.id)
+            job.state, job.error = JobState.FAILED, f"internal error: {type(exc).__name__}"
+        await self._save(job)
+
+    async def _execute(self, job: BatchJob) -> None:
+        ref = ModelRef.parse(job.model)
+        version = self._inference.served(ref)  # pinned: the whole job runs on this version
+        pinned = ModelRef(ref.name, version=version.version)
+        job.state, job.version = JobState.RUNNING, version.version
+        with tempfile.TemporaryDirectory(prefix="modelgrid-batch-") as tmp:
+            source = Path(tmp) / "input.npz"
+            await self._registry.download_blob(job.input_digest, source)
+            inputs = await asyncio.to_thread(_load_npz, source)
+            job.total_records = _record_count(inputs, self._max_records)
+            await self._save(job)
+            results: dict[str, list[np.ndarray]] = {}
+            for start in range(0, job.total_records, job.batch_size):
+                if (await self.get(job.id)).cancel_requested:
+                    job.state = JobState.CANCELLED
+                    return
+                part = {name: array[start : start + job.batch_size] for name, array in inputs.items()}
+                prediction = await self._inference.predict(pinned, part, job.output_filter, protocol="batch")
+                for name, array in prediction.outputs.items():
+                    results.setdefault(name, []).append(array)
+                job.done_records = min(start + job.batch_size, job.total_records)
+                await self._save(job)
+            output = Path(tmp) / "output.npz"
+            await asyncio.to_thread(_save_npz, output, {k: np.concatenate(v) for k, v in results.items()})
+            job.output_digest = (await self._registry.upload_blob(output)).digest
+            job.state = JobState.SUCCEEDED
+            logger.info("batch job %s: %d records on %s", job.id, job.total_records, pinned)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (ValueError, OSError) as exc:
+        raise InvalidArgument(f"the input data set is not a readable NPZ file: {exc}") from None
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    path.write_bytes(buffer.getvalue())
+
+
+def _record_count(inputs: dict[str, np.ndarray], max_records: int) -> int:
+    counts = {array.shape[0] if array.ndim else 0 for array in inputs.values()}
+    if len(counts) != 1:
+        raise InvalidArgument(f"input arrays disagree on the number of records: {sorted(counts)}")
+    count = counts.pop()
+    if count > max_records:
+        raise ResourceExhausted(f"{count} records exceed the limit of {max_records} (MAX_BATCH_JOB_RECORDS)")
+    return count
+
+
+def records_to_npz(groups: list[dict[str, np.ndarray]], path: Path) -> int:
+    """Writes streamed record groups as one NPZ (arrays concatenated along the first dimension); returns records."""
+    if not groups:
+        raise InvalidArgument("BatchPredict received no records and no input_digest")
+    names = set(groups[0])
+    if any(set(g) != names for g in groups):
+        raise InvalidArgument("every Records message must carry the same inputs")
+    try:
+        arrays = {name: np.concatenate([g[name] for g in groups]) for name in names}
+    except ValueError as exc:
+        raise InvalidArgument(f"records do not stack: {exc}") from None
+    _save_npz(path, arrays)
+    return _record_count(arrays, 1 << 62)

@@ -1,0 +1,79 @@
+"""The transport-free prediction path every protocol shares: pick the served version, check the inputs against
+its signature, queue them for the batcher, filter the outputs, and record metrics and spans."""
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from opentelemetry import trace
+
+from services.kit.errors import InvalidArgument, ModelgridError
+from services.kit.modelref import ModelRef
+from services.predictor.metrics import PredictorMetrics
+from services.predictor.repository import ModelRepository, ServedVersion
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+
+@dataclass
+class Prediction:
+    """Outputs of one request and the version that produced them."""
+
+    model: str
+    version: int
+    outputs: dict[str, np.ndarray]
+
+
+class Inference:
+    """Runs predictions for the protocol servicers."""
+
+    def __init__(self, repository: ModelRepository, metrics: PredictorMetrics, max_request_rows: int) -> None:
+        self.repository = repository
+        self._metrics = metrics
+        self._max_rows = max_request_rows
+
+    def served(self, ref: ModelRef) -> ServedVersion:
+        """The version a reference routes to (for metadata calls)."""
+        return self.repository.select(ref)
+
+    async def predict(
+        self,
+        ref: ModelRef,
+        inputs: dict[str, np.ndarray],
+        output_filter: Sequence[str] = (),
+        *,
+        deadline: float | None = None,
+        protocol: str = "modelgrid",
+    ) -> Prediction:
+        """Predicts on the version `ref` selects. `deadline` is absolute, on the time.monotonic() clock."""
+        started = time.monotonic()
+        version = self.repository.select(ref)
+        labels = (version.model, str(version.version))
+        code = "OK"
+        with tracer.start_as_current_span(
+            "predictor.predict",
+            attributes={"modelgrid.model": version.model, "modelgrid.version": version.version},
+        ) as span:
+            try:
+                with version.use():
+                    version.signature.check_inputs(inputs, self._max_rows)
+                    known = {spec.name for spec in version.signature.outputs}
+                    unknown = sorted(set(output_filter) - known)
+                    if unknown:
+                        raise InvalidArgument(f"unknown outputs {unknown}; the model has {sorted(known)}")
+                    with tracer.start_as_current_span("predictor.queue_and_execute"):
+                        outputs = await version.queue.submit(inputs, deadline=deadline)
+                self.repository.record_sample(version.model, inputs)
+            except ModelgridError as exc:
+                code = type(exc).__name__
+                span.set_attribute("modelgrid.error", code)
+                raise
+            finally:
+                self._metrics.requests.labels(*labels, protocol, code).inc()
+                self._metrics.latency.labels(*labels).observe(time.monotonic() - started)
+        if output_filter:
+            outputs = {name: outputs[name] for name in output_filter}
+        return Prediction(version.model, version.version, outputs)

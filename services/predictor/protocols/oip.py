@@ -1,0 +1,251 @@
+"""Thin servicer of the Open Inference Protocol (`inference.GRPCInferenceService`, what tritonclient speaks) over
+the Inference core and the model repository.
+
+Model versions are strings. modelgrid reads them as: "" -> the model's default version (the newest available on
+this replica), digits -> that exact version, anything else -> an alias name (an extension of the protocol: e.g.
+`model_version="production"` runs whatever version the `production` alias routes to here).
+
+Inference results always travel in raw_output_contents (tritonclient's `as_numpy` reads only those). Requests may
+use raw_input_contents (what tritonclient sends) or typed contents. The request parameters "sequence_id" and
+"priority" are accepted and ignored (models here are stateless and share one queue); "timeout" (microseconds)
+shortens the deadline.
+"""
+
+import asyncio
+import importlib.metadata
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from inference import grpc_service_pb2 as pb
+from inference import grpc_service_pb2_grpc
+from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound, Unavailable
+from services.kit.interceptors import status_of
+from services.kit.modelref import ModelRef, check_alias, check_model_name
+from services.kit.tensors import BY_NAME
+from services.predictor.converters import deadline_of
+from services.predictor.inference import Inference
+from services.predictor.protocols import oip_tensors
+from services.predictor.repository import VersionPolicy, VersionState
+from services.predictor.runtime import IOSpec
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
+SERVER_NAME = "modelgrid-predictor"
+PLATFORM = "tensorflow_savedmodel"
+PROTOCOL = "oip"
+STREAM_CONCURRENCY = 64
+INDEX_STATE = {
+    VersionState.AVAILABLE: "READY",
+    VersionState.LOADING: "LOADING",
+    VersionState.UNLOADING: "UNLOADING",
+    VersionState.FAILED: "UNAVAILABLE",
+}
+UNSUPPORTED_LOAD_PARAMETERS = (
+    "modelgrid loads models from its registry; 'config' and 'file:' overrides are not supported"
+)
+
+
+def ref_of(name: str, version: str) -> ModelRef:
+    """A model reference from an OIP name and version string ("", digits, or an alias name)."""
+    check_model_name(name)
+    if not version:
+        return ModelRef(name)
+    if version.isdigit():
+        if int(version) < 1:
+            raise InvalidArgument(f"model_version {version!r}: versions start at 1")
+        return ModelRef(name, version=int(version))
+    try:
+        return ModelRef(name, alias=check_alias(version))
+    except InvalidArgument:
+        raise InvalidArgument(
+            f'model_version {version!r} is neither a version number nor an alias name; use "" for the default, '
+            'a number such as "3", or an alias such as "production"'
+        ) from None
+
+
+def _tensor_metadata(spec: IOSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=BY_NAME[spec.dtype].oip, shape=spec.shape)
+
+
+def _request_deadline(request: pb.ModelInferRequest, deadline: float | None) -> float | None:
+    """The earlier of the call's deadline and the request's "timeout" parameter (microseconds)."""
+    if "timeout" not in request.parameters:
+        return deadline
+    parameter = request.parameters["timeout"]
+    which = parameter.WhichOneof("parameter_choice")
+    micros = getattr(parameter, which) if which in ("int64_param", "uint64_param") else 0
+    if micros <= 0:
+        return deadline
+    own = time.monotonic() + micros / 1e6
+    return own if deadline is None else min(deadline, own)
+
+
+class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Adapts OIP calls to Inference and ModelRepository."""
+
+    def __init__(self, inference: Inference, ready: Callable[[], bool]) -> None:
+        self._inference = inference
+        self._repository = inference.repository
+        self._ready = ready
+        try:
+            self._version = importlib.metadata.version("modelgrid")
+        except importlib.metadata.PackageNotFoundError:
+            self._version = ""
+
+    # -- health and metadata -----------------------------------------------------------------------------------
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        ref = ref_of(request.name, request.version)
+        try:
+            version = self._inference.served(ref)
+        except (NotFound, Unavailable):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=version.state == VersionState.AVAILABLE)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=["model_repository"])
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        version = self._inference.served(ref_of(request.name, request.version))
+        model = self._repository.models[version.model]
+        return pb.ModelMetadataResponse(
+            name=version.model,
+            versions=[str(v.version) for v in model.available()],
+            platform=PLATFORM,
+            inputs=[_tensor_metadata(s) for s in version.signature.inputs],
+            outputs=[_tensor_metadata(s) for s in version.signature.outputs],
+        )
+
+    # -- inference ---------------------------------------------------------------------------------------------
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        ref = ref_of(request.model_name, request.model_version)
+        for output in request.outputs:
+            if "classification" in output.parameters:
+                raise InvalidArgument(f"output {output.name!r}: the classification extension is not supported")
+        prediction = await self._inference.predict(
+            ref,
+            oip_tensors.arrays_from_inputs(request.inputs, request.raw_input_contents),
+            [output.name for output in request.outputs],
+            deadline=_request_deadline(request, deadline),
+            protocol=PROTOCOL,
+        )
+        response = pb.ModelInferResponse(
+            model_name=prediction.model, model_version=str(prediction.version), id=request.id
+        )
+        names = [o.name for o in request.outputs] or sorted(prediction.outputs)
+        for name in dict.fromkeys(names):
+            datatype, shape, raw = oip_tensors.raw_output(prediction.outputs[name])
+            response.outputs.add(name=name, datatype=datatype, shape=shape)
+            response.raw_output_contents.append(raw)
+        return response
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        return await self._infer(request, deadline_of(context))
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context):
+        """Requests run concurrently (so they batch with each other); results come back as they finish, each
+        carrying its request's id. A failed request yields a response with error_message; the stream goes on."""
+        deadline = deadline_of(context)
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_CONCURRENCY)
+        running: set[asyncio.Task] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            try:
+                response = await self._infer(request, deadline)
+                await answers.put(pb.ModelStreamInferResponse(infer_response=response))
+            except ModelgridError as exc:
+                await answers.put(_stream_error(request, f"{status_of(exc).name}: {exc}"))
+            except Exception as exc:  # noqa: BLE001 - one failed request must not end the stream
+                incident = uuid.uuid4().hex[:12]
+                logger.error("unexpected error in ModelStreamInfer (incident %s)", incident, exc_info=exc)
+                await answers.put(_stream_error(request, f"INTERNAL: internal error (incident {incident})"))
+            finally:
+                slots.release()
+
+        async def read_requests() -> None:
+            async for request in request_iterator:
+                await slots.acquire()
+                task = asyncio.create_task(answer(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            await asyncio.gather(*running)
+            await answers.put(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await reader
+        finally:
+            reader.cancel()
+            for task in running:
+                task.cancel()
+
+    # -- model repository --------------------------------------------------------------------------------------
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
+        """Every served model's versions and their states; a model without versions is listed once, UNAVAILABLE
+        (or LOADING before its first reconciliation) with the reason. There is one repository: the registry."""
+        index = []
+        for name, model in sorted(self._repository.models.items()):
+            if not model.versions:
+                state = "UNAVAILABLE" if model.settled.is_set() else "LOADING"
+                index.append(pb.RepositoryIndexResponse.ModelIndex(name=name, state=state, reason=model.reason))
+            for number, version in sorted(model.versions.items(), reverse=True):
+                index.append(
+                    pb.RepositoryIndexResponse.ModelIndex(
+                        name=name, version=str(number), state=INDEX_STATE[version.state], reason=version.reason
+                    )
+                )
+        if request.ready:
+            index = [entry for entry in index if entry.state == "READY"]
+        return pb.RepositoryIndexResponse(models=index)
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context
+    ) -> pb.RepositoryModelLoadResponse:
+        """Loads (or reloads) a model from the registry and waits. A newly loaded model gets the default policy
+        (its newest READY version); a served one keeps its policy. FAILED_PRECONDITION when no version loaded."""
+        name = check_model_name(request.model_name)
+        if any(key == "config" or key.startswith("file:") for key in request.parameters):
+            raise InvalidArgument(UNSUPPORTED_LOAD_PARAMETERS)
+        existing = self._repository.models.get(name)
+        policy = existing.policy if existing is not None else VersionPolicy()
+        model = await self._repository.load(name, policy, wait=True)
+        if model.available():
+            return pb.RepositoryModelLoadResponse()
+        failures = [f"version {v.version}: {v.reason}" for v in model.versions.values() if v.reason]
+        reason = "; ".join([model.reason, *failures] if model.reason else failures) or "no version became available"
+        if existing is None and not model.versions and self._repository.models.get(name) is model:
+            await self._repository.unload(name)  # nothing to show for it: do not keep an empty entry around
+        raise FailedPrecondition(f"model {name!r} did not load: {reason}")
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self._repository.unload(check_model_name(request.model_name))
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """A stream response for a failed request: the message, and the request's identity so a client can match it."""
+    echo = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+
+
+def add_to_server(server: grpc.aio.Server, inference: Inference, ready: Callable[[], bool]) -> None:
+    """Adds the OIP servicer; `ready()` answers ServerReady (True once the configured models had their first load)."""
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(inference, ready), server)

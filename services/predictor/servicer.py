@@ -1,0 +1,167 @@
+"""Thin gRPC servicer of modelgrid.predictor.v1.Predictor: protobuf in, core call, protobuf out."""
+
+import asyncio
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from modelgrid.predictor.v1 import predictor_pb2 as pb
+from modelgrid.predictor.v1 import predictor_pb2_grpc
+from services.kit.errors import InvalidArgument, ModelgridError, NotFound, ResourceExhausted
+from services.kit.interceptors import status_of
+from services.kit.modelref import check_model_name
+from services.predictor import converters as conv
+from services.predictor.batch_jobs import BatchJob, BatchJobs, records_to_npz
+from services.predictor.inference import Inference
+from services.registry.async_client import AsyncRegistryClient
+from services.registry.client import ref_message
+from services.registry.converters import timestamp
+
+STREAM_CONCURRENCY = 64
+
+
+class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
+    """Adapts gRPC calls to Inference, ModelRepository and BatchJobs."""
+
+    def __init__(
+        self, inference: Inference, jobs: BatchJobs, registry: AsyncRegistryClient, max_streamed_job_bytes: int
+    ) -> None:
+        self._inference = inference
+        self._repository = inference.repository
+        self._jobs = jobs
+        self._registry = registry
+        self._max_streamed_job_bytes = max_streamed_job_bytes
+
+    async def _predict(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
+        prediction = await self._inference.predict(
+            conv.ref_from_pb(request.model),
+            conv.inputs_from_pb(request.inputs),
+            list(request.output_filter),
+            deadline=deadline,
+        )
+        return pb.PredictResponse(
+            model_name=prediction.model, version=prediction.version, outputs=conv.outputs_to_pb(prediction.outputs)
+        )
+
+    async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
+        return await self._predict(request, conv.deadline_of(context))
+
+    async def PredictStream(self, request_iterator: AsyncIterator[pb.PredictStreamRequest], context):
+        """Requests run concurrently (so they batch with each other); answers come back as they finish."""
+        deadline = conv.deadline_of(context)
+        answers: asyncio.Queue[pb.PredictStreamResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_CONCURRENCY)
+        running: set[asyncio.Task] = set()
+
+        async def answer(item: pb.PredictStreamRequest) -> None:
+            try:
+                response = await self._predict(item.request, deadline)
+                await answers.put(pb.PredictStreamResponse(id=item.id, response=response))
+            except ModelgridError as exc:
+                error = pb.PredictError(code=status_of(exc).value[0], message=str(exc))
+                await answers.put(pb.PredictStreamResponse(id=item.id, error=error))
+            finally:
+                slots.release()
+
+        async def read_requests() -> None:
+            async for item in request_iterator:
+                await slots.acquire()
+                task = asyncio.create_task(answer(item))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            await asyncio.gather(*running)
+            await answers.put(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            await reader
+        finally:
+            reader.cancel()
+            for task in running:
+                task.cancel()
+
+    async def BatchPredict(self, request_iterator: AsyncIterator[pb.BatchPredictRequest], context) -> pb.BatchJob:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("payload") != "spec":
+            raise InvalidArgument("the first BatchPredict message must carry the job spec")
+        spec = first.spec
+        ref = conv.ref_from_pb(spec.model)
+        self._inference.served(ref)  # fail before receiving records
+        digest = spec.input_digest
+        if not digest:
+            digest = await self._store_streamed_records(request_iterator)
+        elif await anext(aiter(request_iterator), None) is not None:
+            raise InvalidArgument("a job with an input_digest takes no records in the stream")
+        else:
+            await self._registry.stat_blob(digest)  # NOT_FOUND now rather than a failed job later
+        job = await self._jobs.submit(ref, digest, list(spec.output_filter), spec.batch_size)
+        return _job_to_pb(job)
+
+    async def _store_streamed_records(self, request_iterator: AsyncIterator[pb.BatchPredictRequest]) -> str:
+        groups, received = [], 0
+        async for message in request_iterator:
+            if message.WhichOneof("payload") != "records":
+                raise InvalidArgument("only the first BatchPredict message may carry the spec")
+            received += message.ByteSize()
+            if received > self._max_streamed_job_bytes:
+                raise ResourceExhausted(
+                    f"streamed records exceed {self._max_streamed_job_bytes} bytes "
+                    "(MODELGRID_PREDICTOR_MAX_STREAMED_JOB_BYTES); upload the data set to the registry instead"
+                )
+            groups.append(conv.inputs_from_pb(message.records.inputs))
+        with tempfile.TemporaryDirectory(prefix="modelgrid-records-") as tmp:
+            path = Path(tmp) / "records.npz"
+            await asyncio.to_thread(records_to_npz, groups, path)
+            return (await self._registry.upload_blob(path)).digest
+
+    async def GetBatchJob(self, request: pb.GetBatchJobRequest, context) -> pb.BatchJob:
+        return _job_to_pb(await self._jobs.get(request.id))
+
+    async def ListBatchJobs(self, request: pb.ListBatchJobsRequest, context) -> pb.ListBatchJobsResponse:
+        jobs, token = await self._jobs.list_jobs(request.page.page_size, request.page.page_token)
+        response = pb.ListBatchJobsResponse(jobs=[_job_to_pb(j) for j in jobs])
+        response.page.next_page_token = token
+        return response
+
+    async def CancelBatchJob(self, request: pb.CancelBatchJobRequest, context) -> pb.BatchJob:
+        return _job_to_pb(await self._jobs.cancel(request.id))
+
+    async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context) -> pb.ModelStatus:
+        check_model_name(request.name)
+        model = self._repository.models.get(request.name)
+        if model is None:
+            raise NotFound(f"model {request.name!r} is not served by this replica")
+        return conv.status_to_pb(model)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        models = sorted(self._repository.models.values(), key=lambda m: m.name)
+        return pb.ListModelsResponse(models=[conv.status_to_pb(m) for m in models])
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.ModelStatus:
+        model = await self._repository.load(request.name, conv.policy_from_pb(request.policy), request.wait)
+        return conv.status_to_pb(model)
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
+        check_model_name(request.name)
+        await self._repository.unload(request.name)
+        return pb.UnloadModelResponse()
+
+
+def _job_to_pb(job: BatchJob) -> pb.BatchJob:
+    message = pb.BatchJob(
+        id=job.id,
+        state=pb.BatchJobState.Value(f"BATCH_JOB_STATE_{job.state.value}"),
+        spec=pb.BatchJobSpec(input_digest=job.input_digest, output_filter=job.output_filter, batch_size=job.batch_size),
+        version=job.version,
+        total_records=job.total_records,
+        done_records=job.done_records,
+        output_digest=job.output_digest,
+        error=job.error,
+        created_at=timestamp(job.created_at),
+        updated_at=timestamp(job.updated_at),
+        instance=job.instance,
+    )
+    message.spec.model.CopyFrom(ref_message(job.model))
+    return message

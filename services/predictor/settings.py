@@ -1,0 +1,70 @@
+"""Predictor settings (environment prefix MODELGRID_PREDICTOR_)."""
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import SettingsConfigDict
+
+from services.kit.settings import MiB, ServiceSettings
+
+
+class ModelConfig(BaseModel):
+    """A model to serve from start-up and its version policy (at most one of latest, versions, aliases)."""
+
+    name: str
+    """Registered model name."""
+    latest: int = 0
+    """Serve the N newest READY versions (the default policy is latest=1)."""
+    versions: list[int] = []
+    """Serve these exact versions."""
+    aliases: list[str] = []
+    """Serve the versions these aliases point at, following them as they move."""
+
+
+class PredictorSettings(ServiceSettings):
+    """Settings of a predictor replica.
+
+    `MODELGRID_PREDICTOR_MODELS='[{"name": "digits", "aliases": ["production"]}]'` serves digits@production.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MODELGRID_PREDICTOR_", extra="ignore")
+
+    port: int = 50061
+    """gRPC port (0: any free port)."""
+    metrics_port: int = 9161
+    """Prometheus /metrics HTTP port (0: any free port, -1: off)."""
+    registry_target: str = ""
+    """host:port of the registry; empty: discover healthy registry instances in Consul."""
+    registry_service: str = "registry"
+    """Consul service name of the registry."""
+    models: list[ModelConfig] = []
+    """Models to serve from start-up; more can be loaded with LoadModel."""
+    auto_load: bool = False
+    """Serve every model in the registry (its latest version and every alias), including models registered
+    later: what `make up` runs, so that `modelgrid push` is enough to serve a model."""
+    cache_dir: Path = Path(".run/predictor/cache")
+    """Where downloaded artifacts are unpacked (content-addressed; one directory per replica)."""
+    cache_max_bytes: int = Field(default=8192 * MiB, ge=MiB)
+    """Size bound of the artifact cache; least recently used artifacts not in use are evicted."""
+    max_batch_size: int = Field(default=32, ge=1)
+    """Rows the dynamic batcher puts in one model execution."""
+    max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    """How long the first queued request may wait for others to join its batch."""
+    max_queue_depth: int = Field(default=1024, ge=1)
+    """Queued requests per model version beyond which requests fail at once with RESOURCE_EXHAUSTED."""
+    batching_enabled: bool = True
+    """Dynamic batching on; off executes each request alone."""
+    max_request_rows: int = Field(default=4096, ge=1)
+    """Largest first dimension one Predict request may carry."""
+    warmup_requests: int = Field(default=2, ge=0)
+    """Synthetic requests run on a newly loaded version before it takes traffic."""
+    follow_registry: bool = True
+    """Follow the registry's event stream to load new versions and move aliases (hot swap)."""
+    batch_job_batch_size: int = Field(default=256, ge=1)
+    """Records per model call in bulk jobs when the job does not say."""
+    max_batch_job_records: int = Field(default=10_000_000, ge=1)
+    """Largest number of records one bulk job may hold."""
+    max_streamed_job_bytes: int = Field(default=512 * MiB, ge=MiB)
+    """Largest input a client may stream into BatchPredict (larger data sets go to the registry first)."""
+    tf_threads: int = Field(default=0, ge=0)
+    """TensorFlow intra- and inter-op threads (0: TensorFlow's default)."""

@@ -1,0 +1,370 @@
+"""The predictor end to end: real Consul, Redis and registry; SavedModels built with TensorFlow in the test,
+pushed to the registry, served by a predictor subprocess, and called over its three protocols."""
+
+import concurrent.futures
+import io
+import threading
+import time
+from types import SimpleNamespace
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from modelgrid.common.v1 import common_pb2
+from modelgrid.predictor.v1 import predictor_pb2 as pb
+from modelgrid.predictor.v1 import predictor_pb2_grpc
+from modelgrid.registry.v1 import registry_pb2 as rpb
+from services.kit.localinfra import ConsulAgent
+from services.kit.tensors import array_to_tensor, tensor_to_array
+from tests.predictor_fixtures import Reference, predict, predict_request, start_predictor
+from tests.registry_fixtures import build_saved_model, client_for, start_registry, unique
+
+pytestmark = pytest.mark.slow
+
+X = np.array([[0.5, -1.0, 2.0, 0.1], [1.5, 0.3, -0.7, 2.2], [0.0, 0.0, 0.0, 1.0]], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def mesh(redis_server, tmp_path_factory):
+    """Own Consul (so registry discovery sees only this module's registry), a registry, two models."""
+    tmp = tmp_path_factory.mktemp("predictor")
+    with ConsulAgent(tmp / "consul") as consul:
+        registry = start_registry(consul.http_url, redis_server.url, tmp / "reg")
+        channel, client = client_for(registry.target)
+        aliased, latest = unique("aliased"), unique("latest")
+        refs = {}
+        for seed in (1, 2):
+            path = build_saved_model(tmp / f"model-{seed}", seed=seed)
+            refs[seed] = Reference(path)
+            client.ensure_model(aliased)
+            client.push_savedmodel(aliased, path)
+            client.ensure_model(latest)
+            client.push_savedmodel(latest, path)
+        client.stub.SetAlias(rpb.SetAliasRequest(model_name=aliased, alias="production", version=1))
+        predictor = start_predictor(
+            consul.http_url,
+            redis_server.url,
+            tmp,
+            [{"name": aliased, "aliases": ["production"]}, {"name": latest, "latest": 2}],
+            MAX_REQUEST_ROWS="1000",
+            MAX_RECEIVE_MESSAGE_BYTES=str(1024 * 1024),
+            MAX_QUEUE_DELAY_MS="5",
+        )
+        predictor_channel = grpc.insecure_channel(predictor.target)
+        try:
+            yield SimpleNamespace(
+                consul=consul, registry=registry, client=client, predictor=predictor, aliased=aliased,
+                latest=latest, refs=refs, stub=predictor_pb2_grpc.PredictorStub(predictor_channel),
+                metrics_url=f"http://127.0.0.1:{predictor.env['MODELGRID_PREDICTOR_METRICS_PORT']}/metrics",
+            )  # fmt: skip
+        finally:
+            predictor_channel.close()
+            predictor.stop()
+            channel.close()
+            registry.stop()
+
+
+def code_of(call, *args, **kwargs) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call(*args, **kwargs)
+    return err.value.code()
+
+
+# -- own API -------------------------------------------------------------------------------------------------
+
+
+def test_predictions_match_tensorflow_called_directly(mesh):
+    version, y = predict(mesh.stub, f"{mesh.aliased}@production", X)
+    assert version == 1
+    np.testing.assert_allclose(y, mesh.refs[1](X), rtol=1e-6)
+    version, y = predict(mesh.stub, mesh.latest, X)  # no selector: the newest served version
+    assert version == 2
+    np.testing.assert_allclose(y, mesh.refs[2](X), rtol=1e-6)
+    version, y = predict(mesh.stub, f"{mesh.latest}:1", X)
+    assert version == 1
+    np.testing.assert_allclose(y, mesh.refs[1](X), rtol=1e-6)
+
+
+def test_list_models_and_metadata_show_versions_and_signature(mesh):
+    models = {m.name: m for m in mesh.stub.ListModels(pb.ListModelsRequest()).models}
+    assert [(v.version, v.state) for v in models[mesh.latest].versions] == [
+        (2, pb.VERSION_STATE_AVAILABLE),
+        (1, pb.VERSION_STATE_AVAILABLE),
+    ]
+    meta = mesh.stub.GetModelMetadata(pb.GetModelMetadataRequest(name=mesh.aliased))
+    assert [(v.version, list(v.aliases)) for v in meta.versions] == [(1, ["production"])]
+    assert [(s.name, s.dtype, list(s.shape)) for s in meta.inputs] == [("x", common_pb2.DATA_TYPE_FLOAT32, [-1, 4])]
+    assert [s.name for s in meta.outputs] == ["y"]
+
+
+def test_predict_stream_answers_each_request_by_id(mesh):
+    requests = [
+        pb.PredictStreamRequest(id=f"r{i}", request=predict_request(mesh.latest, X[i : i + 1])) for i in range(3)
+    ]
+    requests.append(pb.PredictStreamRequest(id="bad", request=predict_request(mesh.latest, X.astype(np.float64))))
+    answers = {r.id: r for r in mesh.stub.PredictStream(iter(requests), timeout=30)}
+    assert set(answers) == {"r0", "r1", "r2", "bad"}
+    for i in range(3):
+        y = tensor_to_array(answers[f"r{i}"].response.outputs["y"])
+        np.testing.assert_allclose(y, mesh.refs[2](X[i : i + 1]), rtol=1e-6)
+    assert answers["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "float32" in answers["bad"].error.message
+
+
+def _wait_job(stub, job_id: str, timeout: float = 60) -> pb.BatchJob:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = stub.GetBatchJob(pb.GetBatchJobRequest(id=job_id))
+        if job.state not in (pb.BATCH_JOB_STATE_PENDING, pb.BATCH_JOB_STATE_RUNNING):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job.state}"
+        time.sleep(0.1)
+
+
+def test_batch_job_over_streamed_records_writes_results_to_the_registry(mesh, tmp_path):
+    data = np.random.default_rng(0).normal(size=(1000, 4)).astype(np.float32)
+    spec = pb.BatchJobSpec(model=common_pb2.ModelRef(name=mesh.aliased, alias="production"), batch_size=128)
+    messages = [pb.BatchPredictRequest(spec=spec)] + [
+        pb.BatchPredictRequest(records=pb.Records(inputs={"x": array_to_tensor(data[i : i + 250])}))
+        for i in range(0, 1000, 250)
+    ]
+    job = mesh.stub.BatchPredict(iter(messages))
+    assert job.state == pb.BATCH_JOB_STATE_PENDING and job.spec.input_digest
+    done = _wait_job(mesh.stub, job.id)
+    assert done.state == pb.BATCH_JOB_STATE_SUCCEEDED, done.error
+    assert (done.version, done.total_records, done.done_records) == (1, 1000, 1000)
+    mesh.client.download_blob(done.output_digest, tmp_path / "out.npz")
+    with np.load(tmp_path / "out.npz") as results:
+        np.testing.assert_allclose(results["y"], mesh.refs[1](data), rtol=1e-5)
+    listed = mesh.stub.ListBatchJobs(pb.ListBatchJobsRequest())
+    assert job.id in [j.id for j in listed.jobs]
+
+
+def test_batch_job_over_a_registry_blob_and_its_errors(mesh, tmp_path):
+    buffer = io.BytesIO()
+    np.savez(buffer, x=X)
+    (tmp_path / "in.npz").write_bytes(buffer.getvalue())
+    digest = mesh.client.upload_blob(tmp_path / "in.npz").digest
+    spec = pb.BatchJobSpec(model=common_pb2.ModelRef(name=mesh.latest, version=1), input_digest=digest)
+    done = _wait_job(mesh.stub, mesh.stub.BatchPredict(iter([pb.BatchPredictRequest(spec=spec)])).id)
+    assert done.state == pb.BATCH_JOB_STATE_SUCCEEDED, done.error
+    assert code_of(mesh.stub.CancelBatchJob, pb.CancelBatchJobRequest(id=done.id)) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    missing = pb.BatchJobSpec(model=common_pb2.ModelRef(name=mesh.latest), input_digest="0" * 64)
+    assert code_of(mesh.stub.BatchPredict, iter([pb.BatchPredictRequest(spec=missing)])) == grpc.StatusCode.NOT_FOUND
+    assert code_of(mesh.stub.GetBatchJob, pb.GetBatchJobRequest(id="nope")) == grpc.StatusCode.NOT_FOUND
+
+
+# -- other protocols -----------------------------------------------------------------------------------------
+
+
+def test_tritonclient_metadata_and_infer_raw_and_typed(mesh):
+    import tritonclient.grpc as triton
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    client = triton.InferenceServerClient(mesh.predictor.target)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(mesh.latest, "2")
+    meta = client.get_model_metadata(mesh.latest)
+    assert sorted(meta.versions) == ["1", "2"]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("x", "FP32", [-1, 4])]
+
+    inp = triton.InferInput("x", list(X.shape), "FP32")
+    inp.set_data_from_numpy(X)
+    result = client.infer(mesh.latest, [inp], model_version="1", outputs=[triton.InferRequestedOutput("y")])
+    np.testing.assert_allclose(result.as_numpy("y"), mesh.refs[1](X), rtol=1e-6)
+    assert result.get_response().model_version == "1"
+
+    with grpc.insecure_channel(mesh.predictor.target) as channel:  # typed contents, built by hand
+        request = service_pb2.ModelInferRequest(model_name=mesh.latest, model_version="2")
+        tensor = request.inputs.add(name="x", datatype="FP32", shape=list(X.shape))
+        tensor.contents.fp32_contents.extend(X.reshape(-1).tolist())
+        reply = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    y = np.frombuffer(reply.raw_output_contents[0], dtype="<f4").reshape(list(reply.outputs[0].shape))
+    np.testing.assert_allclose(y, mesh.refs[2](X), rtol=1e-6)
+
+    with pytest.raises(triton.InferenceServerException) as err:
+        client.infer("no-such-model", [inp])
+    assert "NOT_FOUND" in str(err.value.status())
+
+
+def test_tensorflow_serving_client_predict_with_version_label(mesh):
+    import tensorflow as tf
+    from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+
+    with grpc.insecure_channel(mesh.predictor.target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = mesh.aliased
+        request.model_spec.version_label = "production"
+        request.inputs["x"].CopyFrom(tf.make_tensor_proto(X))
+        reply = stub.Predict(request, timeout=30)
+        np.testing.assert_allclose(tf.make_ndarray(reply.outputs["y"]), mesh.refs[1](X), rtol=1e-6)
+        assert reply.model_spec.version.value == 1
+
+        request.model_spec.ClearField("version_label")
+        request.model_spec.name = mesh.latest
+        request.model_spec.version.value = 1
+        np.testing.assert_allclose(tf.make_ndarray(stub.Predict(request).outputs["y"]), mesh.refs[1](X), rtol=1e-6)
+
+        meta_request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        meta_request.model_spec.name = mesh.latest
+        meta = stub.GetModelMetadata(meta_request)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        meta.metadata["signature_def"].Unpack(signatures)
+        assert list(signatures.signature_def["serving_default"].inputs) == ["x"]
+
+
+# -- hot swap ------------------------------------------------------------------------------------------------
+
+
+def test_alias_move_swaps_versions_under_load_with_no_failed_call(mesh):
+    stop = threading.Event()
+    answers: list[int] = []
+    failures: list[str] = []
+
+    def keep_calling():
+        with grpc.insecure_channel(mesh.predictor.target) as channel:
+            stub = predictor_pb2_grpc.PredictorStub(channel)
+            while not stop.is_set():
+                try:
+                    answers.append(predict(stub, f"{mesh.aliased}@production", X[:1])[0])
+                except grpc.RpcError as err:
+                    failures.append(f"{err.code()}: {err.details()}")
+
+    callers = [threading.Thread(target=keep_calling) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    try:
+        time.sleep(0.5)
+        mesh.client.stub.SetAlias(rpb.SetAliasRequest(model_name=mesh.aliased, alias="production", version=2))
+        deadline = time.monotonic() + 60
+        while not answers or answers[-1] != 2:
+            assert time.monotonic() < deadline, "the alias move never reached the predictor"
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for caller in callers:
+            caller.join()
+    assert failures == []
+    switch = answers.index(2)
+    assert set(answers[:switch]) == {1} and set(answers[switch:]) == {2}
+    deadline = time.monotonic() + 30
+    while True:
+        meta = mesh.stub.GetModelMetadata(pb.GetModelMetadataRequest(name=mesh.aliased))
+        if [v.version for v in meta.versions] == [2]:
+            break
+        assert time.monotonic() < deadline, f"version 1 was never unloaded: {meta}"
+        time.sleep(0.2)
+    assert list(meta.versions[0].aliases) == ["production"]
+
+
+# -- batching, health, registration --------------------------------------------------------------------------
+
+
+def _histogram(metrics_text: str, name: str, model: str) -> tuple[float, float]:
+    """(sum, count) of a histogram for one model, summed over versions."""
+    total = count = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(f"{name}_sum{{") and f'model="{model}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+        if line.startswith(f"{name}_count{{") and f'model="{model}"' in line:
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def test_concurrent_callers_are_served_in_batches_with_their_own_results(mesh):
+    rows = np.random.default_rng(1).normal(size=(64, 4)).astype(np.float32)
+    before = _histogram(httpx.get(mesh.metrics_url).text, "modelgrid_predictor_batch_size", mesh.latest)
+
+    def call(i):
+        with grpc.insecure_channel(mesh.predictor.target) as channel:
+            return i, predict(predictor_pb2_grpc.PredictorStub(channel), f"{mesh.latest}:2", rows[i : i + 1])[1]
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        for _ in range(3):
+            for i, y in pool.map(call, range(64)):
+                np.testing.assert_allclose(y, mesh.refs[2](rows[i : i + 1]), rtol=1e-6)
+    after = _histogram(httpx.get(mesh.metrics_url).text, "modelgrid_predictor_batch_size", mesh.latest)
+    requests, batches = after[0] - before[0], after[1] - before[1]
+    assert requests == 192
+    assert requests / batches > 1.5, f"{requests} requests ran in {batches} batches"
+
+
+def test_registration_carries_served_models_and_per_model_health(mesh):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    entries = httpx.get(f"{mesh.consul.http_url}/v1/health/service/predictor", params={"passing": "true"}).json()
+    (entry,) = [e for e in entries if e["Service"]["Port"] == mesh.predictor.port]
+    tags = set(entry["Service"]["Tags"])
+    assert {f"model={mesh.latest}", f"version={mesh.latest}:1", f"version={mesh.latest}:2"} <= tags
+    assert f"model={mesh.aliased}" in tags
+    with grpc.insecure_channel(mesh.predictor.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service=f"model/{mesh.latest}"))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_load_and_unload_model_at_run_time(mesh):
+    name = unique("loaded")
+    mesh.client.ensure_model(name)
+    for seed in (1, 2):
+        mesh.client.push_savedmodel(name, mesh.refs[seed].path)
+    specific = pb.VersionPolicy(specific=pb.Versions(versions=[1]))
+    status = mesh.stub.LoadModel(pb.LoadModelRequest(name=name, policy=specific, wait=True))
+    assert [(v.version, v.state) for v in status.versions] == [(1, pb.VERSION_STATE_AVAILABLE)]
+    assert predict(mesh.stub, name, X)[0] == 1
+
+    status = mesh.stub.LoadModel(pb.LoadModelRequest(name=name, wait=True))  # default policy: the latest version
+    assert predict(mesh.stub, name, X)[0] == 2
+    deadline = time.monotonic() + 30
+    while [v.version for v in status.versions] != [2]:
+        assert time.monotonic() < deadline, f"version 1 was never unloaded: {status}"
+        time.sleep(0.2)
+        status = mesh.stub.GetModelMetadata(pb.GetModelMetadataRequest(name=name))
+
+    mesh.stub.UnloadModel(pb.UnloadModelRequest(name=name))
+    assert code_of(mesh.stub.Predict, predict_request(name, X)) == grpc.StatusCode.NOT_FOUND
+    status = mesh.stub.LoadModel(pb.LoadModelRequest(name="never-registered", wait=True))
+    assert "not found" in status.reason and not status.versions
+    mesh.stub.UnloadModel(pb.UnloadModelRequest(name="never-registered"))
+    assert code_of(mesh.stub.UnloadModel, pb.UnloadModelRequest(name="never-registered")) == grpc.StatusCode.NOT_FOUND
+
+
+# -- bad input -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_request, fragment",
+    [
+        (lambda m: predict_request(m, X.astype(np.int32)), "dtype int32, expected float32"),
+        (lambda m: predict_request(m, np.zeros((2, 5), np.float32)), "shape [2, 5], expected [-1, 4]"),
+        (lambda m: predict_request(m, X, extra=X), "unknown inputs ['extra']"),
+        (lambda m: predict_request(m, np.zeros((1001, 4), np.float32)), "MAX_REQUEST_ROWS"),
+        (
+            lambda m: pb.PredictRequest(
+                model=common_pb2.ModelRef(name=m),
+                inputs={"x": common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=[2, 4], raw_data=b"\0" * 7)},
+            ),
+            "do not match shape",
+        ),
+    ],
+)
+def test_bad_inputs_are_invalid_argument_with_the_signature(mesh, make_request, fragment):
+    with pytest.raises(grpc.RpcError) as err:
+        mesh.stub.Predict(make_request(mesh.latest))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in err.value.details()
+
+
+def test_unknown_model_version_alias_and_oversize_message(mesh):
+    assert code_of(mesh.stub.Predict, predict_request("no-such-model", X)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(mesh.stub.Predict, predict_request(f"{mesh.latest}:9", X)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(mesh.stub.Predict, predict_request(f"{mesh.latest}@canary", X)) == grpc.StatusCode.NOT_FOUND
+    huge = np.zeros((900, 400), np.float32)  # 1.4 MB > the 1 MiB message limit set for this predictor
+    request = pb.PredictRequest(model=common_pb2.ModelRef(name=mesh.latest), inputs={"x": array_to_tensor(huge)})
+    assert code_of(mesh.stub.Predict, request) == grpc.StatusCode.RESOURCE_EXHAUSTED
