@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from services.kit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from services.predictor.batching import BatchingConfig, BatchQueue
+from services.predictor.batching import BatchingConfig, BatchQueue, RequestTiming
 
 LONG_DELAY_MS = 5_000.0  # a window no test waits out: batches in those tests execute because they are full
 
@@ -304,3 +304,13 @@ async def test_close_without_drain_fails_waiting_requests_and_lets_the_running_b
 async def test_submit_before_start_is_refused():
     with pytest.raises(Unavailable, match="not started"):
         await BatchQueue(RecordingRunner(), config()).submit(rows_of(1))
+
+
+async def test_timing_is_filled_for_trace_spans():
+    queue = BatchQueue(lambda d: {"y": d["x"] * 2}, BatchingConfig(max_batch_size=8, max_queue_delay_ms=20))
+    async with queue:
+        timings = [RequestTiming() for _ in range(3)]
+        await asyncio.gather(*(queue.submit({"x": np.ones((1, 2), np.float32)}, timing=t) for t in timings))
+    for timing in timings:
+        assert 0 < timing.enqueued_ns <= timing.started_ns <= timing.finished_ns
+        assert (timing.batch_requests, timing.batch_rows) == (3, 3)

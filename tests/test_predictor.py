@@ -368,3 +368,73 @@ def test_unknown_model_version_alias_and_oversize_message(mesh):
     huge = np.zeros((900, 400), np.float32)  # 1.4 MB > the 1 MiB message limit set for this predictor
     request = pb.PredictRequest(model=common_pb2.ModelRef(name=mesh.latest), inputs={"x": array_to_tensor(huge)})
     assert code_of(mesh.stub.Predict, request) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# -- queue limits and deadlines (a slow model, a tiny queue) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow(mesh, redis_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("slow")
+    name = unique("slow")
+    mesh.client.ensure_model(name)
+    mesh.client.push_savedmodel(name, build_saved_model(tmp / "slow", busy_loops=600))
+    predictor = start_predictor(
+        mesh.consul.http_url, redis_server.url, tmp, [{"name": name}],
+        MAX_QUEUE_DEPTH="2", MAX_BATCH_SIZE="1", WARMUP_REQUESTS="1",
+    )  # fmt: skip
+    channel = grpc.insecure_channel(predictor.target)
+    yield SimpleNamespace(
+        name=name,
+        predictor=predictor,
+        stub=predictor_pb2_grpc.PredictorStub(channel),
+        metrics_url=f"http://127.0.0.1:{predictor.env['MODELGRID_PREDICTOR_METRICS_PORT']}/metrics",
+    )
+    channel.close()
+    predictor.stop()
+
+
+def _codes_of_concurrent_calls(slow, count: int, timeout: float = 30) -> list[grpc.StatusCode]:
+    barrier = threading.Barrier(count)
+
+    def call(_):
+        barrier.wait()
+        try:
+            slow.stub.Predict(predict_request(slow.name, X[:1]), timeout=timeout)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            return err.code()
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(call, range(count)))
+
+
+def test_full_queue_is_resource_exhausted_at_once(slow):
+    codes = _codes_of_concurrent_calls(slow, 10)
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert codes.count(grpc.StatusCode.OK) >= 2  # one executing, up to two queued
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_not_executed(slow):
+    def server_count(code: str) -> float:
+        text = httpx.get(slow.metrics_url).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("modelgrid_predictor_requests_total{") and f'code="{code}"' in line
+        )
+
+    executed_before = _histogram(httpx.get(slow.metrics_url).text, "modelgrid_predictor_batch_size", slow.name)[1]
+    expired_before = server_count("DeadlineExceeded")
+    busy = slow.stub.Predict.future(predict_request(slow.name, X[:1]), timeout=30)  # occupies the model
+    time.sleep(0.02)
+    with pytest.raises(grpc.RpcError) as err:
+        slow.stub.Predict(predict_request(slow.name, X[:1]), timeout=0.05)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    busy.result()
+    deadline = time.monotonic() + 10
+    while server_count("DeadlineExceeded") == expired_before:  # the server saw it expire in its queue
+        assert time.monotonic() < deadline, "the predictor never reported the expired request"
+        time.sleep(0.1)
+    executed = _histogram(httpx.get(slow.metrics_url).text, "modelgrid_predictor_batch_size", slow.name)[1]
+    assert executed - executed_before == 1  # only the busy request ran

@@ -64,14 +64,35 @@ class BatchObserver(Protocol):
         """rows and requests in the batch, each request's wait before execution, the execution's duration."""
 
 
-class _Request:
-    __slots__ = ("inputs", "rows", "signature", "deadline", "enqueued_at", "future", "dispatched")
+@dataclass
+class RequestTiming:
+    """Filled in by the queue for one request (wall-clock nanoseconds, for trace spans)."""
 
-    def __init__(self, inputs: dict[str, np.ndarray], rows: int, signature: _Signature | None, deadline: float | None):
+    enqueued_ns: int = 0
+    started_ns: int = 0
+    finished_ns: int = 0
+    batch_requests: int = 0
+    batch_rows: int = 0
+
+
+class _Request:
+    __slots__ = ("inputs", "rows", "signature", "deadline", "enqueued_at", "future", "dispatched", "timing")
+
+    def __init__(
+        self,
+        inputs: dict[str, np.ndarray],
+        rows: int,
+        signature: _Signature | None,
+        deadline: float | None,
+        timing: RequestTiming | None = None,
+    ):
         self.inputs = inputs
         self.rows = rows
         self.signature = signature
         self.deadline = deadline
+        self.timing = timing
+        if timing is not None:
+            timing.enqueued_ns = time.time_ns()
         self.enqueued_at = time.monotonic()
         self.future: asyncio.Future[dict[str, np.ndarray]] = asyncio.get_running_loop().create_future()
         self.dispatched = False
@@ -163,7 +184,9 @@ class BatchQueue:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def submit(self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None) -> dict[str, np.ndarray]:
+    async def submit(
+        self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None, timing: RequestTiming | None = None
+    ) -> dict[str, np.ndarray]:
         """Executes `inputs` in some batch and returns this request's rows of the outputs.
 
         deadline is an absolute time.monotonic() value. Raises InvalidArgument, ResourceExhausted,
@@ -184,7 +207,7 @@ class BatchQueue:
             )
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceeded("the deadline passed before the request was queued")
-        request = _Request(arrays, rows if rows is not None else 1, signature, deadline)
+        request = _Request(arrays, rows if rows is not None else 1, signature, deadline, timing)
         self._queue.append(request)
         self._wakeup.set()
         try:
@@ -300,6 +323,7 @@ class BatchQueue:
 
     async def _execute(self, batch: list[_Request]) -> None:
         started = time.monotonic()
+        started_ns = time.time_ns()
         loop = asyncio.get_running_loop()
         try:
             parts, rows = [r.inputs for r in batch], [r.rows for r in batch]
@@ -310,7 +334,12 @@ class BatchQueue:
                 if not request.future.done():
                     request.future.set_exception(exc)
         else:
+            finished_ns, rows_total = time.time_ns(), sum(r.rows for r in batch)
             for request, result in zip(batch, results, strict=True):
+                if request.timing is not None:
+                    timing = request.timing
+                    timing.started_ns, timing.finished_ns = started_ns, finished_ns
+                    timing.batch_requests, timing.batch_rows = len(batch), rows_total
                 if not request.future.done():
                     request.future.set_result(result)
         exec_s = time.monotonic() - started

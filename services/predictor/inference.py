@@ -11,6 +11,7 @@ from opentelemetry import trace
 
 from services.kit.errors import InvalidArgument, ModelgridError
 from services.kit.modelref import ModelRef
+from services.predictor.batching import RequestTiming
 from services.predictor.metrics import PredictorMetrics
 from services.predictor.repository import ModelRepository, ServedVersion
 
@@ -64,8 +65,9 @@ class Inference:
                     unknown = sorted(set(output_filter) - known)
                     if unknown:
                         raise InvalidArgument(f"unknown outputs {unknown}; the model has {sorted(known)}")
-                    with tracer.start_as_current_span("predictor.queue_and_execute"):
-                        outputs = await version.queue.submit(inputs, deadline=deadline)
+                    timing = RequestTiming()
+                    outputs = await version.queue.submit(inputs, deadline=deadline, timing=timing)
+                    _record_spans(timing)
                 self.repository.record_sample(version.model, inputs)
             except ModelgridError as exc:
                 code = type(exc).__name__
@@ -77,3 +79,15 @@ class Inference:
         if output_filter:
             outputs = {name: outputs[name] for name in output_filter}
         return Prediction(version.model, version.version, outputs)
+
+
+def _record_spans(timing: RequestTiming) -> None:
+    """Child spans of the current one for the time the request waited in the batch queue and the execution of
+    the batch it ran in (shared with the other requests of that batch)."""
+    tracer.start_span("predictor.queue_wait", start_time=timing.enqueued_ns).end(end_time=timing.started_ns)
+    execute = tracer.start_span(
+        "predictor.execute",
+        start_time=timing.started_ns,
+        attributes={"modelgrid.batch.requests": timing.batch_requests, "modelgrid.batch.rows": timing.batch_rows},
+    )
+    execute.end(end_time=timing.finished_ns)
