@@ -10,6 +10,7 @@ import importlib.util
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,23 @@ def _modelgrid_variables(service: dict) -> dict[str, str | None]:
     return {key: value for key, value in _environment(service).items() if key.startswith(ENV_PREFIX)}
 
 
+def _replicas(service: dict) -> int:
+    return int((service.get("deploy") or {}).get("replicas", 1))
+
+
+def _ports(service: dict) -> list[tuple[str, str]]:
+    """(published host port, container port) of each `ports` entry; the host port is "" when Docker picks one.
+    docker-compose 1.29 normalises "50051:50051" to {published, target} but leaves "127.0.0.1::50061" a string."""
+    ports = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            ports.append((str(port.get("published") or ""), str(port["target"])))
+            continue
+        *host, target = str(port).split("/")[0].split(":")
+        ports.append((host[-1] if host else "", target))
+    return ports
+
+
 def _load_mesh_script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("modelgrid_mesh_script", MESH_SCRIPT)
     assert spec is not None and spec.loader is not None
@@ -141,11 +159,18 @@ def test_settings_make_each_service_reachable_on_the_compose_network(
                     env.setenv(variable, value)
             settings = settings_class()  # the values parse as the service itself will parse them
         assert settings.host in ("0.0.0.0", "::"), f"{name}: binds {settings.host}, unreachable from other containers"
-        assert settings.advertise_host == name, f"{name}: advertises {settings.advertise_host} to Consul, not {name}"
+        if _replicas(service) == 1:
+            assert settings.advertise_host == name, f"{name}: advertises {settings.advertise_host}, not {name}"
+        else:  # replicas share the service name: each must advertise its own container address
+            own_address = socket.gethostbyname(socket.gethostname())  # what it resolves to inside its container
+            assert settings.advertise_host == own_address, f"{name}: replicas advertise {settings.advertise_host!r}"
         for url in (settings.consul_url, settings.redis_url):
             assert urlsplit(url).hostname in service.get("depends_on", {}), f"{name}: {url} is no dependency of it"
-        published = {str(port.get("target")) for port in service.get("ports", [])}
-        assert str(settings.port) in published, f"{name}: port {settings.port} is not published"
+        ports = _ports(service)
+        assert str(settings.port) in {target for _, target in ports}, f"{name}: port {settings.port} is not published"
+        if _replicas(service) > 1:
+            fixed = [host for host, _ in ports if host]
+            assert not fixed, f"{name}: {_replicas(service)} replicas cannot all bind host ports {fixed}"
         assert f"127.0.0.1:{settings.port}" in service["healthcheck"]["test"], f"{name}: healthcheck misses its port"
 
 

@@ -1,6 +1,12 @@
 """Entry point of the `modelgrid` command: global options, sub-commands, and how failures become exit codes.
 
-    modelgrid [--target HOST:PORT] [--client-id ID] [--json] COMMAND ...
+    modelgrid [--target HOST:PORT] [--predictor HOST:PORT] [--client-id ID] [--json] COMMAND ...
+
+Registry commands talk to --target. Predictor commands (predict, batch, serving) talk to --predictor, one replica
+($MODELGRID_PREDICTOR_TARGET, default 127.0.0.1:50061: the first replica `make up` starts); `batch submit` and
+`batch fetch` also use --target, where data sets and results are stored. MODELGRID_TARGET does not move the
+predictor default: until a gateway serves both APIs on one address, registry and predictor listen apart, so point
+MODELGRID_PREDICTOR_TARGET at a predictor (or, later, at the gateway) yourself.
 
 Exit codes: 0 success, 1 the command failed (a gRPC error prints `error: <CODE>: <details>`), 2 bad usage,
 130 interrupted. Tests call `run(argv)`, which returns the code; the console script calls `main()`.
@@ -15,14 +21,16 @@ import sys
 
 import grpc
 
-from services.cli import registry_commands
+from services.cli import predictor_commands, registry_commands
 from services.cli.output import Output
+from services.cli.predictor_commands import PredictorSession
 from services.cli.registry_commands import CommandError, RegistrySession, UsageError
 from services.registry.client import DigestMismatch, RegistryClient
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_PREDICTOR_TARGET = "127.0.0.1:50061"
 DEFAULT_TIMEOUT_S = 30.0
 CLIENT_ID_HEADER = "x-modelgrid-client"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -55,6 +63,13 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         help=f"registry or gateway address (env MODELGRID_TARGET, default {DEFAULT_TARGET})",
     )
     parser.add_argument(
+        "--predictor",
+        default=default(os.environ.get("MODELGRID_PREDICTOR_TARGET") or DEFAULT_PREDICTOR_TARGET),
+        metavar="HOST:PORT",
+        help=f"predictor replica for predict, batch and serving (env MODELGRID_PREDICTOR_TARGET, default "
+        f"{DEFAULT_PREDICTOR_TARGET}; MODELGRID_TARGET does not change it)",
+    )
+    parser.add_argument(
         "--client-id",
         default=default(default_client_id()),
         metavar="ID",
@@ -72,13 +87,17 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full command-line parser (reads MODELGRID_TARGET and MODELGRID_CLIENT_ID for defaults)."""
-    parser = argparse.ArgumentParser(prog="modelgrid", description="Command-line client of the modelgrid registry.")
+    """The full command-line parser (reads MODELGRID_TARGET, MODELGRID_PREDICTOR_TARGET and MODELGRID_CLIENT_ID
+    for defaults)."""
+    parser = argparse.ArgumentParser(
+        prog="modelgrid", description="Command-line client of the modelgrid registry and predictors."
+    )
     _global_options(parser, suppress=False)
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, suppress=True)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     registry_commands.add_parsers(commands, common)
+    predictor_commands.add_parsers(commands, common)
     return parser
 
 
@@ -91,7 +110,13 @@ def _execute(args: argparse.Namespace, out: Output) -> None:
     with grpc.insecure_channel(args.target, options=options) as channel:
         client = RegistryClient(channel, client_id=args.client_id)
         metadata = ((CLIENT_ID_HEADER, args.client_id),) if args.client_id else ()
-        args.handler(RegistrySession(client, metadata, args.timeout, out), args)
+        session = RegistrySession(client, metadata, args.timeout, out)
+        if not getattr(args, "uses_predictor", False):
+            args.handler(session, args)
+            return
+        logger.debug("predictor at %s", args.predictor)
+        with grpc.insecure_channel(args.predictor, options=options) as predictor_channel:
+            args.handler(PredictorSession.over(session, predictor_channel), args)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """Settings every modelgrid service shares; each service subclasses them with its own env prefix."""
 
+import socket
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -22,7 +23,9 @@ class ServiceSettings(BaseSettings):
     port: int = 0
     """Port the gRPC server binds to; 0 picks a free port (tests)."""
     advertise_host: str = "127.0.0.1"
-    """Address other services and Consul's health check use to reach this instance."""
+    """Address other services and Consul's health check use to reach this instance; empty: this host's own
+    address, socket.gethostbyname(socket.gethostname()) (in a container: its address on the compose network,
+    which differs per replica)."""
     instance_id: str = ""
     """Consul service id of this instance; empty: <service>-<advertise_host>-<port>."""
     consul_url: str = "http://127.0.0.1:8500"
@@ -49,3 +52,9 @@ class ServiceSettings(BaseSettings):
     """Root log level."""
     log_format: Literal["text", "json"] = "text"
     """Log lines as human-readable text or one JSON object each."""
+
+    @field_validator("advertise_host")
+    @classmethod
+    def _own_address_when_empty(cls, value: str) -> str:
+        """Resolves an empty advertise_host when the settings are built (never at import)."""
+        return value or socket.gethostbyname(socket.gethostname())
