@@ -12,13 +12,14 @@ DEBIAN_PACKAGES := redis-server docker-compose
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: help setup protos up down status test lint format clean lock bench-registry
+.PHONY: help setup protos up down status test lint format clean lock bench-registry bench-predictor
 
 help:
 	@echo "make up              install what is missing, start Consul, Redis and the services locally"
 	@echo "make down            stop everything make up started"
 	@echo "make test            install what is missing, run the whole suite against real Consul and Redis"
 	@echo "make bench-registry  registry push/pull throughput vs a plain file copy, metadata ops/s"
+	@echo "make bench-predictor predictor throughput/latency: in-process limit, batching off/on, Flask baseline"
 	@echo "make lint            ruff check and format check"
 	@echo "make protos          regenerate Python code from protos/ into gen/"
 
@@ -75,6 +76,9 @@ format: setup
 
 bench-registry: setup
 	$(PY) bench/registry_bench.py
+
+bench-predictor: setup
+	$(PY) bench/predictor_bench.py
 
 # Re-pins constraints.txt to what the venv has now (after changing pyproject.toml dependencies).
 lock: $(VENV)/.installed
