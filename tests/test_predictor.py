@@ -438,3 +438,17 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_executed(slow):
         time.sleep(0.1)
     executed = _histogram(httpx.get(slow.metrics_url).text, "modelgrid_predictor_batch_size", slow.name)[1]
     assert executed - executed_before == 1  # only the busy request ran
+
+
+def test_a_model_that_fails_to_load_reports_why_and_the_others_keep_serving(mesh, tmp_path):
+    name = unique("broken")
+    mesh.client.ensure_model(name)
+    (tmp_path / "not-a-model").write_bytes(b"these bytes are no SavedModel")
+    mesh.client.push_file(name, tmp_path / "not-a-model")
+    status = mesh.stub.LoadModel(pb.LoadModelRequest(name=name, wait=True))
+    (version,) = status.versions
+    assert version.state == pb.VERSION_STATE_FAILED
+    assert version.reason, "a failed version must say why"
+    assert code_of(mesh.stub.Predict, predict_request(name, X)) == grpc.StatusCode.UNAVAILABLE
+    assert predict(mesh.stub, f"{mesh.latest}:2", X)[0] == 2
+    mesh.stub.UnloadModel(pb.UnloadModelRequest(name=name))
