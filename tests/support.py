@@ -15,8 +15,8 @@ from services.kit.localinfra import free_port
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def wait_serving(target: str, timeout: float = 60.0, service: str = "") -> None:
-    """Waits until the gRPC health endpoint at `target` says SERVING."""
+def wait_serving(target: str, timeout: float = 60.0, service: str = "", process=None) -> None:
+    """Waits until the gRPC health endpoint at `target` says SERVING (fails early if `process` exits)."""
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -27,7 +27,7 @@ def wait_serving(target: str, timeout: float = 60.0, service: str = "") -> None:
                     return
             except grpc.RpcError:
                 pass
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (process is not None and process.poll() is not None):
                 raise TimeoutError(f"{target} did not become SERVING within {timeout}s")
             time.sleep(0.1)
 
@@ -54,7 +54,7 @@ class ServiceProcess:
         )
         log.close()
         try:
-            wait_serving(self.target, timeout)
+            wait_serving(self.target, timeout, process=self.process)
         except TimeoutError:
             self.kill()
             raise TimeoutError(f"{self.module} did not start; log:\n{self.log_path.read_text()[-3000:]}") from None

@@ -5,6 +5,7 @@ over healthy registry instances."""
 import asyncio
 import hashlib
 import os
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import grpc
 
 from modelgrid.registry.v1 import registry_pb2 as pb
 from modelgrid.registry.v1 import registry_pb2_grpc
-from services.kit.artifacts import CHUNK_BYTES, file_digest, read_chunks
+from services.kit.artifacts import CHUNK_BYTES, file_digest, pack_to_file, read_chunks
 from services.kit.errors import DataLoss
 from services.kit.modelref import ModelRef
 from services.registry.client import ref_message
@@ -90,6 +91,43 @@ class AsyncRegistryClient:
                 yield pb.UploadBlobRequest(chunk=chunk)
 
         return await self._stub().UploadBlob(messages(), metadata=self._metadata)
+
+    async def ensure_model(self, name: str, description: str = "") -> None:
+        """Creates the model unless it exists."""
+        try:
+            await self._stub().CreateModel(
+                pb.CreateModelRequest(name=name, description=description), metadata=self._metadata, timeout=10
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+
+    async def push_savedmodel(
+        self, name: str, directory: str | os.PathLike, *, request_id: str, **metadata
+    ) -> pb.ModelVersion:
+        """Packs a SavedModel directory (deterministic tar) and uploads it as a new version; `request_id` makes
+        a retry (e.g. by a restarted trainer) return the version created the first time."""
+        with tempfile.TemporaryDirectory(prefix="modelgrid-push-") as tmp:
+            tar_path = Path(tmp) / "model.tar"
+            digest = await asyncio.to_thread(pack_to_file, directory, tar_path)
+            meta = pb.VersionMetadata(
+                model_name=name, artifact_digest=digest, artifact_size=tar_path.stat().st_size,
+                artifact_format=pb.ARTIFACT_FORMAT_SAVEDMODEL_TAR, request_id=request_id, **metadata,
+            )  # fmt: skip
+
+            async def messages() -> AsyncIterator[pb.CreateVersionRequest]:
+                yield pb.CreateVersionRequest(metadata=meta)
+                chunks = read_chunks(tar_path, CHUNK_BYTES)
+                done = object()
+                while (chunk := await asyncio.to_thread(next, chunks, done)) is not done:
+                    yield pb.CreateVersionRequest(chunk=chunk)
+
+            return await self._stub().CreateVersion(messages(), metadata=self._metadata)
+
+    async def set_alias(self, name: str, alias: str, version: int) -> pb.Alias:
+        """Points an alias at a version (unconditionally)."""
+        request = pb.SetAliasRequest(model_name=name, alias=alias, version=version)
+        return await self._stub().SetAlias(request, metadata=self._metadata, timeout=10)
 
     async def watch(self, cursor: str, model_name: str = "") -> AsyncIterator[pb.RegistryEvent]:
         """Registry events after `cursor` ("" from now), as they happen. Ends when the stream breaks; the caller

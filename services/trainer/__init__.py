@@ -1,0 +1,1 @@
+"""Trainer service: accepts training jobs, schedules worker groups, restarts them from checkpoints."""

@@ -1,0 +1,59 @@
+"""Thin gRPC servicer of modelgrid.trainer.v1.WorkerAgent: protobuf in, ReplicaSupervisor call, protobuf out."""
+
+from collections.abc import AsyncIterator
+
+from modelgrid.trainer.v1 import trainer_pb2 as pb
+from modelgrid.trainer.v1 import trainer_pb2_grpc
+from services.trainer.agent.supervisor import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus, ReplicaSupervisor
+
+_STATES = {ReplicaState.RUNNING: pb.REPLICA_STATE_RUNNING, ReplicaState.EXITED: pb.REPLICA_STATE_EXITED}
+
+
+class WorkerAgentServicer(trainer_pb2_grpc.WorkerAgentServicer):
+    """Adapts gRPC calls to the ReplicaSupervisor."""
+
+    def __init__(self, supervisor: ReplicaSupervisor) -> None:
+        self._supervisor = supervisor
+
+    async def ReservePorts(self, request: pb.ReservePortsRequest, context) -> pb.ReservePortsResponse:
+        return pb.ReservePortsResponse(ports=self._supervisor.reserve_ports(request.job_id, request.count))
+
+    async def ReleasePorts(self, request: pb.ReleasePortsRequest, context) -> pb.ReleasePortsResponse:
+        self._supervisor.release_ports(request.job_id)
+        return pb.ReleasePortsResponse()
+
+    async def StartReplica(self, request: pb.StartReplicaRequest, context) -> pb.Replica:
+        key = ReplicaKey(request.job_id, request.attempt, request.task_index)
+        return replica_to_pb(await self._supervisor.start_replica(key, request.tf_config, request.worker_spec))
+
+    async def StopReplica(self, request: pb.StopReplicaRequest, context) -> pb.Replica:
+        key = ReplicaKey(request.job_id, request.attempt, request.task_index)
+        return replica_to_pb(self._supervisor.stop_replica(key, request.kill))
+
+    async def ListReplicas(self, request: pb.ListReplicasRequest, context) -> pb.ListReplicasResponse:
+        replicas = self._supervisor.list_replicas(request.job_id)
+        return pb.ListReplicasResponse(replicas=[replica_to_pb(r) for r in replicas])
+
+    async def WatchReplicas(self, request: pb.WatchReplicasRequest, context) -> AsyncIterator[pb.ReplicaEvent]:
+        async for event in self._supervisor.watch(request.job_id):
+            yield event_to_pb(event)
+
+    async def ReplicaLogs(self, request: pb.ReplicaLogsRequest, context) -> pb.ReplicaLogsResponse:
+        lines = await self._supervisor.replica_logs(request.job_id, request.task_index, request.tail_lines)
+        return pb.ReplicaLogsResponse(lines=lines)
+
+
+def replica_to_pb(replica: ReplicaStatus) -> pb.Replica:
+    return pb.Replica(
+        job_id=replica.key.job_id,
+        attempt=replica.key.attempt,
+        task_index=replica.key.task_index,
+        state=_STATES[replica.state],
+        exit_code=replica.exit_code,
+        pid=replica.pid,
+        agent=replica.agent,
+    )
+
+
+def event_to_pb(event: ReplicaEvent) -> pb.ReplicaEvent:
+    return pb.ReplicaEvent(replica=replica_to_pb(event.replica), progress=event.progress)

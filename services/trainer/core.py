@@ -1,0 +1,278 @@
+"""The trainer's transport-free core: accept jobs, schedule them onto agents (gang scheduling, spread), run each
+with a JobRunner, and answer queries. Jobs live in Redis, so a restarted trainer reloads them and re-attaches to
+workers that kept running: nothing is lost and nothing runs twice."""
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from modelgrid.trainer.v1 import trainer_pb2 as pb
+from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound
+from services.registry.async_client import AsyncRegistryClient
+from services.trainer.agents import AgentDirectory, place
+from services.trainer.domain import FINAL, HOLDS_SLOTS, EventType, Job, JobEvent, JobState, Placement
+from services.trainer.runner import JobRunner
+from services.trainer.settings import TrainerSettings
+from services.trainer.specs import check_shape, locate_dataset
+from services.trainer.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerView:
+    """An agent with the slots jobs take on it."""
+
+    id: str
+    host: str
+    address: str
+    slots: int
+    used: int = 0
+    jobs: list[str] = field(default_factory=list)
+
+
+class TrainerCore:
+    """Jobs, scheduling and runners."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        agents: AgentDirectory,
+        registry: AsyncRegistryClient,
+        settings: TrainerSettings,
+        register: Callable[[Job, Path, dict[str, float]], Awaitable[int]],
+    ) -> None:
+        self._store = store
+        self._agents = agents
+        self._registry = registry
+        self._settings = settings
+        self._register = register
+        self.jobs: dict[str, Job] = {}
+        self._runners: dict[str, tuple[JobRunner, asyncio.Task]] = {}
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task | None = None
+        self._submit_lock = asyncio.Lock()
+        agents.add_listener(self._wake.set)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Reloads unfinished jobs, re-attaches to running ones, starts the scheduler."""
+        for job in await self._store.unfinished():
+            self.jobs[job.id] = job
+            if job.state == JobState.SCHEDULING:
+                job.move(JobState.PENDING)  # placement was not finished: place it again
+                await self._store.save(job)
+            elif job.state != JobState.PENDING:
+                logger.info("job %s was %s when the trainer stopped: re-attaching", job.id, job.state.value)
+                self._spawn(job, reattach=True)
+        self._scheduler = asyncio.create_task(self._schedule_forever(), name="scheduler")
+
+    async def stop(self) -> None:
+        """Stops following jobs (their workers keep running for the next trainer)."""
+        tasks = [t for _, t in self._runners.values()]
+        if self._scheduler:
+            tasks.append(self._scheduler)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- API ---------------------------------------------------------------------------------------------------
+
+    async def submit(self, spec: dict[str, Any], request_id: str) -> Job:
+        """Validates and queues a job; nothing is queued when the spec is invalid."""
+        if len(request_id) > 128:
+            raise InvalidArgument("request_id is longer than 128 characters")
+        check_shape(spec, self._settings)
+        path, digest = await locate_dataset(spec, self._settings, self._registry)
+        job = Job(id=uuid.uuid4().hex[:12], spec=spec, request_id=request_id, dataset_digest=digest,
+                  dataset_path=str(path), message="waiting to be scheduled")  # fmt: skip
+        event = JobEvent(EventType.STATE, JobState.PENDING, 0, time.time(), message="submitted")
+        async with self._submit_lock:
+            job, created = await self._store.create(job, event)
+            if created:
+                self.jobs[job.id] = job
+                logger.info("job %s submitted: %s x%d", job.id, spec.get("recipe"), job.workers)
+        self._wake.set()
+        return self.jobs.get(job.id, job)
+
+    async def get(self, job_id: str) -> Job:
+        return self.jobs.get(job_id) or await self._store.get(job_id)
+
+    async def list_jobs(self, state: JobState | None, page_size: int, page_token: str) -> tuple[list[Job], str]:
+        if page_token and not page_token.isdigit():
+            raise InvalidArgument(f"invalid page_token {page_token!r}")
+        jobs, token = await self._store.list_jobs(state, min(page_size or 50, 500), page_token)
+        return [self.jobs.get(j.id, j) for j in jobs], token
+
+    async def cancel(self, job_id: str) -> Job:
+        job = await self.get(job_id)
+        if job.state in FINAL:
+            raise FailedPrecondition(f"job {job_id} is already {job.state.value}")
+        job.cancel_requested = True
+        if job.id in self._runners:
+            self._runners[job.id][0].cancel.set()
+            await self._store.save(job)
+        else:  # PENDING: nothing runs
+            job.move(JobState.CANCELLED)
+            job.message = "cancelled before it started"
+            await self._store.save(job, JobEvent(EventType.STATE, job.state, job.attempt, time.time(),
+                                                 message=job.message))  # fmt: skip
+            self.jobs.pop(job.id, None)
+        return job
+
+    async def watch(self, job_id: str, cursor: str) -> AsyncIterator[JobEvent]:
+        """Every event after `cursor` ("": from the first); ends after the job's final event."""
+        await self.get(job_id)
+        if cursor and not _is_stream_id(cursor):
+            raise InvalidArgument(f"invalid cursor {cursor!r}")
+        cursor = cursor or "0"
+        while True:
+            for event in await self._store.events(job_id, cursor, block_ms=1000):
+                cursor = event.cursor
+                yield event
+                if event.type == EventType.STATE and event.state in FINAL:
+                    return
+
+    async def logs(self, job_id: str, task_index: int, tail: int) -> list[tuple[int, str, list[str]]]:
+        job = await self.get(job_id)
+        out = []
+        for placement in sorted(job.placements, key=lambda p: p.task_index):
+            if task_index >= 0 and placement.task_index != task_index:
+                continue
+            request = pb.ReplicaLogsRequest(job_id=job.id, task_index=placement.task_index, tail_lines=tail or 200)
+            try:
+                reply = await self._agents.stub(placement.agent).ReplicaLogs(request, timeout=10)
+                lines = list(reply.lines)
+            except (grpc.aio.AioRpcError, ModelgridError) as exc:
+                lines = [f"(logs unavailable: {exc})"]
+            out.append((placement.task_index, placement.agent, lines))
+        if task_index >= 0 and not out:
+            raise NotFound(f"job {job_id} has no worker {task_index}")
+        return out
+
+    def workers(self) -> list[WorkerView]:
+        views = {a.id: WorkerView(a.id, a.host, a.address, a.slots) for a in self._agents.agents.values()}
+        for job in self.jobs.values():
+            if job.state in HOLDS_SLOTS:
+                for placement in job.placements:
+                    if placement.agent in views:
+                        views[placement.agent].used += 1
+                        if job.id not in views[placement.agent].jobs:
+                            views[placement.agent].jobs.append(job.id)
+        return sorted(views.values(), key=lambda v: v.id)
+
+    # -- scheduling --------------------------------------------------------------------------------------------
+
+    async def _schedule_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._settings.schedule_interval_seconds)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._schedule_pending()
+            except Exception:  # noqa: BLE001 - the scheduler must survive one bad round
+                logger.exception("scheduling round failed")
+
+    async def _schedule_pending(self) -> None:
+        """Starts every pending job whose replicas all fit now, oldest first (a job that does not fit does not
+        hold back smaller jobs behind it)."""
+        pending = sorted((j for j in self.jobs.values() if j.state == JobState.PENDING), key=lambda j: j.created_at)
+        for job in pending:
+            free = {w.id: w.slots - w.used for w in self.workers()}
+            agents = place(job.workers, free)
+            if agents is None:
+                message = f"waiting for {job.workers} free slots; {sum(max(f, 0) for f in free.values())} free"
+                if job.message != message:
+                    job.message = message
+                    await self._store.save(job)
+                continue
+            job.move(JobState.SCHEDULING)
+            job.message = f"placing on {sorted(set(agents))}"
+            await self._store.save(job, JobEvent(EventType.STATE, job.state, job.attempt, time.time(),
+                                                 message=job.message))  # fmt: skip
+            if await self._assign(job, agents):
+                self._spawn(job, reattach=False)
+            else:
+                job.move(JobState.PENDING)
+                await self._store.save(job)
+
+    async def _assign(self, job: Job, agents: list[str]) -> bool:
+        """Reserves ports on the chosen agents (the same ports for the job's whole life on an agent) and records
+        the placements; False when an agent could not be reached."""
+        placements = []
+        per_agent: dict[str, list[int]] = {}
+        for task, agent in enumerate(agents):
+            per_agent.setdefault(agent, []).append(task)
+        for agent, tasks in per_agent.items():
+            try:
+                reply = await self._agents.stub(agent).ReservePorts(
+                    pb.ReservePortsRequest(job_id=job.id, count=len(tasks)), timeout=10
+                )
+            except (grpc.aio.AioRpcError, ModelgridError) as exc:
+                logger.warning("reserving ports on %s for job %s failed: %s", agent, job.id, exc)
+                return False
+            host = self._agents.agents[agent].host
+            placements += [Placement(t, agent, f"{host}:{port}") for t, port in zip(tasks, reply.ports, strict=True)]
+        job.placements = sorted(placements, key=lambda p: p.task_index)
+        await self._store.save(job)
+        return True
+
+    async def _replace(self, job: Job) -> bool:
+        """New agents for a job that lost one; False (job back to PENDING) when it does not fit now."""
+        lost = {p.agent for p in job.placements} - set(self._agents.agents)
+        free = {w.id: w.slots - w.used for w in self.workers()}
+        for placement in job.placements:  # its own surviving slots count as free for it
+            if placement.agent in free:
+                free[placement.agent] += 1
+        agents = place(job.workers, {a: f for a, f in free.items() if a not in lost})
+        if agents is not None and await self._assign(job, agents):
+            return True
+        job.move(JobState.PENDING)
+        job.message = "lost an agent; waiting for free slots"
+        await self._store.save(job, JobEvent(EventType.STATE, job.state, job.attempt, time.time(),
+                                             message=job.message))  # fmt: skip
+        self._runners.pop(job.id, None)
+        self._wake.set()
+        return False
+
+    def _spawn(self, job: Job, reattach: bool) -> None:
+        runner = JobRunner(job, self._store, self._agents, self._settings, self._register, self._replace)
+        if job.cancel_requested:
+            runner.cancel.set()
+        task = asyncio.create_task(self._run(runner, reattach), name=f"job-{job.id}")
+        self._runners[job.id] = (runner, task)
+
+    async def _run(self, runner: JobRunner, reattach: bool) -> None:
+        job = runner.job
+        try:
+            await runner.run(reattach=reattach)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a broken runner fails its job, never the trainer
+            logger.exception("job %s: runner failed", job.id)
+            job.failure.reason = job.failure.reason or "internal error in the trainer"
+            if job.state not in FINAL:
+                job.state = JobState.FAILED
+                await self._store.save(job, JobEvent(EventType.STATE, job.state, job.attempt, time.time(),
+                                                     message="internal error in the trainer"))  # fmt: skip
+        finally:
+            if self._runners.get(job.id, (None,))[0] is runner:
+                self._runners.pop(job.id, None)
+            if job.state in FINAL:
+                self.jobs.pop(job.id, None)
+            self._wake.set()
+
+
+def _is_stream_id(text: str) -> bool:
+    ms, sep, seq = text.partition("-")
+    return bool(sep) and ms.isdigit() and seq.isdigit()

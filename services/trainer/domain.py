@@ -1,0 +1,140 @@
+"""Trainer domain types: jobs, their state machine, placements and events, stored in Redis as JSON."""
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.kit.errors import FailedPrecondition
+
+
+class JobState(enum.StrEnum):
+    PENDING = "PENDING"
+    SCHEDULING = "SCHEDULING"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    RESTARTING = "RESTARTING"
+    FINALIZING = "FINALIZING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLING = "CANCELLING"
+    CANCELLED = "CANCELLED"
+
+
+FINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+"""States a job never leaves."""
+HOLDS_SLOTS = {
+    JobState.SCHEDULING, JobState.STARTING, JobState.RUNNING, JobState.RESTARTING, JobState.FINALIZING,
+    JobState.CANCELLING,
+}  # fmt: skip
+"""States in which a job's placements occupy agent slots."""
+
+TRANSITIONS: dict[JobState, set[JobState]] = {
+    JobState.PENDING: {JobState.SCHEDULING, JobState.CANCELLED, JobState.FAILED},
+    JobState.SCHEDULING: {JobState.STARTING, JobState.PENDING, JobState.CANCELLING, JobState.FAILED},
+    JobState.STARTING: {JobState.RUNNING, JobState.RESTARTING, JobState.CANCELLING, JobState.FAILED,
+                        JobState.FINALIZING},
+    JobState.RUNNING: {JobState.FINALIZING, JobState.RESTARTING, JobState.CANCELLING, JobState.FAILED},
+    JobState.RESTARTING: {JobState.STARTING, JobState.SCHEDULING, JobState.PENDING, JobState.FAILED,
+                          JobState.CANCELLING},
+    JobState.FINALIZING: {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLING},
+    JobState.CANCELLING: {JobState.CANCELLED},
+    JobState.SUCCEEDED: set(),
+    JobState.FAILED: set(),
+    JobState.CANCELLED: set(),
+}  # fmt: skip
+"""The state machine: every allowed move. FINALIZING from STARTING covers a trainer restarted after the group
+had already finished."""
+
+
+class EventType(enum.StrEnum):
+    STATE = "STATE"
+    STEP = "STEP"
+    EPOCH = "EPOCH"
+    RESTART = "RESTART"
+    RESUMED = "RESUMED"
+    REGISTERED = "REGISTERED"
+
+
+@dataclass
+class Placement:
+    """One replica: its task index, the agent running it and its collective endpoint."""
+
+    task_index: int
+    agent: str
+    address: str
+
+
+@dataclass
+class Failure:
+    """The first thing that went wrong in an attempt."""
+
+    task_index: int = -1
+    agent: str = ""
+    exit_code: int = 0
+    reason: str = ""
+
+
+@dataclass
+class Job:
+    """A training job. `spec` is the submitted JobSpec as a JSON-ready dict (protobuf JSON mapping)."""
+
+    id: str
+    spec: dict[str, Any]
+    state: JobState = JobState.PENDING
+    attempt: int = 0
+    restarts: int = 0
+    preemptions: int = 0
+    placements: list[Placement] = field(default_factory=list)
+    epoch: int = 0
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    failure: Failure = field(default_factory=Failure)
+    registered_version: int = 0
+    request_id: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    dataset_digest: str = ""
+    dataset_path: str = ""
+    message: str = ""
+    cancel_requested: bool = False
+
+    @property
+    def workers(self) -> int:
+        return int(self.spec.get("workers", 1))
+
+    def move(self, state: JobState) -> None:
+        """Changes state along the state machine; FailedPrecondition for a move it does not allow."""
+        if state != self.state and state not in TRANSITIONS[self.state]:
+            raise FailedPrecondition(f"job {self.id} cannot go from {self.state.value} to {state.value}")
+        self.state = state
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Job":
+        data = json.loads(text)
+        data["state"] = JobState(data["state"])
+        data["placements"] = [Placement(**p) for p in data["placements"]]
+        data["failure"] = Failure(**data["failure"])
+        return cls(**data)
+
+
+@dataclass
+class JobEvent:
+    """Something that happened to a job, appended to its event stream."""
+
+    type: EventType
+    state: JobState
+    attempt: int
+    time: float
+    epoch: int = 0
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    failure: Failure | None = None
+    message: str = ""
+    recovery_seconds: float = 0.0
+    version: int = 0
+    cursor: str = ""

@@ -1,0 +1,49 @@
+"""Trainer settings (environment prefix MODELGRID_TRAINER_)."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.kit.settings import ServiceSettings
+
+
+class TrainerSettings(ServiceSettings):
+    """Settings of the trainer service."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELGRID_TRAINER_", extra="ignore")
+
+    port: int = 50081
+    """gRPC port (0: any free port)."""
+    shared_dir: Path = Path(".run/trainer/shared")
+    """Storage every agent and the trainer reach (a shared volume in deployments): data sets, checkpoints,
+    exported models, under jobs/<id>/."""
+    recipes_dir: Path = Path("services/trainer/recipes")
+    """The only directory user recipe modules ("file:<path>") are loaded from."""
+    registry_target: str = ""
+    """host:port of the registry; empty: discover it in Consul."""
+    registry_service: str = "registry"
+    """Consul service name of the registry."""
+    agent_service: str = "trainer-agent"
+    """Consul service name of the worker agents."""
+    max_workers: int = Field(default=16, ge=1)
+    """Most worker processes one job may ask for."""
+    default_checkpoint_every_steps: int = Field(default=50, ge=1)
+    """Checkpoint interval when a job does not say."""
+    default_report_every_steps: int = Field(default=10, ge=1)
+    """Progress interval when a job does not say."""
+    default_max_restarts: int = Field(default=3, ge=0)
+    """Restart budget when a job does not say (a job saying 0 gets none)."""
+    hang_timeout_seconds: float = Field(default=300.0, gt=0)
+    """No step progress this long after the group started: the group is killed and restarted."""
+    start_timeout_seconds: float = Field(default=300.0, gt=0)
+    """A group whose workers have not all started training within this is restarted."""
+    restart_backoff_seconds: float = Field(default=1.0, ge=0)
+    """First pause before restarting a group; doubles per restart, capped at 30 s."""
+    record_shard_ids: bool = False
+    """Workers record the example ids of their first-epoch shard (checks that shards are disjoint; one extra
+    pass over the data)."""
+    redis_key_prefix: str = "mg:trainer:"
+    """Prefix of every Redis key the trainer writes (lets several trainers share one Redis)."""
+    schedule_interval_seconds: float = Field(default=1.0, gt=0)
+    """How often pending jobs are matched against free slots (also on every submit and agent change)."""
