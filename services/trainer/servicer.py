@@ -19,7 +19,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         return conv.job_to_pb(await self._core.get(request.id))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
-        jobs, token = await self._core.list_jobs(conv.state_from_pb(request.state), request.page_size, request.page_token)
+        jobs, token = await self._core.list_jobs(
+            conv.state_from_pb(request.state), request.page_size, request.page_token
+        )
         return pb.ListJobsResponse(jobs=[conv.job_to_pb(j) for j in jobs], next_page_token=token)
 
     async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.Job:
