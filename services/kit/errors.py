@@ -39,3 +39,11 @@ class Aborted(ModelgridError):
 
 class DataLoss(ModelgridError):
     """Stored bytes do not match their recorded digest."""
+
+
+class Unauthenticated(ModelgridError):
+    """No credentials, or credentials that are not valid."""
+
+
+class PermissionDenied(ModelgridError):
+    """Valid credentials that do not allow this call."""

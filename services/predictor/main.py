@@ -130,7 +130,7 @@ async def start_predictor(settings: PredictorSettings) -> RunningPredictor:
         readiness=ready.is_set,
     )
     await service.start()
-    jobs.instance = service.instance_id
+    jobs.instance = holder["native"].instance = service.instance_id
     await jobs.fail_orphans()
     updater = _RegistrationUpdater(service, repository)
     service.add_cleanup(jobs.close)

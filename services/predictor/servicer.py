@@ -31,6 +31,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
         self._jobs = jobs
         self._registry = registry
         self._max_streamed_job_bytes = max_streamed_job_bytes
+        self.instance = ""  # this replica's Consul id, set once the server is bound
 
     async def _predict(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
         prediction = await self._inference.predict(
@@ -44,7 +45,11 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
         )
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
-        return await self._predict(request, conv.deadline_of(context))
+        """Answers with header x-modelgrid-replica (which replica served) and trailer x-modelgrid-version."""
+        await context.send_initial_metadata((("x-modelgrid-replica", self.instance),))
+        response = await self._predict(request, conv.deadline_of(context))
+        context.set_trailing_metadata((("x-modelgrid-version", str(response.version)),))
+        return response
 
     async def PredictStream(self, request_iterator: AsyncIterator[pb.PredictStreamRequest], context):
         """Requests run concurrently (so they batch with each other); answers come back as they finish."""

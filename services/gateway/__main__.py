@@ -1,0 +1,5 @@
+"""`python -m services.gateway` runs a gateway instance."""
+
+from services.gateway.main import main
+
+main()

@@ -1,0 +1,61 @@
+"""The gateway's own API (modelgrid.gateway.v1.GatewayAdmin): API keys and a view of the routing table."""
+
+from modelgrid.gateway.v1 import gateway_pb2 as pb
+from modelgrid.gateway.v1 import gateway_pb2_grpc
+from services.gateway.auth import ApiKey, Authorizer, Scope
+from services.gateway.proxy import Forwarder
+from services.gateway.upstreams import Backends
+from services.kit.errors import InvalidArgument
+from services.registry.converters import timestamp
+
+
+def _key_to_pb(key: ApiKey) -> pb.ApiKey:
+    return pb.ApiKey(
+        id=key.id, name=key.name, scopes=[pb.Scope.Value(f"SCOPE_{s}") for s in key.scopes],
+        rate_limit=key.rate_limit, created_at=timestamp(key.created_at), revoked=key.revoked,
+    )  # fmt: skip
+
+
+class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
+    def __init__(self, authorizer: Authorizer, forwarder: Forwarder, backends: Backends, routes: dict[str, str]):
+        self._auth = authorizer
+        self._forwarder = forwarder
+        self._backends = backends
+        self._routes = routes
+
+    async def _admin(self, context, method: str) -> None:
+        await self._auth.check(f"/modelgrid.gateway.v1.GatewayAdmin/{method}", context.invocation_metadata() or ())
+
+    async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context) -> pb.CreateApiKeyResponse:
+        await self._admin(context, "CreateApiKey")
+        if not request.name or len(request.name) > 100:
+            raise InvalidArgument("a key needs a name of 1-100 characters")
+        if not request.scopes or pb.SCOPE_UNSPECIFIED in request.scopes:
+            raise InvalidArgument("a key needs at least one scope (READ, PREDICT, TRAIN, ADMIN)")
+        if request.rate_limit < 0:
+            raise InvalidArgument("rate_limit must not be negative")
+        scopes = [Scope(pb.Scope.Name(s).removeprefix("SCOPE_")) for s in request.scopes]
+        key, secret = await self._auth.create_key(request.name, scopes, request.rate_limit)
+        return pb.CreateApiKeyResponse(key=_key_to_pb(key), secret=secret)
+
+    async def ListApiKeys(self, request, context) -> pb.ListApiKeysResponse:
+        await self._admin(context, "ListApiKeys")
+        return pb.ListApiKeysResponse(keys=[_key_to_pb(k) for k in await self._auth.list_keys()])
+
+    async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context) -> pb.ApiKey:
+        await self._admin(context, "RevokeApiKey")
+        return _key_to_pb(await self._auth.revoke_key(request.id))
+
+    async def GetRoutes(self, request, context) -> pb.GetRoutesResponse:
+        await self._auth.check("/modelgrid.gateway.v1.GatewayAdmin/GetRoutes", context.invocation_metadata() or ())
+        routes = []
+        for prefix, service in sorted(self._routes.items()):
+            backend = await self._backends.get(service)
+            upstreams = []
+            for u in sorted(backend.upstreams.values(), key=lambda u: u.target):
+                upstream = pb.Upstream(target=u.target, outstanding=u.outstanding, tags=u.instance.tags)
+                if u.ejected_at_wall:
+                    upstream.ejected_until.CopyFrom(timestamp(u.ejected_at_wall))
+                upstreams.append(upstream)
+            routes.append(pb.Route(prefix=prefix, service=service, upstreams=upstreams))
+        return pb.GetRoutesResponse(routes=routes)

@@ -1,0 +1,195 @@
+"""API keys and rate limits.
+
+A key is "<id>.<secret>"; Redis keeps only sha256 of the whole key, with its name, scopes and rate. Keys travel
+as `authorization: Bearer <key>` or `x-api-key: <key>`. Each method needs a scope (ADMIN covers every scope).
+Rate limits are token buckets in Redis, so every gateway instance draws from the same bucket per key.
+"""
+
+import enum
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import redis.asyncio as aioredis
+
+from services.kit.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
+
+
+class Scope(enum.StrEnum):
+    READ = "READ"
+    PREDICT = "PREDICT"
+    TRAIN = "TRAIN"
+    ADMIN = "ADMIN"
+
+
+ALL_SCOPES = frozenset(Scope)
+
+# Explicit needs; a method not listed needs READ when its name reads (Get, List, Watch...), ADMIN otherwise.
+_NEEDS: dict[str, frozenset[Scope]] = {
+    "/modelgrid.registry.v1.ModelRegistry/UploadBlob": frozenset({Scope.PREDICT, Scope.TRAIN}),
+    "/modelgrid.predictor.v1.Predictor/Predict": frozenset({Scope.PREDICT}),
+    "/modelgrid.predictor.v1.Predictor/PredictStream": frozenset({Scope.PREDICT}),
+    "/modelgrid.predictor.v1.Predictor/BatchPredict": frozenset({Scope.PREDICT}),
+    "/modelgrid.predictor.v1.Predictor/CancelBatchJob": frozenset({Scope.PREDICT}),
+    "/inference.GRPCInferenceService/ModelInfer": frozenset({Scope.PREDICT}),
+    "/inference.GRPCInferenceService/ModelStreamInfer": frozenset({Scope.PREDICT}),
+    "/tensorflow.serving.PredictionService/Predict": frozenset({Scope.PREDICT}),
+    "/tensorflow.serving.PredictionService/Classify": frozenset({Scope.PREDICT}),
+    "/tensorflow.serving.PredictionService/Regress": frozenset({Scope.PREDICT}),
+    "/tensorflow.serving.PredictionService/MultiInference": frozenset({Scope.PREDICT}),
+    "/modelgrid.trainer.v1.Trainer/SubmitJob": frozenset({Scope.TRAIN}),
+    "/modelgrid.trainer.v1.Trainer/CancelJob": frozenset({Scope.TRAIN}),
+}
+_READ_VERBS = ("Get", "List", "Watch", "Resolve", "Download", "Stat", "Server", "ModelReady", "ModelMetadata",
+               "RepositoryIndex")  # fmt: skip
+_READ_LIKE = frozenset({Scope.READ, Scope.PREDICT, Scope.TRAIN})
+
+
+def scopes_needed(method: str) -> frozenset[Scope]:
+    """Any one of these scopes (or ADMIN) allows the call."""
+    if method in _NEEDS:
+        return _NEEDS[method]
+    name = method.rsplit("/", 1)[-1]
+    return _READ_LIKE if name.startswith(_READ_VERBS) else frozenset({Scope.ADMIN})
+
+
+@dataclass
+class ApiKey:
+    id: str
+    name: str
+    scopes: list[Scope]
+    rate_limit: float = 0.0
+    created_at: float = 0.0
+    revoked: bool = False
+    key_hash: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling: recorded as x-modelgrid-client by the backends."""
+
+    name: str
+    scopes: frozenset[Scope]
+    key_id: str = ""
+    rate_limit: float = 0.0
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+# A token bucket per key: KEYS[1] bucket hash; ARGV rate/s, capacity, now (s). Returns {allowed, wait_ms}.
+_TOKEN_BUCKET = """
+local rate, capacity, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or capacity
+local at = tonumber(state[2]) or now
+tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
+local allowed = 0
+local wait_ms = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+else
+  wait_ms = math.ceil((1 - tokens) / rate * 1000)
+end
+redis.call('HSET', KEYS[1], 'tokens', tokens, 'at', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 1000)
+return {allowed, wait_ms}
+"""
+
+
+class Authorizer:
+    """Checks keys, scopes and rates; creates and revokes keys."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        enabled: bool,
+        admin_key: str,
+        default_rate: float,
+        burst_seconds: float,
+        prefix: str = "mg:gateway:",
+    ) -> None:
+        self._redis = redis
+        self.enabled = enabled
+        self._admin_hash = _hash(admin_key) if admin_key else ""
+        self._default_rate = default_rate
+        self._burst = burst_seconds
+        self._prefix = prefix
+        self._bucket = redis.register_script(_TOKEN_BUCKET)
+
+    async def check(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
+        """The caller's identity if it may make this call now; Unauthenticated, PermissionDenied or
+        ResourceExhausted (with the wait in the message) otherwise."""
+        headers = {k.lower(): v for k, v in metadata if isinstance(v, str)}
+        if not self.enabled:
+            return Identity(headers.get("x-modelgrid-client", "anonymous"), ALL_SCOPES)
+        secret = headers.get("x-api-key") or ""
+        auth = headers.get("authorization", "")
+        if not secret and auth.lower().startswith("bearer "):
+            secret = auth[7:].strip()
+        if not secret:
+            raise Unauthenticated("missing API key: send `authorization: Bearer <key>` or `x-api-key: <key>`")
+        identity = await self._identify(secret)
+        needed = scopes_needed(method)
+        if Scope.ADMIN not in identity.scopes and not needed & identity.scopes:
+            raise PermissionDenied(
+                f"key {identity.name!r} has scopes {sorted(identity.scopes)}; {method} needs one of {sorted(needed)}"
+            )
+        if identity.key_id:
+            await self._take_token(identity)
+        return identity
+
+    async def _identify(self, secret: str) -> Identity:
+        digest = _hash(secret)
+        if self._admin_hash and hmac.compare_digest(digest, self._admin_hash):
+            return Identity("admin", ALL_SCOPES)
+        key_id = secret.split(".", 1)[0]
+        raw = await self._redis.get(f"{self._prefix}key:{key_id}") if key_id.isalnum() else None
+        key = ApiKey(**json.loads(raw)) if raw else None
+        if key is None or key.revoked or not hmac.compare_digest(digest, key.key_hash):
+            raise Unauthenticated("invalid or revoked API key")
+        return Identity(key.name, frozenset(Scope(s) for s in key.scopes), key.id, key.rate_limit)
+
+    async def _take_token(self, identity: Identity) -> None:
+        rate = identity.rate_limit or self._default_rate
+        capacity = max(rate * self._burst, 1.0)
+        allowed, wait_ms = await self._bucket(
+            keys=[f"{self._prefix}bucket:{identity.key_id}"], args=[rate, capacity, time.time()]
+        )
+        if not allowed:
+            raise ResourceExhausted(
+                f"rate limit of {rate:g} requests/s for key {identity.name!r} reached; retry in {wait_ms} ms"
+            )
+
+    # -- administration ----------------------------------------------------------------------------------------
+
+    async def create_key(self, name: str, scopes: list[Scope], rate_limit: float) -> tuple[ApiKey, str]:
+        key_id = secrets.token_hex(6)
+        secret = f"{key_id}.{secrets.token_urlsafe(24)}"
+        key = ApiKey(key_id, name, list(scopes), rate_limit, time.time(), False, _hash(secret))
+        await self._redis.set(f"{self._prefix}key:{key_id}", json.dumps(asdict(key)))
+        return key, secret
+
+    async def list_keys(self) -> list[ApiKey]:
+        keys = []
+        async for redis_key in self._redis.scan_iter(match=f"{self._prefix}key:*"):
+            raw = await self._redis.get(redis_key)
+            if raw:
+                keys.append(ApiKey(**json.loads(raw)))
+        return sorted(keys, key=lambda k: k.created_at)
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        raw = await self._redis.get(f"{self._prefix}key:{key_id}")
+        if raw is None:
+            raise NotFound(f"no API key {key_id!r}")
+        key = ApiKey(**json.loads(raw))
+        key.revoked = True
+        await self._redis.set(f"{self._prefix}key:{key_id}", json.dumps(asdict(key)))
+        return key

@@ -1,0 +1,71 @@
+"""Gateway settings (environment prefix MODELGRID_GATEWAY_)."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.kit.settings import ServiceSettings
+
+DEFAULT_ROUTES = {
+    "modelgrid.registry.v1.": "registry",
+    "modelgrid.predictor.v1.": "predictor",
+    "inference.": "predictor",
+    "tensorflow.serving.": "predictor",
+    "modelgrid.trainer.v1.Trainer": "trainer",
+}
+
+
+class GatewaySettings(ServiceSettings):
+    """Settings of a gateway instance."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELGRID_GATEWAY_", extra="ignore")
+
+    port: int = 8080
+    """Native gRPC port (0: any free port)."""
+    web_port: int = 8081
+    """gRPC-Web and web console port, HTTP/1.1 and HTTP/2 (0: any free port, -1: off)."""
+    metrics_port: int = 9180
+    """Prometheus /metrics HTTP port (0: any free port, -1: off)."""
+    routes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
+    """Fully-qualified service name prefix -> Consul service name. The longest matching prefix wins; a call that
+    matches none is UNIMPLEMENTED. A backend that adds an RPC needs no change here."""
+    retry_attempts: int = Field(default=3, ge=1)
+    """Tries of a call that failed UNAVAILABLE before any response (each on another instance when there is one)."""
+    non_idempotent_methods: list[str] = Field(
+        default_factory=lambda: [
+            "/modelgrid.registry.v1.ModelRegistry/CreateModel",
+            "/modelgrid.registry.v1.ModelRegistry/CreateVersion",
+            "/modelgrid.registry.v1.ModelRegistry/DeleteModel",
+            "/modelgrid.trainer.v1.Trainer/SubmitJob",
+            "/modelgrid.trainer.v1.Trainer/CancelJob",
+            "/modelgrid.predictor.v1.Predictor/BatchPredict",
+        ]
+    )
+    """Calls that change state: never retried unless the caller sends an `idempotency-key` header."""
+    eject_seconds: float = Field(default=10.0, ge=0)
+    """An instance that failed UNAVAILABLE is left out of rotation this long (passive health)."""
+    auth_enabled: bool = False
+    """Require an API key (`authorization: Bearer <secret>` or `x-api-key`) on every call."""
+    admin_key: str = ""
+    """A bootstrap secret with every scope (to create the first keys); empty: none."""
+    default_rate_limit: float = Field(default=100.0, gt=0)
+    """Requests per second per API key, shared by every gateway instance through Redis."""
+    rate_burst_seconds: float = Field(default=1.0, gt=0)
+    """Bucket size in seconds of the rate: a key may burst rate x this many requests."""
+    canary_alias: str = "canary"
+    """Alias that takes a share of the stable alias's traffic when a model has a canary weight."""
+    stable_alias: str = "production"
+    """Alias whose traffic the canary shares."""
+    canary_weight_tag: str = "modelgrid.canary-weight"
+    """Registry model tag holding the canary's share (0..1); set it with UpdateModel, 0 rolls back at once."""
+    cors_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8081", "http://localhost:8081"])
+    """Origins allowed to call gRPC-Web from a browser ("*": any)."""
+    web_dir: Path = Path("web/dist")
+    """Built web console served at / on the web port (when the directory exists)."""
+    tls_cert: Path | None = None
+    """PEM certificate for both public ports (with tls_key); unset: plaintext."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+    redis_key_prefix: str = "mg:gateway:"
+    """Prefix of the gateway's Redis keys (API keys, rate-limit buckets)."""

@@ -1,0 +1,327 @@
+"""The gateway end to end: every call kind through it to real services found in Consul, failover between
+predictor replicas, canary weights, API keys and shared rate limits, and one trace across the hops."""
+
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+import pytest
+
+from modelgrid.gateway.v1 import gateway_pb2 as gpb
+from modelgrid.gateway.v1 import gateway_pb2_grpc
+from modelgrid.predictor.v1 import predictor_pb2 as pb
+from modelgrid.predictor.v1 import predictor_pb2_grpc
+from modelgrid.registry.v1 import registry_pb2 as rpb
+from services.kit.localinfra import ConsulAgent, free_port
+from services.kit.tensors import tensor_to_array
+from tests.otlp_collector import OtlpCollector
+from tests.predictor_fixtures import predict_request, start_predictor
+from tests.registry_fixtures import build_saved_model, client_for, start_registry, unique
+from tests.support import ServiceProcess
+
+pytestmark = pytest.mark.slow
+
+X = np.array([[0.5, -1.0, 2.0, 0.1]], dtype=np.float32)
+ADMIN_KEY = "admin-secret-for-tests"
+
+
+def start_gateway(consul_url: str, redis_url: str, data_dir, **settings: str) -> ServiceProcess:
+    env = {
+        "CONSUL_URL": consul_url, "REDIS_URL": redis_url, "WEB_PORT": "-1", "METRICS_PORT": "0",
+        "EJECT_SECONDS": "5", "CONSUL_CHECK_INTERVAL": "1s", **settings,
+    }  # fmt: skip
+    log = data_dir / f"gateway-{free_port()}.log"
+    return ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", env, log).start()
+
+
+@pytest.fixture(scope="module")
+def mesh(redis_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gateway")
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # export spans quickly (inherited by the services)
+    with ConsulAgent(tmp / "consul") as consul, OtlpCollector() as collector:
+        otel = {"OTEL_EXPORTER": "otlp", "OTEL_ENDPOINT": f"http://127.0.0.1:{collector.port}"}
+        registry = start_registry(consul.http_url, redis_server.url, tmp / "reg", **otel)
+        channel, client = client_for(registry.target)
+        model = unique("gw")
+        client.ensure_model(model)
+        for seed in (1, 2):
+            client.push_savedmodel(model, build_saved_model(tmp / f"m{seed}", seed=seed))
+        client.stub.SetAlias(rpb.SetAliasRequest(model_name=model, alias="production", version=1))
+        client.stub.SetAlias(rpb.SetAliasRequest(model_name=model, alias="canary", version=2))
+        predictors = [
+            start_predictor(consul.http_url, redis_server.url, tmp / f"p{i}", [], AUTO_LOAD="true", **otel)
+            for i in range(2)
+        ]
+        gateway = start_gateway(consul.http_url, redis_server.url, tmp, **otel)
+        gateway_channel = grpc.insecure_channel(gateway.target)
+        ns = SimpleNamespace(
+            tmp=tmp, consul=consul, redis_url=redis_server.url, registry=registry, client=client, model=model,
+            predictors=predictors, gateway=gateway, channel=gateway_channel, collector=collector,
+            predictor=predictor_pb2_grpc.PredictorStub(gateway_channel),
+            admin=gateway_pb2_grpc.GatewayAdminStub(gateway_channel),
+        )  # fmt: skip
+        _wait_routes(ns, lambda routes: len(routes["predictor"]) == 2 and all(
+            f"model={model}" in u.tags for u in routes["predictor"]))  # fmt: skip
+        try:
+            yield ns
+        finally:
+            gateway_channel.close()
+            channel.close()
+            gateway.stop()
+            for predictor in predictors:
+                predictor.stop()
+            registry.stop()
+            os.environ.pop("OTEL_BSP_SCHEDULE_DELAY", None)
+
+
+def _routes(ns) -> dict[str, list[gpb.Upstream]]:
+    return {r.service: list(r.upstreams) for r in ns.admin.GetRoutes(gpb.GetRoutesRequest()).routes}
+
+
+def _wait_routes(ns, predicate, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not predicate(routes := _routes(ns)):
+        assert time.monotonic() < deadline, f"routing table never matched: {routes}"
+        time.sleep(0.2)
+    return routes
+
+
+def _registry_via_gateway(ns):
+    from services.registry.client import RegistryClient
+
+    return RegistryClient(ns.channel, client_id="through-gateway")
+
+
+# -- every call kind ------------------------------------------------------------------------------------------
+
+
+def test_unary_client_server_and_bidi_calls_pass_through(mesh):
+    registry = _registry_via_gateway(mesh)
+    name = unique("kinds")
+    registry.ensure_model(name)  # unary
+    path = mesh.tmp / "blob"
+    path.write_bytes(os.urandom(2_500_000))
+    version = registry.push_file(name, path)  # client streaming
+    registry.download(f"{name}:{version.version}", mesh.tmp / "back")  # server streaming
+    assert (mesh.tmp / "back").read_bytes() == path.read_bytes()
+    requests = [pb.PredictStreamRequest(id=str(i), request=predict_request(f"{mesh.model}@production", X))
+                for i in range(5)]  # fmt: skip
+    answers = list(mesh.predictor.PredictStream(iter(requests), timeout=30))  # bidirectional
+    assert sorted(a.id for a in answers) == ["0", "1", "2", "3", "4"]
+    assert all(a.response.version == 1 for a in answers)
+    history = registry.stub.GetHistory(rpb.GetHistoryRequest(model_name=name)).events
+    assert {e.actor for e in history} == {"through-gateway"}  # the caller's identity reached the registry
+
+
+def test_headers_trailers_and_errors_pass_through(mesh):
+    response, call = mesh.predictor.Predict.with_call(predict_request(f"{mesh.model}@production", X), timeout=30)
+    headers, trailers = dict(call.initial_metadata()), dict(call.trailing_metadata())
+    assert headers["x-modelgrid-replica"].startswith("predictor-")
+    assert trailers["x-modelgrid-version"] == "1" == str(response.version)
+    with pytest.raises(grpc.RpcError) as err:
+        mesh.predictor.Predict(predict_request(f"{mesh.model}@production", X.astype(np.float64)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "float32" in err.value.details()
+
+
+def test_an_rpc_the_gateway_was_never_told_about_still_works(mesh):
+    # The gateway routes by proto package; nothing in it names this method.
+    method = mesh.channel.unary_unary(
+        "/modelgrid.registry.v1.ModelRegistry/StatBlob",
+        request_serializer=rpb.StatBlobRequest.SerializeToString,
+        response_deserializer=rpb.BlobInfo.FromString,
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        method(rpb.StatBlobRequest(digest="0" * 64))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        mesh.channel.unary_unary("/no.such.Service/Method")(b"")
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_deadline_travels_and_cancellation_reaches_the_backend(mesh):
+    via = _registry_via_gateway(mesh).stub.WatchEvents(rpb.WatchEventsRequest(), timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        list(via)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.9 < time.monotonic() - started < 5
+
+    watching = _registry_via_gateway(mesh).stub.WatchEvents(rpb.WatchEventsRequest())
+    _wait_routes(mesh, lambda routes: sum(u.outstanding for u in routes["registry"]) == 1, timeout=10)
+    watching.cancel()
+    _wait_routes(mesh, lambda routes: sum(u.outstanding for u in routes["registry"]) == 0, timeout=10)
+
+
+# -- balancing and failover -----------------------------------------------------------------------------------
+
+
+def test_calls_spread_over_replicas_and_a_killed_replica_fails_no_call(mesh):
+    replicas = Counter()
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def keep_calling():
+        with grpc.insecure_channel(mesh.gateway.target) as channel:
+            stub = predictor_pb2_grpc.PredictorStub(channel)
+            while not stop.is_set():
+                try:
+                    _, call = stub.Predict.with_call(predict_request(f"{mesh.model}@production", X), timeout=30)
+                    replicas[dict(call.initial_metadata())["x-modelgrid-replica"]] += 1
+                except grpc.RpcError as err:
+                    failures.append(f"{err.code()}: {err.details()}")
+
+    callers = [threading.Thread(target=keep_calling) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    try:
+        time.sleep(2)
+        assert len(replicas) == 2, f"calls did not spread: {replicas}"
+        victim = mesh.predictors[1]
+        os.kill(victim.process.pid, signal.SIGKILL)
+        victim.process.wait(10)
+        time.sleep(4)
+    finally:
+        stop.set()
+        for caller in callers:
+            caller.join()
+    assert failures == []
+    routes = _wait_routes(mesh, lambda r: len(r["predictor"]) == 1, timeout=30)  # Consul saw it go critical
+    assert routes["predictor"][0].target == mesh.predictors[0].target
+
+
+# -- canary ---------------------------------------------------------------------------------------------------
+
+
+def _versions_answering(mesh, calls: int) -> Counter:
+    counts = Counter()
+    for _ in range(calls):
+        counts[mesh.predictor.Predict(predict_request(f"{mesh.model}@production", X), timeout=30).version] += 1
+    return counts
+
+
+def test_canary_weight_splits_traffic_and_rollback_is_immediate(mesh):
+    weight = {"modelgrid.canary-weight": "0.3"}
+    mesh.client.stub.UpdateModel(rpb.UpdateModelRequest(name=mesh.model, set_tags=weight))
+    time.sleep(0.5)
+    counts = _versions_answering(mesh, 400)
+    assert 0.2 <= counts[2] / 400 <= 0.4, counts
+    mesh.client.stub.UpdateModel(rpb.UpdateModelRequest(name=mesh.model, set_tags={"modelgrid.canary-weight": "0"}))
+    time.sleep(0.3)
+    assert _versions_answering(mesh, 100) == Counter({1: 100})
+
+
+# -- tracing --------------------------------------------------------------------------------------------------
+
+
+def test_one_trace_from_the_gateway_through_the_predictor_to_the_registry(mesh):
+    name = unique("traced")
+    mesh.client.ensure_model(name)
+    mesh.client.push_savedmodel(name, mesh.tmp / "m1")
+    mesh.predictor.LoadModel(pb.LoadModelRequest(name=name, wait=True), timeout=60)
+    method = "/modelgrid.predictor.v1.Predictor/LoadModel"
+    deadline = time.monotonic() + 15
+    while True:
+        spans = list(mesh.collector.spans)
+        roots = [s for s in spans if s.service == "gateway" and s.name == method and s.kind == 2]  # SERVER
+        trace = [s for s in spans if roots and s.trace_id == roots[-1].trace_id]
+        services = {s.service for s in trace}
+        if {"gateway", "predictor", "registry"} <= services:
+            break
+        assert time.monotonic() < deadline, f"spans of one trace never reached every service: {services}"
+        time.sleep(0.3)
+    by_id = {s.span_id: s for s in trace}
+
+    def parent_service(span):
+        return by_id[span.parent_id].service if span.parent_id in by_id else None
+
+    predictor_server = [s for s in trace if s.service == "predictor" and s.name == method and s.kind == 2]
+    assert predictor_server and parent_service(predictor_server[0]) == "gateway"  # via the gateway's client span
+    registry_server = [s for s in trace if s.service == "registry" and s.kind == 2]
+    assert registry_server and all(parent_service(s) == "predictor" for s in registry_server)
+
+
+# -- auth and rate limits (two more gateways sharing Redis) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secured(mesh):
+    settings = {"AUTH_ENABLED": "true", "ADMIN_KEY": ADMIN_KEY, "DEFAULT_RATE_LIMIT": "100",
+                "REDIS_KEY_PREFIX": f"mg:test-gw:{unique('k')}:"}  # fmt: skip
+    gateways = [start_gateway(mesh.consul.http_url, mesh.redis_url, mesh.tmp, **settings) for _ in range(2)]
+    channels = [grpc.insecure_channel(g.target) for g in gateways]
+    yield SimpleNamespace(gateways=gateways, channels=channels)
+    for channel in channels:
+        channel.close()
+    for gateway in gateways:
+        gateway.stop()
+
+
+def _bearer(secret: str):
+    return (("authorization", f"Bearer {secret}"),)
+
+
+def test_missing_bad_and_wrong_scope_keys(mesh, secured):
+    predictor = predictor_pb2_grpc.PredictorStub(secured.channels[0])
+    admin = gateway_pb2_grpc.GatewayAdminStub(secured.channels[0])
+    request = predict_request(f"{mesh.model}@production", X)
+    for metadata, code in [
+        ((), grpc.StatusCode.UNAUTHENTICATED),
+        (_bearer("nope.nope"), grpc.StatusCode.UNAUTHENTICATED),
+        ((("x-api-key", "bad"),), grpc.StatusCode.UNAUTHENTICATED),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            predictor.Predict(request, metadata=metadata)
+        assert err.value.code() == code
+    reader = admin.CreateApiKey(gpb.CreateApiKeyRequest(name="dashboard", scopes=[gpb.SCOPE_READ]),
+                                metadata=_bearer(ADMIN_KEY))  # fmt: skip
+    with pytest.raises(grpc.RpcError) as err:
+        predictor.Predict(request, metadata=_bearer(reader.secret))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "PREDICT" in err.value.details()
+    status = predictor.ListModels(pb.ListModelsRequest(), metadata=_bearer(reader.secret))
+    assert mesh.model in [m.name for m in status.models]
+    with pytest.raises(grpc.RpcError) as err:
+        admin.CreateApiKey(gpb.CreateApiKeyRequest(name="x", scopes=[gpb.SCOPE_ADMIN]), metadata=_bearer(reader.secret))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    admin.RevokeApiKey(gpb.RevokeApiKeyRequest(id=reader.key.id), metadata=_bearer(ADMIN_KEY))
+    with pytest.raises(grpc.RpcError) as err:
+        predictor.ListModels(pb.ListModelsRequest(), metadata=_bearer(reader.secret))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_rate_limit_is_shared_by_every_gateway_instance(mesh, secured):
+    admin = gateway_pb2_grpc.GatewayAdminStub(secured.channels[0])
+    key = admin.CreateApiKey(gpb.CreateApiKeyRequest(name="batch-client", scopes=[gpb.SCOPE_PREDICT], rate_limit=5),
+                             metadata=_bearer(ADMIN_KEY))  # fmt: skip
+    stubs = [predictor_pb2_grpc.PredictorStub(c) for c in secured.channels]
+    request = predict_request(f"{mesh.model}@production", X)
+    started = time.monotonic()
+
+    def call(i):
+        try:
+            stubs[i % 2].Predict(request, metadata=_bearer(key.secret), timeout=30)
+            return "ok"
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+            assert "retry in" in err.details()
+            return "limited"
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = Counter(pool.map(call, range(40)))
+    elapsed = time.monotonic() - started
+    allowed = 5 + 5 * elapsed + 1  # the bucket (5) plus what refills while the calls run, across both gateways
+    assert outcomes["limited"] > 0
+    assert outcomes["ok"] <= allowed, (outcomes, elapsed)
+
+
+def test_results_through_the_gateway_are_the_models(mesh):
+    reply = mesh.predictor.Predict(predict_request(f"{mesh.model}:1", X), timeout=30)
+    direct = predictor_pb2_grpc.PredictorStub(grpc.insecure_channel(mesh.predictors[0].target))
+    expected = direct.Predict(predict_request(f"{mesh.model}:1", X), timeout=30)
+    np.testing.assert_array_equal(tensor_to_array(reply.outputs["y"]), tensor_to_array(expected.outputs["y"]))
