@@ -37,6 +37,7 @@ class Registration:
     meta: dict[str, str] = field(default_factory=dict)
     check_interval: str = "2s"
     deregister_critical_after: str = "1m"
+    tls: bool = False  # the gRPC endpoint speaks TLS (the check then skips certificate verification)
 
     def payload(self) -> dict:
         """Body of PUT /v1/agent/service/register."""
@@ -51,7 +52,8 @@ class Registration:
                 "CheckID": f"{self.id}:grpc-health",
                 "Name": f"{self.name} gRPC health",
                 "GRPC": f"{self.address}:{self.port}",
-                "GRPCUseTLS": False,
+                "GRPCUseTLS": self.tls,
+                "TLSSkipVerify": self.tls,
                 "Interval": self.check_interval,
                 "Timeout": self.check_interval,
                 "DeregisterCriticalServiceAfter": self.deregister_critical_after,

@@ -59,6 +59,7 @@ class GrpcService:
         self._registration: Registration | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._tls = False
 
     def add_cleanup(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Runs `cleanup()` at shutdown, after the server has stopped."""
@@ -76,7 +77,14 @@ class GrpcService:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [*self.spec.proto_services, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        cert, key = getattr(self.settings, "tls_cert", None), getattr(self.settings, "tls_key", None)
+        if cert and key:
+            credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+            self.port = server.add_secure_port(address, credentials)
+            self._tls = True
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
         await server.start()
@@ -124,6 +132,7 @@ class GrpcService:
             meta={"version": self.spec.version, **self.spec.meta},
             check_interval=self.settings.consul_check_interval,
             deregister_critical_after=self.settings.consul_deregister_after,
+            tls=self._tls,
         )
         for attempt in range(20):
             try:

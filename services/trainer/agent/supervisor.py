@@ -11,22 +11,22 @@ Layout of the work directory::
 import asyncio
 import contextlib
 import functools
-import itertools
 import json
 import logging
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
 from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from services.trainer.agent.ports import PortReservations
+from services.trainer.agent.progress import ProgressTail
 from services.trainer.agent.settings import AgentSettings
 
 logger = logging.getLogger(__name__)
@@ -36,8 +36,6 @@ MAX_PORTS_PER_JOB = 256
 DEFAULT_LOG_LINES = 200
 MAX_LOG_LINES = 10_000
 MAX_LOG_TAIL_BYTES = 16 * 1024 * 1024
-PROGRESS_READ_BYTES = 1024 * 1024
-MAX_PROGRESS_LINE_BYTES = 1024 * 1024
 KILL_WAIT_SECONDS = 5.0
 SPEC_FILE, LOG_FILE, PROGRESS_FILE = "spec.json", "worker.log", "progress.jsonl"
 PROGRESS_FILE_ENV = "MODELGRID_PROGRESS_FILE"
@@ -98,111 +96,6 @@ class _Watch:
     queue: asyncio.Queue
     overflowed: bool = False
     closed: bool = False
-
-
-@dataclass
-class _ProgressTail:
-    """Complete lines appended to a file since the last read; a partial last line waits for its newline."""
-
-    path: Path
-    offset: int = 0
-    partial: bytes = field(default=b"", repr=False)
-
-    def read(self, final: bool = False) -> list[str]:
-        lines: list[bytes] = []
-        while True:
-            try:
-                with self.path.open("rb") as file:
-                    file.seek(self.offset)
-                    data = file.read(PROGRESS_READ_BYTES)
-            except FileNotFoundError:
-                data = b""
-            self.offset += len(data)
-            *complete, self.partial = (self.partial + data).split(b"\n")
-            lines += complete
-            if len(self.partial) > MAX_PROGRESS_LINE_BYTES:
-                logger.warning("%s: dropping a progress line longer than %d bytes", self.path, len(self.partial))
-                self.partial = b""
-            if not final or not data:
-                break
-        if final:
-            lines.append(self.partial)  # the process is gone: no newline will come
-            self.partial = b""
-        return [text for line in lines if (text := _json_object_line(line, self.path))]
-
-
-def _json_object_line(line: bytes, path: Path) -> str:
-    """The line if it is a JSON object (what a progress line is), else "" (logged unless blank)."""
-    text = line.decode("utf-8", errors="replace").strip()
-    if not text:
-        return ""
-    try:
-        if isinstance(json.loads(text), dict):
-            return text
-    except ValueError:
-        pass
-    logger.warning("%s: skipping a progress line that is not a JSON object: %.200s", path, text)
-    return ""
-
-
-class PortReservations:
-    """Ports reserved per job on this host, kept in a JSON file so that a restarted agent hands out the same."""
-
-    def __init__(self, path: Path, range_start: int, range_end: int) -> None:
-        self._path = path
-        self._range = (range_start, range_end)
-        raw = json.loads(path.read_text()) if path.exists() else {}
-        self._jobs: dict[str, list[int]] = {str(job): [int(p) for p in ports] for job, ports in raw.items()}
-
-    def reserve(self, job_id: str, count: int) -> list[int]:
-        """The job's first `count` ports: the same on every call; extended with free ports when it asks for more."""
-        ports = self._jobs.get(job_id, [])
-        if len(ports) < count:
-            ports = ports + self._pick(count - len(ports))
-        ports = ports[:count]
-        if ports != self._jobs.get(job_id):
-            self._jobs[job_id] = ports
-            self._save()
-        return list(ports)
-
-    def release(self, job_id: str) -> None:
-        if self._jobs.pop(job_id, None) is not None:
-            self._save()
-
-    def _pick(self, count: int) -> list[int]:
-        taken = {port for ports in self._jobs.values() for port in ports}
-        start, end = self._range
-        if start:
-            candidates = (p for p in range(start, end + 1) if p not in taken and _bindable(p))
-            chosen = list(itertools.islice(candidates, count))
-            if len(chosen) < count:
-                raise ResourceExhausted(f"fewer than {count} free ports left in {start}-{end} on this agent")
-            return chosen
-        chosen = []
-        with contextlib.ExitStack() as held:  # every chosen socket stays bound until all are chosen: no repeats
-            for _ in range(4 * count + 32):
-                sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                sock.bind(("", 0))
-                port = sock.getsockname()[1]
-                if port not in taken:
-                    chosen.append(port)
-                if len(chosen) == count:
-                    return chosen
-        raise ResourceExhausted(f"could not find {count} free ports on this agent")
-
-    def _save(self) -> None:
-        partial = self._path.with_name(self._path.name + ".partial")
-        partial.write_text(json.dumps(self._jobs, indent=1, sort_keys=True))
-        os.replace(partial, self._path)
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("", port))
-        except OSError:
-            return False
-    return True
 
 
 class ReplicaSupervisor:
@@ -309,7 +202,7 @@ class ReplicaSupervisor:
 
     async def _follow(self, replica: _Replica) -> None:
         """Publishes the progress lines as they appear, then the exit (noticed at once, after the last lines)."""
-        tail = _ProgressTail(replica.directory / PROGRESS_FILE)
+        tail = ProgressTail(replica.directory / PROGRESS_FILE)
         exit_code = asyncio.ensure_future(replica.process.wait())
         try:
             while not exit_code.done():
