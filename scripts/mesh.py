@@ -58,6 +58,35 @@ def mesh(state_dir: Path) -> list[LocalService]:
             )
             for i in (1, 2)
         ),
+        # Worker agents: one slot each (a TensorFlow worker per core on a two-core host). Each reserves the TF
+        # collective ports of its workers on 127.0.0.1, where the other agent's workers reach them.
+        *(
+            LocalService(
+                f"agent-{i}",
+                "services.trainer.agent",
+                "trainer-agent",
+                50070 + i,
+                {
+                    "MODELGRID_AGENT_PORT": str(50070 + i),
+                    "MODELGRID_AGENT_SLOTS": "1",
+                    "MODELGRID_AGENT_WORK_DIR": str(state_dir / f"agent-{i}"),
+                },
+            )
+            for i in (1, 2)
+        ),
+        # Last: it needs the registry (to register models) and finds the agents in Consul. Its shared dir holds
+        # checkpoints and exports under absolute paths that the agents' workers use as they are: one filesystem.
+        LocalService(
+            "trainer",
+            "services.trainer",
+            "trainer",
+            50081,
+            {
+                "MODELGRID_TRAINER_PORT": "50081",
+                "MODELGRID_TRAINER_SHARED_DIR": str(state_dir / "trainer" / "shared"),
+                "MODELGRID_TRAINER_RECIPES_DIR": str(REPO_ROOT / "services" / "trainer" / "recipes"),
+            },
+        ),
     ]
 
 

@@ -27,6 +27,10 @@ COMPOSE_FILE = REPO_ROOT / "deploy" / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
 MESH_SCRIPT = REPO_ROOT / "scripts" / "mesh.py"
 ENV_PREFIX = "MODELGRID_"
+WITHOUT_REDIS = {"services.trainer.agent"}
+"""Modules that keep no state in Redis: their containers need not wait for it (they do need Consul)."""
+INTERNAL_ONLY = {"services.trainer.agent"}
+"""Modules only other containers call (the trainer calls the agents): their port is exposed, not published."""
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +117,24 @@ def _ports(service: dict) -> list[tuple[str, str]]:
     return ports
 
 
+def _exposed(service: dict) -> set[str]:
+    """Container ports a service declares with `expose` (reachable on the compose network only)."""
+    return {str(port).split("/")[0] for port in service.get("expose", [])}
+
+
+def _settings_of(name: str, service: dict, monkeypatch: pytest.MonkeyPatch) -> ServiceSettings:
+    """The settings the service's module builds from the service's environment (and nothing from ours)."""
+    settings_class = _settings_class(_module_of(name, service))
+    prefix = settings_class.model_config["env_prefix"]
+    with monkeypatch.context() as env:
+        for variable in [key for key in os.environ if key.startswith(prefix)]:
+            env.delenv(variable)
+        for variable, value in _modelgrid_variables(service).items():
+            if value is not None:
+                env.setenv(variable, value)
+        return settings_class()  # the values parse as the service itself will parse them
+
+
 def _load_mesh_script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("modelgrid_mesh_script", MESH_SCRIPT)
     assert spec is not None and spec.loader is not None
@@ -123,7 +145,7 @@ def _load_mesh_script() -> ModuleType:
 
 
 def test_compose_config_is_valid(compose: dict) -> None:
-    assert {"consul", "redis", "registry"} <= set(compose["services"])
+    assert {"consul", "redis", "registry", "predictor", "agent", "trainer"} <= set(compose["services"])
 
 
 def test_each_command_runs_a_repo_module_the_local_mesh_also_runs(our_services: dict, tmp_path: Path) -> None:
@@ -133,6 +155,12 @@ def test_each_command_runs_a_repo_module_the_local_mesh_also_runs(our_services: 
         path = REPO_ROOT.joinpath(*module.split("."))
         assert (path / "__main__.py").is_file() or path.with_suffix(".py").is_file(), f"{name}: no module {module}"
         assert module in local_modules, f"{name}: runs {module}, which scripts/mesh.py never runs ({local_modules})"
+
+
+def test_compose_runs_every_module_the_local_mesh_runs(our_services: dict, tmp_path: Path) -> None:
+    local_modules = {service.module for service in _load_mesh_script().mesh(tmp_path)}
+    composed = {_module_of(name, service) for name, service in our_services.items()}
+    assert local_modules <= composed, f"make up runs {sorted(local_modules - composed)}, which compose does not"
 
 
 def test_each_modelgrid_variable_is_a_settings_field(our_services: dict) -> None:
@@ -149,25 +177,24 @@ def test_settings_make_each_service_reachable_on_the_compose_network(
     our_services: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name, service in our_services.items():
-        settings_class = _settings_class(_module_of(name, service))
-        prefix = settings_class.model_config["env_prefix"]
-        with monkeypatch.context() as env:
-            for variable in [key for key in os.environ if key.startswith(prefix)]:
-                env.delenv(variable)
-            for variable, value in _modelgrid_variables(service).items():
-                if value is not None:
-                    env.setenv(variable, value)
-            settings = settings_class()  # the values parse as the service itself will parse them
+        module = _module_of(name, service)
+        settings = _settings_of(name, service, monkeypatch)
         assert settings.host in ("0.0.0.0", "::"), f"{name}: binds {settings.host}, unreachable from other containers"
         if _replicas(service) == 1:
             assert settings.advertise_host == name, f"{name}: advertises {settings.advertise_host}, not {name}"
         else:  # replicas share the service name: each must advertise its own container address
             own_address = socket.gethostbyname(socket.gethostname())  # what it resolves to inside its container
             assert settings.advertise_host == own_address, f"{name}: replicas advertise {settings.advertise_host!r}"
-        for url in (settings.consul_url, settings.redis_url):
-            assert urlsplit(url).hostname in service.get("depends_on", {}), f"{name}: {url} is no dependency of it"
+        dependencies = service.get("depends_on", {})
+        for url in (settings.consul_url,) if module in WITHOUT_REDIS else (settings.consul_url, settings.redis_url):
+            assert urlsplit(url).hostname in dependencies, f"{name}: {url} is no dependency of it"
         ports = _ports(service)
-        assert str(settings.port) in {target for _, target in ports}, f"{name}: port {settings.port} is not published"
+        if module in INTERNAL_ONLY:
+            assert not ports, f"{name}: only other containers call it, yet it publishes {ports}"
+            assert str(settings.port) in _exposed(service), f"{name}: port {settings.port} is not exposed"
+        else:
+            published = {target for _, target in ports}
+            assert str(settings.port) in published, f"{name}: port {settings.port} is not published"
         if _replicas(service) > 1:
             fixed = [host for host, _ in ports if host]
             assert not fixed, f"{name}: {_replicas(service)} replicas cannot all bind host ports {fixed}"
@@ -194,3 +221,28 @@ def test_dockerfile_installs_pinned_dependencies_and_generates_protos() -> None:
         if line.startswith("COPY ") and "--from=" not in line:
             for source in line.split()[1:-1]:
                 assert (REPO_ROOT / source).exists(), f"Dockerfile copies {source}, which the repo lacks"
+
+
+def test_trainer_and_agents_mount_the_shared_dir_at_the_same_path(
+    our_services: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker specs carry absolute paths under the trainer's shared dir (checkpoints, exports, data sets, recipes):
+    every agent must see the same volume at the same path."""
+    by_module = {_module_of(name, service): (name, service) for name, service in our_services.items()}
+    trainer_name, trainer = by_module["services.trainer"]
+    agent_name, agent = by_module["services.trainer.agent"]
+    settings = _settings_of(trainer_name, trainer, monkeypatch)
+    assert settings.shared_dir.is_absolute(), f"{trainer_name}: shared_dir {settings.shared_dir} is relative"
+    assert settings.recipes_dir.is_absolute(), f"{trainer_name}: recipes_dir {settings.recipes_dir} is relative"
+
+    def named_volume_holding(service: dict, path: Path) -> tuple[str, str]:
+        for volume in service.get("volumes", []):
+            source, target = (volume["source"], volume["target"]) if isinstance(volume, dict) else volume.split(":")[:2]
+            if path.is_relative_to(target) and not source.startswith(("/", ".")):
+                return source, target
+        raise AssertionError(f"no named volume holds {path}")
+
+    for path in (settings.shared_dir, settings.recipes_dir):
+        mount = named_volume_holding(trainer, path)
+        assert named_volume_holding(agent, path) == mount, f"{agent_name} does not mount {mount} like the trainer"
+    assert _replicas(agent) * _settings_of(agent_name, agent, monkeypatch).slots >= 2, "too few worker slots"

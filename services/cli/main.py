@@ -1,12 +1,14 @@
 """Entry point of the `modelgrid` command: global options, sub-commands, and how failures become exit codes.
 
-    modelgrid [--target HOST:PORT] [--predictor HOST:PORT] [--client-id ID] [--json] COMMAND ...
+    modelgrid [--target HOST:PORT] [--predictor HOST:PORT] [--trainer HOST:PORT] [--client-id ID] [--json] COMMAND ...
 
 Registry commands talk to --target. Predictor commands (predict, batch, serving) talk to --predictor, one replica
 ($MODELGRID_PREDICTOR_TARGET, default 127.0.0.1:50061: the first replica `make up` starts); `batch submit` and
 `batch fetch` also use --target, where data sets and results are stored. MODELGRID_TARGET does not move the
 predictor default: until a gateway serves both APIs on one address, registry and predictor listen apart, so point
-MODELGRID_PREDICTOR_TARGET at a predictor (or, later, at the gateway) yourself.
+MODELGRID_PREDICTOR_TARGET at a predictor (or, later, at the gateway) yourself. Trainer commands (jobs, workers) talk
+to --trainer ($MODELGRID_TRAINER_TARGET, default 127.0.0.1:50081); `jobs submit` with `dataset.upload` also uses
+--target, whose blob store receives the data set.
 
 Exit codes: 0 success, 1 the command failed (a gRPC error prints `error: <CODE>: <details>`), 2 bad usage,
 130 interrupted. Tests call `run(argv)`, which returns the code; the console script calls `main()`.
@@ -21,16 +23,18 @@ import sys
 
 import grpc
 
-from services.cli import predictor_commands, registry_commands
+from services.cli import predictor_commands, registry_commands, trainer_commands
 from services.cli.output import Output
 from services.cli.predictor_commands import PredictorSession
 from services.cli.registry_commands import CommandError, RegistrySession, UsageError
+from services.cli.trainer_commands import TrainerSession
 from services.registry.client import DigestMismatch, RegistryClient
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_PREDICTOR_TARGET = "127.0.0.1:50061"
+DEFAULT_TRAINER_TARGET = "127.0.0.1:50081"
 DEFAULT_TIMEOUT_S = 30.0
 CLIENT_ID_HEADER = "x-modelgrid-client"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -70,6 +74,12 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         f"{DEFAULT_PREDICTOR_TARGET}; MODELGRID_TARGET does not change it)",
     )
     parser.add_argument(
+        "--trainer",
+        default=default(os.environ.get("MODELGRID_TRAINER_TARGET") or DEFAULT_TRAINER_TARGET),
+        metavar="HOST:PORT",
+        help=f"trainer for jobs and workers (env MODELGRID_TRAINER_TARGET, default {DEFAULT_TRAINER_TARGET})",
+    )
+    parser.add_argument(
         "--client-id",
         default=default(default_client_id()),
         metavar="ID",
@@ -87,10 +97,10 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full command-line parser (reads MODELGRID_TARGET, MODELGRID_PREDICTOR_TARGET and MODELGRID_CLIENT_ID
-    for defaults)."""
+    """The full command-line parser (reads MODELGRID_TARGET, MODELGRID_PREDICTOR_TARGET, MODELGRID_TRAINER_TARGET
+    and MODELGRID_CLIENT_ID for defaults)."""
     parser = argparse.ArgumentParser(
-        prog="modelgrid", description="Command-line client of the modelgrid registry and predictors."
+        prog="modelgrid", description="Command-line client of the modelgrid registry, predictors and trainer."
     )
     _global_options(parser, suppress=False)
     common = argparse.ArgumentParser(add_help=False)
@@ -98,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     registry_commands.add_parsers(commands, common)
     predictor_commands.add_parsers(commands, common)
+    trainer_commands.add_parsers(commands, common)
     return parser
 
 
@@ -111,6 +122,11 @@ def _execute(args: argparse.Namespace, out: Output) -> None:
         client = RegistryClient(channel, client_id=args.client_id)
         metadata = ((CLIENT_ID_HEADER, args.client_id),) if args.client_id else ()
         session = RegistrySession(client, metadata, args.timeout, out)
+        if getattr(args, "uses_trainer", False):
+            logger.debug("trainer at %s", args.trainer)
+            with grpc.insecure_channel(args.trainer, options=options) as trainer_channel:
+                args.handler(TrainerSession.over(session, trainer_channel), args)
+            return
         if not getattr(args, "uses_predictor", False):
             args.handler(session, args)
             return
