@@ -8,31 +8,35 @@ PY := $(VENV)/bin/python
 RUN_DIR := .run
 CONSUL := .tools/consul/usr/bin/consul
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := redis-server docker-compose
+DEBIAN_PACKAGES := redis-server docker-compose chromium
+# The stamp is named after the package list, so that adding a package to the list installs it on the next run.
+DEBIAN_STAMP := .tools/.debian-packages-$(shell echo '$(DEBIAN_PACKAGES)' | sha256sum | cut -c1-12)
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: help setup protos up down status test lint format clean lock bench-registry bench-predictor
+.PHONY: help setup protos web up down status test lint format clean lock bench-registry bench-predictor
 
 help:
 	@echo "make up              install what is missing, start Consul, Redis and the services locally"
 	@echo "make down            stop everything make up started"
 	@echo "make test            install what is missing, run the whole suite against real Consul and Redis"
+	@echo "make demo            make up, then train on two workers, register, promote, predict through the gateway"
 	@echo "make bench-registry  registry push/pull throughput vs a plain file copy, metadata ops/s"
 	@echo "make bench-predictor predictor throughput/latency: in-process limit, batching off/on, Flask baseline"
 	@echo "make lint            ruff check and format check"
 	@echo "make protos          regenerate Python code from protos/ into gen/"
+	@echo "make web             build the web console (TypeScript from protos/, Vite) into web/dist/"
 
-setup: $(VENV)/.installed $(CONSUL) .tools/.debian-packages gen/.generated
+setup: $(VENV)/.installed $(CONSUL) $(DEBIAN_STAMP) gen/.generated web
 
 # Debian packages: installed only when one of them is missing.
-.tools/.debian-packages:
+$(DEBIAN_STAMP):
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
-	@mkdir -p .tools && touch $@
+	@mkdir -p .tools && rm -f .tools/.debian-packages* && touch $@
 
 $(CONSUL):
 	bash scripts/install-consul.sh
@@ -51,6 +55,20 @@ protos: $(VENV)/.installed
 
 gen/.generated: $(PROTO_FILES) | $(VENV)/.installed
 	PY=$(PY) bash scripts/gen-protos.sh
+
+# Web console: npm packages from web/package-lock.json (again only when it changes), TypeScript generated from
+# protos/ into web/src/gen (not committed), then a Vite build into web/dist, which the gateway serves at /.
+WEB_SOURCES := $(shell find web/src -name '*.ts' -not -path '*/gen/*' 2>/dev/null) web/src/style.css web/index.html \
+	web/vite.config.js web/tsconfig.json
+
+web: web/dist/index.html
+
+web/node_modules/.installed: web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund
+	@touch $@
+
+web/dist/index.html: web/node_modules/.installed $(PROTO_FILES) $(WEB_SOURCES) | $(VENV)/.installed
+	cd web && npm run generate && npm run build
 
 up: setup
 	$(PY) -m services.kit.localinfra up --state-dir $(RUN_DIR)
@@ -73,6 +91,10 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff format services tests bench scripts
 	$(VENV)/bin/ruff check --fix services tests bench scripts
+
+# Trains a model on two workers, registers it, promotes it and predicts through the gateway (starts the mesh first).
+demo: up
+	$(PY) scripts/demo.py
 
 bench-registry: setup
 	$(PY) bench/registry_bench.py

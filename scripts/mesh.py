@@ -87,6 +87,19 @@ def mesh(state_dir: Path) -> list[LocalService]:
                 "MODELGRID_TRAINER_RECIPES_DIR": str(REPO_ROOT / "services" / "trainer" / "recipes"),
             },
         ),
+        # The public door: native gRPC on 8080, gRPC-Web and the console on 8081, metrics on 9180.
+        LocalService(
+            "gateway",
+            "services.gateway",
+            "gateway",
+            8080,
+            {
+                "MODELGRID_GATEWAY_PORT": "8080",
+                "MODELGRID_GATEWAY_WEB_PORT": "8081",
+                "MODELGRID_GATEWAY_METRICS_PORT": "9180",
+                "MODELGRID_GATEWAY_WEB_DIR": str(REPO_ROOT / "web" / "dist"),
+            },
+        ),
     ]
 
 
@@ -139,6 +152,17 @@ def up(state_dir: Path, timeout: float = 120.0) -> None:
         print(f"{service.name}: serving on 127.0.0.1:{service.port}, passing in Consul (pid {process.pid})")
 
 
+def print_addresses() -> None:
+    print(
+        "\nmodelgrid is up. The public door is the gateway:\n"
+        "  gRPC (programs, modelgrid CLI):  127.0.0.1:8080   e.g. .venv/bin/modelgrid models list\n"
+        "  web console and gRPC-Web:        http://127.0.0.1:8081/\n"
+        "  Consul UI:                       http://127.0.0.1:8500/ui\n"
+        "  metrics:                         gateway :9180, predictors :9161 and :9162\n"
+        "Stop it with `make down`."
+    )
+
+
 def down(state_dir: Path) -> None:
     for service in reversed(mesh(state_dir)):
         pid = _pid(state_dir, service.name)
@@ -175,6 +199,7 @@ def main() -> None:
     state_dir = args.state_dir.resolve()
     if args.command == "up":
         up(state_dir)
+        print_addresses()
     elif args.command == "down":
         down(state_dir)
     else:

@@ -2,6 +2,7 @@
 predictor replicas, canary weights, API keys and shared rate limits, and one trace across the hops."""
 
 import concurrent.futures
+import json
 import os
 import signal
 import threading
@@ -325,3 +326,20 @@ def test_results_through_the_gateway_are_the_models(mesh):
     direct = predictor_pb2_grpc.PredictorStub(grpc.insecure_channel(mesh.predictors[0].target))
     expected = direct.Predict(predict_request(f"{mesh.model}:1", X), timeout=30)
     np.testing.assert_array_equal(tensor_to_array(reply.outputs["y"]), tensor_to_array(expected.outputs["y"]))
+
+
+def test_the_command_line_reaches_every_service_through_one_gateway_with_its_key(mesh, secured, capsys):
+    from services.cli.main import run
+
+    admin = gateway_pb2_grpc.GatewayAdminStub(secured.channels[0])
+    key = admin.CreateApiKey(gpb.CreateApiKeyRequest(name="cli-user", scopes=[gpb.SCOPE_READ, gpb.SCOPE_PREDICT]),
+                             metadata=_bearer(ADMIN_KEY))  # fmt: skip
+    target = secured.gateways[0].target
+    (mesh.tmp / "x.json").write_text("[[0.5, -1.0, 2.0, 0.1]]")
+    assert run(["--target", target, "--api-key", key.secret, "predict", f"{mesh.model}@production",
+                "--input", str(mesh.tmp / "x.json"), "--json"]) == 0  # fmt: skip
+    assert str(json.loads(capsys.readouterr().out)["version"]) == "1"
+    assert run(["--target", target, "--api-key", key.secret, "models", "list"]) == 0
+    assert mesh.model in capsys.readouterr().out
+    assert run(["--target", target, "models", "list"]) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err

@@ -2,13 +2,11 @@
 
     modelgrid [--target HOST:PORT] [--predictor HOST:PORT] [--trainer HOST:PORT] [--client-id ID] [--json] COMMAND ...
 
-Registry commands talk to --target. Predictor commands (predict, batch, serving) talk to --predictor, one replica
-($MODELGRID_PREDICTOR_TARGET, default 127.0.0.1:50061: the first replica `make up` starts); `batch submit` and
-`batch fetch` also use --target, where data sets and results are stored. MODELGRID_TARGET does not move the
-predictor default: until a gateway serves both APIs on one address, registry and predictor listen apart, so point
-MODELGRID_PREDICTOR_TARGET at a predictor (or, later, at the gateway) yourself. Trainer commands (jobs, workers) talk
-to --trainer ($MODELGRID_TRAINER_TARGET, default 127.0.0.1:50081); `jobs submit` with `dataset.upload` also uses
---target, whose blob store receives the data set.
+Every command talks to --target ($MODELGRID_TARGET, default 127.0.0.1:8080: the gateway `make up` starts, which
+routes registry, predictor and trainer calls). --predictor and --trainer send those commands elsewhere (e.g.
+straight to one predictor replica); they default to --target. `batch submit`/`batch fetch` and `jobs submit` with
+`dataset.upload` also use --target, whose blob store keeps data sets and results. --api-key ($MODELGRID_API_KEY)
+is sent as `authorization: Bearer <key>` when the gateway requires keys.
 
 Exit codes: 0 success, 1 the command failed (a gRPC error prints `error: <CODE>: <details>`), 2 bad usage,
 130 interrupted. Tests call `run(argv)`, which returns the code; the console script calls `main()`.
@@ -24,6 +22,7 @@ import sys
 import grpc
 
 from services.cli import predictor_commands, registry_commands, trainer_commands
+from services.cli.channels import open_channel
 from services.cli.output import Output
 from services.cli.predictor_commands import PredictorSession
 from services.cli.registry_commands import CommandError, RegistrySession, UsageError
@@ -32,9 +31,7 @@ from services.registry.client import DigestMismatch, RegistryClient
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TARGET = "127.0.0.1:50051"
-DEFAULT_PREDICTOR_TARGET = "127.0.0.1:50061"
-DEFAULT_TRAINER_TARGET = "127.0.0.1:50081"
+DEFAULT_TARGET = "127.0.0.1:8080"
 DEFAULT_TIMEOUT_S = 30.0
 CLIENT_ID_HEADER = "x-modelgrid-client"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -64,20 +61,25 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         "--target",
         default=default(os.environ.get("MODELGRID_TARGET") or DEFAULT_TARGET),
         metavar="HOST:PORT",
-        help=f"registry or gateway address (env MODELGRID_TARGET, default {DEFAULT_TARGET})",
+        help=f"gateway (or registry) address (env MODELGRID_TARGET, default {DEFAULT_TARGET})",
     )
     parser.add_argument(
         "--predictor",
-        default=default(os.environ.get("MODELGRID_PREDICTOR_TARGET") or DEFAULT_PREDICTOR_TARGET),
+        default=default(os.environ.get("MODELGRID_PREDICTOR_TARGET") or None),
         metavar="HOST:PORT",
-        help=f"predictor replica for predict, batch and serving (env MODELGRID_PREDICTOR_TARGET, default "
-        f"{DEFAULT_PREDICTOR_TARGET}; MODELGRID_TARGET does not change it)",
+        help="predictor for predict, batch and serving (env MODELGRID_PREDICTOR_TARGET, default: --target)",
     )
     parser.add_argument(
         "--trainer",
-        default=default(os.environ.get("MODELGRID_TRAINER_TARGET") or DEFAULT_TRAINER_TARGET),
+        default=default(os.environ.get("MODELGRID_TRAINER_TARGET") or None),
         metavar="HOST:PORT",
-        help=f"trainer for jobs and workers (env MODELGRID_TRAINER_TARGET, default {DEFAULT_TRAINER_TARGET})",
+        help="trainer for jobs and workers (env MODELGRID_TRAINER_TARGET, default: --target)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=default(os.environ.get("MODELGRID_API_KEY", "")),
+        metavar="KEY",
+        help="API key for a gateway that requires one (env MODELGRID_API_KEY)",
     )
     parser.add_argument(
         "--client-id",
@@ -118,20 +120,20 @@ def _execute(args: argparse.Namespace, out: Output) -> None:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
     logger.debug("connecting to %s as %s", args.target, args.client_id)
-    with grpc.insecure_channel(args.target, options=options) as channel:
+    with open_channel(args.target, options, args.api_key) as channel:
         client = RegistryClient(channel, client_id=args.client_id)
         metadata = ((CLIENT_ID_HEADER, args.client_id),) if args.client_id else ()
         session = RegistrySession(client, metadata, args.timeout, out)
         if getattr(args, "uses_trainer", False):
             logger.debug("trainer at %s", args.trainer)
-            with grpc.insecure_channel(args.trainer, options=options) as trainer_channel:
+            with open_channel(args.trainer or args.target, options, args.api_key) as trainer_channel:
                 args.handler(TrainerSession.over(session, trainer_channel), args)
             return
         if not getattr(args, "uses_predictor", False):
             args.handler(session, args)
             return
         logger.debug("predictor at %s", args.predictor)
-        with grpc.insecure_channel(args.predictor, options=options) as predictor_channel:
+        with open_channel(args.predictor or args.target, options, args.api_key) as predictor_channel:
             args.handler(PredictorSession.over(session, predictor_channel), args)
 
 
