@@ -14,7 +14,7 @@ DEBIAN_STAMP := .tools/.debian-packages-$(shell echo '$(DEBIAN_PACKAGES)' | sha2
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: help setup protos web up down status test lint format clean lock bench-registry bench-predictor
+.PHONY: help setup protos web up down status test lint format clean lock demo bench-registry bench-predictor bench-trainer bench-gateway
 
 help:
 	@echo "make up              install what is missing, start Consul, Redis and the services locally"
