@@ -108,4 +108,4 @@ lock: $(VENV)/.installed
 	  $(PY) -m pip freeze --exclude-editable; } > constraints.txt
 
 clean: down
-	rm -rf $(RUN_DIR) gen build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(RUN_DIR) gen build *.egg-info .pytest_cache .ruff_cache web/dist web/src/gen

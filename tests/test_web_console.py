@@ -1,0 +1,220 @@
+"""The web console from a real browser: headless Debian Chromium, driven by playwright-core
+(web/tests/console.e2e.mjs), loads the built console from the gateway's web port and talks gRPC-Web through it to a
+real registry, predictor and trainer: lists models, promotes and rolls back, predicts, and watches a training job
+stream its progress."""
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+import pytest
+
+from modelgrid.predictor.v1 import predictor_pb2 as ppb
+from modelgrid.predictor.v1 import predictor_pb2_grpc
+from modelgrid.registry.v1 import registry_pb2 as rpb
+from modelgrid.trainer.v1 import trainer_pb2 as tpb
+from modelgrid.trainer.v1 import trainer_pb2_grpc
+from services.kit.localinfra import ConsulAgent, free_port
+from tests.predictor_fixtures import Reference, start_predictor
+from tests.registry_fixtures import build_saved_model, client_for, start_registry, unique
+from tests.support import REPO_ROOT, ServiceProcess
+from tests.trainer_fixtures import digits_spec, start_agent, start_trainer
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+WEB = REPO_ROOT / "web"
+SCRIPT = WEB / "tests" / "console.e2e.mjs"
+X = [[1.0, 2.0, 3.0, 4.0]]
+
+
+def _require_browser() -> None:
+    """Chromium, node and the built console are set up by `make test` (make setup): missing ones fail the test,
+    except for Chromium outside CI, where the test is skipped."""
+    if not os.path.exists(CHROMIUM):
+        if not os.environ.get("CI"):
+            pytest.skip(f"{CHROMIUM} is missing (make setup installs Debian's chromium)")
+        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs Debian's chromium package")
+    if shutil.which("node") is None:
+        pytest.fail("node is missing: the console test runs playwright-core with Node.js")
+    if not (WEB / "dist" / "index.html").is_file() or not (WEB / "node_modules" / "playwright-core").is_dir():
+        pytest.fail("the web console is not built: run `make web`")
+
+
+def _wait(what: str, check, timeout: float = 60.0):
+    """Polls `check()` until it returns something truthy (RPC errors count as not yet)."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            if result := check():
+                return result
+        except grpc.RpcError as err:
+            last = err.code()
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what} (last: {last})")
+
+
+@pytest.fixture(scope="module")
+def mesh(redis_server, tmp_path_factory):
+    """Own Consul; a registry, a predictor serving every model, two worker agents, a trainer and a gateway with its
+    web front serving web/dist; a model with versions 1 (production) and 2."""
+    _require_browser()
+    tmp = tmp_path_factory.mktemp("web")
+    started: list[ServiceProcess] = []
+    channel: grpc.Channel | None = None
+    with ConsulAgent(tmp / "consul") as consul:
+        try:
+            registry = start_registry(consul.http_url, redis_server.url, tmp / "reg")
+            started.append(registry)
+            registry_channel, client = client_for(registry.target)
+            model = unique("console")
+            client.ensure_model(model, description="pushed by the web console test")
+            paths = [build_saved_model(tmp / f"model-{seed}", seed=seed) for seed in (7, 8)]
+            for path in paths:
+                client.push_savedmodel(model, path, metrics={"accuracy": 0.9})
+            client.stub.SetAlias(rpb.SetAliasRequest(model_name=model, alias="production", version=1))
+            registry_channel.close()
+            started.append(start_predictor(consul.http_url, redis_server.url, tmp, [], AUTO_LOAD="true"))
+            started += [start_agent(consul.http_url, tmp) for _ in range(2)]
+            prefix = f"mg:test-web:{uuid.uuid4().hex[:6]}:"
+            started.append(start_trainer(consul.http_url, redis_server.url, tmp, prefix))
+            web_port = free_port()
+            gateway_settings = {
+                "CONSUL_URL": consul.http_url,
+                "REDIS_URL": redis_server.url,
+                "REDIS_KEY_PREFIX": f"mg:test-web-gw:{uuid.uuid4().hex[:6]}:",
+                "CONSUL_CHECK_INTERVAL": "1s",
+                "WEB_PORT": str(web_port),
+                "METRICS_PORT": "0",
+                "WEB_DIR": str(WEB / "dist"),
+                "CORS_ORIGINS": '["*"]',
+            }
+            gateway = ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", gateway_settings, tmp / "gateway.log")
+            started.append(gateway.start())
+            channel = grpc.insecure_channel(gateway.target)
+            ns = SimpleNamespace(
+                tmp=tmp, model=model, reference=Reference(paths[0]), url=f"http://127.0.0.1:{web_port}",
+                trainer=trainer_pb2_grpc.TrainerStub(channel),
+                predictor=predictor_pb2_grpc.PredictorStub(channel), logs=[p.log_path for p in started],
+            )  # fmt: skip
+            _wait_routed(ns)
+            yield ns
+        finally:
+            if channel is not None:
+                channel.close()
+            for process in reversed(started):
+                process.stop()
+
+
+def _wait_routed(ns) -> None:
+    """Until the gateway reaches every backend: both agents, both versions of the model loaded."""
+    _wait("two worker agents", lambda: len(ns.trainer.ListWorkers(tpb.ListWorkersRequest()).workers) == 2)
+
+    def served() -> bool:
+        status = ns.predictor.GetModelMetadata(ppb.GetModelMetadataRequest(name=ns.model))
+        available = {v.version for v in status.versions if v.state == ppb.VERSION_STATE_AVAILABLE}
+        return {1, 2} <= available
+
+    _wait("the predictor to serve versions 1 and 2", served, timeout=120)
+
+
+class ConsoleScript:
+    """web/tests/console.e2e.mjs as a subprocess whose output lines are read as they come."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            ["node", str(SCRIPT)], cwd=WEB, env={**os.environ, **env}, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, marker: str, timeout: float) -> None:
+        """Reads lines until one starts with `marker`; fails on the script's end or the timeout."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                raise AssertionError(f"console script ended before {marker!r}:\n" + "\n".join(self.lines))
+            self.lines.append(line)
+            if line.startswith(marker):
+                return
+        raise AssertionError(f"no {marker!r} within {timeout}s:\n" + "\n".join(self.lines))
+
+    def send(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def finish(self, timeout: float) -> int:
+        code = self.process.wait(timeout)
+        while (line := self._queue.get(timeout=5)) is not None:
+            self.lines.append(line)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def _log_tails(ns) -> str:
+    return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-1500:]}" for path in ns.logs)
+
+
+def test_console_in_chromium_lists_models_predicts_and_follows_a_training_job(mesh):
+    expected = mesh.reference(np.array(X, dtype=np.float32))[0].tolist()
+    screenshots = mesh.tmp / "screenshots"
+    screenshots.mkdir()
+    script = ConsoleScript(
+        {
+            "CONSOLE_URL": mesh.url,
+            "MODEL_NAME": mesh.model,
+            "EXPECTED_Y": json.dumps(expected),
+            "SCREENSHOT_DIR": str(screenshots),
+            "CHROMIUM": CHROMIUM,
+        }
+    )
+    try:
+        script.wait_for("CHECKPOINT ready-for-job", timeout=120)
+        # Submitted only now, so that the browser sees the job's steps arrive live.
+        spec = digits_spec(step_delay_ms=60, register_model=unique("console-trained"))
+        spec.hyper_parameters.epochs = 4
+        job = mesh.trainer.SubmitJob(tpb.SubmitJobRequest(spec=spec, request_id=uuid.uuid4().hex))
+        script.send(job.id)
+        code = script.finish(timeout=300)
+    except BaseException:
+        script.kill()
+        print("\n".join(script.lines))
+        raise
+    output = "\n".join(script.lines)
+    print(output)
+    assert code == 0, f"console script failed:\n{output}\n{_log_tails(mesh)}"
+    checkpoints = [line.split()[1] for line in script.lines if line.startswith("CHECKPOINT ")]
+    assert checkpoints == [
+        "models-listed", "promoted", "rolled-back", "predicted", "error-shown", "workers-listed", "ready-for-job",
+        "job-progress", "job-succeeded", "jobs-listed", "done",
+    ], output  # fmt: skip
+    assert "version=1" in output
+    assert (screenshots / "job.png").stat().st_size > 0
+    final = mesh.trainer.GetJob(tpb.GetJobRequest(id=job.id))
+    assert final.state == tpb.JOB_STATE_SUCCEEDED and final.registered_version == 1
