@@ -247,6 +247,41 @@ def test_one_trace_from_the_gateway_through_the_predictor_to_the_registry(mesh):
     assert registry_server and all(parent_service(s) == "predictor" for s in registry_server)
 
 
+def test_one_trace_from_the_gateway_through_the_trainer_to_the_registry(mesh):
+    from modelgrid.trainer.v1 import trainer_pb2 as tpb
+    from modelgrid.trainer.v1 import trainer_pb2_grpc
+    from tests.trainer_fixtures import DIGITS_NPZ, digits_spec, start_trainer
+
+    otel = {"OTEL_EXPORTER": "otlp", "OTEL_ENDPOINT": f"http://127.0.0.1:{mesh.collector.port}"}
+    trainer = start_trainer(mesh.consul.http_url, mesh.redis_url, mesh.tmp / "trainer", f"mg:{unique('t')}:", **otel)
+    try:
+        _wait_routes(mesh, lambda routes: len(routes.get("trainer", [])) == 1)
+        digest = mesh.client.upload_blob(DIGITS_NPZ).digest
+        spec = digits_spec()
+        spec.dataset.ClearField("local_path")
+        spec.dataset.blob_digest = digest  # the trainer fetches it from the registry while handling SubmitJob
+        stub = trainer_pb2_grpc.TrainerStub(mesh.channel)
+        job = stub.SubmitJob(tpb.SubmitJobRequest(spec=spec))  # no agents here: it waits, then is cancelled
+        stub.CancelJob(tpb.CancelJobRequest(id=job.id))
+        method = "/modelgrid.trainer.v1.Trainer/SubmitJob"
+        deadline = time.monotonic() + 15
+        while True:
+            spans = list(mesh.collector.spans)
+            roots = [s for s in spans if s.service == "gateway" and s.name == method and s.kind == 2]
+            trace = [s for s in spans if roots and s.trace_id == roots[-1].trace_id]
+            by_id = {s.span_id: s for s in trace}
+            trainer_server = [s for s in trace if s.service == "trainer" and s.name == method and s.kind == 2]
+            registry_server = [s for s in trace if s.service == "registry" and s.kind == 2]
+            if trainer_server and registry_server:
+                break
+            assert time.monotonic() < deadline, f"no full trace: {[(s.service, s.name) for s in trace]}"
+            time.sleep(0.3)
+        assert by_id[trainer_server[0].parent_id].service == "gateway"
+        assert all(by_id[s.parent_id].service == "trainer" for s in registry_server if s.parent_id in by_id)
+    finally:
+        trainer.stop()
+
+
 # -- auth and rate limits (two more gateways sharing Redis) ---------------------------------------------------
 
 
