@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,10 @@ from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from services.cli import arguments
 from services.cli import predictor_views as views
+from services.cli import tensor_files as files
 from services.cli.output import Output
 from services.cli.registry_commands import CommandError, RegistrySession
-from services.kit.errors import ModelgridError
 from services.kit.modelref import ModelRef
-from services.kit.tensors import BY_PROTO, array_to_tensor, tensor_to_array
 from services.registry.client import RegistryClient, ref_message
 
 logger = logging.getLogger(__name__)
@@ -92,53 +90,6 @@ def output_file(text: str) -> Path:
 # -- inputs and outputs --------------------------------------------------------------------------------------
 
 
-def _read_npz(path: Path, names_only: bool = False) -> dict[str, np.ndarray | None]:
-    """The arrays of an NPZ file by name (or only their names, each mapped to None, without reading them)."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: None if names_only else data[name] for name in data.files}
-    except (ValueError, TypeError, zipfile.BadZipFile):  # a .npy, a pickle or text under an .npz name, ...
-        raise CommandError(f"{path}: not an NPZ file of arrays (np.savez; Python objects are refused)") from None
-
-
-def _read_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except ValueError:
-        raise CommandError(f"{path}: not an NPY file of an array (np.save; Python objects are refused)") from None
-
-
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CommandError(f"{path}: not valid JSON ({exc})") from None
-
-
-def _json_array(spec: common_pb2.TensorSpec, value: object) -> np.ndarray:
-    """JSON numbers (or strings) as an array of the signature's dtype; refuses values the dtype cannot hold."""
-    element = BY_PROTO.get(spec.dtype)
-    what = f"input {spec.name!r}"
-    if element is not None and element.name == "string":
-        array = np.array(value, dtype=object)
-        if not all(isinstance(item, str) for item in array.reshape(-1)):
-            raise CommandError(f"{what}: expected strings (nested lists of equal lengths)")
-        return np.vectorize(str.encode, otypes=[object])(array) if array.size else array
-    if element is None or element.numpy is None:
-        raise CommandError(f"{what}: its element type cannot be given in JSON; use a .npy or .npz file")
-    try:
-        parsed = np.array(value)
-    except ValueError as exc:  # ragged lists
-        raise CommandError(f"{what}: not a rectangular array ({exc})") from None
-    if parsed.dtype.kind not in "biuf":
-        raise CommandError(f"{what}: expected numbers for {element.name} (nested lists of equal lengths)")
-    with np.errstate(all="ignore"):
-        array = parsed.astype(element.numpy)
-    if element.numpy.kind in "biu" and not np.array_equal(array, parsed):
-        raise CommandError(f"{what}: values do not fit {element.name}")
-    return array
-
-
 def _signature_inputs(session: PredictorSession, name: str) -> list[common_pb2.TensorSpec]:
     """The inputs of the model's newest available version on the replica (NOT_FOUND if it does not serve it)."""
     status = session.call(session.stub.GetModelMetadata, pb.GetModelMetadataRequest(name=name))
@@ -160,47 +111,20 @@ def read_inputs(session: PredictorSession, ref: ModelRef, path: Path) -> dict[st
     a .json file ({"name": nested lists} or the single input's nested lists, cast to the signature's dtype)."""
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        return _read_npz(path)
+        return files.read_npz(path)
     if suffix == ".npy":
-        array = _read_npy(path)
+        array = files.read_npy(path)
         return {_single_input(_signature_inputs(session, ref.name), ref.name).name: array}
-    value = _read_json(path)
+    value = files.read_json(path)
     inputs = _signature_inputs(session, ref.name)
     if not isinstance(value, dict):
         spec = _single_input(inputs, ref.name)
-        return {spec.name: _json_array(spec, value)}
+        return {spec.name: files.json_array(spec, value)}
     by_name = {spec.name: spec for spec in inputs}
     unknown = sorted(set(value) - set(by_name))
     if unknown:
         raise CommandError(f"{path}: {unknown} not in the signature of {ref.name} (inputs: {', '.join(by_name)})")
-    return {name: _json_array(by_name[name], item) for name, item in value.items()}
-
-
-def _tensor(name: str, array: np.ndarray) -> common_pb2.Tensor:
-    if array.dtype.kind == "U":  # text from numpy files: strings travel as UTF-8 bytes
-        array = np.char.encode(array, "utf-8")
-    try:
-        return array_to_tensor(array)
-    except ModelgridError as exc:
-        raise CommandError(f"input {name!r}: {exc}") from None
-
-
-def _array(name: str, tensor: common_pb2.Tensor) -> np.ndarray:
-    try:
-        return tensor_to_array(tensor, f"output {name!r}")
-    except ModelgridError as exc:
-        raise CommandError(str(exc)) from None
-
-
-def _write_outputs(path: Path, model: str, version: int, outputs: dict[str, np.ndarray]) -> None:
-    """All of the outputs: one array each in an .npz, or the `predict --json` object in a .json file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".json":
-        path.write_text(json.dumps(views.prediction_json(model, version, outputs)) + "\n")
-        return
-    plain = {name: array.astype(bytes) if array.dtype.kind == "O" else array for name, array in outputs.items()}
-    with path.open("wb") as file:
-        np.savez(file, **plain)
+    return {name: files.json_array(by_name[name], item) for name, item in value.items()}
 
 
 # -- predict -------------------------------------------------------------------------------------------------
@@ -211,14 +135,14 @@ def predict(session: PredictorSession, args: argparse.Namespace) -> None:
     inputs = read_inputs(session, ref, args.input)
     request = pb.PredictRequest(
         model=ref_message(ref),
-        inputs={name: _tensor(name, array) for name, array in inputs.items()},
+        inputs={name: files.to_tensor(name, array) for name, array in inputs.items()},
         output_filter=args.output_filter,
     )
     response = session.call(session.stub.Predict, request)
     names = args.output_filter or sorted(response.outputs)
-    outputs = {name: _array(name, response.outputs[name]) for name in names}
+    outputs = {name: files.from_tensor(name, response.outputs[name]) for name in names}
     if args.output:
-        _write_outputs(args.output, response.model_name, response.version, outputs)
+        files.write_outputs(args.output, response.model_name, response.version, outputs)
     out = session.out
     if out.json_mode:
         out.line(json.dumps(views.prediction_json(response.model_name, response.version, outputs)))
@@ -259,7 +183,7 @@ def _wait(session: PredictorSession, job: pb.BatchJob) -> pb.BatchJob:
 
 def batch_submit(session: PredictorSession, args: argparse.Namespace) -> None:
     path: Path = args.input
-    if not _read_npz(path, names_only=True):  # a bad file fails here, before the upload
+    if not files.read_npz(path, names_only=True):  # a bad file fails here, before the upload
         raise CommandError(f"{path}: the NPZ file holds no arrays")
     with session.out.transfer(f"upload {path.name}") as progress:
         blob = session.client.upload_blob(path)
