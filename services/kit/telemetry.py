@@ -7,6 +7,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_serv
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 
 from services.kit.settings import ServiceSettings
 
@@ -18,7 +19,11 @@ _NOT_HEALTH = filters.negate(filters.service_name("grpc.health.v1.Health"))
 
 def setup_tracing(service_name: str, version: str, settings: ServiceSettings) -> TracerProvider:
     """Creates the process's TracerProvider with the exporter the settings choose and makes it global."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name, "service.version": version}))
+    # Without an exporter, spans are only recorded under a caller that samples its trace: the context still
+    # travels on (so a traced caller gets a whole trace), and untraced calls cost next to nothing.
+    sampler = ParentBased(ALWAYS_ON if settings.otel_exporter != "none" else ALWAYS_OFF)
+    resource = Resource.create({"service.name": service_name, "service.version": version})
+    provider = TracerProvider(resource=resource, sampler=sampler)
     exporter: SpanExporter | None = None
     if settings.otel_exporter == "console":
         exporter = ConsoleSpanExporter()

@@ -210,15 +210,22 @@ class BatchQueue:
         request = _Request(arrays, rows if rows is not None else 1, signature, deadline, timing)
         self._queue.append(request)
         self._wakeup.set()
+        timer = None
+        if deadline is not None:  # one timer per request, no extra task
+            timer = asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0), self._expire, request)
         try:
-            if deadline is not None:
-                await asyncio.wait([request.future], timeout=deadline - time.monotonic())
-                if not request.future.done() and not request.dispatched:
-                    self._withdraw(request, DeadlineExceeded("the deadline passed while the request was queued"))
             return await request.future
         except asyncio.CancelledError:
             self._withdraw(request, None)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, request: _Request) -> None:
+        """The request's deadline passed: drop it unless its batch already started."""
+        if not request.future.done() and not request.dispatched:
+            self._withdraw(request, DeadlineExceeded("the deadline passed while the request was queued"))
 
     def _withdraw(self, request: _Request, error: Exception | None) -> None:
         """Takes a request that has not started out of the queue; the collector drops it from a forming batch."""

@@ -67,7 +67,8 @@ class Inference:
                         raise InvalidArgument(f"unknown outputs {unknown}; the model has {sorted(known)}")
                     timing = RequestTiming()
                     outputs = await version.queue.submit(inputs, deadline=deadline, timing=timing)
-                    _record_spans(timing)
+                    if span.is_recording():
+                        _record_spans(timing)
                 self.repository.record_sample(version.model, inputs)
             except ModelgridError as exc:
                 code = type(exc).__name__

@@ -1,6 +1,7 @@
 """Predictor entry point: `python -m services.predictor` serves registry models until SIGTERM."""
 
 import asyncio
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -154,6 +155,10 @@ async def start_predictor(settings: PredictorSettings) -> RunningPredictor:
         failed = [v for v in repository.models[model.name].versions.values() if v.state == VersionState.FAILED]
         for version in failed:
             logger.error("%s:%d did not load: %s", model.name, version.version, version.reason)
+    # TensorFlow leaves a very large number of long-lived Python objects; moving them out of the collector's sight
+    # keeps full collections (which walk every tracked object) from stalling the event loop.
+    gc.collect()
+    gc.freeze()
     ready.set()
     await service.set_serving(True)
     return RunningPredictor(service, repository, metrics_port)

@@ -48,8 +48,10 @@ class PredictorSettings(ServiceSettings):
     """Size bound of the artifact cache; least recently used artifacts not in use are evicted."""
     max_batch_size: int = Field(default=32, ge=1)
     """Rows the dynamic batcher puts in one model execution."""
-    max_queue_delay_ms: float = Field(default=2.0, ge=0)
-    """How long the first queued request may wait for others to join its batch."""
+    max_queue_delay_ms: float = Field(default=0.0, ge=0)
+    """How long the first queued request may wait for others to join its batch. 0: a request runs at once when
+    the model is idle, and the requests that arrive while a batch executes form the next one (batches grow with
+    load, and an idle model adds no delay)."""
     max_queue_depth: int = Field(default=1024, ge=1)
     """Queued requests per model version beyond which requests fail at once with RESOURCE_EXHAUSTED."""
     batching_enabled: bool = True
