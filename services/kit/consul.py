@@ -36,6 +36,7 @@ class Registration:
     tags: list[str] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
     check_interval: str = "2s"
+    check_timeout: str = "5s"
     deregister_critical_after: str = "1m"
     tls: bool = False  # the gRPC endpoint speaks TLS (the check then skips certificate verification)
 
@@ -55,7 +56,7 @@ class Registration:
                 "GRPCUseTLS": self.tls,
                 "TLSSkipVerify": self.tls,
                 "Interval": self.check_interval,
-                "Timeout": self.check_interval,
+                "Timeout": self.check_timeout,
                 "DeregisterCriticalServiceAfter": self.deregister_critical_after,
             },
         }

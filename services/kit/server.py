@@ -131,6 +131,7 @@ class GrpcService:
             tags=list(self.spec.tags),
             meta={"version": self.spec.version, **self.spec.meta},
             check_interval=self.settings.consul_check_interval,
+            check_timeout=self.settings.consul_check_timeout,
             deregister_critical_after=self.settings.consul_deregister_after,
             tls=self._tls,
         )

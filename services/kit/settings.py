@@ -34,6 +34,8 @@ class ServiceSettings(BaseSettings):
     """Register in Consul on start and deregister on shutdown."""
     consul_check_interval: str = "2s"
     """How often Consul calls this instance's gRPC health endpoint."""
+    consul_check_timeout: str = "5s"
+    """How long Consul waits for the health answer before the check fails (a busy host answers slowly)."""
     consul_deregister_after: str = "1m"
     """Consul removes this instance after its check has been critical this long (a crashed process)."""
     redis_url: str = "redis://127.0.0.1:6379/0"

@@ -31,6 +31,7 @@ class AgentDirectory:
     def __init__(self, resolver: ServiceResolver) -> None:
         self._resolver = resolver
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._seen: dict[str, Agent] = {}  # every agent ever healthy, to reach one Consul just marked critical
         self._listeners: list[Callable[[], None]] = []
         resolver.add_listener(self._on_change)
 
@@ -42,8 +43,10 @@ class AgentDirectory:
     def agents(self) -> dict[str, Agent]:
         return {i.id: _agent(i) for i in self._resolver.instances}
 
-    def stub(self, agent_id: str) -> trainer_pb2_grpc.WorkerAgentStub:
-        agent = self.agents.get(agent_id)
+    def stub(self, agent_id: str, *, healthy_only: bool = True) -> trainer_pb2_grpc.WorkerAgentStub:
+        """A stub for an agent. Work is only given to healthy agents; stopping, listing and releasing also reach
+        one whose check just failed (a busy agent that still runs workers must still be told to stop them)."""
+        agent = self.agents.get(agent_id) or (None if healthy_only else self._seen.get(agent_id))
         if agent is None:
             raise Unavailable(f"worker agent {agent_id} is not healthy in Consul")
         channel = self._channels.get(agent.address)
@@ -53,6 +56,7 @@ class AgentDirectory:
         return trainer_pb2_grpc.WorkerAgentStub(channel)
 
     def _on_change(self, instances: Sequence[Instance]) -> None:
+        self._seen.update({i.id: _agent(i) for i in instances})
         for listener in self._listeners:
             listener()
 

@@ -38,7 +38,7 @@ CHIEF = 0
 class Outcome:
     """How an attempt ended."""
 
-    kind: str  # succeeded | failed | preempted | invalid | hang | lost | cancelled
+    kind: str  # succeeded | failed | preempted | invalid | hang | lost | blocked | cancelled
     failure: Failure | None = None
 
 
@@ -109,6 +109,8 @@ class JobRunner:
                 return
             if outcome.kind == "preempted":
                 job.preemptions += 1
+            elif outcome.kind == "blocked":
+                pass
             elif job.restarts >= self._max_restarts:
                 await self._end(JobState.FAILED, f"restart budget of {self._max_restarts} spent; last cause: "
                                                  f"{job.failure.reason}")  # fmt: skip
@@ -160,7 +162,12 @@ class JobRunner:
                 detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 reason = f"could not start worker {placement.task_index} on {placement.agent}: {detail}"
                 logger.warning("job %s: %s", job.id, reason)
-                kind = "lost" if placement.agent not in self._agents.agents else "failed"
+                if placement.agent not in self._agents.agents:
+                    kind = "lost"
+                elif isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    kind = "blocked"  # an earlier worker still holds the slot: wait, without spending the budget
+                else:
+                    kind = "failed"
                 return Outcome(kind, Failure(placement.task_index, placement.agent, reason=reason))
         return None
 
@@ -172,7 +179,8 @@ class JobRunner:
         known = 0
         for agent in {p.agent for p in job.placements}:
             try:
-                reply = await self._agents.stub(agent).ListReplicas(pb.ListReplicasRequest(job_id=job.id), timeout=10)
+                stub = self._agents.stub(agent, healthy_only=False)
+                reply = await stub.ListReplicas(pb.ListReplicasRequest(job_id=job.id), timeout=10)
             except (grpc.aio.AioRpcError, ModelgridError):
                 return Outcome("lost", Failure(agent=agent, reason=f"agent {agent} is gone"))
             known += sum(1 for r in reply.replicas if r.attempt == job.attempt)
@@ -212,7 +220,8 @@ class JobRunner:
         """Forwards one agent's events; reconnects while the agent is healthy, reports it lost otherwise."""
         while True:
             try:
-                stream = self._agents.stub(agent).WatchReplicas(pb.WatchReplicasRequest(job_id=self.job.id))
+                stub = self._agents.stub(agent, healthy_only=False)
+                stream = stub.WatchReplicas(pb.WatchReplicasRequest(job_id=self.job.id))
                 async for event in stream:
                     await events.put(("replica", agent, event))
             except (grpc.aio.AioRpcError, ModelgridError) as exc:
@@ -310,25 +319,30 @@ class JobRunner:
                                                  if isinstance(v, int | float)})  # fmt: skip
 
     async def _stop_group(self, kill: bool, wait_seconds: float = 20.0) -> None:
-        """Signals every replica of the current attempt and waits until the agents saw them exit, so their slots
-        are free for the next attempt (best effort: a lost agent cannot be reached)."""
+        """Signals every running worker of the job (of any attempt: one an unreachable agent kept running must go
+        too) and waits until the agents saw them exit, so their slots are free for the next attempt. Best effort:
+        a lost agent cannot be reached."""
         job = self.job
-        for placement in job.placements:
-            request = pb.StopReplicaRequest(job_id=job.id, attempt=job.attempt, task_index=placement.task_index,
-                                            kill=kill)  # fmt: skip
-            try:
-                await self._agents.stub(placement.agent).StopReplica(request, timeout=10)
-            except (grpc.aio.AioRpcError, ModelgridError):
-                continue
         deadline = time.monotonic() + wait_seconds
-        for agent in {p.agent for p in job.placements}:
+        for agent in sorted({p.agent for p in job.placements}):
+            try:
+                stub = self._agents.stub(agent, healthy_only=False)
+            except ModelgridError:
+                continue
+            signalled: set[tuple[int, int]] = set()
             while time.monotonic() < deadline:
                 try:
-                    reply = await self._agents.stub(agent).ListReplicas(pb.ListReplicasRequest(job_id=job.id),
-                                                                        timeout=10)  # fmt: skip
-                except (grpc.aio.AioRpcError, ModelgridError):
+                    reply = await stub.ListReplicas(pb.ListReplicasRequest(job_id=job.id), timeout=10)
+                    running = [r for r in reply.replicas if r.state == pb.REPLICA_STATE_RUNNING]
+                    for replica in running:
+                        if (replica.attempt, replica.task_index) not in signalled:
+                            await stub.StopReplica(pb.StopReplicaRequest(
+                                job_id=job.id, attempt=replica.attempt, task_index=replica.task_index, kill=kill,
+                            ), timeout=10)  # fmt: skip
+                            signalled.add((replica.attempt, replica.task_index))
+                except grpc.aio.AioRpcError:
                     break
-                if all(r.state == pb.REPLICA_STATE_EXITED for r in reply.replicas if r.attempt == job.attempt):
+                if not running:
                     break
                 await asyncio.sleep(0.1)
 
@@ -361,7 +375,8 @@ class JobRunner:
                                JobState.FAILED else None)  # fmt: skip
         for agent in {p.agent for p in self.job.placements}:
             try:
-                await self._agents.stub(agent).ReleasePorts(pb.ReleasePortsRequest(job_id=self.job.id), timeout=10)
+                stub = self._agents.stub(agent, healthy_only=False)
+                await stub.ReleasePorts(pb.ReleasePortsRequest(job_id=self.job.id), timeout=10)
             except (grpc.aio.AioRpcError, ModelgridError):
                 continue
 
