@@ -23,6 +23,8 @@ help:
 	@echo "make demo            make up, then train on two workers, register, promote, predict through the gateway"
 	@echo "make bench-registry  registry push/pull throughput vs a plain file copy, metadata ops/s"
 	@echo "make bench-predictor predictor throughput/latency: in-process limit, batching off/on, Flask baseline"
+	@echo "make bench-trainer   a training run bare vs through the trainer; recovery after kill -9 of a worker"
+	@echo "make bench-gateway   predictor throughput and latency directly and through the gateway"
 	@echo "make lint            ruff check and format check"
 	@echo "make protos          regenerate Python code from protos/ into gen/"
 	@echo "make web             build the web console (TypeScript from protos/, Vite) into web/dist/"
@@ -101,6 +103,12 @@ bench-registry: setup
 
 bench-predictor: setup
 	$(PY) bench/predictor_bench.py
+
+bench-trainer: setup
+	$(PY) bench/trainer_bench.py
+
+bench-gateway: setup
+	$(PY) bench/gateway_bench.py
 
 # Re-pins constraints.txt to what the venv has now (after changing pyproject.toml dependencies).
 lock: $(VENV)/.installed

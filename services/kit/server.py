@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from services.kit.consul import ConsulClient, Registration
 from services.kit.interceptors import ErrorMappingInterceptor
 from services.kit.settings import ServiceSettings
-from services.kit.telemetry import server_interceptor, setup_tracing
+from services.kit.telemetry import server_interceptors, setup_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class GrpcService:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._tls = False
+        # Tracing is set up first, so that the channels a service builds before start() get its interceptors.
+        self._tracer_provider = setup_tracing(spec.name, spec.version, settings)
 
     def add_cleanup(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Runs `cleanup()` at shutdown, after the server has stopped."""
@@ -67,10 +69,10 @@ class GrpcService:
 
     async def start(self) -> int:
         """Binds, starts serving (health NOT_SERVING) and registers in Consul; returns the bound port."""
-        provider = setup_tracing(self.spec.name, self.spec.version, self.settings)
+        provider = self._tracer_provider
         self.add_cleanup(lambda: asyncio.to_thread(provider.shutdown))
         server = grpc.aio.server(
-            interceptors=[server_interceptor(provider), ErrorMappingInterceptor()],
+            interceptors=[*server_interceptors(provider), ErrorMappingInterceptor()],
             options=grpc_options(self.settings),
         )
         self.spec.add_servicers(server)
