@@ -262,27 +262,19 @@ class ModelRepository:
             except grpc.aio.AioRpcError as err:
                 if err.code() != grpc.StatusCode.NOT_FOUND:
                     raise
-        if aliases:
-            for alias in aliases:
-                try:
-                    version = await self._registry.resolve(ModelRef(name, alias=alias))
-                except grpc.aio.AioRpcError as err:
-                    if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-                        raise
-                    problems.append(err.details())
-                    continue
-                found[version.version] = version.artifact.digest
+        refs = [(alias, ModelRef(name, alias=alias)) for alias in aliases]
+        refs += [("", ModelRef(name, version=number)) for number in policy.versions]
+        for alias, ref in refs:
+            try:
+                version = await self._registry.resolve(ref)
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise
+                problems.append(err.details())  # e.g. the alias is not set: part of the policy waits
+                continue
+            found[version.version] = version.artifact.digest
+            if alias:
                 routes[alias] = version.version
-        if policy.versions:
-            for number in policy.versions:
-                try:
-                    version = await self._registry.resolve(ModelRef(name, version=number))
-                except grpc.aio.AioRpcError as err:
-                    if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-                        raise
-                    problems.append(err.details())
-                    continue
-                found[version.version] = version.artifact.digest
         if policy.effective_latest:
             try:
                 ready = await self._registry.list_versions(name)

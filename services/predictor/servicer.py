@@ -13,11 +13,10 @@ from services.kit.modelref import check_model_name
 from services.predictor import converters as conv
 from services.predictor.batch_jobs import BatchJob, BatchJobs, records_to_npz
 from services.predictor.inference import Inference
+from services.predictor.streams import answer_concurrently
 from services.registry.async_client import AsyncRegistryClient
 from services.registry.client import ref_message
 from services.registry.converters import timestamp
-
-STREAM_CONCURRENCY = 64
 
 
 class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
@@ -54,38 +53,16 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
     async def PredictStream(self, request_iterator: AsyncIterator[pb.PredictStreamRequest], context):
         """Requests run concurrently (so they batch with each other); answers come back as they finish."""
         deadline = conv.deadline_of(context)
-        answers: asyncio.Queue[pb.PredictStreamResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(STREAM_CONCURRENCY)
-        running: set[asyncio.Task] = set()
 
-        async def answer(item: pb.PredictStreamRequest) -> None:
+        async def answer(item: pb.PredictStreamRequest) -> pb.PredictStreamResponse:
             try:
-                response = await self._predict(item.request, deadline)
-                await answers.put(pb.PredictStreamResponse(id=item.id, response=response))
+                return pb.PredictStreamResponse(id=item.id, response=await self._predict(item.request, deadline))
             except ModelgridError as exc:
                 error = pb.PredictError(code=status_of(exc).value[0], message=str(exc))
-                await answers.put(pb.PredictStreamResponse(id=item.id, error=error))
-            finally:
-                slots.release()
+                return pb.PredictStreamResponse(id=item.id, error=error)
 
-        async def read_requests() -> None:
-            async for item in request_iterator:
-                await slots.acquire()
-                task = asyncio.create_task(answer(item))
-                running.add(task)
-                task.add_done_callback(running.discard)
-            await asyncio.gather(*running)
-            await answers.put(None)
-
-        reader = asyncio.create_task(read_requests())
-        try:
-            while (response := await answers.get()) is not None:
-                yield response
-            await reader
-        finally:
-            reader.cancel()
-            for task in running:
-                task.cancel()
+        async for response in answer_concurrently(request_iterator, answer):
+            yield response
 
     async def BatchPredict(self, request_iterator: AsyncIterator[pb.BatchPredictRequest], context) -> pb.BatchJob:
         first = await anext(aiter(request_iterator), None)

@@ -11,7 +11,6 @@ use raw_input_contents (what tritonclient sends) or typed contents. The request 
 shortens the deadline.
 """
 
-import asyncio
 import importlib.metadata
 import logging
 import time
@@ -31,6 +30,7 @@ from services.predictor.inference import Inference
 from services.predictor.protocols import oip_tensors
 from services.predictor.repository import VersionPolicy, VersionState
 from services.predictor.runtime import IOSpec
+from services.predictor.streams import answer_concurrently
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ SERVICE_NAMES = [pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_nam
 SERVER_NAME = "modelgrid-predictor"
 PLATFORM = "tensorflow_savedmodel"
 PROTOCOL = "oip"
-STREAM_CONCURRENCY = 64
 INDEX_STATE = {
     VersionState.AVAILABLE: "READY",
     VersionState.LOADING: "LOADING",
@@ -158,41 +157,19 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         """Requests run concurrently (so they batch with each other); results come back as they finish, each
         carrying its request's id. A failed request yields a response with error_message; the stream goes on."""
         deadline = deadline_of(context)
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(STREAM_CONCURRENCY)
-        running: set[asyncio.Task] = set()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                response = await self._infer(request, deadline)
-                await answers.put(pb.ModelStreamInferResponse(infer_response=response))
+                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
             except ModelgridError as exc:
-                await answers.put(_stream_error(request, f"{status_of(exc).name}: {exc}"))
+                return _stream_error(request, f"{status_of(exc).name}: {exc}")
             except Exception as exc:  # noqa: BLE001 - one failed request must not end the stream
                 incident = uuid.uuid4().hex[:12]
                 logger.error("unexpected error in ModelStreamInfer (incident %s)", incident, exc_info=exc)
-                await answers.put(_stream_error(request, f"INTERNAL: internal error (incident {incident})"))
-            finally:
-                slots.release()
+                return _stream_error(request, f"INTERNAL: internal error (incident {incident})")
 
-        async def read_requests() -> None:
-            async for request in request_iterator:
-                await slots.acquire()
-                task = asyncio.create_task(answer(request))
-                running.add(task)
-                task.add_done_callback(running.discard)
-            await asyncio.gather(*running)
-            await answers.put(None)
-
-        reader = asyncio.create_task(read_requests())
-        try:
-            while (response := await answers.get()) is not None:
-                yield response
-            await reader
-        finally:
-            reader.cancel()
-            for task in running:
-                task.cancel()
+        async for response in answer_concurrently(request_iterator, answer):
+            yield response
 
     # -- model repository --------------------------------------------------------------------------------------
 
