@@ -59,6 +59,7 @@ from rich.table import Table
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tests.support lives in the repo, not in the installed package
 
+from bench.common import build_mlp, fmt, machine_busy_seconds, percentile, process_cpu_seconds  # noqa: E402
 from modelgrid.common.v1 import common_pb2  # noqa: E402
 from modelgrid.gateway.v1 import gateway_pb2 as gpb  # noqa: E402
 from modelgrid.gateway.v1 import gateway_pb2_grpc  # noqa: E402
@@ -77,31 +78,6 @@ CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]  # loopback only: never throug
 DIRECT, GATEWAY, GATEWAY_AUTH = "direct", "gateway", "gateway+auth"
 TARGET_CONCURRENCY, TARGET_RATIO = 32, 0.85
 PATH_PROCESSES = ("pred", "gw", "redis", "cli")  # the processes a call's CPU time is spent in
-
-
-def build_mlp(directory: Path) -> None:
-    """64 -> 256 -> 256 -> 10 dense layers with ReLU between them."""
-    import tensorflow as tf
-
-    rng = np.random.default_rng(1)
-    dims = (64, 256, 256, 10)
-
-    class MLP(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            pairs = list(zip(dims, dims[1:], strict=False))
-            self.w = [tf.Variable(rng.normal(0, (2 / a) ** 0.5, (a, b)).astype("float32")) for a, b in pairs]
-            self.b = [tf.Variable(np.zeros(b, "float32")) for b in dims[1:]]
-
-        @tf.function(input_signature=[tf.TensorSpec([None, dims[0]], tf.float32, name="x")])
-        def serve(self, x):
-            for i, (w, b) in enumerate(zip(self.w, self.b, strict=True)):
-                x = tf.matmul(x, w) + b
-                x = tf.nn.relu(x) if i < len(self.w) - 1 else x
-            return {"y": x}
-
-    module = MLP()
-    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
 
 
 def build_model_main(directory: str) -> None:
@@ -130,32 +106,6 @@ def build_model(workdir: Path, probe: np.ndarray) -> tuple[Path, np.ndarray]:
 
 
 # ---- load generator (runs in its own process: `gateway_bench.py --loadgen SPEC`) --------------------------------
-
-
-def percentile(sorted_values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of already sorted values (nan when empty)."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, round(pct / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process, all threads (Linux /proc); None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all processes on the machine have used (Linux /proc/stat: everything but idle and iowait)."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _cpu_snapshot(pids: dict[str, int]) -> dict[str, float | None]:
@@ -552,12 +502,6 @@ def rows_of(runs: list[Run], paths: list[str], concurrencies: list[int]) -> list
             if cell:
                 rows.append(Row(path, concurrency, sorted(cell, key=lambda r: r.round)))
     return rows
-
-
-def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
-    if value is None or value != value:
-        return "-"
-    return f"{value:{spec}}{suffix}"
 
 
 def paired_ratios(row: Row, direct: Row) -> list[float]:

@@ -68,6 +68,7 @@ from rich.table import Table
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tests.support lives in the repo, not in the installed package
 
+from bench.common import build_mlp, fmt, machine_busy_seconds, percentile, process_cpu_seconds  # noqa: E402
 from modelgrid.common.v1 import common_pb2  # noqa: E402
 from modelgrid.predictor.v1 import predictor_pb2 as pb  # noqa: E402
 from services.kit.localinfra import ConsulAgent, RedisServer, free_port  # noqa: E402
@@ -85,31 +86,6 @@ OFF, ON, FLASK, LIMIT = "predictor, batching off", "predictor, batching on", "fl
 
 
 # ---- models --------------------------------------------------------------------------------------------------
-
-
-def build_mlp(directory: Path) -> None:
-    """64 -> 256 -> 256 -> 10 dense layers with ReLU between them."""
-    import tensorflow as tf
-
-    rng = np.random.default_rng(1)
-    dims = (64, 256, 256, 10)
-
-    class MLP(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            pairs = list(zip(dims, dims[1:], strict=False))
-            self.w = [tf.Variable(rng.normal(0, (2 / a) ** 0.5, (a, b)).astype("float32")) for a, b in pairs]
-            self.b = [tf.Variable(np.zeros(b, "float32")) for b in dims[1:]]
-
-        @tf.function(input_signature=[tf.TensorSpec([None, dims[0]], tf.float32, name="x")])
-        def serve(self, x):
-            for i, (w, b) in enumerate(zip(self.w, self.b, strict=True)):
-                x = tf.matmul(x, w) + b
-                x = tf.nn.relu(x) if i < len(self.w) - 1 else x
-            return {"y": x}
-
-    module = MLP()
-    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
 
 
 def build_cnn(directory: Path) -> None:
@@ -202,14 +178,6 @@ class Cell:
         return self.calls_per_s * self.rows_per_call
 
 
-def percentile(sorted_values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of already sorted values (nan when empty)."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, round(pct / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
 @dataclass
 class CallStats:
     """Per-call latencies of in-process calls and the CPU used meanwhile."""
@@ -259,24 +227,6 @@ def measure_limit(spec: ModelSpec, call: Callable[[np.ndarray], np.ndarray], sec
 
 
 # ---- load generator (runs in its own process: `predictor_bench.py --loadgen SPEC`) ------------------------------
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process, all threads (Linux /proc); None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all processes on the machine have used (Linux /proc/stat: everything but idle and iowait)."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 async def _grpc_caller(target: str):
@@ -676,12 +626,6 @@ def measure_served(
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
-
-
-def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
-    if value is None or value != value:
-        return "-"
-    return f"{value:{spec}}{suffix}"
 
 
 def compact(value: float) -> str:
