@@ -1,6 +1,7 @@
 """Trainer overhead and recovery: the same 2-worker training run bare and through the trainer, and kill -9 recovery.
 
-What one run does (`make bench-trainer`, about 3 minutes on 2 cores, 4 when neighbours load it; --quick 1.5):
+What one run does (`make bench-trainer`: about 2 minutes on a quiet 2-core host, 4-5 under neighbours' load;
+--quick about half that):
 
 * warms the page cache with one untimed `import tensorflow, tf_keras`, so that no measured run pays for a cold
   disk alone;
@@ -19,12 +20,14 @@ What one run does (`make bench-trainer`, about 3 minutes on 2 cores, 4 when neig
 
 Where the numbers come from: job events (their server-side times), the workers' progress files ("time" of the
 started/step/finished lines) and the first line each worker logs after importing TensorFlow ("joining the
-group"); for the trainer runs these are read from the agents' work directories (everything runs on this host, so
-all clocks are one clock). "bare" and "through trainer" are medians over the repeats; "runs" lists every run.
+group"); for the trainer runs these are read from the agents' work directories, and the exits from the agents'
+own logs (everything runs on this host, so all clocks are one clock). "bare" and "through trainer" are medians
+over the repeats; "runs" lists every run.
 
 How to read it: the machine is small, shared and noisy: quote the ratios, not the seconds. "start -> first step"
 and "start -> done" are the overhead a user sees; the rows under them split the trainer's time into scheduling,
 worker start-up (the same work as bare), the relay of progress to the trainer, exit detection and registration.
+"trainer's own steps" adds up the rows only the trainer has: it holds no worker work, so neighbours move it least.
 The recovery row is a single sample: "kill -> restart detected" is the RESTART event (the exit is seen and the
 rest of the group stopped), "kill -> first step after restore" the first STEP event of attempt 2; "recovery s"
 is the trainer's own RESUMED.recovery_seconds (from the exit it saw, so it excludes detection); steps lost =
@@ -286,6 +289,7 @@ def worker_pid(stack: Stack, job: pb.Job, task_index: int) -> int:
 
 
 def recovery_run(stack: Stack, spec: pb.JobSpec, kill_at_step: int) -> dict[str, float]:
+    """Kills worker 1 with SIGKILL once the job is RUNNING at `kill_at_step`; times are relative to the kill."""
     job = stack.stub.SubmitJob(pb.SubmitJobRequest(spec=spec, request_id=f"bench-{uuid.uuid4().hex}"), timeout=30)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not (job.state == pb.JOB_STATE_RUNNING and job.step >= kill_at_step):
@@ -394,6 +398,11 @@ def span(run: dict[str, float], interval: tuple[str | None, str]) -> float:
     return run[end] - (run[start] if start else 0.0)
 
 
+def seconds(value: float) -> str:
+    """Two decimals below a second, one above, so that the runs column stays narrow."""
+    return f"{value:.2f}" if value < 1 else f"{value:.1f}"
+
+
 def overhead_table(bare: list[dict[str, float]], trainer: list[dict[str, float]], title: str) -> Table:
     table = Table(title=title)
     for header in ("metric", "bare s", "through trainer s", "ratio", "runs (bare | trainer)"):
@@ -403,7 +412,7 @@ def overhead_table(bare: list[dict[str, float]], trainer: list[dict[str, float]]
         trainer_runs = [span(r, trainer_interval) for r in trainer]
         b, t = (statistics.median(bare_runs) if bare_runs else None), statistics.median(trainer_runs)
         ratio = f"{t / b:.2f}x" if b and b > 0.05 else "-"
-        runs = " | ".join("/".join(f"{v:.2f}" for v in vs) or "-" for vs in (bare_runs, trainer_runs))
+        runs = " | ".join("/".join(seconds(v) for v in vs) or "-" for vs in (bare_runs, trainer_runs))
         table.add_row(label, "-" if b is None else f"{b:.2f}", f"{t:.2f}", ratio, runs)
     return table
 
@@ -462,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     console = Console()
     if not console.is_terminal:
-        console.width = max(console.width, 130)  # piped into a log: rich would otherwise squeeze to 80 columns
+        console.width = max(console.width, 150)  # piped into a log: rich would otherwise squeeze to 80 columns
     os.environ.update(MODELGRID_LOG_LEVEL="INFO", MODELGRID_LOG_FORMAT="text")  # workers: the lines timed here
     workdir = Path(tempfile.mkdtemp(prefix="modelgrid-bench-trainer-", dir=args.tmp_root))
     started = time.monotonic()
