@@ -1,6 +1,8 @@
 """The native gRPC front: a generic handler that takes any call the routing table knows, checks its key, and
 forwards it as bytes (metadata, deadline, cancellation, headers and trailers pass through)."""
 
+import contextlib
+
 import grpc
 from google.protobuf import descriptor_pool
 
@@ -66,18 +68,20 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 request_iterator,
                 unary=unary,
             )
-            async for frame in frames:
-                if isinstance(frame, Headers):
-                    if frame.metadata and not headers_sent:
-                        await context.send_initial_metadata(frame.metadata)
-                    headers_sent = True
-                elif isinstance(frame, End):
-                    context.set_trailing_metadata(tuple(frame.trailers))
-                    if frame.code != grpc.StatusCode.OK:
-                        await context.abort(frame.code, frame.details)
-                    return
-                else:
-                    yield frame.data
+            # aclosing: a cancelled caller closes the forwarding at once, which cancels the upstream call.
+            async with contextlib.aclosing(frames):
+                async for frame in frames:
+                    if isinstance(frame, Headers):
+                        if frame.metadata and not headers_sent:
+                            await context.send_initial_metadata(frame.metadata)
+                        headers_sent = True
+                    elif isinstance(frame, End):
+                        context.set_trailing_metadata(tuple(frame.trailers))
+                        if frame.code != grpc.StatusCode.OK:
+                            await context.abort(frame.code, frame.details)
+                        return
+                    else:
+                        yield frame.data
 
         if is_unary(method):
             return grpc.unary_unary_rpc_method_handler(unary_proxy)

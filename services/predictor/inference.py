@@ -1,6 +1,7 @@
 """The transport-free prediction path every protocol shares: pick the served version, check the inputs against
 its signature, queue them for the batcher, filter the outputs, and record metrics and spans."""
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -73,6 +74,10 @@ class Inference:
             except ModelgridError as exc:
                 code = type(exc).__name__
                 span.set_attribute("modelgrid.error", code)
+                raise
+            except asyncio.CancelledError:  # the caller went away, or gRPC ended the call at its deadline
+                expired = deadline is not None and time.monotonic() >= deadline
+                code = "DeadlineExceeded" if expired else "Cancelled"
                 raise
             finally:
                 self._metrics.requests.labels(*labels, protocol, code).inc()
