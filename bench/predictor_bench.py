@@ -741,7 +741,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,8,32,128", help="comma-separated requests in flight")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated subset of: mlp, cnn")
     parser.add_argument("--max-batch-size", type=int, default=64, help="predictor MAX_BATCH_SIZE with batching on")
-    parser.add_argument("--queue-delay-ms", type=float, default=0.0, help="predictor MAX_QUEUE_DELAY_MS, batching on (0: its default)")
+    parser.add_argument("--queue-delay-ms", type=float, default=0.0, help="MAX_QUEUE_DELAY_MS, batching on")
     parser.add_argument("--tf-threads", type=int, default=2, help="TF intra- and inter-op threads everywhere")
     parser.add_argument("--limit-seconds", type=float, default=1.5, help="seconds per in-process batch size")
     parser.add_argument("--skip-flask", action="store_true", help="leave out the Flask baseline")
