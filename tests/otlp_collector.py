@@ -33,8 +33,12 @@ class OtlpCollector(trace_service_pb2_grpc.TraceServiceServicer):
                 for span in scope_spans.spans:
                     self.spans.append(
                         ReceivedSpan(
-                            attributes.get("service.name", ""), span.name, span.kind, span.trace_id.hex(),
-                            span.span_id.hex(), span.parent_span_id.hex(),
+                            attributes.get("service.name", ""),
+                            span.name,
+                            span.kind,
+                            span.trace_id.hex(),
+                            span.span_id.hex(),
+                            span.parent_span_id.hex(),
                         )  # fmt: skip
                     )
         return trace_service_pb2.ExportTraceServiceResponse()
