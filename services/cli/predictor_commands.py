@@ -10,13 +10,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import numpy as np
-from google.protobuf.message import Message
 
 from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2 as pb
@@ -24,10 +21,10 @@ from modelgrid.predictor.v1 import predictor_pb2_grpc
 from services.cli import arguments
 from services.cli import predictor_views as views
 from services.cli import tensor_files as files
-from services.cli.output import Output
-from services.cli.registry_commands import CommandError, RegistrySession
+from services.cli.registry_commands import CommandError
+from services.cli.sessions import StubSession
 from services.kit.modelref import ModelRef
-from services.registry.client import RegistryClient, ref_message
+from services.registry.client import ref_message
 
 logger = logging.getLogger(__name__)
 
@@ -38,29 +35,10 @@ POLL_FIRST_S, POLL_MAX_S = 0.2, 2.0
 JOBS_PAGE_SIZE = 100
 
 
-@dataclass
-class PredictorSession:
-    """The predictor stub next to the registry session (its client, metadata, deadline and output)."""
+class PredictorSession(StubSession):
+    """The predictor stub next to the registry session."""
 
-    registry: RegistrySession
-    stub: predictor_pb2_grpc.PredictorStub
-
-    @classmethod
-    def over(cls, registry: RegistrySession, channel: grpc.Channel) -> "PredictorSession":
-        return cls(registry, predictor_pb2_grpc.PredictorStub(channel))
-
-    @property
-    def out(self) -> Output:
-        return self.registry.out
-
-    @property
-    def client(self) -> RegistryClient:
-        return self.registry.client
-
-    def call(self, method: Callable[..., Message], request: Message | Iterator[Message]) -> Message:
-        """One call (unary or client-streaming) with the client identity and the deadline."""
-        logger.debug("%s %s", type(request).__name__, request)
-        return method(request, metadata=self.registry.metadata, timeout=self.registry.timeout)
+    stub_class = predictor_pb2_grpc.PredictorStub
 
 
 Handler = Callable[[PredictorSession, argparse.Namespace], None]

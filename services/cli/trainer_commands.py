@@ -17,7 +17,6 @@ import difflib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,14 @@ import grpc
 import yaml
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor
-from google.protobuf.message import Message
 from rich.console import Console
 from rich.live import Live
 
 from modelgrid.trainer.v1 import trainer_pb2 as pb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
 from services.cli import trainer_views as views
-from services.cli.output import Output
-from services.cli.registry_commands import CommandError, RegistrySession, UsageError
+from services.cli.registry_commands import CommandError, UsageError
+from services.cli.sessions import StubSession
 
 logger = logging.getLogger(__name__)
 
@@ -45,25 +43,10 @@ OPAQUE_MESSAGES = ("google.protobuf.Struct", "google.protobuf.Value", "google.pr
 """Message fields whose content is free-form (recipe_params): not checked for unknown keys."""
 
 
-@dataclass
-class TrainerSession:
-    """The trainer stub next to the registry session (its client, metadata, deadline and output)."""
+class TrainerSession(StubSession):
+    """The trainer stub next to the registry session."""
 
-    registry: RegistrySession
-    stub: trainer_pb2_grpc.TrainerStub
-
-    @classmethod
-    def over(cls, registry: RegistrySession, channel: grpc.Channel) -> "TrainerSession":
-        return cls(registry, trainer_pb2_grpc.TrainerStub(channel))
-
-    @property
-    def out(self) -> Output:
-        return self.registry.out
-
-    def call(self, method: Callable[..., Message], request: Message) -> Message:
-        """One unary call with the client identity and the deadline."""
-        logger.debug("%s %s", type(request).__name__, request)
-        return method(request, metadata=self.registry.metadata, timeout=self.registry.timeout)
+    stub_class = trainer_pb2_grpc.TrainerStub
 
 
 Handler = Callable[[TrainerSession, argparse.Namespace], None]
