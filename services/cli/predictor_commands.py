@@ -6,6 +6,7 @@ They talk to one predictor replica (`--predictor`); `batch submit` and `batch fe
 """
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -32,7 +33,6 @@ INPUT_SUFFIXES = (".json", ".npy", ".npz")
 OUTPUT_SUFFIXES = (".json", ".npz")
 FINAL_JOB_STATES = (pb.BATCH_JOB_STATE_SUCCEEDED, pb.BATCH_JOB_STATE_FAILED, pb.BATCH_JOB_STATE_CANCELLED)
 POLL_FIRST_S, POLL_MAX_S = 0.2, 2.0
-JOBS_PAGE_SIZE = 100
 
 
 class PredictorSession(StubSession):
@@ -201,16 +201,8 @@ def batch_status(session: PredictorSession, args: argparse.Namespace) -> None:
 
 
 def batch_list(session: PredictorSession, args: argparse.Namespace) -> None:
-    jobs: list[pb.BatchJob] = []
-    request = pb.ListBatchJobsRequest()
-    while True:
-        request.page.page_size = min(JOBS_PAGE_SIZE, args.limit - len(jobs)) if args.limit else JOBS_PAGE_SIZE
-        response = session.call(session.stub.ListBatchJobs, request)
-        jobs.extend(response.jobs)
-        request.page.page_token = response.page.next_page_token
-        if not request.page.page_token or (args.limit and len(jobs) >= args.limit):
-            break
-    jobs = jobs[: args.limit] if args.limit else jobs
+    pages = session.registry.pages(session.stub.ListBatchJobs, pb.ListBatchJobsRequest(), "jobs")
+    jobs = list(itertools.islice(pages, args.limit or None))
     if session.out.json_mode:
         session.out.message(pb.ListBatchJobsResponse(jobs=jobs))
     elif jobs:
