@@ -22,7 +22,7 @@ import yaml
 
 from services.kit.settings import ServiceSettings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "deploy" / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
 MESH_SCRIPT = REPO_ROOT / "scripts" / "mesh.py"

@@ -22,7 +22,7 @@ from services.trainer.worker import (
     WorkerSpec,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DIGITS = REPO_ROOT / "data" / "digits"
 DIGITS_NPZ = {"path": str(DIGITS / "digits.npz"), "format": "npz", "num_classes": 10}
 
