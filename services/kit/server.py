@@ -10,6 +10,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
 
 from services.kit.consul import ConsulClient, Registration
 from services.kit.interceptors import ErrorMappingInterceptor
@@ -48,7 +49,9 @@ class GrpcService:
     service's own cleanups (close Redis, channels) in reverse order of registration.
     """
 
-    def __init__(self, spec: ServiceSpec, settings: ServiceSettings) -> None:
+    def __init__(
+        self, spec: ServiceSpec, settings: ServiceSettings, tracer_provider: TracerProvider | None = None
+    ) -> None:
         self.spec = spec
         self.settings = settings
         self.port = 0
@@ -60,8 +63,9 @@ class GrpcService:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._tls = False
-        # Tracing is set up first, so that the channels a service builds before start() get its interceptors.
-        self._tracer_provider = setup_tracing(spec.name, spec.version, settings)
+        # The service sets tracing up before it builds its channels (so they get the interceptors) and passes the
+        # provider in; without one, tracing is set up here.
+        self._tracer_provider = tracer_provider or setup_tracing(spec.name, spec.version, settings)
 
     def add_cleanup(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Runs `cleanup()` at shutdown, after the server has stopped."""

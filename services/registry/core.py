@@ -8,10 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from services.kit.modelref import ModelRef, check_alias, check_model_name
-from services.registry.blobstore import BlobStore, check_digest
-from services.registry.domain import (
+from services.clients.registry.types import (
     Alias,
     Artifact,
     ArtifactFormat,
@@ -21,6 +18,9 @@ from services.registry.domain import (
     RegistryEvent,
     VersionStatus,
 )
+from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from services.kit.modelref import ModelRef, check_alias, check_model_name
+from services.registry.blobstore import BlobStore, check_digest
 from services.registry.settings import RegistrySettings
 from services.registry.signatures import read_signatures
 from services.registry.store import RegistryStore

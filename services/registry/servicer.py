@@ -8,8 +8,10 @@ import grpc
 from modelgrid.common.v1 import common_pb2
 from modelgrid.registry.v1 import registry_pb2 as pb
 from modelgrid.registry.v1 import registry_pb2_grpc
+from services.clients.registry import convert as api
+from services.kit.convert import ref_from_pb
 from services.kit.errors import InvalidArgument
-from services.registry import converters as conv
+from services.registry.converters import new_version_from_pb
 from services.registry.core import ModelRegistry
 
 CLIENT_ID_HEADER = "x-modelgrid-client"
@@ -37,23 +39,23 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         model = await self._registry.create_model(
             request.name, request.description, dict(request.tags), actor_of(context)
         )
-        return conv.model_to_pb(model)
+        return api.model_to_pb(model)
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.RegisteredModel:
-        return conv.model_to_pb(await self._registry.get_model(request.name))
+        return api.model_to_pb(await self._registry.get_model(request.name))
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         page = await self._registry.list_models(
             request.name_prefix, request.tag, request.page.page_size, request.page.page_token
         )
-        return pb.ListModelsResponse(models=[conv.model_to_pb(m) for m in page.items], page=_page(page.next_token))
+        return pb.ListModelsResponse(models=[api.model_to_pb(m) for m in page.items], page=_page(page.next_token))
 
     async def UpdateModel(self, request: pb.UpdateModelRequest, context) -> pb.RegisteredModel:
         description = request.description if request.HasField("description") else None
         model = await self._registry.update_model(
             request.name, description, dict(request.set_tags), list(request.remove_tags), actor_of(context)
         )
-        return conv.model_to_pb(model)
+        return api.model_to_pb(model)
 
     async def DeleteModel(self, request: pb.DeleteModelRequest, context) -> pb.DeleteModelResponse:
         count = await self._registry.delete_model(request.name, request.force, actor_of(context))
@@ -64,20 +66,20 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         if first is None or first.WhichOneof("payload") != "metadata":
             raise InvalidArgument("the first CreateVersion message must carry metadata")
 
-        meta = conv.new_version_from_pb(first.metadata)
+        meta = new_version_from_pb(first.metadata)
         chunks = _chunks_of(request_iterator, "CreateVersion")
         version = await self._registry.create_version(meta, chunks, actor_of(context))
-        return conv.version_to_pb(version)
+        return api.version_to_pb(version)
 
     async def GetVersion(self, request: pb.GetVersionRequest, context) -> pb.ModelVersion:
-        return conv.version_to_pb(await self._registry.get_version(request.model_name, request.version))
+        return api.version_to_pb(await self._registry.get_version(request.model_name, request.version))
 
     async def ListVersions(self, request: pb.ListVersionsRequest, context) -> pb.ListVersionsResponse:
         page = await self._registry.list_versions(
-            request.model_name, conv.status_from_pb(request.status), request.page.page_size, request.page.page_token
+            request.model_name, api.status_from_pb(request.status), request.page.page_size, request.page.page_token
         )
         return pb.ListVersionsResponse(
-            versions=[conv.version_to_pb(v) for v in page.items], page=_page(page.next_token)
+            versions=[api.version_to_pb(v) for v in page.items], page=_page(page.next_token)
         )
 
     async def UpdateVersion(self, request: pb.UpdateVersionRequest, context) -> pb.ModelVersion:
@@ -88,18 +90,18 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
             dict(request.set_metrics),
             dict(request.set_tags),
             list(request.remove_tags),
-            conv.status_from_pb(request.status),
+            api.status_from_pb(request.status),
             actor_of(context),
         )
-        return conv.version_to_pb(version)
+        return api.version_to_pb(version)
 
     async def DownloadArtifact(self, request: pb.DownloadArtifactRequest, context):
-        version, chunks = await self._registry.open_artifact(conv.ref_from_pb(request.ref), request.offset)
+        version, chunks = await self._registry.open_artifact(ref_from_pb(request.ref), request.offset)
         yield pb.DownloadArtifactResponse(
             header=pb.ArtifactHeader(
                 model_name=version.model_name,
                 version=version.version,
-                artifact=conv.artifact_to_pb(version.artifact),
+                artifact=api.artifact_to_pb(version.artifact),
                 offset=request.offset,
             )
         )
@@ -111,24 +113,24 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         alias = await self._registry.set_alias(
             request.model_name, request.alias, request.version, expected, actor_of(context)
         )
-        return conv.alias_to_pb(alias)
+        return api.alias_to_pb(alias)
 
     async def DeleteAlias(self, request: pb.DeleteAliasRequest, context) -> pb.DeleteAliasResponse:
         previous = await self._registry.delete_alias(request.model_name, request.alias, actor_of(context))
         return pb.DeleteAliasResponse(previous_version=previous)
 
     async def Resolve(self, request: pb.ResolveRequest, context) -> pb.ModelVersion:
-        return conv.version_to_pb(await self._registry.resolve(conv.ref_from_pb(request.ref)))
+        return api.version_to_pb(await self._registry.resolve(ref_from_pb(request.ref)))
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context):
         async for event in self._registry.watch(request.cursor, request.model_name):
-            yield conv.event_to_pb(event)
+            yield api.event_to_pb(event)
 
     async def GetHistory(self, request: pb.GetHistoryRequest, context) -> pb.GetHistoryResponse:
         page = await self._registry.history(
             request.model_name, request.alias, request.version, request.page.page_size, request.page.page_token
         )
-        return pb.GetHistoryResponse(events=[conv.event_to_pb(e) for e in page.items], page=_page(page.next_token))
+        return pb.GetHistoryResponse(events=[api.event_to_pb(e) for e in page.items], page=_page(page.next_token))
 
     async def UploadBlob(self, request_iterator: AsyncIterator[pb.UploadBlobRequest], context) -> pb.BlobInfo:
         first = await anext(aiter(request_iterator), None)

@@ -3,9 +3,9 @@
 import tarfile
 from pathlib import Path
 
+from services.clients.registry.types import Signature, TensorSpec
 from services.kit.errors import InvalidArgument
 from services.kit.tensors import BY_TF
-from services.registry.domain import Signature, TensorSpec
 
 _MAX_GRAPH_BYTES = 512 * 1024 * 1024
 

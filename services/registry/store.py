@@ -20,18 +20,16 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from services.kit.errors import AlreadyExists, FailedPrecondition, NotFound
-from services.registry.domain import (
+from services.clients.registry.types import (
     Alias,
     EventType,
     ModelVersion,
     RegisteredModel,
     RegistryEvent,
     VersionStatus,
-    model_from_json,
-    to_json,
-    version_from_json,
 )
+from services.kit.errors import AlreadyExists, FailedPrecondition, NotFound
+from services.registry.records import model_from_json, to_json, version_from_json
 
 T = TypeVar("T")
 Pipeline = aioredis.client.Pipeline

@@ -1,10 +1,9 @@
-"""Registry domain types: plain dataclasses, free of protobuf, stored in Redis as JSON."""
+"""The registry's API as plain dataclasses: what its clients receive and what the registry itself stores.
 
-import dataclasses
+Free of protobuf (services.clients.registry.convert maps them to and from the wire)."""
+
 import enum
-import json
 from dataclasses import dataclass, field
-from typing import Any
 
 
 class VersionStatus(enum.StrEnum):
@@ -134,37 +133,18 @@ class RegistryEvent:
     cursor: str = ""
 
 
-_DERIVED = {"aliases", "latest_version", "cursor"}
+@dataclass(frozen=True)
+class Blob:
+    """A stored blob that is not a model version (a data set, batch results): its sha256 and size."""
+
+    digest: str
+    size_bytes: int
 
 
-def to_json(obj: Any) -> str:
-    """Serialises a domain dataclass, leaving out fields derived at read time."""
-    data = {k: v for k, v in dataclasses.asdict(obj).items() if k not in _DERIVED}
-    return json.dumps(data, separators=(",", ":"), sort_keys=True)
+@dataclass(frozen=True)
+class Download:
+    """What a verified download received: the version it resolved to (none for a blob) and its artifact."""
 
-
-def model_from_json(text: str) -> RegisteredModel:
-    """Reads a RegisteredModel stored by to_json."""
-    return RegisteredModel(**json.loads(text))
-
-
-def version_from_json(text: str) -> ModelVersion:
-    """Reads a ModelVersion stored by to_json."""
-    data = json.loads(text)
-    data["artifact"] = Artifact(
-        digest=data["artifact"]["digest"],
-        size_bytes=data["artifact"]["size_bytes"],
-        format=ArtifactFormat(data["artifact"]["format"]),
-    )
-    data["status"] = VersionStatus(data["status"])
-    data["lineage"] = Lineage(**data["lineage"])
-    data["signatures"] = [
-        Signature(
-            name=s["name"],
-            method_name=s["method_name"],
-            inputs=[TensorSpec(**t) for t in s["inputs"]],
-            outputs=[TensorSpec(**t) for t in s["outputs"]],
-        )
-        for s in data["signatures"]
-    ]
-    return ModelVersion(**data)
+    model_name: str
+    version: int
+    artifact: Artifact

@@ -1,0 +1,221 @@
+"""asyncio client of the registry for services: resolve, download and upload with digests checked, and follow the
+event stream. Replies are the registry's dataclasses; failures are the kit's domain errors, never gRPC errors.
+
+Channels come from an InstancePool (healthy registry instances in Consul) or any callable returning a channel.
+"""
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+
+from modelgrid.registry.v1 import registry_pb2 as pb
+from modelgrid.registry.v1 import registry_pb2_grpc
+from services.clients.registry import convert
+from services.clients.registry.types import (
+    Alias,
+    Blob,
+    Download,
+    Lineage,
+    ModelVersion,
+    RegisteredModel,
+    RegistryEvent,
+)
+from services.kit.artifacts import CHUNK_BYTES, file_digest, pack_to_file, read_chunks
+from services.kit.channels import InstancePool
+from services.kit.convert import ref_to_pb
+from services.kit.errors import AlreadyExists, DataLoss
+from services.kit.modelref import ModelRef
+from services.kit.rpc_errors import rpc_errors
+
+CLIENT_ID_HEADER = "x-modelgrid-client"
+SERVICE = "registry"
+TIMEOUT = 10.0  # seconds, for every metadata call
+
+
+class AsyncRegistryClient:
+    """Registry calls for services; a channel is picked for every call."""
+
+    def __init__(self, channels: InstancePool | Callable[[], grpc.aio.Channel], *, client_id: str = "") -> None:
+        self._channel = channels.channel if isinstance(channels, InstancePool) else channels
+        self._metadata = ((CLIENT_ID_HEADER, client_id),) if client_id else ()
+
+    def _stub(self) -> registry_pb2_grpc.ModelRegistryStub:
+        return registry_pb2_grpc.ModelRegistryStub(self._channel())
+
+    async def resolve(self, ref: ModelRef | str) -> ModelVersion:
+        """The READY version a reference names."""
+        with rpc_errors(SERVICE):
+            reply = await self._stub().Resolve(
+                pb.ResolveRequest(ref=ref_to_pb(ref)), metadata=self._metadata, timeout=TIMEOUT
+            )
+        return convert.version_from_pb(reply)
+
+    async def get_model(self, name: str) -> RegisteredModel:
+        """A registered model with its aliases."""
+        with rpc_errors(SERVICE):
+            reply = await self._stub().GetModel(pb.GetModelRequest(name=name), metadata=self._metadata, timeout=TIMEOUT)
+        return convert.model_from_pb(reply)
+
+    async def list_model_names(self) -> list[str]:
+        """Names of every registered model."""
+        names, token = [], ""
+        while True:
+            request = pb.ListModelsRequest()
+            request.page.page_size, request.page.page_token = 1000, token
+            with rpc_errors(SERVICE):
+                reply = await self._stub().ListModels(request, metadata=self._metadata, timeout=TIMEOUT)
+            names += [m.name for m in reply.models]
+            token = reply.page.next_page_token
+            if not token:
+                return names
+
+    async def list_versions(self, name: str) -> list[ModelVersion]:
+        """Every READY version of a model, newest first."""
+        versions, token = [], ""
+        while True:
+            request = pb.ListVersionsRequest(model_name=name, status=pb.VERSION_STATUS_READY)
+            request.page.page_size, request.page.page_token = 1000, token
+            with rpc_errors(SERVICE):
+                reply = await self._stub().ListVersions(request, metadata=self._metadata, timeout=TIMEOUT)
+            versions += [convert.version_from_pb(v) for v in reply.versions]
+            token = reply.page.next_page_token
+            if not token:
+                return versions
+
+    async def download_version(self, name: str, version: int, dest: Path) -> Download:
+        """Downloads one version's artifact into `dest`, verified against its digest (DataLoss if not)."""
+        request = pb.DownloadArtifactRequest(ref=ref_to_pb(ModelRef(name, version=version)))
+        return await _receive(lambda: self._stub().DownloadArtifact(request, metadata=self._metadata), dest)
+
+    async def download_blob(self, digest: str, dest: Path) -> Download:
+        """Downloads a blob into `dest`, verified against its digest (DataLoss if not)."""
+        request = pb.DownloadBlobRequest(digest=digest)
+        return await _receive(lambda: self._stub().DownloadBlob(request, metadata=self._metadata), dest)
+
+    async def stat_blob(self, digest: str) -> Blob:
+        """A stored blob's size; NotFound when it is absent."""
+        with rpc_errors(SERVICE):
+            reply = await self._stub().StatBlob(
+                pb.StatBlobRequest(digest=digest), metadata=self._metadata, timeout=TIMEOUT
+            )
+        return convert.blob_from_pb(reply)
+
+    async def upload_blob(self, path: str | os.PathLike) -> Blob:
+        """Stores a file by digest (a data set, batch prediction results)."""
+        digest = await asyncio.to_thread(file_digest, path)
+        size = Path(path).stat().st_size
+
+        async def messages() -> AsyncIterator[pb.UploadBlobRequest]:
+            yield pb.UploadBlobRequest(metadata=pb.BlobMetadata(digest=digest, size_bytes=size))
+            async for chunk in _chunks_of(path):
+                yield pb.UploadBlobRequest(chunk=chunk)
+
+        with rpc_errors(SERVICE):
+            reply = await self._stub().UploadBlob(messages(), metadata=self._metadata)
+        return convert.blob_from_pb(reply)
+
+    async def ensure_model(self, name: str, description: str = "") -> None:
+        """Creates the model unless it exists."""
+        request = pb.CreateModelRequest(name=name, description=description)
+        try:
+            with rpc_errors(SERVICE):
+                await self._stub().CreateModel(request, metadata=self._metadata, timeout=TIMEOUT)
+        except AlreadyExists:
+            pass
+
+    async def push_savedmodel(
+        self,
+        name: str,
+        directory: str | os.PathLike,
+        *,
+        request_id: str,
+        description: str = "",
+        metrics: dict[str, float] | None = None,
+        params: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+        lineage: Lineage | None = None,
+    ) -> ModelVersion:
+        """Packs a SavedModel directory (deterministic tar) and uploads it as a new version; `request_id` makes
+        a retry (e.g. by a restarted trainer) return the version created the first time."""
+        with tempfile.TemporaryDirectory(prefix="modelgrid-push-") as tmp:
+            tar_path = Path(tmp) / "model.tar"
+            digest = await asyncio.to_thread(pack_to_file, directory, tar_path)
+            meta = pb.VersionMetadata(
+                model_name=name,
+                artifact_digest=digest,
+                artifact_size=tar_path.stat().st_size,
+                artifact_format=pb.ARTIFACT_FORMAT_SAVEDMODEL_TAR,
+                request_id=request_id,
+                description=description,
+                metrics=metrics or {},
+                params=params or {},
+                tags=tags or {},
+                lineage=convert.lineage_to_pb(lineage or Lineage()),
+            )
+
+            async def messages() -> AsyncIterator[pb.CreateVersionRequest]:
+                yield pb.CreateVersionRequest(metadata=meta)
+                async for chunk in _chunks_of(tar_path):
+                    yield pb.CreateVersionRequest(chunk=chunk)
+
+            with rpc_errors(SERVICE):
+                reply = await self._stub().CreateVersion(messages(), metadata=self._metadata)
+        return convert.version_from_pb(reply)
+
+    async def set_alias(self, name: str, alias: str, version: int, *, expected_version: int | None = None) -> Alias:
+        """Points an alias at a version; with `expected_version` only if it points there now (0: unset), else
+        FailedPrecondition."""
+        request = pb.SetAliasRequest(model_name=name, alias=alias, version=version)
+        if expected_version is not None:
+            request.expected_version = expected_version
+        with rpc_errors(SERVICE):
+            reply = await self._stub().SetAlias(request, metadata=self._metadata, timeout=TIMEOUT)
+        return convert.alias_from_pb(reply)
+
+    def watch(self, cursor: str = "", model_name: str = "") -> AsyncIterator[RegistryEvent]:
+        """Registry events after `cursor` ("" from now), as they happen. The call starts at once (events after
+        this point are not missed while the caller resyncs); iterating ends with a domain error when the stream
+        breaks, and the caller reconnects with the last cursor it processed."""
+        call = self._stub().WatchEvents(
+            pb.WatchEventsRequest(cursor=cursor, model_name=model_name), metadata=self._metadata
+        )
+
+        async def events() -> AsyncIterator[RegistryEvent]:
+            try:
+                with rpc_errors(SERVICE):
+                    async for event in call:
+                        yield convert.event_from_pb(event)
+            finally:
+                call.cancel()
+
+        return events()
+
+
+async def _chunks_of(path: str | os.PathLike) -> AsyncIterator[bytes]:
+    """A file's bytes in chunks, read in a thread."""
+    chunks = read_chunks(path, CHUNK_BYTES)
+    done = object()
+    while (chunk := await asyncio.to_thread(next, chunks, done)) is not done:
+        yield chunk
+
+
+async def _receive(open_stream: Callable[[], grpc.aio.UnaryStreamCall], dest: Path) -> Download:
+    """Writes a DownloadArtifact-style stream into `dest` while hashing; DataLoss on a digest mismatch."""
+    header = None
+    digest = hashlib.sha256()
+    with rpc_errors(SERVICE), dest.open("wb") as out:
+        async for message in open_stream():
+            if message.WhichOneof("payload") == "header":
+                header = message.header
+                continue
+            digest.update(message.chunk)
+            await asyncio.to_thread(out.write, message.chunk)
+    if header is None or digest.hexdigest() != header.artifact.digest:
+        dest.unlink(missing_ok=True)
+        raise DataLoss(f"download into {dest} does not match the registry's digest")
+    return Download(header.model_name, header.version, convert.artifact_from_pb(header.artifact))
