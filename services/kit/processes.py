@@ -1,0 +1,95 @@
+"""Run a modelgrid service as a real subprocess on a free port and wait until it serves (tests, benches, scripts).
+
+Usage::
+
+    registry = ServiceProcess("services.registry", "MODELGRID_REGISTRY_", {"BLOB_DIR": "..."}, log_path).start()
+    ...  # registry.target, registry.port, registry.env
+    registry.stop()  # SIGTERM, then SIGKILL if it does not exit
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.kit.localinfra import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_serving(target: str, timeout: float = 60.0, service: str = "", process=None) -> None:
+    """Waits until the gRPC health endpoint at `target` says SERVING (fails early if `process` exits)."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline or (process is not None and process.poll() is not None):
+                raise TimeoutError(f"{target} did not become SERVING within {timeout}s")
+            time.sleep(0.1)
+
+
+class ServiceProcess:
+    """`python -m <module>` with settings from the environment, on a free port, logs in a file.
+
+    `settings` are given without the prefix (`{"PORT": "0", "BLOB_DIR": ...}`); PORT defaults to a free port.
+    """
+
+    def __init__(self, module: str, env_prefix: str, settings: dict[str, str], log_path: Path) -> None:
+        self.module = module
+        self.port = int(settings.get("PORT", 0)) or free_port()
+        self.env = {**os.environ, **{f"{env_prefix}{k}": str(v) for k, v in {**settings, "PORT": self.port}.items()}}
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "ServiceProcess":
+        """Starts the process and returns once it is SERVING (raises TimeoutError with its log tail if not)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module], env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        try:
+            wait_serving(self.target, timeout, process=self.process)
+        except TimeoutError:
+            self.kill()
+            raise TimeoutError(f"{self.module} did not start; log:\n{self.log_path.read_text()[-3000:]}") from None
+        return self
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.running():
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM (a graceful shutdown), SIGKILL if it has not exited after 30 s; nothing if it is not running."""
+        if self.running():
+            try:
+                self.terminate()
+            except subprocess.TimeoutExpired:
+                self.kill()
