@@ -6,7 +6,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from services.registry.client import RegistryClient
+from services.clients.registry import RegistryClient
 from tests.support import ServiceProcess
 
 MiB = 1024 * 1024

@@ -27,7 +27,9 @@ from services.cli.output import Output
 from services.cli.predictor_commands import PredictorSession
 from services.cli.registry_commands import CommandError, RegistrySession, UsageError
 from services.cli.trainer_commands import TrainerSession
-from services.registry.client import DigestMismatch, RegistryClient
+from services.clients.registry import RegistryClient
+from services.kit.errors import ModelgridError
+from services.kit.interceptors import status_of
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,12 @@ def _execute(args: argparse.Namespace, out: Output) -> None:
             args.handler(PredictorSession.over(session, predictor_channel), args)
 
 
+def _rpc_error_text(err: grpc.RpcError) -> str:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    return f"{code.name}: {details}"
+
+
 def run(argv: list[str] | None = None) -> int:
     """Runs one command and returns its exit code; never raises for a failed call or bad usage."""
     try:
@@ -149,14 +157,16 @@ def run(argv: list[str] | None = None) -> int:
     try:
         _execute(args, out)
     except grpc.RpcError as err:
-        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-        details = err.details() if hasattr(err, "details") else str(err)
-        out.error(f"{code.name}: {details}")
+        out.error(_rpc_error_text(err))
+        return EXIT_FAILED
+    except ModelgridError as exc:  # from the typed registry client: the call's status, as for a stub call
+        cause = exc.__cause__
+        out.error(_rpc_error_text(cause) if isinstance(cause, grpc.RpcError) else f"{status_of(exc).name}: {exc}")
         return EXIT_FAILED
     except UsageError as exc:
         out.error(str(exc))
         return EXIT_USAGE
-    except (CommandError, DigestMismatch, OSError) as exc:
+    except (CommandError, OSError) as exc:
         out.error(str(exc))
         return EXIT_FAILED
     except KeyboardInterrupt:

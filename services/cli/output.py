@@ -22,7 +22,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from services.registry.client import Progress as ProgressCallback
+from services.clients.registry import Progress as ProgressCallback
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,9 @@ from services.cli import predictor_views as views
 from services.cli import tensor_files as files
 from services.cli.registry_commands import CommandError
 from services.cli.sessions import StubSession
+from services.clients.registry import convert
+from services.kit.convert import ref_to_pb
 from services.kit.modelref import ModelRef
-from services.registry.client import ref_message
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def predict(session: PredictorSession, args: argparse.Namespace) -> None:
     ref: ModelRef = args.ref
     inputs = read_inputs(session, ref, args.input)
     request = pb.PredictRequest(
-        model=ref_message(ref),
+        model=ref_to_pb(ref),
         inputs={name: files.to_tensor(name, array) for name, array in inputs.items()},
         output_filter=args.output_filter,
     )
@@ -167,7 +168,7 @@ def batch_submit(session: PredictorSession, args: argparse.Namespace) -> None:
         blob = session.client.upload_blob(path)
         progress(blob.size_bytes, blob.size_bytes)
     spec = pb.BatchJobSpec(
-        model=ref_message(args.ref),
+        model=ref_to_pb(args.ref),
         input_digest=blob.digest,
         output_filter=args.output_filter,
         batch_size=args.batch_size,
@@ -231,7 +232,7 @@ def batch_fetch(session: PredictorSession, args: argparse.Namespace) -> None:
         header = session.client.download_blob(job.output_digest, partial, progress=progress)
     os.replace(partial, dest)
     if session.out.json_mode:
-        session.out.message(header)
+        session.out.message(convert.download_to_pb(header))
         return
     session.out.line(f"fetched the results of job {job.id} into {dest}")
     session.out.line(f"digest {header.artifact.digest} verified ({header.artifact.size_bytes} bytes)")

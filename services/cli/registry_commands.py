@@ -16,8 +16,9 @@ from modelgrid.registry.v1 import registry_pb2 as pb
 from services.cli import arguments
 from services.cli import registry_views as views
 from services.cli.output import Output
+from services.clients.registry import RegistryClient, convert
+from services.kit.convert import ref_to_pb
 from services.kit.modelref import ModelRef
-from services.registry.client import RegistryClient, ref_message
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def versions_show(session: RegistrySession, args: argparse.Namespace) -> None:
     if ref.version:  # any status, archived included
         version = session.call(stub.GetVersion, pb.GetVersionRequest(model_name=ref.name, version=ref.version))
     else:  # latest READY or an alias target
-        version = session.call(stub.Resolve, pb.ResolveRequest(ref=ref_message(ref)))
+        version = session.call(stub.Resolve, pb.ResolveRequest(ref=ref_to_pb(ref)))
     _show(session, version, views.version_detail)
 
 
@@ -138,8 +139,10 @@ def _upload(session: RegistrySession, args: argparse.Namespace, path: Path) -> p
     }
     with session.out.transfer(f"push {args.name}") as progress:
         if path.is_dir():
-            return session.client.push_savedmodel(args.name, path, progress=progress, **metadata)
-        return session.client.push_file(args.name, path, progress=progress, **metadata)
+            version = session.client.push_savedmodel(args.name, path, progress=progress, **metadata)
+        else:
+            version = session.client.push_file(args.name, path, progress=progress, **metadata)
+    return convert.version_to_pb(version)
 
 
 def _check_artifact_path(path: Path) -> None:
@@ -182,7 +185,7 @@ def pull(session: RegistrySession, args: argparse.Namespace) -> None:
             directory.rmdir()  # leave no empty directory behind a failed pull
         raise
     if session.out.json_mode:
-        session.out.message(header)
+        session.out.message(convert.download_to_pb(header))
         return
     artifact = header.artifact
     session.out.line(f"pulled {header.model_name}:{header.version} into {directory}")

@@ -10,7 +10,7 @@ from google.protobuf.message import Message
 
 from services.cli.output import Output
 from services.cli.registry_commands import RegistrySession
-from services.registry.client import RegistryClient
+from services.clients.registry import RegistryClient
 
 logger = logging.getLogger(__name__)
 

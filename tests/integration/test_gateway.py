@@ -94,7 +94,7 @@ def _wait_routes(ns, predicate, timeout: float = 60):
 
 
 def _registry_via_gateway(ns):
-    from services.registry.client import RegistryClient
+    from services.clients.registry import RegistryClient
 
     return RegistryClient(ns.channel, client_id="through-gateway")
 

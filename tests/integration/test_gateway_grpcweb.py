@@ -3,6 +3,7 @@ the session's Redis), called with httpx over HTTP/1.1, h2c (prior knowledge) and
 modes: unary calls, server streaming, errors, deadlines, client disconnects, CORS, the console and /healthz."""
 
 import base64
+import hashlib
 import os
 import shutil
 import ssl
@@ -23,7 +24,6 @@ from services.gateway import grpcweb
 from services.gateway.settings import GatewaySettings
 from services.gateway.web import GrpcWebApp
 from services.kit.localinfra import ConsulAgent, free_port
-from services.registry.client import bytes_digest
 from tests.registry_fixtures import MiB, client_for, start_registry, unique
 from tests.support import REPO_ROOT, ServiceProcess
 
@@ -31,6 +31,10 @@ SERVICE = "/modelgrid.registry.v1.ModelRegistry"
 ALLOWED_ORIGIN = "http://console.example:3000"
 TRANSPORTS = {"http1": {"http1": True, "http2": False}, "h2c": {"http1": False, "http2": True}}
 MODES = {"binary": "application/grpc-web+proto", "text": "application/grpc-web-text"}
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def gateway_env(consul: ConsulAgent, redis_url: str, tmp: Path, **extra: str) -> dict[str, str]:
@@ -153,7 +157,7 @@ def test_server_streaming_download_of_a_3mb_artifact(mesh, variant, tmp_path):
     assert trailers["grpc-status"] == "0", trailers
     replies = [pb.DownloadArtifactResponse.FromString(m) for m in messages]
     assert replies[0].WhichOneof("payload") == "header"
-    assert replies[0].header.artifact.digest == bytes_digest(data)
+    assert replies[0].header.artifact.digest == sha256_hex(data)
     assert len(replies) > 2, "several chunk messages were streamed"
     assert b"".join(r.chunk for r in replies[1:]) == data
 
@@ -162,7 +166,7 @@ def test_big_multi_frame_request_body_then_download(mesh, variant):
     """A client-streaming call in one body (metadata + 1 MiB chunks, ~3 MB), then the blob back, streamed."""
     client, text, _ = variant
     data = os.urandom(3 * MiB - 7)
-    frames = [pb.UploadBlobRequest(metadata=pb.BlobMetadata(digest=bytes_digest(data), size_bytes=len(data)))]
+    frames = [pb.UploadBlobRequest(metadata=pb.BlobMetadata(digest=sha256_hex(data), size_bytes=len(data)))]
     frames += [pb.UploadBlobRequest(chunk=data[i : i + MiB]) for i in range(0, len(data), MiB)]
     body = b"".join(grpcweb.encode_message(f.SerializeToString()) for f in frames)
     response = client.post(
@@ -174,7 +178,7 @@ def test_big_multi_frame_request_body_then_download(mesh, variant):
     replies = grpcweb.decode_frames(response.content, text=text)
     assert grpcweb.decode_trailers(replies[-1].payload)["grpc-status"] == "0"
     assert pb.BlobInfo.FromString(replies[0].payload).size_bytes == len(data)
-    request = pb.DownloadBlobRequest(digest=bytes_digest(data))
+    request = pb.DownloadBlobRequest(digest=sha256_hex(data))
     _, messages, trailers = call(client, mesh["base"], "DownloadBlob", request, text=text)
     assert trailers["grpc-status"] == "0"
     chunks = [pb.DownloadArtifactResponse.FromString(m) for m in messages]

@@ -1,6 +1,7 @@
 """The registry end to end over real gRPC, with a real Consul agent and a real Redis server."""
 
 import concurrent.futures
+import hashlib
 import os
 import threading
 import time
@@ -12,11 +13,17 @@ import pytest
 
 from modelgrid.common.v1 import common_pb2
 from modelgrid.registry.v1 import registry_pb2 as pb
+from services.clients.registry import ArtifactFormat, VersionStatus
 from services.kit.artifacts import pack_to_file
-from services.registry.client import bytes_digest, ref_message
+from services.kit.convert import ref_to_pb
+from services.kit.errors import InvalidArgument, ResourceExhausted
 from tests.registry_fixtures import MiB, build_saved_model, client_for, start_registry, unique
 
 MAX_ARTIFACT = 4 * MiB
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +50,7 @@ def model(client) -> str:
 
 
 def push_bytes(client, name: str, data: bytes, tmp_path: Path, **kwargs) -> pb.ModelVersion:
-    path = tmp_path / f"blob-{bytes_digest(data)[:8]}"
+    path = tmp_path / f"blob-{sha256_hex(data)[:8]}"
     path.write_bytes(data)
     return client.push_file(name, path, **kwargs)
 
@@ -89,16 +96,16 @@ def test_push_and_pull_savedmodel_round_trip_with_signature(client, model, tmp_p
 
     version = client.push_savedmodel(model, source, metrics={"accuracy": 0.9}, params={"lr": "0.01"})
     assert version.version == 1
-    assert version.status == pb.VERSION_STATUS_READY
+    assert version.status == VersionStatus.READY
     assert version.artifact.digest == expected_digest
-    assert version.artifact.format == pb.ARTIFACT_FORMAT_SAVEDMODEL_TAR
+    assert version.artifact.format == ArtifactFormat.SAVEDMODEL_TAR
     assert version.created_by == "pytest"
 
     (signature,) = version.signatures
     loaded = tf.saved_model.load(str(source)).signatures["serving_default"]
     assert signature.name == "serving_default"
     assert [(t.name, t.dtype, list(t.shape)) for t in signature.inputs] == [
-        (name, common_pb2.DATA_TYPE_FLOAT32, [-1, 4]) for name in loaded.structured_input_signature[1]
+        (name, "float32", [-1, 4]) for name in loaded.structured_input_signature[1]
     ]
     assert [(t.name, list(t.shape)) for t in signature.outputs] == [
         (name, [-1 if d is None else d for d in spec.shape]) for name, spec in loaded.structured_outputs.items()
@@ -174,7 +181,7 @@ def test_racing_set_alias_one_wins_one_loses(client, model, tmp_path):
         codes = list(pool.map(claim, [1, 2]))
     assert sorted(codes, key=str) == sorted([grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION], key=str)
     winner = [1, 2][codes.index(grpc.StatusCode.OK)]
-    assert client.stub.Resolve(pb.ResolveRequest(ref=ref_message(f"{model}@production"))).version == winner
+    assert client.stub.Resolve(pb.ResolveRequest(ref=ref_to_pb(f"{model}@production"))).version == winner
 
 
 # -- aliases, resolve, archive, history ----------------------------------------------------------------------
@@ -204,15 +211,15 @@ def test_resolve_and_archive(client, model, tmp_path):
     for _ in range(2):
         push_bytes(client, model, os.urandom(1000), tmp_path)
     resolve = client.stub.Resolve
-    assert resolve(pb.ResolveRequest(ref=ref_message(model))).version == 2
+    assert resolve(pb.ResolveRequest(ref=ref_to_pb(model))).version == 2
     client.stub.SetAlias(pb.SetAliasRequest(model_name=model, alias="canary", version=2))
     archive = pb.UpdateVersionRequest(model_name=model, version=2, status=pb.VERSION_STATUS_ARCHIVED)
     assert code_of(client.stub.UpdateVersion, archive) == grpc.StatusCode.FAILED_PRECONDITION
     client.stub.DeleteAlias(pb.DeleteAliasRequest(model_name=model, alias="canary"))
     archived = client.stub.UpdateVersion(archive)
     assert archived.status == pb.VERSION_STATUS_ARCHIVED
-    assert resolve(pb.ResolveRequest(ref=ref_message(model))).version == 1
-    assert code_of(resolve, pb.ResolveRequest(ref=ref_message(f"{model}:2"))) == grpc.StatusCode.FAILED_PRECONDITION
+    assert resolve(pb.ResolveRequest(ref=ref_to_pb(model))).version == 1
+    assert code_of(resolve, pb.ResolveRequest(ref=ref_to_pb(f"{model}:2"))) == grpc.StatusCode.FAILED_PRECONDITION
     request = pb.SetAliasRequest(model_name=model, alias="canary", version=2)
     assert code_of(client.stub.SetAlias, request) == grpc.StatusCode.FAILED_PRECONDITION
 
@@ -301,27 +308,23 @@ def test_duplicate_model_is_already_exists(client, model):
 def test_wrong_digest_is_refused_and_leaves_nothing(client, registry, model, tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(os.urandom(200_000))
-    wrong = bytes_digest(b"something else")
-    with pytest.raises(grpc.RpcError) as err:
+    wrong = sha256_hex(b"something else")
+    with pytest.raises(InvalidArgument, match="digest mismatch"):
         client.push_file(model, path, digest=wrong)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "digest mismatch" in err.value.details()
     assert client.stub.GetModel(pb.GetModelRequest(name=model)).latest_version == 0
     blob_dir = Path(registry.env["MODELGRID_REGISTRY_BLOB_DIR"])
     assert list((blob_dir / "tmp").iterdir()) == []
-    assert not list((blob_dir / "sha256").rglob(bytes_digest(path.read_bytes())))
+    assert not list((blob_dir / "sha256").rglob(sha256_hex(path.read_bytes())))
 
 
 def test_oversize_upload_is_resource_exhausted(client, model, tmp_path):
     path = tmp_path / "big"
     path.write_bytes(os.urandom(MAX_ARTIFACT + 1))
-    with pytest.raises(grpc.RpcError) as err:
+    with pytest.raises(ResourceExhausted, match="MAX_ARTIFACT_BYTES"):
         client.push_file(model, path)  # declares its size: refused before any byte
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "MAX_ARTIFACT_BYTES" in err.value.details()
 
     def undeclared():  # a client that does not declare the size is stopped once the limit is crossed
-        meta = pb.VersionMetadata(model_name=model, artifact_digest=bytes_digest(path.read_bytes()))
+        meta = pb.VersionMetadata(model_name=model, artifact_digest=sha256_hex(path.read_bytes()))
         yield pb.CreateVersionRequest(metadata=meta)
         data = path.read_bytes()
         for start in range(0, len(data), MiB):
@@ -334,9 +337,8 @@ def test_oversize_upload_is_resource_exhausted(client, model, tmp_path):
 def test_savedmodel_format_with_a_non_savedmodel_is_invalid(client, model, tmp_path):
     path = tmp_path / "not-a-tar"
     path.write_bytes(b"plain bytes")
-    with pytest.raises(grpc.RpcError) as err:
-        client.push_file(model, path, artifact_format=pb.ARTIFACT_FORMAT_SAVEDMODEL_TAR)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(InvalidArgument):
+        client.push_file(model, path, artifact_format=ArtifactFormat.SAVEDMODEL_TAR)
     assert client.stub.GetModel(pb.GetModelRequest(name=model)).latest_version == 0
 
 
@@ -350,8 +352,8 @@ def test_first_message_must_be_metadata(client):
     [
         ("GetModel", lambda m: pb.GetModelRequest(name="no-such-model")),
         ("GetVersion", lambda m: pb.GetVersionRequest(model_name=m, version=9)),
-        ("Resolve", lambda m: pb.ResolveRequest(ref=ref_message(f"{m}@production"))),
-        ("Resolve", lambda m: pb.ResolveRequest(ref=ref_message(m))),
+        ("Resolve", lambda m: pb.ResolveRequest(ref=ref_to_pb(f"{m}@production"))),
+        ("Resolve", lambda m: pb.ResolveRequest(ref=ref_to_pb(m))),
         ("DeleteAlias", lambda m: pb.DeleteAliasRequest(model_name=m, alias="production")),
         ("SetAlias", lambda m: pb.SetAliasRequest(model_name=m, alias="production", version=9)),
         ("UpdateVersion", lambda m: pb.UpdateVersionRequest(model_name=m, version=9, description="x")),
@@ -388,11 +390,11 @@ def test_blobs_round_trip_by_digest_and_unknown_digest_is_not_found(client, tmp_
     source = tmp_path / "dataset.npz"
     source.write_bytes(data)
     info = client.upload_blob(source)
-    assert (info.digest, info.size_bytes) == (bytes_digest(data), len(data))
+    assert (info.digest, info.size_bytes) == (sha256_hex(data), len(data))
     assert client.stub.StatBlob(pb.StatBlobRequest(digest=info.digest)).size_bytes == len(data)
     header = client.download_blob(info.digest, tmp_path / "copy")
     assert header.artifact.digest == info.digest
     assert (tmp_path / "copy").read_bytes() == data
-    unknown = bytes_digest(b"never uploaded")
+    unknown = sha256_hex(b"never uploaded")
     assert code_of(client.stub.StatBlob, pb.StatBlobRequest(digest=unknown)) == grpc.StatusCode.NOT_FOUND
     assert code_of(client.stub.StatBlob, pb.StatBlobRequest(digest="../x")) == grpc.StatusCode.INVALID_ARGUMENT

@@ -218,4 +218,4 @@ async def _receive(open_stream: Callable[[], grpc.aio.UnaryStreamCall], dest: Pa
     if header is None or digest.hexdigest() != header.artifact.digest:
         dest.unlink(missing_ok=True)
         raise DataLoss(f"download into {dest} does not match the registry's digest")
-    return Download(header.model_name, header.version, convert.artifact_from_pb(header.artifact))
+    return Download(header.model_name, header.version, convert.artifact_from_pb(header.artifact), header.offset)

@@ -200,3 +200,9 @@ def event_from_pb(message: pb.RegistryEvent) -> types.RegistryEvent:
 
 def blob_from_pb(message: pb.BlobInfo) -> types.Blob:
     return types.Blob(digest=message.digest, size_bytes=message.size_bytes)
+
+
+def download_to_pb(download: types.Download) -> pb.ArtifactHeader:
+    return pb.ArtifactHeader(
+        model_name=download.model_name, version=download.version, artifact=artifact_to_pb(download.artifact)
+    )

@@ -157,7 +157,7 @@ class RegistryClient:
         if file_digest(dest) != header.artifact.digest:
             dest.unlink()
             raise DataLoss(f"{dest} does not hash to {header.artifact.digest}; removed it")
-        return Download(header.model_name, header.version, convert.artifact_from_pb(header.artifact))
+        return Download(header.model_name, header.version, convert.artifact_from_pb(header.artifact), header.offset)
 
     def pull(self, ref: str | ModelRef, directory: str | os.PathLike, *, progress: Progress | None = None) -> Download:
         """Downloads a version and unpacks it into `directory` (a SavedModel tar) or writes it there as

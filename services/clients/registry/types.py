@@ -94,6 +94,7 @@ class ModelVersion:
     model_name: str
     version: int
     artifact: Artifact
+    offset: int = 0  # where this download started (resumed from what the destination already held)
     status: VersionStatus = VersionStatus.READY
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
@@ -148,3 +149,4 @@ class Download:
     model_name: str
     version: int
     artifact: Artifact
+    offset: int = 0  # where this download started (resumed from what the destination already held)

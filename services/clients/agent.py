@@ -1,0 +1,146 @@
+"""asyncio client of the trainer's worker agents (`trainer-agent` in Consul, modelgrid.agent.v1.WorkerAgent).
+
+Every call names the agent it is for. Work is only given to healthy agents (`reserve_ports`, `start_replica`,
+`replica_logs`); stopping, listing, watching and releasing also reach an agent that was healthy before, since a
+busy agent whose check just failed may still run workers that must be stopped. Replies are the types of
+services.trainer.replicas; failures are the kit's domain errors, never gRPC errors.
+"""
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from modelgrid.agent.v1 import agent_pb2 as pb
+from modelgrid.agent.v1 import agent_pb2_grpc
+from services.kit.channels import InstancePool
+from services.kit.consul import Instance
+from services.kit.errors import Unavailable
+from services.kit.rpc_errors import rpc_errors
+from services.trainer.replicas import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
+from services.trainer.worker import WorkerSpec
+
+SERVICE = "trainer-agent"
+TIMEOUT = 10.0  # seconds, for every call but StartReplica
+START_TIMEOUT = 30.0
+
+_STATES = {pb.REPLICA_STATE_RUNNING: ReplicaState.RUNNING, pb.REPLICA_STATE_EXITED: ReplicaState.EXITED}
+
+
+@dataclass(frozen=True)
+class Agent:
+    """A healthy worker agent."""
+
+    id: str
+    address: str
+    """Its gRPC endpoint."""
+    host: str
+    """Its advertised address: where its workers' collective ports are reachable."""
+    slots: int
+    """Worker processes it runs at once."""
+
+
+class AgentClient:
+    """Calls to the worker agents of one InstancePool."""
+
+    def __init__(self, pool: InstancePool) -> None:
+        self._pool = pool
+
+    @property
+    def agents(self) -> dict[str, Agent]:
+        """The healthy agents by id."""
+        return {agent_id: _agent(member.instance) for agent_id, member in self._pool.members.items()}
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Calls `listener()` after every change of the healthy agents."""
+        self._pool.add_listener(listener)
+
+    def _stub(self, agent_id: str, *, healthy_only: bool) -> agent_pb2_grpc.WorkerAgentStub:
+        if healthy_only:
+            member = self._pool.members.get(agent_id)
+            if member is None:
+                raise Unavailable(f"worker agent {agent_id} is not healthy in Consul")
+            return agent_pb2_grpc.WorkerAgentStub(member.channel)
+        return agent_pb2_grpc.WorkerAgentStub(self._pool.channel_for(agent_id))
+
+    async def reserve_ports(self, agent_id: str, job_id: str, count: int) -> list[int]:
+        """`count` ports on the agent's host for the job: the same ones on every call."""
+        stub = self._stub(agent_id, healthy_only=True)
+        with rpc_errors(SERVICE):
+            reply = await stub.ReservePorts(pb.ReservePortsRequest(job_id=job_id, count=count), timeout=TIMEOUT)
+        return list(reply.ports)
+
+    async def release_ports(self, agent_id: str, job_id: str) -> None:
+        """Frees the job's ports on the agent (and its exited replicas there)."""
+        stub = self._stub(agent_id, healthy_only=False)
+        with rpc_errors(SERVICE):
+            await stub.ReleasePorts(pb.ReleasePortsRequest(job_id=job_id), timeout=TIMEOUT)
+
+    async def start_replica(self, agent_id: str, key: ReplicaKey, tf_config: str, spec: WorkerSpec) -> ReplicaStatus:
+        """Starts the worker process of `key` with TF_CONFIG `tf_config` (JSON) and `spec`, or returns the one
+        started before; ResourceExhausted when all the agent's slots are taken."""
+        request = pb.StartReplicaRequest(
+            job_id=key.job_id,
+            attempt=key.attempt,
+            task_index=key.task_index,
+            tf_config=tf_config,
+            worker_spec=spec.to_json(),
+        )
+        stub = self._stub(agent_id, healthy_only=True)
+        with rpc_errors(SERVICE):
+            reply = await stub.StartReplica(request, timeout=START_TIMEOUT)
+        return replica_from_pb(reply)
+
+    async def stop_replica(self, agent_id: str, key: ReplicaKey, *, kill: bool) -> ReplicaStatus:
+        """SIGTERM (a preemption) or SIGKILL (`kill`) to the worker process of `key`."""
+        request = pb.StopReplicaRequest(job_id=key.job_id, attempt=key.attempt, task_index=key.task_index, kill=kill)
+        stub = self._stub(agent_id, healthy_only=False)
+        with rpc_errors(SERVICE):
+            reply = await stub.StopReplica(request, timeout=TIMEOUT)
+        return replica_from_pb(reply)
+
+    async def list_replicas(self, agent_id: str, job_id: str = "") -> list[ReplicaStatus]:
+        """The worker processes the agent knows (of one job when given), running or exited."""
+        stub = self._stub(agent_id, healthy_only=False)
+        with rpc_errors(SERVICE):
+            reply = await stub.ListReplicas(pb.ListReplicasRequest(job_id=job_id), timeout=TIMEOUT)
+        return [replica_from_pb(r) for r in reply.replicas]
+
+    async def watch_replicas(self, agent_id: str, job_id: str = "") -> AsyncIterator[ReplicaEvent]:
+        """The current state of each replica, then every progress line and exit as it happens. Ends with a domain
+        error when the stream breaks (the caller reconnects)."""
+        stub = self._stub(agent_id, healthy_only=False)
+        call = stub.WatchReplicas(pb.WatchReplicasRequest(job_id=job_id))
+        try:
+            with rpc_errors(SERVICE):
+                async for event in call:
+                    yield ReplicaEvent(replica_from_pb(event.replica), event.progress)
+        finally:
+            call.cancel()
+
+    async def replica_logs(self, agent_id: str, job_id: str, task_index: int, tail_lines: int) -> list[str]:
+        """The last lines the task's worker process of the job's latest attempt on the agent wrote."""
+        request = pb.ReplicaLogsRequest(job_id=job_id, task_index=task_index, tail_lines=tail_lines)
+        stub = self._stub(agent_id, healthy_only=True)
+        with rpc_errors(SERVICE):
+            reply = await stub.ReplicaLogs(request, timeout=TIMEOUT)
+        return list(reply.lines)
+
+
+def replica_from_pb(replica: pb.Replica) -> ReplicaStatus:
+    return ReplicaStatus(
+        key=ReplicaKey(replica.job_id, replica.attempt, replica.task_index),
+        state=_STATES.get(replica.state, ReplicaState.RUNNING),
+        pid=replica.pid,
+        exit_code=replica.exit_code,
+        agent=replica.agent,
+    )
+
+
+def _agent(instance: Instance) -> Agent:
+    slots = instance.meta.get("slots", "1")
+    return Agent(
+        id=instance.id,
+        address=instance.target,
+        host=instance.address,
+        slots=int(slots) if slots.isdigit() else 1,
+    )
+
