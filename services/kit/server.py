@@ -57,6 +57,7 @@ class GrpcService:
         self.port = 0
         self._health = health.aio.HealthServicer()
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
+        self._on_stopping: list[Callable[[], None]] = []
         self._server: grpc.aio.Server | None = None
         self._consul: ConsulClient | None = None
         self._registration: Registration | None = None
@@ -70,6 +71,11 @@ class GrpcService:
     def add_cleanup(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Runs `cleanup()` at shutdown, after the server has stopped."""
         self._cleanups.append(cleanup)
+
+    def on_stopping(self, callback: Callable[[], None]) -> None:
+        """Calls `callback()` when shutdown begins, before the server stops: e.g. to end streams that never end by
+        themselves, so that they do not hold the grace period."""
+        self._on_stopping.append(callback)
 
     async def start(self) -> int:
         """Binds, starts serving (health NOT_SERVING) and registers in Consul; returns the bound port."""
@@ -165,6 +171,8 @@ class GrpcService:
             except httpx.HTTPError as exc:
                 logger.warning("could not deregister %s from Consul: %s", self.instance_id, exc)
             await self._consul.close()
+        for callback in self._on_stopping:
+            callback()
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_seconds)
         for cleanup in reversed(self._cleanups):
