@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import redis.asyncio as aioredis
 
+from services.clients.registry import AsyncRegistryClient
 from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound, ResourceExhausted
 from services.kit.modelref import ModelRef
+from services.predictor.control import ModelControl
 from services.predictor.inference import Inference
-from services.registry.async_client import AsyncRegistryClient
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,9 @@ class BatchJobs:
         redis: aioredis.Redis,
         registry: AsyncRegistryClient,
         inference: Inference,
+        control: ModelControl,
         *,
-        instance: str,
+        instance: str = "",
         default_batch_size: int,
         max_records: int,
         key_prefix: str = "mg:predictor:",
@@ -74,7 +76,8 @@ class BatchJobs:
         self._redis = redis
         self._registry = registry
         self._inference = inference
-        self._instance = instance
+        self._control = control
+        self.instance = instance  # this replica's Consul id (known once the server is bound): whose jobs are whose
         self._default_batch_size = default_batch_size
         self._max_records = max_records
         self._prefix = f"{key_prefix}jobs"
@@ -113,16 +116,32 @@ class BatchJobs:
         """Validates and stores a job, then runs it in the background on this replica."""
         if batch_size < 0:
             raise InvalidArgument("batch_size must be >= 0")
-        self._inference.served(ref)  # NotFound / Unavailable before anything is stored
+        self._control.select(ref)  # NotFound / Unavailable before anything is stored
         job = BatchJob(
-            id=uuid.uuid4().hex[:16], model=str(ref), input_digest=input_digest, output_filter=list(output_filter),
-            batch_size=batch_size or self._default_batch_size, created_at=time.time(), instance=self._instance,
-        )  # fmt: skip
+            id=uuid.uuid4().hex[:16],
+            model=str(ref),
+            input_digest=input_digest,
+            output_filter=list(output_filter),
+            batch_size=batch_size or self._default_batch_size,
+            created_at=time.time(),
+            instance=self.instance,
+        )
         await self._save(job)
         await self._redis.zadd(self._prefix, {job.id: job.created_at})
         self._tasks[job.id] = asyncio.create_task(self._run(job), name=f"batch-job-{job.id}")
         self._tasks[job.id].add_done_callback(lambda _: self._tasks.pop(job.id, None))
         return job
+
+    async def check_input(self, digest: str) -> None:
+        """NotFound when the data set `digest` is not in the registry (before a job is accepted for it)."""
+        await self._registry.stat_blob(digest)
+
+    async def store_records(self, groups: list[dict[str, np.ndarray]]) -> str:
+        """Stores streamed record groups in the registry as one NPZ data set; returns its digest."""
+        with tempfile.TemporaryDirectory(prefix="modelgrid-records-") as tmp:
+            path = Path(tmp) / "records.npz"
+            await asyncio.to_thread(records_to_npz, groups, path)
+            return (await self._registry.upload_blob(path)).digest
 
     async def cancel(self, job_id: str) -> BatchJob:
         job = await self.get(job_id)
@@ -136,7 +155,7 @@ class BatchJobs:
         """Jobs this instance was running when it stopped cannot resume: mark them FAILED."""
         for job_id in await self._redis.zrange(self._prefix, 0, -1):
             job = await self.get(job_id)
-            if job.instance == self._instance and job.state not in FINAL_STATES:
+            if job.instance == self.instance and job.state not in FINAL_STATES:
                 job.state, job.error = JobState.FAILED, "the predictor running it restarted"
                 await self._save(job)
 
@@ -161,7 +180,7 @@ class BatchJobs:
 
     async def _execute(self, job: BatchJob) -> None:
         ref = ModelRef.parse(job.model)
-        version = self._inference.served(ref)  # pinned: the whole job runs on this version
+        version = self._control.select(ref)  # pinned: the whole job runs on this version
         pinned = ModelRef(ref.name, version=version.version)
         job.state, job.version = JobState.RUNNING, version.version
         with tempfile.TemporaryDirectory(prefix="modelgrid-batch-") as tmp:

@@ -7,12 +7,12 @@ import numpy as np
 
 from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2 as pb
+from services.kit import convert
 from services.kit.errors import InvalidArgument
 from services.kit.modelref import ModelRef, check_model_name
 from services.kit.tensors import BY_NAME, array_to_tensor, tensor_to_array
-from services.predictor.repository import ServedModel, VersionPolicy, VersionState
+from services.predictor.domain import ModelStatus, VersionPolicy
 from services.predictor.runtime import IOSpec
-from services.registry.converters import timestamp
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -22,15 +22,11 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 
 def ref_from_pb(ref: common_pb2.ModelRef) -> ModelRef:
+    """A caller's model reference, checked."""
     check_model_name(ref.name)
-    selector = ref.WhichOneof("selector")
-    if selector == "version":
-        if ref.version < 1:
-            raise InvalidArgument("version must be >= 1")
-        return ModelRef(ref.name, version=ref.version)
-    if selector == "alias":
-        return ModelRef(ref.name, alias=ref.alias)
-    return ModelRef(ref.name)
+    if ref.WhichOneof("selector") == "version" and ref.version < 1:
+        raise InvalidArgument("version must be >= 1")
+    return convert.ref_from_pb(ref)
 
 
 def inputs_from_pb(inputs) -> dict[str, np.ndarray]:
@@ -69,24 +65,21 @@ def spec_to_pb(spec: IOSpec) -> common_pb2.TensorSpec:
     return common_pb2.TensorSpec(name=spec.name, dtype=BY_NAME[spec.dtype].proto, shape=spec.shape)
 
 
-def status_to_pb(model: ServedModel) -> pb.ModelStatus:
-    by_version: dict[int, list[str]] = {}
-    for alias, number in model.routes.items():
-        by_version.setdefault(number, []).append(alias)
+def status_to_pb(model: ModelStatus) -> pb.ModelStatus:
     versions = []
-    for number, version in sorted(model.versions.items(), reverse=True):
+    for version in model.versions:
         status = pb.VersionStatus(
-            version=number,
+            version=version.version,
             state=pb.VersionState.Value(f"VERSION_STATE_{version.state.value}"),
             reason=version.reason,
-            aliases=sorted(by_version.get(number, [])),
+            aliases=version.aliases,
         )
-        if version.state == VersionState.AVAILABLE:
-            status.available_since.CopyFrom(timestamp(version.available_since))
+        if version.available:
+            status.available_since.CopyFrom(convert.timestamp(version.available_since))
         versions.append(status)
     message = pb.ModelStatus(name=model.name, policy=policy_to_pb(model.policy), versions=versions, reason=model.reason)
-    available = model.available()
-    if available and available[0].signature is not None:
-        message.inputs.extend(spec_to_pb(s) for s in available[0].signature.inputs)
-        message.outputs.extend(spec_to_pb(s) for s in available[0].signature.outputs)
+    signature = model.signature
+    if signature is not None:
+        message.inputs.extend(spec_to_pb(s) for s in signature.inputs)
+        message.outputs.extend(spec_to_pb(s) for s in signature.outputs)
     return message

@@ -7,12 +7,12 @@ reconciles all served models, which covers whatever happened while the stream wa
 import asyncio
 import logging
 
-import grpc
 import redis.asyncio as aioredis
 
-from modelgrid.registry.v1 import registry_pb2 as rpb
-from services.predictor.repository import ModelRepository, VersionPolicy
-from services.registry.async_client import AsyncRegistryClient
+from services.clients.registry import AsyncRegistryClient, EventType, RegistryEvent
+from services.kit.streams import Backoff, StreamFollower
+from services.predictor.control import ModelControl
+from services.predictor.domain import VersionPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -25,51 +25,55 @@ class RegistryFollower:
     def __init__(
         self,
         registry: AsyncRegistryClient,
-        repository: ModelRepository,
+        control: ModelControl,
         redis: aioredis.Redis,
         cursor_key: str,
         *,
         auto_load: bool = False,
+        backoff: Backoff | None = None,
     ) -> None:
-        self._auto_load = auto_load
         self._registry = registry
-        self._repository = repository
+        self._control = control
         self._redis = redis
         self._cursor_key = cursor_key
-        self._task: asyncio.Task | None = None
+        self._auto_load = auto_load
+        self._cursor = ""
+        self._stream = StreamFollower(
+            "registry-follower", self._open, self._on_event, on_connect=self._resync, backoff=backoff
+        )
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="registry-follower")
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once the stream was first opened and every served model was scheduled for reconciliation."""
+        return self._stream.ready
+
+    async def start(self) -> None:
+        """Resumes after the cursor kept in Redis and follows the stream in the background."""
+        self._cursor = await self._redis.get(self._cursor_key) or ""
+        self._stream.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._stream.stop()
 
-    async def _run(self) -> None:
-        cursor = await self._redis.get(self._cursor_key) or ""
-        backoff = 0.5
-        while True:
-            try:
-                stream = self._registry.watch(cursor)
-                for name in list(self._repository.models):
-                    self._repository.schedule(name)
-                if self._auto_load:
-                    for name in await self._registry.list_model_names():
-                        await self._repository.load(name, AUTO_POLICY, wait=False)
-                async for event in stream:
-                    if self._auto_load and event.model_name not in self._repository.models:
-                        if event.type == rpb.EVENT_TYPE_VERSION_CREATED:
-                            await self._repository.load(event.model_name, AUTO_POLICY, wait=False)
-                        continue
-                    if event.model_name in self._repository.models:
-                        logger.info("registry: %s on %s", event.type, event.model_name)
-                        self._repository.schedule(event.model_name)
-                    cursor = event.cursor
-                    await self._redis.set(self._cursor_key, cursor)
-                    backoff = 0.5
-            except (grpc.aio.AioRpcError, LookupError) as exc:
-                detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-                logger.warning("registry event stream broke (%s); reconnecting in %.1fs", detail, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+    def _open(self):
+        return self._registry.watch(self._cursor)
+
+    async def _resync(self) -> None:
+        """After a (re)connection: reconcile every served model; with auto-load, (re)load every registered one
+        under the auto-load policy (which also retries versions that failed)."""
+        self._control.refresh_all()
+        if self._auto_load:
+            for name in await self._registry.list_model_names():
+                await self._control.load(name, AUTO_POLICY, wait=False)
+
+    async def _on_event(self, event: RegistryEvent) -> None:
+        served = self._control.is_served(event.model_name)
+        if self._auto_load and not served:
+            if event.type == EventType.VERSION_CREATED:
+                await self._control.load(event.model_name, AUTO_POLICY, wait=False)
+            return
+        if served:
+            logger.info("registry: %s on %s", event.type, event.model_name)
+            self._control.refresh(event.model_name)
+        self._cursor = event.cursor
+        await self._redis.set(self._cursor_key, self._cursor)

@@ -13,8 +13,8 @@ from opentelemetry import trace
 from services.kit.errors import InvalidArgument, ModelgridError
 from services.kit.modelref import ModelRef
 from services.predictor.batching import RequestTiming
+from services.predictor.control import ModelControl
 from services.predictor.metrics import PredictorMetrics
-from services.predictor.repository import ModelRepository, ServedVersion
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -30,16 +30,12 @@ class Prediction:
 
 
 class Inference:
-    """Runs predictions for the protocol servicers."""
+    """Runs predictions for the protocol servicers on the versions ModelControl selects."""
 
-    def __init__(self, repository: ModelRepository, metrics: PredictorMetrics, max_request_rows: int) -> None:
-        self.repository = repository
+    def __init__(self, control: ModelControl, metrics: PredictorMetrics, max_request_rows: int) -> None:
+        self._control = control
         self._metrics = metrics
         self._max_rows = max_request_rows
-
-    def served(self, ref: ModelRef) -> ServedVersion:
-        """The version a reference routes to (for metadata calls)."""
-        return self.repository.select(ref)
 
     async def predict(
         self,
@@ -52,7 +48,7 @@ class Inference:
     ) -> Prediction:
         """Predicts on the version `ref` selects. `deadline` is absolute, on the time.monotonic() clock."""
         started = time.monotonic()
-        version = self.repository.select(ref)
+        version = self._control.select(ref)
         labels = (version.model, str(version.version))
         code = "OK"
         with tracer.start_as_current_span(
@@ -70,7 +66,7 @@ class Inference:
                     outputs = await version.queue.submit(inputs, deadline=deadline, timing=timing)
                     if span.is_recording():
                         _record_spans(timing)
-                self.repository.record_sample(version.model, inputs)
+                self._control.record_sample(version.model, inputs)
             except ModelgridError as exc:
                 code = type(exc).__name__
                 span.set_attribute("modelgrid.error", code)

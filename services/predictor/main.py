@@ -3,29 +3,29 @@
 import asyncio
 import gc
 import logging
-from dataclasses import dataclass
 
 import grpc
 
 from modelgrid.predictor.v1 import predictor_pb2, predictor_pb2_grpc
+from services.clients.registry import AsyncRegistryClient
+from services.kit.channels import InstancePool
 from services.kit.consul import ConsulClient
-from services.kit.discovery import ChannelPool, ServiceResolver
 from services.kit.logs import configure_logging
 from services.kit.redis_client import create_redis
 from services.kit.server import GrpcService, ServiceSpec, grpc_options
-from services.kit.telemetry import client_interceptors
+from services.kit.telemetry import setup_tracing
 from services.predictor.batch_jobs import BatchJobs
 from services.predictor.batching import BatchingConfig
 from services.predictor.cache import ArtifactCache
+from services.predictor.control import ModelControl
+from services.predictor.domain import VersionPolicy, VersionState
 from services.predictor.follower import RegistryFollower
 from services.predictor.inference import Inference
 from services.predictor.metrics import PredictorMetrics
 from services.predictor.protocols import add_protocol_servicers, protocol_service_names
-from services.predictor.repository import ModelRepository, VersionPolicy, VersionState
 from services.predictor.runtime import SavedModelRunner, configure_tensorflow
 from services.predictor.servicer import PredictorServicer
 from services.predictor.settings import PredictorSettings
-from services.registry.async_client import AsyncRegistryClient
 
 logger = logging.getLogger(__name__)
 
@@ -34,40 +34,23 @@ VERSION = "0.1.0"
 PROTO_SERVICE = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"].full_name
 
 
-@dataclass
-class RunningPredictor:
-    """A started predictor and the parts tests and main() need."""
-
-    service: GrpcService
-    repository: ModelRepository
-    metrics_port: int
-
-
-async def _registry_channels(settings: PredictorSettings, service: GrpcService):
-    """A channel source for the registry: a fixed target, or healthy instances from Consul."""
+def _registry_pool(settings: PredictorSettings) -> tuple[InstancePool, ConsulClient | None]:
+    """Channels to the registry: the fixed `registry_target`, or its healthy instances in Consul."""
     options = grpc_options(settings)
     if settings.registry_target:
-        channel = grpc.aio.insecure_channel(settings.registry_target, options=options,
-                                            interceptors=client_interceptors())  # fmt: skip
-        service.add_cleanup(channel.close)
-        return lambda: channel
+        targets = [settings.registry_target]
+        return InstancePool(None, settings.registry_service, targets=targets, options=options), None
     consul = ConsulClient(settings.consul_url)
-    resolver = ServiceResolver(consul, settings.registry_service)
-    await resolver.start()
-    pool = ChannelPool(resolver, options=options, interceptors=client_interceptors())
-    service.add_cleanup(consul.close)
-    service.add_cleanup(resolver.stop)
-    service.add_cleanup(pool.close)
-    return pool.channel
+    return InstancePool(consul, settings.registry_service, options=options), consul
 
 
 class _RegistrationUpdater:
     """Publishes which models and versions this replica serves: Consul tags (for the gateway's routing) and a
     grpc.health status per model ("model/<name>"). Coalesces bursts of changes into one update."""
 
-    def __init__(self, service: GrpcService, repository: ModelRepository) -> None:
+    def __init__(self, service: GrpcService, control: ModelControl) -> None:
         self._service = service
-        self._repository = repository
+        self._control = control
         self._pending: asyncio.Task | None = None
 
     def changed(self) -> None:
@@ -77,96 +60,102 @@ class _RegistrationUpdater:
     async def _publish(self) -> None:
         await asyncio.sleep(0.05)
         tags = []
-        for name, model in sorted(self._repository.models.items()):
-            available = model.available()
-            await self._service.set_health(f"model/{name}", bool(available))
+        for model in self._control.index():
+            available = model.available
+            await self._service.set_health(f"model/{model.name}", bool(available))
             if available:
-                tags.append(f"model={name}")
-                tags += [f"version={name}:{v.version}" for v in available]
-                tags += [f"alias={name}@{alias}" for alias in sorted(model.routes)]
+                tags.append(f"model={model.name}")
+                tags += [f"version={model.name}:{v.version}" for v in available]
+                tags += [f"alias={model.name}@{alias}" for alias in sorted(model.routes)]
         try:
             await self._service.update_registration(tags=tags)
         except Exception:  # noqa: BLE001 - the next change retries; serving goes on
             logger.warning("could not update the Consul registration", exc_info=True)
 
 
-async def start_predictor(settings: PredictorSettings) -> RunningPredictor:
-    """Builds and starts a predictor replica; SERVING once the configured models have had their first load."""
+async def start_predictor(settings: PredictorSettings) -> GrpcService:
+    """Builds and starts a predictor replica; SERVING once the configured models have had their first load.
+    Returns the running service (its bound port is `.port`)."""
     configure_tensorflow(settings.tf_threads)
+    tracer_provider = setup_tracing(SERVICE_NAME, VERSION, settings)  # before any channel: they take its interceptors
     redis = create_redis(settings.redis_url)
     await redis.ping()
+    pool, consul = _registry_pool(settings)
+    await pool.start()
+    registry = AsyncRegistryClient(pool, client_id="predictor")
     metrics = PredictorMetrics()
-    holder: dict[str, object] = {}
-
-    def add_servicers(server: grpc.aio.Server) -> None:
-        predictor_pb2_grpc.add_PredictorServicer_to_server(holder["native"], server)
-        add_protocol_servicers(server, holder["inference"], holder["readiness"])
-
-    spec = ServiceSpec(SERVICE_NAME, VERSION, [PROTO_SERVICE, *protocol_service_names()], add_servicers)
-    service = GrpcService(spec, settings)
-    service.add_cleanup(redis.aclose)
-    registry = AsyncRegistryClient(await _registry_channels(settings, service), client_id="predictor")
-    updater: _RegistrationUpdater | None = None
     batching = BatchingConfig(
         settings.max_batch_size, settings.max_queue_delay_ms, settings.max_queue_depth, settings.batching_enabled
     )
-    repository = ModelRepository(
+    control = ModelControl(
         registry,
         ArtifactCache(settings.cache_dir, settings.cache_max_bytes),
         SavedModelRunner,
         batching,
         warmup_requests=settings.warmup_requests,
         observer_for=metrics.observer,
-        on_change=lambda: updater.changed() if updater else None,
     )
-    inference = Inference(repository, metrics, settings.max_request_rows)
+    inference = Inference(control, metrics, settings.max_request_rows)
     jobs = BatchJobs(
-        redis, registry, inference, instance="", default_batch_size=settings.batch_job_batch_size,
+        redis,
+        registry,
+        inference,
+        control,
+        default_batch_size=settings.batch_job_batch_size,
         max_records=settings.max_batch_job_records,
-    )  # fmt: skip
-    ready = asyncio.Event()
-    holder.update(
-        native=PredictorServicer(inference, jobs, registry, settings.max_streamed_job_bytes),
-        inference=inference,
-        readiness=ready.is_set,
     )
+    native = PredictorServicer(inference, control, jobs, settings.max_streamed_job_bytes)
+    ready = asyncio.Event()
+
+    def add_servicers(server: grpc.aio.Server) -> None:
+        predictor_pb2_grpc.add_PredictorServicer_to_server(native, server)
+        add_protocol_servicers(server, inference, control, ready.is_set)
+
+    spec = ServiceSpec(SERVICE_NAME, VERSION, [PROTO_SERVICE, *protocol_service_names()], add_servicers)
+    service = GrpcService(spec, settings, tracer_provider)
+    service.add_cleanup(redis.aclose)
+    if consul is not None:
+        service.add_cleanup(consul.close)
+    service.add_cleanup(pool.close)
     await service.start()
-    jobs.instance = holder["native"].instance = service.instance_id
+    jobs.instance = native.instance = service.instance_id
     await jobs.fail_orphans()
-    updater = _RegistrationUpdater(service, repository)
+    control.add_listener(_RegistrationUpdater(service, control).changed)
     service.add_cleanup(jobs.close)
-    service.add_cleanup(repository.close)
-    metrics_port = metrics.serve(settings.metrics_port, settings.host) if settings.metrics_port >= 0 else -1
+    service.add_cleanup(control.close)
+    if settings.metrics_port >= 0:
+        metrics.serve(settings.metrics_port, settings.host)
 
     for model in settings.models:
         policy = VersionPolicy(model.latest, tuple(model.versions), tuple(model.aliases))
-        await repository.load(model.name, policy, wait=False)
+        await control.load(model.name, policy, wait=False)
     if settings.follow_registry:
         follower = RegistryFollower(
-            registry, repository, redis, f"mg:predictor:{service.instance_id}:cursor", auto_load=settings.auto_load
+            registry, control, redis, f"mg:predictor:{service.instance_id}:cursor", auto_load=settings.auto_load
         )
-        follower.start()
+        await follower.start()
         service.add_cleanup(follower.stop)
     else:
         for model in settings.models:
-            repository.schedule(model.name)
-    await asyncio.gather(*(repository.models[m.name].settled.wait() for m in settings.models))
-    for model in settings.models:
-        failed = [v for v in repository.models[model.name].versions.values() if v.state == VersionState.FAILED]
-        for version in failed:
-            logger.error("%s:%d did not load: %s", model.name, version.version, version.reason)
+            control.refresh(model.name)
+    names = [model.name for model in settings.models]
+    await control.wait_settled(names)
+    for name in names:
+        for version in control.status(name).versions:
+            if version.state == VersionState.FAILED:
+                logger.error("%s:%d did not load: %s", name, version.version, version.reason)
     # TensorFlow leaves a very large number of long-lived Python objects; moving them out of the collector's sight
     # keeps full collections (which walk every tracked object) from stalling the event loop.
     gc.collect()
     gc.freeze()
     ready.set()
     await service.set_serving(True)
-    return RunningPredictor(service, repository, metrics_port)
+    return service
 
 
 async def serve(settings: PredictorSettings) -> None:
-    running = await start_predictor(settings)
-    await running.service.run_until_signal()
+    service = await start_predictor(settings)
+    await service.run_until_signal()
 
 
 def main() -> None:

@@ -17,29 +17,46 @@ class PredictorMetrics:
         self.registry = CollectorRegistry()
         labels = ("model", "version")
         self.requests = Counter(
-            "modelgrid_predictor_requests", "Prediction requests answered", (*labels, "protocol", "code"),
+            "modelgrid_predictor_requests",
+            "Prediction requests answered",
+            (*labels, "protocol", "code"),
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.latency = Histogram(
-            "modelgrid_predictor_request_seconds", "Time from request to answer inside the predictor", labels,
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "modelgrid_predictor_request_seconds",
+            "Time from request to answer inside the predictor",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.queue_wait = Histogram(
-            "modelgrid_predictor_queue_wait_seconds", "Time a request waited for its batch to start", labels,
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "modelgrid_predictor_queue_wait_seconds",
+            "Time a request waited for its batch to start",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.execution = Histogram(
-            "modelgrid_predictor_execution_seconds", "Model execution time per batch", labels,
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "modelgrid_predictor_execution_seconds",
+            "Model execution time per batch",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
-            "modelgrid_predictor_batch_size", "Requests per executed batch", labels,
-            buckets=_BATCH_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "modelgrid_predictor_batch_size",
+            "Requests per executed batch",
+            labels,
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
         self.batch_rows = Histogram(
-            "modelgrid_predictor_batch_rows", "Rows per executed batch", labels,
-            buckets=_BATCH_BUCKETS, registry=self.registry,
-        )  # fmt: skip
+            "modelgrid_predictor_batch_rows",
+            "Rows per executed batch",
+            labels,
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
 
     def observer(self, model: str, version: int) -> "BatchMetrics":
         """A BatchObserver feeding this model version's batch histograms."""

@@ -8,7 +8,7 @@ serving; then the alias routes switch in one assignment; the old version finishe
 
 import asyncio
 import collections
-import enum
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -16,49 +16,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 
-from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound, Unavailable
-from services.kit.modelref import ModelRef, check_alias, check_model_name
+from services.clients.registry import AsyncRegistryClient
+from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound
+from services.kit.modelref import ModelRef, check_model_name
 from services.predictor.batching import BatchingConfig, BatchObserver, BatchQueue
 from services.predictor.cache import ArtifactCache
+from services.predictor.domain import VersionPolicy, VersionState
 from services.predictor.runtime import ModelSignature
-from services.registry.async_client import AsyncRegistryClient
 
 logger = logging.getLogger(__name__)
 
 SAMPLES_KEPT = 4
-
-
-class VersionState(enum.StrEnum):
-    LOADING = "LOADING"
-    AVAILABLE = "AVAILABLE"
-    UNLOADING = "UNLOADING"
-    FAILED = "FAILED"
-
-
-@dataclass(frozen=True)
-class VersionPolicy:
-    """Which versions to keep loaded: the `latest` N, `versions` by number, or the targets of `aliases`."""
-
-    latest: int = 0
-    versions: tuple[int, ...] = ()
-    aliases: tuple[str, ...] = ()
-    all_aliases: bool = False  # also every alias the model has, whatever its name
-
-    def __post_init__(self) -> None:
-        chosen = sum(bool(x) for x in (self.latest, self.versions, self.aliases))
-        if chosen > 1:
-            raise InvalidArgument("a version policy takes one of latest, versions or aliases")
-        if self.latest < 0 or any(v < 1 for v in self.versions):
-            raise InvalidArgument("latest must be >= 1 and versions >= 1")
-        for alias in self.aliases:
-            check_alias(alias)
-
-    @property
-    def effective_latest(self) -> int:
-        return self.latest or (0 if self.versions or self.aliases else 1)
 
 
 class ServedVersion:
@@ -143,28 +113,6 @@ class ModelRepository:
 
     # -- what callers use --------------------------------------------------------------------------------------
 
-    def select(self, ref: ModelRef) -> ServedVersion:
-        """The AVAILABLE version a reference routes to on this replica."""
-        model = self.models.get(ref.name)
-        if model is None:
-            raise NotFound(f"model {ref.name!r} is not served by this replica; it serves {sorted(self.models)}")
-        available = model.available()
-        loaded = [v.version for v in available]
-        if ref.version:
-            chosen = model.versions.get(ref.version)
-            if chosen is None or chosen.state != VersionState.AVAILABLE:
-                raise NotFound(f"version {ref.version} of {ref.name!r} is not loaded here; loaded: {loaded}")
-            return chosen
-        if ref.alias:
-            if ref.alias not in model.routes:
-                served = sorted(model.routes)
-                raise NotFound(f"alias {ref.alias!r} of {ref.name!r} is not served here; served aliases: {served}")
-            return model.versions[model.routes[ref.alias]]
-        if not available:
-            why = model.reason or "its versions are still loading"
-            raise Unavailable(f"model {ref.name!r} has no available version: {why}")
-        return available[0]
-
     def record_sample(self, name: str, inputs: dict[str, np.ndarray]) -> None:
         """Keeps a small real request to warm up future versions with."""
         model = self.models.get(name)
@@ -221,8 +169,8 @@ class ModelRepository:
         async with model.lock:
             try:
                 wanted, routes, reason = await self._desired(model)
-            except grpc.aio.AioRpcError as err:
-                model.reason = f"registry unreachable: {err.code().name}"
+            except ModelgridError as err:
+                model.reason = f"cannot reconcile with the registry: {err}"
                 logger.warning("cannot reconcile %s: %s", name, model.reason)
                 model.settled.set()
                 return
@@ -259,18 +207,15 @@ class ModelRepository:
         if policy.all_aliases:
             try:
                 aliases += sorted(set((await self._registry.get_model(name)).aliases) - set(aliases))
-            except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
+            except NotFound:
+                pass
         refs = [(alias, ModelRef(name, alias=alias)) for alias in aliases]
         refs += [("", ModelRef(name, version=number)) for number in policy.versions]
         for alias, ref in refs:
             try:
                 version = await self._registry.resolve(ref)
-            except grpc.aio.AioRpcError as err:
-                if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-                    raise
-                problems.append(err.details())  # e.g. the alias is not set: part of the policy waits
+            except (NotFound, FailedPrecondition) as err:
+                problems.append(str(err))  # e.g. the alias is not set: part of the policy waits
                 continue
             found[version.version] = version.artifact.digest
             if alias:
@@ -278,10 +223,8 @@ class ModelRepository:
         if policy.effective_latest:
             try:
                 ready = await self._registry.list_versions(name)
-            except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-                ready, problems = [], [err.details()]
+            except NotFound as err:
+                ready, problems = [], [str(err)]
             for version in ready[: policy.effective_latest]:
                 found[version.version] = version.artifact.digest
             if not ready and not problems:
@@ -302,12 +245,13 @@ class ModelRepository:
                 version.signature = runner.signature
                 config = self._batching
                 if not runner.signature.batched:
-                    config = BatchingConfig(config.max_batch_size, config.max_queue_delay_ms,
-                                            config.max_queue_depth, enabled=False)  # fmt: skip
+                    config = dataclasses.replace(config, enabled=False)
                 version.queue = BatchQueue(
-                    runner, config, name=f"{model.name}:{version.version}",
+                    runner,
+                    config,
+                    name=f"{model.name}:{version.version}",
                     observer=self._observer_for(model.name, version.version),
-                )  # fmt: skip
+                )
                 await version.queue.start()
                 await self._warm_up(model, version)
             except BaseException:
@@ -318,9 +262,14 @@ class ModelRepository:
         except Exception as exc:  # noqa: BLE001 - any load failure is reported on the version; others keep serving
             version.state = VersionState.FAILED
             version.reason = _reason(exc)
-            expected = isinstance(exc, ModelgridError | grpc.aio.AioRpcError)
-            logger.warning("%s:%d failed to load: %s", model.name, version.version, version.reason,
-                           exc_info=None if expected else exc)  # fmt: skip
+            expected = isinstance(exc, ModelgridError)
+            logger.warning(
+                "%s:%d failed to load: %s",
+                model.name,
+                version.version,
+                version.reason,
+                exc_info=None if expected else exc,
+            )
             return
         version.state = VersionState.AVAILABLE
         version.available_since = time.time()
@@ -368,8 +317,6 @@ class ModelRepository:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"registry: {exc.code().name}: {exc.details()}"
     if isinstance(exc, ModelgridError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"

@@ -1,34 +1,26 @@
 """Thin gRPC servicer of modelgrid.predictor.v1.Predictor: protobuf in, core call, protobuf out."""
 
-import asyncio
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
-from services.kit.errors import InvalidArgument, ModelgridError, NotFound, ResourceExhausted
+from services.kit.convert import ref_to_pb, timestamp
+from services.kit.errors import InvalidArgument, ModelgridError, ResourceExhausted
 from services.kit.interceptors import status_of
-from services.kit.modelref import check_model_name
 from services.predictor import converters as conv
-from services.predictor.batch_jobs import BatchJob, BatchJobs, records_to_npz
+from services.predictor.batch_jobs import BatchJob, BatchJobs
+from services.predictor.control import ModelControl
 from services.predictor.inference import Inference
 from services.predictor.streams import answer_concurrently
-from services.registry.async_client import AsyncRegistryClient
-from services.registry.client import ref_message
-from services.registry.converters import timestamp
 
 
 class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
-    """Adapts gRPC calls to Inference, ModelRepository and BatchJobs."""
+    """Adapts gRPC calls to Inference, ModelControl and BatchJobs."""
 
-    def __init__(
-        self, inference: Inference, jobs: BatchJobs, registry: AsyncRegistryClient, max_streamed_job_bytes: int
-    ) -> None:
+    def __init__(self, inference: Inference, control: ModelControl, jobs: BatchJobs, max_streamed_job_bytes: int):
         self._inference = inference
-        self._repository = inference.repository
+        self._control = control
         self._jobs = jobs
-        self._registry = registry
         self._max_streamed_job_bytes = max_streamed_job_bytes
         self.instance = ""  # this replica's Consul id, set once the server is bound
 
@@ -70,14 +62,14 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
             raise InvalidArgument("the first BatchPredict message must carry the job spec")
         spec = first.spec
         ref = conv.ref_from_pb(spec.model)
-        self._inference.served(ref)  # fail before receiving records
+        self._control.select(ref)  # fail before receiving records
         digest = spec.input_digest
         if not digest:
             digest = await self._store_streamed_records(request_iterator)
         elif await anext(aiter(request_iterator), None) is not None:
             raise InvalidArgument("a job with an input_digest takes no records in the stream")
         else:
-            await self._registry.stat_blob(digest)  # NOT_FOUND now rather than a failed job later
+            await self._jobs.check_input(digest)  # NOT_FOUND now rather than a failed job later
         job = await self._jobs.submit(ref, digest, list(spec.output_filter), spec.batch_size)
         return _job_to_pb(job)
 
@@ -93,10 +85,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
                     "(MODELGRID_PREDICTOR_MAX_STREAMED_JOB_BYTES); upload the data set to the registry instead"
                 )
             groups.append(conv.inputs_from_pb(message.records.inputs))
-        with tempfile.TemporaryDirectory(prefix="modelgrid-records-") as tmp:
-            path = Path(tmp) / "records.npz"
-            await asyncio.to_thread(records_to_npz, groups, path)
-            return (await self._registry.upload_blob(path)).digest
+        return await self._jobs.store_records(groups)
 
     async def GetBatchJob(self, request: pb.GetBatchJobRequest, context) -> pb.BatchJob:
         return _job_to_pb(await self._jobs.get(request.id))
@@ -111,23 +100,17 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
         return _job_to_pb(await self._jobs.cancel(request.id))
 
     async def GetModelMetadata(self, request: pb.GetModelMetadataRequest, context) -> pb.ModelStatus:
-        check_model_name(request.name)
-        model = self._repository.models.get(request.name)
-        if model is None:
-            raise NotFound(f"model {request.name!r} is not served by this replica")
-        return conv.status_to_pb(model)
+        return conv.status_to_pb(self._control.status(request.name))
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        models = sorted(self._repository.models.values(), key=lambda m: m.name)
-        return pb.ListModelsResponse(models=[conv.status_to_pb(m) for m in models])
+        return pb.ListModelsResponse(models=[conv.status_to_pb(m) for m in self._control.index()])
 
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.ModelStatus:
-        model = await self._repository.load(request.name, conv.policy_from_pb(request.policy), request.wait)
-        return conv.status_to_pb(model)
+        policy = conv.policy_from_pb(request.policy)
+        return conv.status_to_pb(await self._control.load(request.name, policy, wait=request.wait))
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
-        check_model_name(request.name)
-        await self._repository.unload(request.name)
+        await self._control.unload(request.name)
         return pb.UnloadModelResponse()
 
 
@@ -145,5 +128,5 @@ def _job_to_pb(job: BatchJob) -> pb.BatchJob:
         updated_at=timestamp(job.updated_at),
         instance=job.instance,
     )
-    message.spec.model.CopyFrom(ref_message(job.model))
+    message.spec.model.CopyFrom(ref_to_pb(job.model))
     return message

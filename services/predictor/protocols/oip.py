@@ -1,5 +1,5 @@
 """Thin servicer of the Open Inference Protocol (`inference.GRPCInferenceService`, what tritonclient speaks) over
-the Inference core and the model repository.
+the Inference core and ModelControl.
 
 Model versions are strings. modelgrid reads them as: "" -> the model's default version (the newest available on
 this replica), digits -> that exact version, anything else -> an alias name (an extension of the protocol: e.g.
@@ -21,14 +21,15 @@ import grpc
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
-from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound, Unavailable
+from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError
 from services.kit.interceptors import status_of
 from services.kit.modelref import ModelRef, check_alias, check_model_name
 from services.kit.tensors import BY_NAME
+from services.predictor.control import ModelControl
 from services.predictor.converters import deadline_of
+from services.predictor.domain import ModelState, VersionState
 from services.predictor.inference import Inference
 from services.predictor.protocols import oip_tensors
-from services.predictor.repository import VersionPolicy, VersionState
 from services.predictor.runtime import IOSpec
 from services.predictor.streams import answer_concurrently
 
@@ -43,6 +44,11 @@ INDEX_STATE = {
     VersionState.LOADING: "LOADING",
     VersionState.UNLOADING: "UNLOADING",
     VersionState.FAILED: "UNAVAILABLE",
+}
+INDEX_MODEL_STATE = {  # a model listed without versions
+    ModelState.LOADING: "LOADING",
+    ModelState.AVAILABLE: "READY",
+    ModelState.UNAVAILABLE: "UNAVAILABLE",
 }
 UNSUPPORTED_LOAD_PARAMETERS = (
     "modelgrid loads models from its registry; 'config' and 'file:' overrides are not supported"
@@ -85,11 +91,11 @@ def _request_deadline(request: pb.ModelInferRequest, deadline: float | None) -> 
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Adapts OIP calls to Inference and ModelRepository."""
+    """Adapts OIP calls to Inference and ModelControl."""
 
-    def __init__(self, inference: Inference, ready: Callable[[], bool]) -> None:
+    def __init__(self, inference: Inference, control: ModelControl, ready: Callable[[], bool]) -> None:
         self._inference = inference
-        self._repository = inference.repository
+        self._control = control
         self._ready = ready
         try:
             self._version = importlib.metadata.version("modelgrid")
@@ -105,22 +111,17 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-        ref = ref_of(request.name, request.version)
-        try:
-            version = self._inference.served(ref)
-        except (NotFound, Unavailable):
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=version.state == VersionState.AVAILABLE)
+        return pb.ModelReadyResponse(ready=self._control.is_ready(ref_of(request.name, request.version)))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=["model_repository"])
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
-        version = self._inference.served(ref_of(request.name, request.version))
-        model = self._repository.models[version.model]
+        version = self._control.describe(ref_of(request.name, request.version))
+        model = self._control.status(version.model)
         return pb.ModelMetadataResponse(
             name=version.model,
-            versions=[str(v.version) for v in model.available()],
+            versions=[str(v.version) for v in model.available],
             platform=PLATFORM,
             inputs=[_tensor_metadata(s) for s in version.signature.inputs],
             outputs=[_tensor_metadata(s) for s in version.signature.outputs],
@@ -177,14 +178,17 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         """Every served model's versions and their states; a model without versions is listed once, UNAVAILABLE
         (or LOADING before its first reconciliation) with the reason. There is one repository: the registry."""
         index = []
-        for name, model in sorted(self._repository.models.items()):
+        for model in self._control.index():
             if not model.versions:
-                state = "UNAVAILABLE" if model.settled.is_set() else "LOADING"
-                index.append(pb.RepositoryIndexResponse.ModelIndex(name=name, state=state, reason=model.reason))
-            for number, version in sorted(model.versions.items(), reverse=True):
+                state = INDEX_MODEL_STATE[model.state]
+                index.append(pb.RepositoryIndexResponse.ModelIndex(name=model.name, state=state, reason=model.reason))
+            for version in model.versions:
                 index.append(
                     pb.RepositoryIndexResponse.ModelIndex(
-                        name=name, version=str(number), state=INDEX_STATE[version.state], reason=version.reason
+                        name=model.name,
+                        version=str(version.version),
+                        state=INDEX_STATE[version.state],
+                        reason=version.reason,
                     )
                 )
         if request.ready:
@@ -199,21 +203,15 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         name = check_model_name(request.model_name)
         if any(key == "config" or key.startswith("file:") for key in request.parameters):
             raise InvalidArgument(UNSUPPORTED_LOAD_PARAMETERS)
-        existing = self._repository.models.get(name)
-        policy = existing.policy if existing is not None else VersionPolicy()
-        model = await self._repository.load(name, policy, wait=True)
-        if model.available():
+        model = await self._control.load(name, wait=True, keep_if_empty=False)
+        if model.available:
             return pb.RepositoryModelLoadResponse()
-        failures = [f"version {v.version}: {v.reason}" for v in model.versions.values() if v.reason]
-        reason = "; ".join([model.reason, *failures] if model.reason else failures) or "no version became available"
-        if existing is None and not model.versions and self._repository.models.get(name) is model:
-            await self._repository.unload(name)  # nothing to show for it: do not keep an empty entry around
-        raise FailedPrecondition(f"model {name!r} did not load: {reason}")
+        raise FailedPrecondition(f"model {name!r} did not load: {model.failure()}")
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context
     ) -> pb.RepositoryModelUnloadResponse:
-        await self._repository.unload(check_model_name(request.model_name))
+        await self._control.unload(check_model_name(request.model_name))
         return pb.RepositoryModelUnloadResponse()
 
 
@@ -223,6 +221,9 @@ def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStream
     return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
 
-def add_to_server(server: grpc.aio.Server, inference: Inference, ready: Callable[[], bool]) -> None:
+def add_to_server(
+    server: grpc.aio.Server, inference: Inference, control: ModelControl, ready: Callable[[], bool]
+) -> None:
     """Adds the OIP servicer; `ready()` answers ServerReady (True once the configured models had their first load)."""
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(inference, ready), server)
+    servicer = InferenceServicer(inference, control, ready)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)

@@ -32,9 +32,21 @@ VALUE_FIELD = {
     types_pb2.DT_BFLOAT16: "half_val",
 }
 VALUE_FIELDS = (
-    "float_val", "double_val", "int_val", "int64_val", "uint32_val", "uint64_val", "bool_val", "string_val",
-    "half_val", "scomplex_val", "dcomplex_val", "resource_handle_val", "variant_val", "float8_val",
-)  # fmt: skip
+    "float_val",
+    "double_val",
+    "int_val",
+    "int64_val",
+    "uint32_val",
+    "uint64_val",
+    "bool_val",
+    "string_val",
+    "half_val",
+    "scomplex_val",
+    "dcomplex_val",
+    "resource_handle_val",
+    "variant_val",
+    "float8_val",
+)
 
 
 def dtype_name(dtype: int) -> str:

@@ -21,13 +21,14 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.apis import status_pb2 as tfs_status_pb2
 
-from services.kit.errors import InvalidArgument, NotFound
+from services.kit.errors import InvalidArgument
 from services.kit.modelref import ModelRef, check_alias, check_model_name
 from services.kit.tensors import BY_NAME
+from services.predictor.control import ModelControl
 from services.predictor.converters import deadline_of
+from services.predictor.domain import VersionState, VersionStatus
 from services.predictor.inference import Inference
 from services.predictor.protocols.tf_tensors import array_from_tensor_proto, shape_proto, tensor_proto_from_array
-from services.predictor.repository import ServedVersion, VersionState
 from services.predictor.runtime import IOSpec, ModelSignature
 
 SERVICE_NAMES = [
@@ -68,7 +69,7 @@ def check_signature_name(requested: str, signature: ModelSignature, model: str) 
         )
 
 
-def model_spec_of(version: ServedVersion) -> model_pb2.ModelSpec:
+def model_spec_of(version: VersionStatus) -> model_pb2.ModelSpec:
     return model_pb2.ModelSpec(
         name=version.model,
         version=wrappers_pb2.Int64Value(value=version.version),
@@ -97,14 +98,15 @@ async def _unimplemented(context: grpc.aio.ServicerContext, method: str) -> None
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Adapts TF Serving's PredictionService to Inference."""
+    """Adapts TF Serving's PredictionService to Inference and ModelControl."""
 
-    def __init__(self, inference: Inference) -> None:
+    def __init__(self, inference: Inference, control: ModelControl) -> None:
         self._inference = inference
+        self._control = control
 
     async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         ref = ref_of(request.model_spec)
-        served = self._inference.served(ref)
+        served = self._control.describe(ref)
         check_signature_name(request.model_spec.signature_name, served.signature, ref.name)
         inputs = {name: array_from_tensor_proto(t, f"input {name!r}") for name, t in request.inputs.items()}
         prediction = await self._inference.predict(
@@ -130,7 +132,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         unsupported = sorted(set(fields) - {SIGNATURE_DEF_FIELD})
         if unsupported:
             raise InvalidArgument(f"metadata_field {unsupported} not supported; only {SIGNATURE_DEF_FIELD!r} is")
-        served = self._inference.served(ref_of(request.model_spec))
+        served = self._control.describe(ref_of(request.model_spec))
         response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=model_spec_of(served))
         response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_def_map(served.signature))
         return response
@@ -148,41 +150,19 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
     """TF Serving's ModelService: the load state of a model's versions on this replica."""
 
-    def __init__(self, inference: Inference) -> None:
-        self._repository = inference.repository
+    def __init__(self, control: ModelControl) -> None:
+        self._control = control
 
     async def GetModelStatus(
         self, request: get_model_status_pb2.GetModelStatusRequest, context
     ) -> get_model_status_pb2.GetModelStatusResponse:
-        ref = ref_of(request.model_spec)
-        model = self._repository.models.get(ref.name)
-        if model is None:
-            raise NotFound(
-                f"model {ref.name!r} is not served by this replica; it serves {sorted(self._repository.models)}"
-            )
-        versions = dict(model.versions)
-        if ref.version:
-            if ref.version not in versions:
-                raise NotFound(
-                    f"version {ref.version} of {ref.name!r} is not on this replica; it has {sorted(versions)}"
-                )
-            versions = {ref.version: versions[ref.version]}
-        elif ref.alias:
-            if ref.alias not in model.routes:
-                raise NotFound(
-                    f"alias {ref.alias!r} of {ref.name!r} is not served here; served: {sorted(model.routes)}"
-                )
-            number = model.routes[ref.alias]
-            versions = {number: versions[number]} if number in versions else {}
-        if not versions:
-            raise NotFound(f"model {ref.name!r} has no versions on this replica: {model.reason or 'none loaded yet'}")
         response = get_model_status_pb2.GetModelStatusResponse()
-        for number, version in sorted(versions.items(), reverse=True):
+        for version in self._control.versions_of(ref_of(request.model_spec)):
             status = tfs_status_pb2.StatusProto()
             if version.state == VersionState.FAILED:
                 status.error_code = ERROR_UNKNOWN
                 status.error_message = version.reason
-            response.model_version_status.add(version=number, state=STATUS_STATE[version.state], status=status)
+            response.model_version_status.add(version=version.version, state=STATUS_STATE[version.state], status=status)
         return response
 
     async def HandleReloadConfigRequest(self, request, context):
@@ -192,7 +172,8 @@ class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
         )
 
 
-def add_to_server(server: grpc.aio.Server, inference: Inference) -> None:
+def add_to_server(server: grpc.aio.Server, inference: Inference, control: ModelControl) -> None:
     """Adds TF Serving's PredictionService and ModelService."""
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(inference), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusServicer(inference), server)
+    prediction = PredictionServicer(inference, control)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(prediction, server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusServicer(control), server)

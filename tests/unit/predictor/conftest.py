@@ -1,0 +1,100 @@
+"""In-process fixtures of the predictor's unit tests: a real registry started in this process on port 0 against
+the session Redis, a typed registry client over a real channel, small real SavedModels, and a ModelControl that
+loads them with TensorFlow."""
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from services.clients.registry import AsyncRegistryClient, ModelVersion
+from services.kit.channels import InstancePool
+from services.kit.server import GrpcService
+from services.predictor.batching import BatchingConfig
+from services.predictor.cache import ArtifactCache
+from services.predictor.control import ModelControl
+from services.predictor.runtime import SavedModelRunner
+from services.registry.main import start_registry
+from services.registry.settings import RegistrySettings
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory, build_saved_model) -> dict[int, Path]:
+    """Two small SavedModels that answer differently (seeds 1 and 2), and a directory that is no SavedModel but
+    passes the registry's check (an empty saved_model.pb): TensorFlow fails to load it."""
+    root = tmp_path_factory.mktemp("saved-models")
+    models = {seed: build_saved_model(root / f"seed-{seed}", seed=seed) for seed in (1, 2)}
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "saved_model.pb").write_bytes(b"")
+    models[0] = broken
+    return models
+
+
+@pytest.fixture
+def registry_settings(redis_server, tmp_path) -> RegistrySettings:
+    """Settings of a registry on localhost, out of Consul (tests reach it by address), with its own Redis keys and
+    blob directory; port 0."""
+    return RegistrySettings(
+        port=0,
+        redis_url=redis_server.url,
+        blob_dir=tmp_path / "blobs",
+        redis_key_prefix=f"mg:unit:{uuid.uuid4().hex[:8]}:",
+        consul_enabled=False,
+        shutdown_grace_seconds=0.2,
+    )
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def registry(registry_settings) -> AsyncIterator[GrpcService]:
+    """A registry running in this process (its port is `.port`), stopped after the test."""
+    service = await start_registry(registry_settings)
+    yield service
+    await service.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def registry_client(registry) -> AsyncIterator[AsyncRegistryClient]:
+    """The typed client the predictor uses, over a pool holding the in-process registry's address."""
+    pool = InstancePool(None, "registry", targets=[f"127.0.0.1:{registry.port}"])
+    await pool.start()
+    yield AsyncRegistryClient(pool, client_id="pytest")
+    await pool.close()
+
+
+@pytest.fixture
+def push(registry_client, saved_models) -> Callable[[str, int], Awaitable[ModelVersion]]:
+    """`await push(name, seed)`: registers `name` if needed and pushes saved_models[seed] as its next version."""
+
+    async def push(name: str, seed: int) -> ModelVersion:
+        await registry_client.ensure_model(name)
+        return await registry_client.push_savedmodel(name, saved_models[seed], request_id=uuid.uuid4().hex)
+
+    return push
+
+
+@pytest.fixture
+def new_control(tmp_path) -> Callable[[AsyncRegistryClient], ModelControl]:
+    """`new_control(client)`: a ModelControl over a registry client, with TensorFlow loading and one warm-up
+    request per version (the caller closes it)."""
+
+    def new_control(client: AsyncRegistryClient) -> ModelControl:
+        return ModelControl(
+            client,
+            ArtifactCache(tmp_path / f"cache-{uuid.uuid4().hex[:6]}", 1 << 30),
+            SavedModelRunner,
+            BatchingConfig(max_batch_size=8, max_queue_delay_ms=0),
+            warmup_requests=1,
+        )
+
+    return new_control
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def control(registry_client, new_control) -> AsyncIterator[ModelControl]:
+    """A ModelControl over the in-process registry, closed (every model unloaded) after the test."""
+    control = new_control(registry_client)
+    yield control
+    await control.close()
