@@ -3,23 +3,25 @@
 from modelgrid.gateway.v1 import gateway_pb2 as pb
 from modelgrid.gateway.v1 import gateway_pb2_grpc
 from services.gateway.auth import ApiKey, Authorizer, Scope
-from services.gateway.proxy import Forwarder
 from services.gateway.upstreams import Backends
+from services.kit.convert import timestamp
 from services.kit.errors import InvalidArgument
-from services.registry.converters import timestamp
 
 
 def _key_to_pb(key: ApiKey) -> pb.ApiKey:
     return pb.ApiKey(
-        id=key.id, name=key.name, scopes=[pb.Scope.Value(f"SCOPE_{s}") for s in key.scopes],
-        rate_limit=key.rate_limit, created_at=timestamp(key.created_at), revoked=key.revoked,
-    )  # fmt: skip
+        id=key.id,
+        name=key.name,
+        scopes=[pb.Scope.Value(f"SCOPE_{s}") for s in key.scopes],
+        rate_limit=key.rate_limit,
+        created_at=timestamp(key.created_at),
+        revoked=key.revoked,
+    )
 
 
 class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
-    def __init__(self, authorizer: Authorizer, forwarder: Forwarder, backends: Backends, routes: dict[str, str]):
+    def __init__(self, authorizer: Authorizer, backends: Backends, routes: dict[str, str]) -> None:
         self._auth = authorizer
-        self._forwarder = forwarder
         self._backends = backends
         self._routes = routes
 
@@ -50,12 +52,12 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
         await self._auth.check("/modelgrid.gateway.v1.GatewayAdmin/GetRoutes", context.invocation_metadata() or ())
         routes = []
         for prefix, service in sorted(self._routes.items()):
-            backend = await self._backends.get(service)
+            pool = await self._backends.get(service)
             upstreams = []
-            for u in sorted(backend.upstreams.values(), key=lambda u: u.target):
-                upstream = pb.Upstream(target=u.target, outstanding=u.outstanding, tags=u.instance.tags)
-                if u.ejected_at_wall:
-                    upstream.ejected_until.CopyFrom(timestamp(u.ejected_at_wall))
+            for member in sorted(pool.members.values(), key=lambda m: m.target):
+                upstream = pb.Upstream(target=member.target, outstanding=member.in_flight, tags=member.instance.tags)
+                if member.ejected_at_wall:
+                    upstream.ejected_until.CopyFrom(timestamp(member.ejected_at_wall))
                 upstreams.append(upstream)
             routes.append(pb.Route(prefix=prefix, service=service, upstreams=upstreams))
         return pb.GetRoutesResponse(routes=routes)

@@ -44,8 +44,7 @@ _NEEDS: dict[str, frozenset[Scope]] = {
     "/modelgrid.trainer.v1.Trainer/SubmitJob": frozenset({Scope.TRAIN}),
     "/modelgrid.trainer.v1.Trainer/CancelJob": frozenset({Scope.TRAIN}),
 }
-_READ_VERBS = ("Get", "List", "Watch", "Resolve", "Download", "Stat", "Server", "ModelReady", "ModelMetadata",
-               "RepositoryIndex")  # fmt: skip
+_READ_VERBS = tuple("Get List Watch Resolve Download Stat Server ModelReady ModelMetadata RepositoryIndex".split())
 _READ_LIKE = frozenset({Scope.READ, Scope.PREDICT, Scope.TRAIN})
 
 
@@ -127,9 +126,13 @@ class Authorizer:
     async def check(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
         """The caller's identity if it may make this call now; Unauthenticated, PermissionDenied or
         ResourceExhausted (with the wait in the message) otherwise."""
-        headers = {k.lower(): v for k, v in metadata if isinstance(v, str)}
         if not self.enabled:
-            return Identity(headers.get("x-modelgrid-client", "anonymous"), ALL_SCOPES)
+            name = "anonymous"
+            for key, value in metadata:
+                if key.lower() == "x-modelgrid-client" and isinstance(value, str):
+                    name = value  # the last one wins
+            return Identity(name, ALL_SCOPES)
+        headers = {k.lower(): v for k, v in metadata if isinstance(v, str)}
         secret = headers.get("x-api-key") or ""
         auth = headers.get("authorization", "")
         if not secret and auth.lower().startswith("bearer "):

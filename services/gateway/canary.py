@@ -5,12 +5,13 @@ import asyncio
 import logging
 import random
 
-import grpc
-
-from modelgrid.registry.v1 import registry_pb2 as rpb
-from services.registry.async_client import AsyncRegistryClient
+from services.clients.registry import AsyncRegistryClient, EventType, RegistryEvent
+from services.kit.errors import NotFound
+from services.kit.streams import StreamFollower
 
 logger = logging.getLogger(__name__)
+
+_MODEL_EVENTS = frozenset({EventType.MODEL_CREATED, EventType.MODEL_UPDATED, EventType.MODEL_DELETED})
 
 
 class CanaryWeights:
@@ -20,8 +21,15 @@ class CanaryWeights:
         self._registry = registry
         self._tag = tag
         self.weights: dict[str, float] = {}
-        self._task: asyncio.Task | None = None
-        self.ready = asyncio.Event()
+        # Each (re)connection watches from now, then reads every model's tag: no change is missed in between.
+        self._follower = StreamFollower(
+            "canary-weights", lambda: registry.watch(""), self._on_event, on_connect=self._resync
+        )
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once the weights have been read."""
+        return self._follower.ready
 
     def pick_canary(self, model: str) -> bool:
         """True for the share of calls that should go to the canary."""
@@ -29,21 +37,28 @@ class CanaryWeights:
         return weight > 0 and random.random() < weight
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._follow(), name="canary-weights")
+        self._follower.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._follower.stop()
+
+    async def _resync(self) -> None:
+        names = await self._registry.list_model_names()
+        for gone in self.weights.keys() - set(names):  # deleted while the stream was down
+            self.weights.pop(gone, None)
+        for name in names:
+            await self._refresh(name)
+
+    async def _on_event(self, event: RegistryEvent) -> None:
+        if event.type in _MODEL_EVENTS:
+            await self._refresh(event.model_name)
 
     async def _refresh(self, name: str) -> None:
         try:
             model = await self._registry.get_model(name)
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:
-                self.weights.pop(name, None)
-                return
-            raise
+        except NotFound:
+            self.weights.pop(name, None)
+            return
         self._set(name, model.tags.get(self._tag, ""))
 
     def _set(self, name: str, raw: str) -> None:
@@ -56,21 +71,3 @@ class CanaryWeights:
             self.weights[name] = weight
         else:
             self.weights.pop(name, None)
-
-    async def _follow(self) -> None:
-        backoff = 0.5
-        while True:
-            try:
-                stream = self._registry.watch("")
-                for name in await self._registry.list_model_names():
-                    await self._refresh(name)
-                self.ready.set()
-                async for event in stream:
-                    if event.type in (rpb.EVENT_TYPE_MODEL_UPDATED, rpb.EVENT_TYPE_MODEL_CREATED,
-                                      rpb.EVENT_TYPE_MODEL_DELETED):  # fmt: skip
-                        await self._refresh(event.model_name)
-                    backoff = 0.5
-            except (grpc.aio.AioRpcError, LookupError) as exc:
-                logger.warning("following canary weights failed (%s); retrying in %.1fs", exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)

@@ -24,11 +24,11 @@ _TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
 _TIMEOUT_UNIT_SECONDS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _METADATA_KEY = re.compile(r"^[0-9a-z_.-]+$")
 # Request headers that belong to HTTP or the browser, not to the call: never passed on as gRPC metadata.
-HTTP_ONLY_HEADERS = frozenset({
-    "host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "content-length",
-    "http2-settings", "accept", "accept-encoding", "accept-language", "accept-charset", "origin", "referer",
-    "cookie", "pragma", "cache-control", "dnt", "priority", "grpc-timeout",
-})  # fmt: skip
+HTTP_ONLY_HEADERS = frozenset(
+    """host connection keep-alive proxy-connection transfer-encoding upgrade content-length http2-settings accept
+    accept-encoding accept-language accept-charset origin referer cookie pragma cache-control dnt priority
+    grpc-timeout""".split()
+)
 
 
 class FrameError(ValueError):

@@ -2,22 +2,26 @@
 backend service, pick an instance (by model for predictor calls, fewest calls in flight), pass the messages
 through as bytes, and retry on another instance a call that failed UNAVAILABLE before any response.
 
-A call is a stream of frames: Headers, then Messages, then End (status and trailers), whatever its kind (unary,
-client, server or bidirectional streaming): the gateway never needs to know a method's shape or message types.
+A unary call (one request, one response: known from the method's descriptor) is one awaited upstream call:
+`Forwarder.unary` returns a `Reply` (headers, response, trailers) or an `End` (a failed status with its trailers).
+Any other call is a stream of frames, `Forwarder.stream`: Headers, then messages (bytes), then End (status and
+trailers); the gateway never needs to know a method's message types.
 """
 
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf import descriptor_pool
 
 from services.gateway.canary import CanaryWeights
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import model_of, redirect_to_alias
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstreams import Backends
+from services.kit.channels import InstancePool, Member
 from services.kit.errors import ModelgridError
 from services.kit.telemetry import tracing_enabled
 
@@ -26,40 +30,66 @@ logger = logging.getLogger(__name__)
 Metadata = Sequence[tuple[str, str | bytes]]
 MAX_REPLAY_BYTES = 4 * 1024 * 1024
 """Requests larger than this are not kept for a retry (a big upload is not retried)."""
+CLIENT_HEADER = "x-modelgrid-client"
+_MAX_CACHED = 1024
+"""Entries per cache of method paths (routes, callables per channel): a flood of invented paths is not kept."""
 
 # Headers that belong to a hop (HTTP/2, gRPC framing, credentials). With tracing on, the trace context is
 # re-created by the gateway's own client (its span is the backend's parent); with tracing off it passes as is.
-_HOP_HEADERS = {
-    "user-agent", "content-type", "te", "host", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding",
-    "authorization", "x-api-key", "x-grpc-web", "x-user-agent",
-}  # fmt: skip
-_TRACE_HEADERS = {"traceparent", "tracestate"}
+_HOP_HEADERS = frozenset(
+    """user-agent content-type te host grpc-timeout grpc-encoding grpc-accept-encoding authorization x-api-key
+    x-grpc-web x-user-agent""".split()
+)
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+_OK = grpc.StatusCode.OK
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
-@dataclass
+@dataclass(slots=True)
 class Headers:
+    """The response headers of a streaming call (comes once, before its first message)."""
+
     metadata: Metadata
 
 
-@dataclass
-class Message:
-    data: bytes
-
-
-@dataclass
+@dataclass(slots=True)
 class End:
+    """How a call ended: its status and trailers."""
+
     code: grpc.StatusCode
     details: str
-    trailers: Metadata = field(default_factory=tuple)
+    trailers: Metadata = ()
 
 
-Frame = Headers | Message | End
+@dataclass(slots=True)
+class Reply:
+    """The answer of a unary call that succeeded."""
+
+    headers: Metadata
+    response: bytes
+    trailers: Metadata
 
 
-def passable(metadata: Metadata) -> list[tuple[str, str | bytes]]:
-    """Metadata to pass on to the other side: everything but hop-by-hop and credential headers."""
-    dropped = _HOP_HEADERS | _TRACE_HEADERS if tracing_enabled() else _HOP_HEADERS
-    return [(k, v) for k, v in metadata if k.lower() not in dropped and not k.startswith(":")]
+Frame = Headers | bytes | End
+
+
+def is_unary(method: str) -> bool:
+    """Whether a method path is a unary call, from the descriptors of the protos this process imported (main.py
+    imports the routed APIs); an unknown method is treated as streaming, which works for every shape."""
+    try:
+        descriptor = descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", "."))
+    except KeyError:
+        return False
+    return not descriptor.client_streaming and not descriptor.server_streaming
+
+
+@dataclass(slots=True)
+class Route:
+    """Where a method goes: the Consul service, whether the method is unary, and the service's pool once known."""
+
+    service: str
+    unary: bool
+    pool: InstancePool | None = None
 
 
 class _Replay:
@@ -90,119 +120,226 @@ class _Replay:
 
 
 class Forwarder:
-    """Routes and forwards calls."""
+    """Routes and forwards calls. Never raises for a backend's failure: it ends the call with the status."""
 
     def __init__(
         self, settings: GatewaySettings, backends: Backends, canary: CanaryWeights, metrics: GatewayMetrics
     ) -> None:
-        self._settings = settings
         self._backends = backends
         self._canary = canary
         self._metrics = metrics
         self._prefixes = sorted(settings.routes.items(), key=lambda item: len(item[0]), reverse=True)
-        self._non_idempotent = set(settings.non_idempotent_methods)
+        self._non_idempotent = frozenset(settings.non_idempotent_methods)
+        self._attempts = settings.retry_attempts
+        self._eject_seconds = settings.eject_seconds
+        self._stable_alias = settings.stable_alias
+        self._canary_alias = settings.canary_alias
+        # Decided once: main.py sets tracing up before it builds the forwarder.
+        self._dropped = _HOP_HEADERS | _TRACE_HEADERS if tracing_enabled() else _HOP_HEADERS
+        self._dropped_from_caller = self._dropped | {CLIENT_HEADER}
+        self._routes: dict[str, Route | None] = {}
+        # channel -> method -> its multi-callable (making one costs more than picking the instance)
+        self._unary_calls: dict[grpc.aio.Channel, dict] = {}
+        self._stream_calls: dict[grpc.aio.Channel, dict] = {}
+        self._watched: set[str] = set()  # services whose pool tells _forget_departed about changes
 
-    def route(self, method: str) -> str | None:
-        """The Consul service a method path ("/pkg.Service/Method") goes to, or None."""
-        service_name = method.lstrip("/").split("/", 1)[0]
-        for prefix, service in self._prefixes:
-            if service_name.startswith(prefix):
-                return service
-        return None
+    # -- routing -----------------------------------------------------------------------------------------------
 
-    async def forward(
-        self,
-        method: str,
-        metadata: Metadata,
-        timeout: float | None,
-        requests: AsyncIterator[bytes],
-        *,
-        unary: bool = False,
+    def route(self, method: str) -> Route | None:
+        """Where a method path ("/pkg.Service/Method") goes, or None when the routes name no service for it."""
+        route = self._routes.get(method, False)
+        if route is False:
+            service_name = method.lstrip("/").split("/", 1)[0]
+            service = next((s for prefix, s in self._prefixes if service_name.startswith(prefix)), None)
+            route = None if service is None else Route(service, is_unary(method))
+            if len(self._routes) < _MAX_CACHED:
+                self._routes[method] = route
+        return route
+
+    def passable(self, metadata: Metadata) -> tuple[tuple[str, str | bytes], ...]:
+        """Metadata to pass on to the other side: everything but hop-by-hop and credential headers."""
+        dropped = self._dropped
+        return tuple([(k, v) for k, v in metadata if k.lower() not in dropped and k[:1] != ":"])
+
+    def request_metadata(self, metadata: Metadata, client: str) -> list[tuple[str, str | bytes]]:
+        """The caller's metadata for the backend, with the client identity the audit trail records."""
+        dropped = self._dropped_from_caller
+        forwarded = [(k, v) for k, v in metadata if k.lower() not in dropped and k[:1] != ":"]
+        forwarded.append((CLIENT_HEADER, client))
+        return forwarded
+
+    async def _pool(self, route: Route) -> InstancePool:
+        pool = await self._backends.get(route.service)
+        if route.service not in self._watched:
+            self._watched.add(route.service)
+            pool.add_listener(self._forget_departed)
+        route.pool = pool
+        return pool
+
+    def _forget_departed(self) -> None:
+        """Drops the cached callables of channels no pool uses any more."""
+        live = {m.channel for pool in self._backends.all.values() for m in pool.members.values()}
+        for cache in (self._unary_calls, self._stream_calls):
+            for channel in [c for c in cache if c not in live]:
+                del cache[channel]
+
+    def _prepare(self, method: str, first: bytes | None) -> tuple[bytes | None, str]:
+        """The first request (sent to the canary alias for its share of a model's stable traffic) and the
+        instance tag to prefer ("model=<name>" for a predictor call)."""
+        model, alias = model_of(method, first)
+        if not model:
+            return first, ""
+        if alias == self._stable_alias and self._canary.pick_canary(model):
+            first = redirect_to_alias(method, first, self._canary_alias)
+            self._metrics.canary.labels(model).inc()
+        return first, f"model={model}"
+
+    def _failed(
+        self, method: str, pool: InstancePool, member: Member, err: grpc.aio.AioRpcError, retry_possible: bool
+    ) -> bool:
+        """Ejects an instance that failed UNAVAILABLE; True when the call should be tried on another one."""
+        if err.code() != _UNAVAILABLE:
+            return False
+        pool.eject(member, self._eject_seconds)
+        self._metrics.ejections.labels(pool.service).inc()
+        if retry_possible:
+            self._metrics.retries.labels(pool.service).inc()
+            logger.info("%s failed UNAVAILABLE on %s; retrying elsewhere", method, member.target)
+        return retry_possible
+
+    def _retry_allowed(self, method: str, metadata: Metadata) -> bool:
+        """Calls that change state are retried only with an idempotency key."""
+        return method not in self._non_idempotent or any(k == "idempotency-key" for k, _ in metadata)
+
+    # -- unary calls -------------------------------------------------------------------------------------------
+
+    async def unary(self, method: str, metadata: Metadata, timeout: float | None, request: bytes) -> Reply | End:
+        """Forwards one unary call: its Reply, or the End of a call that failed."""
+        route = self.route(method)
+        if route is None:
+            return End(grpc.StatusCode.UNIMPLEMENTED, f"the gateway routes no service for {method}")
+        started = time.monotonic()
+        code = grpc.StatusCode.UNKNOWN
+        try:
+            request, tag = self._prepare(method, request)
+            try:
+                pool = route.pool or await self._pool(route)
+            except Exception as exc:  # noqa: BLE001 - Consul unreachable: the call is UNAVAILABLE, not INTERNAL
+                code = _UNAVAILABLE
+                return End(_UNAVAILABLE, f"cannot resolve {route.service}: {exc}")
+            tried: list[str] = []
+            remaining = timeout
+            while True:
+                try:
+                    member = pool.pick(tag=tag, exclude=tried)
+                except ModelgridError as exc:
+                    code = _UNAVAILABLE
+                    return End(_UNAVAILABLE, str(exc))
+                calls = self._unary_calls.get(member.channel)
+                if calls is None:
+                    calls = self._unary_calls[member.channel] = {}
+                callable_ = calls.get(method)
+                if callable_ is None:
+                    callable_ = member.channel.unary_unary(method)
+                    if len(calls) < _MAX_CACHED:
+                        calls[method] = callable_
+                call = callable_(request, metadata=metadata, timeout=remaining)
+                member.in_flight += 1
+                try:
+                    response = await call
+                    reply = Reply(
+                        self.passable(await call.initial_metadata()),
+                        response,
+                        self.passable(await call.trailing_metadata()),
+                    )
+                    code = _OK
+                    return reply
+                except grpc.aio.AioRpcError as err:
+                    tried.append(member.target)
+                    retry = len(tried) < self._attempts and self._retry_allowed(method, metadata)
+                    if not self._failed(method, pool, member, err, retry):
+                        code = err.code()
+                        return End(code, err.details() or "", self.passable(err.trailing_metadata() or ()))
+                finally:
+                    member.in_flight -= 1
+                    if not call.done():
+                        call.cancel()  # the caller went away: cancel upstream too
+                if timeout is not None:
+                    remaining = max(started + timeout - time.monotonic(), 0.001)
+        finally:
+            self._metrics.observe(route.service, method, code, time.monotonic() - started)
+
+    # -- streaming calls ---------------------------------------------------------------------------------------
+
+    async def stream(
+        self, method: str, metadata: Metadata, timeout: float | None, requests: AsyncIterator[bytes]
     ) -> AsyncIterator[Frame]:
-        """Forwards one call; yields its frames. Never raises for backend failures: they end as End frames.
-
-        `unary` (one request, one response, known from the method's descriptor) forwards it as a unary call,
-        which costs the gateway about a third less than the general streaming path."""
-        service = self.route(method)
-        if service is None:
+        """Forwards a call of any shape; yields its frames, the End last. Closing the generator cancels the
+        upstream call."""
+        route = self.route(method)
+        if route is None:
             yield End(grpc.StatusCode.UNIMPLEMENTED, f"the gateway routes no service for {method}")
             return
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         code = grpc.StatusCode.UNKNOWN
         try:
-            first = await anext(requests, None)
-            model, alias = model_of(method, first)
-            if first is not None and model and alias == self._settings.stable_alias:
-                if self._canary.pick_canary(model):
-                    first = redirect_to_alias(method, first, self._settings.canary_alias)
-                    self._metrics.canary.labels(model).inc()
+            first, tag = self._prepare(method, await anext(requests, None))
             replay = _Replay(requests, first)
-            replay.done = replay.done or unary
-            async for frame in self._attempts(method, service, model, metadata, deadline, replay, unary):
-                if isinstance(frame, End):
-                    code = frame.code
-                yield frame
-        finally:
-            self._metrics.observe(service, method, code.name, time.monotonic() - started)
-
-    async def _attempts(
-        self, method, service, model, metadata, deadline, replay: _Replay, unary: bool
-    ) -> AsyncIterator[Frame]:
-        try:
-            backend = await self._backends.get(service)
-        except Exception as exc:  # noqa: BLE001 - Consul unreachable: the call is UNAVAILABLE, not INTERNAL
-            yield End(grpc.StatusCode.UNAVAILABLE, f"cannot resolve {service}: {exc}")
-            return
-        retry_allowed = method not in self._non_idempotent or any(k == "idempotency-key" for k, _ in metadata)
-        tried: list[str] = []
-        for attempt in range(1, self._settings.retry_attempts + 1):
             try:
-                upstream = backend.pick(tag=f"model={model}" if model else "", exclude=tried)
-            except ModelgridError as exc:
-                yield End(grpc.StatusCode.UNAVAILABLE, str(exc))
+                pool = route.pool or await self._pool(route)
+            except Exception as exc:  # noqa: BLE001 - Consul unreachable: the call is UNAVAILABLE, not INTERNAL
+                code = _UNAVAILABLE
+                yield End(_UNAVAILABLE, f"cannot resolve {route.service}: {exc}")
                 return
-            tried.append(upstream.target)
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-            if unary:
-                request = replay.kept[0] if replay.kept else b""
-                call = upstream.channel.unary_unary(method)(request, metadata=metadata, timeout=remaining)
-            else:
-                call = upstream.channel.stream_stream(method)(replay.stream(), metadata=metadata, timeout=remaining)
-            upstream.outstanding += 1
-            answered = False
-            try:
-                if unary:
-                    response = await call
-                    answered = True
-                    yield Headers(passable(await call.initial_metadata()))
-                    yield Message(response)
-                    yield End(await call.code(), await call.details() or "", passable(await call.trailing_metadata()))
+            tried: list[str] = []
+            while True:
+                try:
+                    member = pool.pick(tag=tag, exclude=tried)
+                except ModelgridError as exc:
+                    code = _UNAVAILABLE
+                    yield End(_UNAVAILABLE, str(exc))
                     return
-                async for message in call:
+                calls = self._stream_calls.get(member.channel)
+                if calls is None:
+                    calls = self._stream_calls[member.channel] = {}
+                callable_ = calls.get(method)
+                if callable_ is None:
+                    callable_ = member.channel.stream_stream(method)
+                    if len(calls) < _MAX_CACHED:
+                        calls[method] = callable_
+                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+                call = callable_(replay.stream(), metadata=metadata, timeout=remaining)
+                member.in_flight += 1
+                answered = False
+                try:
+                    async for message in call:
+                        if not answered:
+                            answered = True
+                            yield Headers(self.passable(await call.initial_metadata()))
+                        yield message
                     if not answered:
-                        answered = True
-                        yield Headers(passable(await call.initial_metadata()))
-                    yield Message(message)
-                if not answered:
-                    yield Headers(passable(await call.initial_metadata()))
-                yield End(await call.code(), await call.details() or "", passable(await call.trailing_metadata()))
-                return
-            except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE:
-                    backend.eject(upstream, self._settings.eject_seconds)
-                    self._metrics.ejections.labels(service).inc()
-                retry = (
-                    err.code() == grpc.StatusCode.UNAVAILABLE and not answered and replay.done and replay.replayable
-                    and retry_allowed and attempt < self._settings.retry_attempts
-                )  # fmt: skip
-                if retry:
-                    self._metrics.retries.labels(service).inc()
-                    logger.info("%s failed UNAVAILABLE on %s; retrying elsewhere", method, upstream.target)
-                    continue
-                yield End(err.code(), err.details() or "", passable(err.trailing_metadata() or ()))
-                return
-            finally:
-                upstream.outstanding -= 1
-                if not call.done():
-                    call.cancel()  # the client went away: cancel upstream too
+                        yield Headers(self.passable(await call.initial_metadata()))
+                    code = await call.code()
+                    details = await call.details() or ""
+                    yield End(code, details, self.passable(await call.trailing_metadata()))
+                    return
+                except grpc.aio.AioRpcError as err:
+                    tried.append(member.target)
+                    retry = (
+                        not answered
+                        and replay.done
+                        and replay.replayable
+                        and len(tried) < self._attempts
+                        and self._retry_allowed(method, metadata)
+                    )
+                    if not self._failed(method, pool, member, err, retry):
+                        code = err.code()
+                        yield End(code, err.details() or "", self.passable(err.trailing_metadata() or ()))
+                        return
+                finally:
+                    member.in_flight -= 1
+                    if not call.done():
+                        call.cancel()  # the caller went away: cancel upstream too
+        finally:
+            self._metrics.observe(route.service, method, code, time.monotonic() - started)

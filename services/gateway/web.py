@@ -23,7 +23,6 @@ from hypercorn.config import Config
 
 from services.gateway import grpcweb
 from services.gateway.auth import Authorizer
-from services.gateway.native import forwarded_metadata
 from services.gateway.proxy import End, Forwarder, Headers
 from services.gateway.settings import GatewaySettings
 from services.kit.errors import ModelgridError
@@ -106,6 +105,13 @@ class _Body:
 
     def close(self) -> None:
         self._task.cancel()
+
+
+async def _chain(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for message in first:
+        yield message
+    async for message in rest:
+        yield message
 
 
 async def _drain(receive: Receive) -> None:
@@ -264,15 +270,30 @@ class GrpcWebApp:
             identity = await self._authorizer.check(method, metadata)
         except ModelgridError as exc:
             return await reply.end(status_of(exc), str(exc))
-        frames = self._forwarder.forward(method, forwarded_metadata(metadata, identity.name), timeout, body.messages())
+        forwarder = self._forwarder
+        metadata = forwarder.request_metadata(metadata, identity.name)
+        route = forwarder.route(method)
+        requests = body.messages()
+        if route is not None and route.unary:
+            first = await anext(requests, None)
+            second = None if first is None else await anext(requests, None)
+            if first is not None and second is None:  # one message, as a unary call has: a unary upstream call
+                result = await forwarder.unary(method, metadata, timeout, first)
+                if type(result) is End:
+                    return await reply.end(result.code, result.details, result.trailers)
+                await reply.start(result.headers)
+                await reply.write(grpcweb.encode_message(result.response))
+                return await reply.end(grpc.StatusCode.OK, "", result.trailers)
+            requests = _chain([m for m in (first, second) if m is not None], requests)  # the backend says what is wrong
+        frames = forwarder.stream(method, metadata, timeout, requests)
         try:
             async for frame in frames:
-                if isinstance(frame, Headers):
+                if type(frame) is bytes:
+                    await reply.write(grpcweb.encode_message(frame))
+                elif type(frame) is Headers:
                     await reply.start(frame.metadata)
-                elif isinstance(frame, End):
-                    return await reply.end(frame.code, frame.details, frame.trailers)
                 else:
-                    await reply.write(grpcweb.encode_message(frame.data))
+                    return await reply.end(frame.code, frame.details, frame.trailers)
         finally:
             await frames.aclose()
 
