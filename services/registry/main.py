@@ -7,6 +7,7 @@ from modelgrid.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.kit.logs import configure_logging
 from services.kit.redis_client import create_redis
 from services.kit.server import GrpcService, ServiceSpec
+from services.kit.telemetry import setup_tracing
 from services.registry.blobstore import LocalBlobStore
 from services.registry.core import ModelRegistry
 from services.registry.servicer import ModelRegistryServicer
@@ -22,6 +23,7 @@ PROTO_SERVICE = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"].full_n
 
 async def start_registry(settings: RegistrySettings) -> GrpcService:
     """Builds and starts the registry; returns the running service (its bound port is `.port`)."""
+    tracer_provider = setup_tracing(SERVICE_NAME, VERSION, settings)
     redis = create_redis(settings.redis_url, max_connections=256)
     await redis.ping()
     store = RegistryStore(redis, settings.redis_key_prefix, settings.events_max_length)
@@ -35,7 +37,7 @@ async def start_registry(settings: RegistrySettings) -> GrpcService:
             ModelRegistryServicer(registry), server
         ),
     )
-    service = GrpcService(spec, settings)
+    service = GrpcService(spec, settings, tracer_provider)
     service.add_cleanup(redis.aclose)
     await service.start()
     await service.set_serving(True)

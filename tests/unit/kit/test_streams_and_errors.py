@@ -1,0 +1,127 @@
+"""The kit's stream follower (reconnects with backoff and jitter, resyncs on every connection) and the mapping of
+failed calls to domain errors."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from services.kit import errors
+from services.kit.convert import ref_from_pb, ref_to_pb, seconds_of, timestamp
+from services.kit.modelref import ModelRef
+from services.kit.rpc_errors import domain_error, rpc_errors
+from services.kit.streams import Backoff, StreamFollower
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (grpc.StatusCode.NOT_FOUND, errors.NotFound),
+        (grpc.StatusCode.ALREADY_EXISTS, errors.AlreadyExists),
+        (grpc.StatusCode.FAILED_PRECONDITION, errors.FailedPrecondition),
+        (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.ResourceExhausted),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded),
+        (grpc.StatusCode.PERMISSION_DENIED, errors.PermissionDenied),
+    ],
+)
+def test_codes_about_the_request_keep_the_callees_message(code, error):
+    mapped = domain_error(_rpc_error(code, "model m has no alias prod"), "registry")
+    assert type(mapped) is error
+    assert str(mapped) == "model m has no alias prod"
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN])
+def test_other_failures_are_unavailable_without_the_callees_internals(code):
+    mapped = domain_error(_rpc_error(code, "stack trace at 10.1.2.3"), "registry")
+    assert type(mapped) is errors.Unavailable
+    assert "10.1.2.3" not in str(mapped)
+    assert "registry" in str(mapped) and code.name in str(mapped)
+
+
+def test_rpc_errors_reraises_as_domain_error_with_the_cause():
+    original = _rpc_error(grpc.StatusCode.NOT_FOUND, "no such model")
+    with pytest.raises(errors.NotFound) as caught, rpc_errors("registry"):
+        raise original
+    assert caught.value.__cause__ is original
+
+
+def test_model_refs_and_timestamps_round_trip():
+    for text in ("digits", "digits:3", "digits@production"):
+        assert ref_from_pb(ref_to_pb(text)) == ModelRef.parse(text)
+    assert seconds_of(timestamp(1700000000.25)) == pytest.approx(1700000000.25, abs=1e-6)
+
+
+def test_backoff_grows_to_its_maximum_with_jitter_and_resets():
+    backoff = Backoff(initial=1.0, maximum=8.0, multiplier=2.0, jitter=0.25)
+    waits = [backoff.next() for _ in range(6)]
+    for wait, nominal in zip(waits, [1, 2, 4, 8, 8, 8], strict=True):
+        assert nominal * 0.75 <= wait <= nominal * 1.25
+    assert len({round(w, 6) for w in waits[3:]}) > 1  # jittered, not identical
+    backoff.reset()
+    assert 0.75 <= backoff.next() <= 1.25
+
+
+async def test_follower_resyncs_on_every_connection_and_resumes_from_the_callers_cursor():
+    log: list[str] = []
+    received: list[int] = []
+    cursor = {"at": 0}
+    connections = {"n": 0}
+
+    def open_stream():
+        connections["n"] += 1
+        start, broken = cursor["at"], connections["n"] == 1
+
+        async def items():
+            for i in range(start + 1, start + 4):
+                yield i
+            if broken:
+                raise errors.Unavailable("registry failed (UNAVAILABLE)")
+            await asyncio.Event().wait()  # the second connection stays open
+
+        return items()
+
+    async def on_item(item: int) -> None:
+        received.append(item)
+        cursor["at"] = item
+
+    async def on_connect() -> None:
+        log.append(f"connect from {cursor['at']}")
+
+    follower = StreamFollower(
+        "test", open_stream, on_item, on_connect=on_connect, backoff=Backoff(initial=0.01, maximum=0.05)
+    )
+    follower.start()
+    try:
+        await asyncio.wait_for(follower.ready.wait(), 5)
+        for _ in range(200):
+            if len(received) >= 6:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await follower.stop()
+    assert received == [1, 2, 3, 4, 5, 6]
+    assert log == ["connect from 0", "connect from 3"]
+
+
+async def test_follower_keeps_retrying_while_the_source_is_down_and_stops_cleanly():
+    attempts = 0
+
+    def open_stream():
+        nonlocal attempts
+        attempts += 1
+        raise LookupError("no healthy instance of registry")
+
+    async def on_item(item) -> None:
+        raise AssertionError("no item expected")
+
+    follower = StreamFollower("down", open_stream, on_item, backoff=Backoff(initial=0.01, maximum=0.02))
+    follower.start()
+    await asyncio.sleep(0.3)
+    await follower.stop()
+    assert attempts >= 5
+    assert not follower.ready.is_set()
