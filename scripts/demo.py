@@ -39,8 +39,10 @@ def train(channel: grpc.Channel, spec: trainer_pb2.JobSpec) -> trainer_pb2.Job:
     for event in trainer.WatchJob(trainer_pb2.WatchJobRequest(id=job.id)):
         state = trainer_pb2.JobState.Name(event.state).removeprefix("JOB_STATE_")
         if event.type == trainer_pb2.JOB_EVENT_TYPE_EPOCH:
-            print(f"   epoch {event.epoch}: loss {event.metrics['loss']:.3f}, "
-                  f"val_accuracy {event.metrics.get('val_accuracy', 0):.3f}")  # fmt: skip
+            print(
+                f"   epoch {event.epoch}: loss {event.metrics['loss']:.3f}, "
+                f"val_accuracy {event.metrics.get('val_accuracy', 0):.3f}"
+            )
         elif event.type != trainer_pb2.JOB_EVENT_TYPE_STEP:
             print(f"   {state}: {event.message}")
     job = trainer.GetJob(trainer_pb2.GetJobRequest(id=job.id))
@@ -52,8 +54,9 @@ def train(channel: grpc.Channel, spec: trainer_pb2.JobSpec) -> trainer_pb2.Job:
 def promote(channel: grpc.Channel, model: str, version: int) -> None:
     registry = registry_pb2_grpc.ModelRegistryStub(channel)
     current = registry.GetModel(registry_pb2.GetModelRequest(name=model)).aliases.get("production", 0)
-    registry.SetAlias(registry_pb2.SetAliasRequest(model_name=model, alias="production", version=version,
-                                                   expected_version=current))  # fmt: skip
+    registry.SetAlias(
+        registry_pb2.SetAliasRequest(model_name=model, alias="production", version=version, expected_version=current)
+    )
     print(f"2. promoted {model}:{version} to production (it was {current or 'unset'})")
 
 
@@ -77,8 +80,10 @@ def predict(channel: grpc.Channel, model: str, version: int, timeout: float = 12
             sys.exit("the predictors did not serve the promoted version in time")
         time.sleep(0.5)
     accuracy = float(np.mean(np.argmax(tensor_to_array(reply.outputs["probabilities"]), axis=1) == y))
-    print(f"3. predicted 200 digits through the gateway with {model}@production (version {reply.version}): "
-          f"accuracy {accuracy:.3f}")  # fmt: skip
+    print(
+        f"3. predicted 200 digits through the gateway with {model}@production (version {reply.version}): "
+        f"accuracy {accuracy:.3f}"
+    )
 
 
 def main() -> None:

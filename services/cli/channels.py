@@ -8,7 +8,7 @@ import grpc
 class _CallDetails(
     collections.namedtuple(
         "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
-    ),  # fmt: skip
+    ),
     grpc.ClientCallDetails,
 ):
     pass
@@ -27,8 +27,9 @@ class _ApiKey(
 
     def _with_key(self, details: grpc.ClientCallDetails) -> _CallDetails:
         metadata = [*(details.metadata or ()), self._header]
-        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
-                            details.wait_for_ready, details.compression)  # fmt: skip
+        return _CallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
+        )
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._with_key(details), request)

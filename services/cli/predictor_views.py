@@ -224,8 +224,13 @@ def job_progress(description: str) -> Iterator:
         yield remember
         sys.stderr.write(f"{description}: {last[0]}/{last[1]} records in {time.monotonic() - started:.1f}s\n")
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(description, total=None)
 

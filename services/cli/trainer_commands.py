@@ -82,8 +82,12 @@ def _check_fields(data: dict, descriptor: Descriptor, where: str) -> None:
             hint = f"did you mean {close[0]}?" if close else f"known fields: {', '.join(names)}"
             raise UsageError(f"unknown field {where}{key} ({hint})")
         message = field.message_type
-        if (message is not None and isinstance(value, dict) and message.full_name not in OPAQUE_MESSAGES
-                and not message.GetOptions().map_entry):  # fmt: skip
+        if (
+            message is not None
+            and isinstance(value, dict)
+            and message.full_name not in OPAQUE_MESSAGES
+            and not message.GetOptions().map_entry
+        ):
             _check_fields(value, message, f"{where}{key}.")
 
 
@@ -150,8 +154,9 @@ def _events(session: TrainerSession, job_id: str) -> Iterator[pb.JobEvent]:
             logger.debug("watching %s: %s", job_id, err.details())
         failing_since = failing_since or time.monotonic()
         if time.monotonic() - failing_since > RECONNECT_FOR_S:
-            raise CommandError(f"lost the trainer while watching job {job_id}; resume with: modelgrid jobs watch "
-                               f"{job_id}")  # fmt: skip
+            raise CommandError(
+                f"lost the trainer while watching job {job_id}; resume with: modelgrid jobs watch {job_id}"
+            )
         time.sleep(1.0)
 
 
@@ -292,9 +297,13 @@ def add_parsers(commands: argparse._SubParsersAction, common: argparse.ArgumentP
     group = commands.add_parser("jobs", help="training jobs", description="training jobs on the worker agents")
     jobs = group.add_subparsers(title="commands", metavar="COMMAND", required=True)
     parser = _command(jobs, "submit", jobs_submit, common, "submit a training job from a YAML spec")
-    parser.add_argument("spec", type=Path, metavar="SPEC.yaml",
-                        help="JobSpec fields in YAML (see examples/digits-mlp.yaml); a relative dataset.local_path "
-                             "or dataset.upload is relative to this file")  # fmt: skip
+    parser.add_argument(
+        "spec",
+        type=Path,
+        metavar="SPEC.yaml",
+        help="JobSpec fields in YAML (see examples/digits-mlp.yaml); a relative dataset.local_path "
+        "or dataset.upload is relative to this file",
+    )
     parser.add_argument("--watch", action="store_true", help="follow the job to its end; exit 1 unless it succeeds")
     parser.add_argument("--request-id", default="", metavar="ID", help="retrying with the same ID submits once")
     parser = _command(jobs, "list", jobs_list, common, "list jobs, newest first")

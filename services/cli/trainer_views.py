@@ -101,8 +101,14 @@ def _dataset_text(dataset: pb.Dataset) -> str:
 
 
 def _hyper_parameters_text(hp: pb.HyperParameters) -> str:
-    parts = [f"epochs {hp.epochs or 1}", f"batch {hp.batch_size or 32}", f"lr {hp.learning_rate or 1e-3:g}",
-             hp.optimizer or "adam", f"validation {hp.validation_split:g}", f"seed {hp.seed}"]  # fmt: skip
+    parts = [
+        f"epochs {hp.epochs or 1}",
+        f"batch {hp.batch_size or 32}",
+        f"lr {hp.learning_rate or 1e-3:g}",
+        hp.optimizer or "adam",
+        f"validation {hp.validation_split:g}",
+        f"seed {hp.seed}",
+    ]
     return ", ".join(parts)
 
 
@@ -160,8 +166,9 @@ def workers_table(workers: Iterable[pb.Worker]) -> Table:
     """One row per healthy agent: its slots, how many jobs take, and which jobs."""
     table = _table("ID", "HOST", "ADDRESS", "SLOTS", "USED", "JOBS")
     for worker in workers:
-        table.add_row(worker.id, worker.host, worker.address, str(worker.slots), str(worker.used_slots),
-                      ", ".join(worker.jobs))  # fmt: skip
+        table.add_row(
+            worker.id, worker.host, worker.address, str(worker.slots), str(worker.used_slots), ", ".join(worker.jobs)
+        )
     return table
 
 
@@ -237,8 +244,12 @@ class JobWatch:
         for _ in range(4):
             head.add_column()
         name = self.spec.name or self.spec.recipe
-        head.add_row(Text(f"job {self.job_id}", style="bold"), name, Text(state_name(self.state), style="bold"),
-                     f"attempt {self.attempt}")  # fmt: skip
+        head.add_row(
+            Text(f"job {self.job_id}", style="bold"),
+            name,
+            Text(state_name(self.state), style="bold"),
+            f"attempt {self.attempt}",
+        )
         progress = Table.grid(padding=(0, 2))
         progress.add_column(no_wrap=True)
         progress.add_column(width=30)

@@ -280,11 +280,6 @@ class ConsulAgent(_LoopbackProcess):
         """HTTP API base URL, e.g. "http://127.0.0.1:8500"."""
         return f"http://{self.http_addr}"
 
-    @property
-    def dns_addr(self) -> str:
-        """DNS interface address (UDP and TCP)."""
-        return f"{LOOPBACK}:{self.dns_port}"
-
     def _assign_other_ports(self) -> None:
         ports = free_ports(4, exclude={self.http_port})
         self.dns_port, self.serf_lan_port, self.serf_wan_port, self.server_port = ports
