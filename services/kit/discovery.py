@@ -1,11 +1,10 @@
-"""Service discovery over Consul: a watched, cached list of healthy instances and a channel pool over them."""
+"""Service discovery over Consul: a watched, cached list of the healthy instances of one service (kit.channels
+opens a channel to each)."""
 
 import asyncio
-import itertools
 import logging
 from collections.abc import Callable, Sequence
 
-import grpc
 import httpx
 
 from services.kit.consul import ConsulClient, Instance
@@ -78,50 +77,3 @@ class ServiceResolver:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-
-
-class ChannelPool:
-    """One grpc.aio channel per healthy instance of a service; `channel()` spreads calls round robin.
-
-    Channels of instances that leave the healthy set are closed after a grace period so that calls already on
-    them can finish.
-    """
-
-    def __init__(
-        self,
-        resolver: ServiceResolver,
-        *,
-        options: Sequence[tuple[str, object]] = (),
-        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
-        close_grace: float = 30.0,
-    ) -> None:
-        self._resolver = resolver
-        self._options = list(options)
-        self._interceptors = list(interceptors)
-        self._close_grace = close_grace
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._order = itertools.count()
-        resolver.add_listener(self._on_change)
-
-    def channel(self) -> grpc.aio.Channel:
-        """A channel to one healthy instance; raises LookupError when there is none."""
-        targets = [i.target for i in self._resolver.instances]
-        if not targets:
-            raise LookupError(f"no healthy instance of {self._resolver.service} in Consul")
-        target = targets[next(self._order) % len(targets)]
-        channel = self._channels.get(target)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(target, options=self._options, interceptors=self._interceptors)
-            self._channels[target] = channel
-        return channel
-
-    def _on_change(self, instances: Sequence[Instance]) -> None:
-        alive = {i.target for i in instances}
-        for target in [t for t in self._channels if t not in alive]:
-            channel = self._channels.pop(target)
-            asyncio.get_running_loop().call_later(self._close_grace, asyncio.ensure_future, channel.close())
-
-    async def close(self) -> None:
-        """Closes every channel."""
-        channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
