@@ -1,15 +1,34 @@
-"""Shared fixtures: one real Consul agent and one real Redis server per test session, on free ports."""
+"""Fixtures of every tier: one real Consul agent and one real Redis server per test session on free ports, unique
+names, a small real SavedModel, and (for tests/integration and tests/e2e) the launcher of modelgrid services as
+real subprocesses.
 
+Tests reach these helpers through fixtures only; nothing under tests/ is imported as a module.
+"""
+
+import json
 import os
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 
-from services.kit.localinfra import ConsulAgent, RedisServer
+from modelgrid.trainer.v1 import trainer_pb2
+from services.clients.registry import RegistryClient
+from services.kit.localinfra import ConsulAgent, RedisServer, free_port
+from services.kit.processes import REPO_ROOT, ServiceProcess
 
 # Keep TensorFlow quiet and on the CPU in every process the tests start.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+DIGITS_NPZ = REPO_ROOT / "data" / "digits" / "digits.npz"
+
+
+# -- infrastructure --------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +41,220 @@ def consul(tmp_path_factory) -> Iterator[ConsulAgent]:
 def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
+
+
+# -- names and models ------------------------------------------------------------------------------------------
+
+
+def _unique(prefix: str = "m") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def unique() -> Callable[..., str]:
+    """`unique(prefix="m")`: a model name (or key) no other test uses, `<prefix>-<10 hex digits>`."""
+    return _unique
+
+
+def _build_saved_model(directory: Path, seed: int = 7, busy_loops: int = 0) -> Path:
+    import tensorflow as tf
+
+    class Dense(tf.Module):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.default_rng(seed)
+            self.w = tf.Variable(rng.normal(size=(4, 3)).astype("float32"))
+            self.b = tf.Variable(rng.normal(size=3).astype("float32"))
+            self.busy = tf.Variable(np.eye(256, dtype="float32") * 0.5)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+        def serve(self, x):
+            y = tf.nn.relu(tf.matmul(x, self.w) + self.b)
+            if busy_loops:
+
+                def step(i, m):
+                    return i + 1, tf.matmul(m, self.busy)
+
+                m = tf.while_loop(lambda i, m: i < busy_loops, step, (tf.constant(0), self.busy))[1]
+                y = y + 0.0 * tf.reduce_sum(m)
+            return {"y": y}
+
+    module = Dense()
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
+    return directory
+
+
+@pytest.fixture(scope="session")
+def build_saved_model() -> Callable[..., Path]:
+    """`build_saved_model(directory, seed=7, busy_loops=0) -> directory`: a small real SavedModel,
+    y = relu(x @ w + b), x float32 [batch, 4] -> y float32 [batch, 3]. `seed` picks the weights (two versions answer
+    differently); `busy_loops` > 0 adds that many 256x256 matmuls per call, to make execution slow enough for
+    queueing tests."""
+    return _build_saved_model
+
+
+@dataclass
+class Reference:
+    """A SavedModel loaded in the test process: what TensorFlow itself answers."""
+
+    path: Path
+    _fn: object = field(default=None, repr=False)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self._fn is None:
+            import tensorflow as tf
+
+            self._fn = tf.saved_model.load(str(self.path)).signatures["serving_default"]
+        return self._fn(x=x)["y"].numpy()
+
+
+@pytest.fixture(scope="session")
+def tf_reference() -> Callable[[Path], Reference]:
+    """`tf_reference(path)(x) -> y`: what TensorFlow in the test process answers for the SavedModel at `path`."""
+    return Reference
+
+
+def _digits_spec(**overrides) -> trainer_pb2.JobSpec:
+    spec = trainer_pb2.JobSpec(
+        name="digits-mlp",
+        recipe="mlp",
+        dataset=trainer_pb2.Dataset(local_path=str(DIGITS_NPZ), format="npz", features_key="x", label_key="y"),
+        hyper_parameters=trainer_pb2.HyperParameters(
+            epochs=8, batch_size=32, learning_rate=0.01, optimizer="adam", validation_split=0.2, seed=1
+        ),
+        workers=2,
+        checkpoint_every_steps=5,
+        max_restarts=2,
+        report_every_steps=5,
+    )
+    spec.recipe_params.update({"hidden_units": [64]})
+    for key, value in overrides.items():
+        if isinstance(value, list):
+            getattr(spec, key).extend(value)
+        elif hasattr(value, "DESCRIPTOR"):
+            getattr(spec, key).CopyFrom(value)
+        else:
+            setattr(spec, key, value)
+    return spec
+
+
+@pytest.fixture(scope="session")
+def digits_spec() -> Callable[..., trainer_pb2.JobSpec]:
+    """`digits_spec(**overrides) -> JobSpec`: a small MLP on the shipped digits data set (data/digits), two
+    workers; an override replaces a field (a list extends it, a message is copied in)."""
+    return _digits_spec
+
+
+# -- clients ---------------------------------------------------------------------------------------------------
+
+
+def _client_for(target: str) -> tuple[grpc.Channel, RegistryClient]:
+    channel = grpc.insecure_channel(target)
+    return channel, RegistryClient(channel, client_id="pytest")
+
+
+@pytest.fixture(scope="session")
+def client_for() -> Callable[[str], tuple[grpc.Channel, RegistryClient]]:
+    """`channel, client = client_for(target)`: a sync registry client over a new channel (the caller closes it)."""
+    return _client_for
+
+
+# -- services as subprocesses ----------------------------------------------------------------------------------
+
+
+class ServiceLauncher:
+    """Starts modelgrid services as real subprocesses on free ports, SERVING when returned; stops whatever is
+    still running when the fixture ends (newest first). Tests may stop (or kill) a process themselves earlier:
+    a fixture with its own Consul agent stops its services before leaving the agent's `with` block."""
+
+    def __init__(self) -> None:
+        self.started: list[ServiceProcess] = []
+
+    def start(self, process: ServiceProcess, timeout: float = 60.0) -> ServiceProcess:
+        """Starts any ServiceProcess and keeps it for the final stop."""
+        self.started.append(process)
+        return process.start(timeout)
+
+    def registry(self, consul_url: str, redis_url: str, data_dir: Path, **settings: str) -> ServiceProcess:
+        """A registry with its own blob dir (in `data_dir`) and Redis key prefix."""
+        env = {
+            "CONSUL_URL": consul_url,
+            "REDIS_URL": redis_url,
+            "BLOB_DIR": str(data_dir / "blobs"),
+            "REDIS_KEY_PREFIX": f"mg:test:{uuid.uuid4().hex[:8]}:",
+            "CONSUL_CHECK_INTERVAL": "1s",
+            **settings,
+        }
+        return self.start(ServiceProcess("services.registry", "MODELGRID_REGISTRY_", env, data_dir / "registry.log"))
+
+    def predictor(
+        self, consul_url: str, redis_url: str, data_dir: Path, models: list[dict], **settings: str
+    ) -> ServiceProcess:
+        """A predictor serving `models` (the MODELS setting), its cache in `data_dir`, one TensorFlow thread."""
+        env = {
+            "CONSUL_URL": consul_url,
+            "REDIS_URL": redis_url,
+            "MODELS": json.dumps(models),
+            "CACHE_DIR": str(data_dir / "cache"),
+            "METRICS_PORT": str(free_port()),
+            "CONSUL_CHECK_INTERVAL": "1s",
+            "TF_THREADS": "1",
+            **settings,
+        }
+        log = data_dir / f"predictor-{env['METRICS_PORT']}.log"
+        return self.start(ServiceProcess("services.predictor", "MODELGRID_PREDICTOR_", env, log), timeout=120)
+
+    def agent(self, consul_url: str, data_dir: Path, slots: int = 1) -> ServiceProcess:
+        """A worker agent with `slots` slots and its own work dir in `data_dir`."""
+        name = f"agent-{uuid.uuid4().hex[:6]}"
+        env = {
+            "CONSUL_URL": consul_url,
+            "SLOTS": str(slots),
+            "WORK_DIR": str(data_dir / name),
+            "CONSUL_CHECK_INTERVAL": "1s",
+            "CONSUL_DEREGISTER_AFTER": "1m",
+        }
+        return self.start(ServiceProcess("services.trainer.agent", "MODELGRID_AGENT_", env, data_dir / f"{name}.log"))
+
+    def trainer(self, consul_url: str, redis_url: str, data_dir: Path, prefix: str, **settings: str) -> ServiceProcess:
+        """A trainer with Redis key prefix `prefix`, its shared and recipes dirs in `data_dir`."""
+        env = {
+            "CONSUL_URL": consul_url,
+            "REDIS_URL": redis_url,
+            "SHARED_DIR": str(data_dir / "shared"),
+            "RECIPES_DIR": str(data_dir / "recipes"),
+            "REDIS_KEY_PREFIX": prefix,
+            "RECORD_SHARD_IDS": "true",
+            "RESTART_BACKOFF_SECONDS": "0.2",
+            "CONSUL_CHECK_INTERVAL": "1s",
+            **settings,
+        }
+        (data_dir / "recipes").mkdir(parents=True, exist_ok=True)
+        return self.start(ServiceProcess("services.trainer", "MODELGRID_TRAINER_", env, data_dir / "trainer.log"))
+
+    def gateway(self, consul_url: str, redis_url: str, data_dir: Path, **settings: str) -> ServiceProcess:
+        """A gateway without its web front (unless WEB_PORT is given), ejecting a failed upstream for 5 s."""
+        env = {
+            "CONSUL_URL": consul_url,
+            "REDIS_URL": redis_url,
+            "WEB_PORT": "-1",
+            "METRICS_PORT": "0",
+            "EJECT_SECONDS": "5",
+            "CONSUL_CHECK_INTERVAL": "1s",
+            **settings,
+        }
+        log = data_dir / f"gateway-{free_port()}.log"
+        return self.start(ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", env, log))
+
+    def stop_all(self) -> None:
+        for process in reversed(self.started):
+            process.stop()
+
+
+@pytest.fixture(scope="module")
+def launch() -> Iterator[ServiceLauncher]:
+    """`launch.registry(...)`, `.predictor(...)`, `.agent(...)`, `.trainer(...)`, `.gateway(...)`,
+    `.start(ServiceProcess(...))`: services as subprocesses, stopped at the end of the module at the latest."""
+    launcher = ServiceLauncher()
+    yield launcher
+    launcher.stop_all()

@@ -22,10 +22,21 @@ from services.kit.localinfra import free_port
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_serving(target: str, timeout: float = 60.0, service: str = "", process=None) -> None:
-    """Waits until the gRPC health endpoint at `target` says SERVING (fails early if `process` exits)."""
+def wait_serving(
+    target: str,
+    timeout: float = 60.0,
+    service: str = "",
+    process: subprocess.Popen | None = None,
+    root_certificates: bytes | None = None,
+) -> None:
+    """Waits until the gRPC health endpoint at `target` says SERVING (fails early if `process` exits). With
+    `root_certificates` the port speaks TLS and its certificate must be signed by them."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    if root_certificates is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates))
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -43,10 +54,20 @@ class ServiceProcess:
     """`python -m <module>` with settings from the environment, on a free port, logs in a file.
 
     `settings` are given without the prefix (`{"PORT": "0", "BLOB_DIR": ...}`); PORT defaults to a free port.
+    `root_certificates`: the service's gRPC port speaks TLS with a certificate they sign.
     """
 
-    def __init__(self, module: str, env_prefix: str, settings: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self,
+        module: str,
+        env_prefix: str,
+        settings: dict[str, str],
+        log_path: Path,
+        *,
+        root_certificates: bytes | None = None,
+    ) -> None:
         self.module = module
+        self.root_certificates = root_certificates
         self.port = int(settings.get("PORT", 0)) or free_port()
         self.env = {**os.environ, **{f"{env_prefix}{k}": str(v) for k, v in {**settings, "PORT": self.port}.items()}}
         self.log_path = log_path
@@ -65,7 +86,7 @@ class ServiceProcess:
         )
         log.close()
         try:
-            wait_serving(self.target, timeout, process=self.process)
+            wait_serving(self.target, timeout, process=self.process, root_certificates=self.root_certificates)
         except TimeoutError:
             self.kill()
             raise TimeoutError(f"{self.module} did not start; log:\n{self.log_path.read_text()[-3000:]}") from None

@@ -6,6 +6,7 @@ reconciles all served models, which covers whatever happened while the stream wa
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 
@@ -55,7 +56,7 @@ class RegistryFollower:
     async def stop(self) -> None:
         await self._stream.stop()
 
-    def _open(self):
+    def _open(self) -> AsyncIterator[RegistryEvent]:
         return self._registry.watch(self._cursor)
 
     async def _resync(self) -> None:

@@ -23,10 +23,7 @@ from modelgrid.registry.v1 import registry_pb2 as rpb
 from modelgrid.trainer.v1 import trainer_pb2 as tpb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
 from services.kit.localinfra import ConsulAgent, free_port
-from tests.predictor_fixtures import Reference, start_predictor
-from tests.registry_fixtures import build_saved_model, client_for, start_registry, unique
-from tests.support import REPO_ROOT, ServiceProcess
-from tests.trainer_fixtures import digits_spec, start_agent, start_trainer
+from services.kit.processes import REPO_ROOT, ServiceProcess
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +61,7 @@ def _wait(what: str, check, timeout: float = 60.0):
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory):
+def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, tf_reference):
     """Own Consul; a registry, a predictor serving every model, two worker agents, a trainer and a gateway with its
     web front serving web/dist; a model with versions 1 (production) and 2."""
     _require_browser()
@@ -73,7 +70,7 @@ def mesh(redis_server, tmp_path_factory):
     channel: grpc.Channel | None = None
     with ConsulAgent(tmp / "consul") as consul:
         try:
-            registry = start_registry(consul.http_url, redis_server.url, tmp / "reg")
+            registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
             started.append(registry)
             registry_channel, client = client_for(registry.target)
             model = unique("console")
@@ -83,10 +80,10 @@ def mesh(redis_server, tmp_path_factory):
                 client.push_savedmodel(model, path, metrics={"accuracy": 0.9})
             client.stub.SetAlias(rpb.SetAliasRequest(model_name=model, alias="production", version=1))
             registry_channel.close()
-            started.append(start_predictor(consul.http_url, redis_server.url, tmp, [], AUTO_LOAD="true"))
-            started += [start_agent(consul.http_url, tmp) for _ in range(2)]
+            started.append(launch.predictor(consul.http_url, redis_server.url, tmp, [], AUTO_LOAD="true"))
+            started += [launch.agent(consul.http_url, tmp) for _ in range(2)]
             prefix = f"mg:test-web:{uuid.uuid4().hex[:6]}:"
-            started.append(start_trainer(consul.http_url, redis_server.url, tmp, prefix))
+            started.append(launch.trainer(consul.http_url, redis_server.url, tmp, prefix))
             web_port = free_port()
             gateway_settings = {
                 "CONSUL_URL": consul.http_url,
@@ -102,10 +99,14 @@ def mesh(redis_server, tmp_path_factory):
             started.append(gateway.start())
             channel = grpc.insecure_channel(gateway.target)
             ns = SimpleNamespace(
-                tmp=tmp, model=model, reference=Reference(paths[0]), url=f"http://127.0.0.1:{web_port}",
+                tmp=tmp,
+                model=model,
+                reference=tf_reference(paths[0]),
+                url=f"http://127.0.0.1:{web_port}",
                 trainer=trainer_pb2_grpc.TrainerStub(channel),
-                predictor=predictor_pb2_grpc.PredictorStub(channel), logs=[p.log_path for p in started],
-            )  # fmt: skip
+                predictor=predictor_pb2_grpc.PredictorStub(channel),
+                logs=[p.log_path for p in started],
+            )
             _wait_routed(ns)
             yield ns
         finally:
@@ -131,10 +132,8 @@ class ConsoleScript:
     """web/tests/console.e2e.mjs as a subprocess whose output lines are read as they come."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(
-            ["node", str(SCRIPT)], cwd=WEB, env={**os.environ, **env}, text=True,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+        self.process = subprocess.Popen(["node", str(SCRIPT)], cwd=WEB, env={**os.environ, **env}, text=True, **pipes)
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -181,7 +180,7 @@ def _log_tails(ns) -> str:
     return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-1500:]}" for path in ns.logs)
 
 
-def test_console_in_chromium_lists_models_predicts_and_follows_a_training_job(mesh):
+def test_console_in_chromium_lists_models_predicts_and_follows_a_training_job(mesh, digits_spec, unique):
     expected = mesh.reference(np.array(X, dtype=np.float32))[0].tolist()
     screenshots = mesh.tmp / "screenshots"
     screenshots.mkdir()
@@ -210,10 +209,11 @@ def test_console_in_chromium_lists_models_predicts_and_follows_a_training_job(me
     print(output)
     assert code == 0, f"console script failed:\n{output}\n{_log_tails(mesh)}"
     checkpoints = [line.split()[1] for line in script.lines if line.startswith("CHECKPOINT ")]
-    assert checkpoints == [
-        "models-listed", "promoted", "rolled-back", "predicted", "error-shown", "workers-listed", "ready-for-job",
-        "job-progress", "job-succeeded", "jobs-listed", "done",
-    ], output  # fmt: skip
+    expected_checkpoints = (
+        "models-listed promoted rolled-back predicted error-shown workers-listed ready-for-job job-progress "
+        "job-succeeded jobs-listed done"
+    )
+    assert checkpoints == expected_checkpoints.split(), output
     assert "version=1" in output
     assert (screenshots / "job.png").stat().st_size > 0
     final = mesh.trainer.GetJob(tpb.GetJobRequest(id=job.id))

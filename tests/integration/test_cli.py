@@ -6,8 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,26 +14,11 @@ import pytest
 from services.cli.main import run
 from services.kit.artifacts import pack_to_file
 from services.kit.localinfra import free_port
-from tests.support import REPO_ROOT, ServiceProcess
+from services.kit.processes import REPO_ROOT, ServiceProcess
 
 CLIENT_ID = "cli-test@pytest"
 PAGE_CAP = 2  # the registry under test caps pages at 2 items, so every list of 3+ items spans several pages
-
-
-@pytest.fixture(scope="module")
-def registry(consul, redis_server, tmp_path_factory) -> Iterator[str]:
-    """Target of a registry subprocess with its own blob dir and Redis key prefix."""
-    tmp = tmp_path_factory.mktemp("cli-registry")
-    settings = {
-        "CONSUL_URL": consul.http_url,
-        "REDIS_URL": redis_server.url,
-        "BLOB_DIR": str(tmp / "blobs"),
-        "REDIS_KEY_PREFIX": f"mg:test-cli:{uuid.uuid4().hex}:",
-        "MAX_PAGE_SIZE": str(PAGE_CAP),
-    }
-    service = ServiceProcess("services.registry", "MODELGRID_REGISTRY_", settings, tmp / "registry.log").start()
-    yield service.target
-    service.stop()
+REGISTRY_SETTINGS = {"MAX_PAGE_SIZE": str(PAGE_CAP)}  # for the `registry` fixture (tests/integration/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +43,9 @@ def not_a_terminal(monkeypatch) -> None:
     monkeypatch.setenv("TTY_COMPATIBLE", "0")
 
 
-def cli(target: str, *args: str) -> int:
-    """Runs the CLI in-process against `target` with a known client identity."""
-    return run(["--target", target, "--client-id", CLIENT_ID, *args])
+def cli(registry: ServiceProcess, *args: str) -> int:
+    """Runs the CLI in-process against the registry with a known client identity."""
+    return run(["--target", registry.target, "--client-id", CLIENT_ID, *args])
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -265,7 +248,7 @@ def test_installed_console_script(registry, capsys):
     capsys.readouterr()
 
     result = subprocess.run(
-        [str(script), "--target", registry, "models", "list", "--json"],
+        [str(script), "--target", registry.target, "models", "list", "--json"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -11,8 +11,6 @@ import pytest
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from services.cli.main import run
 from services.kit.localinfra import ConsulAgent
-from tests.predictor_fixtures import Reference, start_predictor
-from tests.registry_fixtures import build_saved_model, client_for, start_registry, unique
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +19,12 @@ X = np.array([[0.5, -1.0, 2.0, 0.1], [1.5, 0.3, -0.7, 2.2], [0.0, 0.0, 0.0, 1.0]
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory):
+def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, tf_reference):
     """Own Consul (the predictor finds only this registry), a registry, one model with version 1 at production and
     an unserved second model, and one predictor serving name@production."""
     tmp = tmp_path_factory.mktemp("cli-predictor")
     with ConsulAgent(tmp / "consul") as consul:
-        registry = start_registry(consul.http_url, redis_server.url, tmp / "reg")
+        registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
         channel, client = client_for(registry.target)
         name, spare = unique("cli"), unique("spare")
         path = build_saved_model(tmp / "model", seed=3)
@@ -34,12 +32,17 @@ def mesh(redis_server, tmp_path_factory):
             client.ensure_model(model)
             client.push_savedmodel(model, path)
         client.stub.SetAlias(rpb.SetAliasRequest(model_name=name, alias="production", version=1))
-        predictor = start_predictor(
+        predictor = launch.predictor(
             consul.http_url, redis_server.url, tmp, [{"name": name, "aliases": ["production"]}], MAX_QUEUE_DELAY_MS="1"
         )
         try:
-            yield SimpleNamespace(registry=registry.target, predictor=predictor.target, name=name, spare=spare,
-                                  reference=Reference(path))  # fmt: skip
+            yield SimpleNamespace(
+                registry=registry.target,
+                predictor=predictor.target,
+                name=name,
+                spare=spare,
+                reference=tf_reference(path),
+            )
         finally:
             predictor.stop()
             channel.close()
@@ -116,9 +119,8 @@ def test_batch_submit_wait_then_status_list_and_fetch(mesh, tmp_path, capsys):
 
     assert cli(mesh, "batch", "status", job_id, "--json") == 0
     job = json.loads(capsys.readouterr().out)
-    assert (job["state"], job["doneRecords"], job["totalRecords"], job["version"]) == (
-        "BATCH_JOB_STATE_SUCCEEDED", "700", "700", "1",
-    )  # fmt: skip
+    done = ("BATCH_JOB_STATE_SUCCEEDED", "700", "700", "1")
+    assert (job["state"], job["doneRecords"], job["totalRecords"], job["version"]) == done
     assert cli(mesh, "batch", "status", job_id) == 0
     assert re.search(r"^records +700/700$", capsys.readouterr().out, re.MULTILINE)
     assert cli(mesh, "batch", "list", "--json") == 0

@@ -17,25 +17,24 @@ import yaml
 from services.cli.main import run
 from services.kit.artifacts import file_digest
 from services.kit.localinfra import ConsulAgent
-from tests.registry_fixtures import start_registry, unique
-from tests.support import REPO_ROOT
-from tests.trainer_fixtures import DIGITS_NPZ, start_agent, start_trainer
+from services.kit.processes import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
 CLIENT_ID = "cli-trainer-test@pytest"
 EXAMPLE = REPO_ROOT / "examples" / "digits-mlp.yaml"
+DIGITS_NPZ = REPO_ROOT / "data" / "digits" / "digits.npz"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory):
+def mesh(redis_server, tmp_path_factory, launch):
     """Own Consul (the trainer sees only these agents and this registry), two agents, a trainer."""
     tmp = tmp_path_factory.mktemp("cli-trainer")
     with ConsulAgent(tmp / "consul") as consul:
-        registry = start_registry(consul.http_url, redis_server.url, tmp / "reg")
-        agents = [start_agent(consul.http_url, tmp) for _ in range(2)]
-        trainer = start_trainer(consul.http_url, redis_server.url, tmp, f"mg:test-cli-trainer:{uuid.uuid4().hex[:6]}:")
+        registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
+        agents = [launch.agent(consul.http_url, tmp) for _ in range(2)]
+        trainer = launch.trainer(consul.http_url, redis_server.url, tmp, f"mg:test-cli-trainer:{uuid.uuid4().hex[:6]}:")
         try:
             yield SimpleNamespace(tmp=tmp, registry=registry.target, trainer=trainer.target)
         finally:
@@ -71,7 +70,7 @@ def write_spec(directory: Path, **changes) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(mesh):
+def trained(mesh, unique):
     """`jobs submit SPEC --watch` of the example spec (its own model name), run to the end: its exit code, stdout,
     stderr, job id and model name."""
     model = unique("digits")
@@ -92,8 +91,8 @@ def test_submit_watch_trains_registers_and_exits_0(trained):
     assert re.search(r" epoch 8/8 done at step \d+  .*val_accuracy \d\.\d{4}", trained.out)
     assert re.search(rf" registered {trained.model}:1$", trained.out, re.MULTILINE)
     assert re.search(r" step \d+  epoch \d/8  loss \d\.\d{4}  accuracy \d\.\d{4}$", trained.out, re.MULTILINE)
-    summary = re.fullmatch(rf"job {trained.job_id} SUCCEEDED: registered {trained.model}:1 \(.* val_accuracy "
-                           r"(\d\.\d{4}).*\)", lines[-1])  # fmt: skip
+    pattern = rf"job {trained.job_id} SUCCEEDED: registered {trained.model}:1 \(.* val_accuracy (\d\.\d{{4}}).*\)"
+    summary = re.fullmatch(pattern, lines[-1])
     assert summary, lines[-1]
     assert float(summary.group(1)) >= 0.85
 
@@ -109,9 +108,8 @@ def test_a_repeated_request_id_returns_the_same_job(mesh, trained, capsys):
 def test_list_and_show(mesh, trained, capsys):
     assert cli(mesh, "jobs", "list") == 0
     table = capsys.readouterr().out
-    assert table.splitlines()[0].split() == [
-        "ID", "NAME", "STATE", "RECIPE", "WORKERS", "EPOCH", "STEP", "VAL_ACCURACY", "MODEL", "CREATED",
-    ]  # fmt: skip
+    header = "ID NAME STATE RECIPE WORKERS EPOCH STEP VAL_ACCURACY MODEL CREATED"
+    assert table.splitlines()[0].split() == header.split()
     row = next(line for line in table.splitlines() if line.startswith(trained.job_id)).split()
     assert row[1:6] == ["digits-mlp", "SUCCEEDED", "mlp", "2", "8/8"]
     assert row[8] == f"{trained.model}:1"
@@ -133,9 +131,8 @@ def test_list_and_show(mesh, trained, capsys):
     assert re.search(rf"^register\s+{trained.model} @ production$", shown, re.MULTILINE)
     assert cli(mesh, "--json", "jobs", "show", trained.job_id) == 0
     job = json.loads(capsys.readouterr().out)
-    assert (job["state"], job["registeredVersion"], job["spec"]["registerModel"]) == (
-        "JOB_STATE_SUCCEEDED", "1", trained.model,
-    )  # fmt: skip
+    registered = (job["state"], job["registeredVersion"], job["spec"]["registerModel"])
+    assert registered == ("JOB_STATE_SUCCEEDED", "1", trained.model)
 
 
 def test_watch_a_finished_job_replays_it_on_a_terminal(mesh, trained, monkeypatch, capsys):
@@ -168,7 +165,7 @@ def test_workers(mesh, trained, capsys):
     assert len(json.loads(capsys.readouterr().out)["workers"]) == 2
 
 
-def test_upload_sends_the_dataset_to_the_registry_then_cancel(mesh, tmp_path, capsys):
+def test_upload_sends_the_dataset_to_the_registry_then_cancel(mesh, tmp_path, capsys, unique):
     """dataset.upload: the trainer gets a blob digest. Three workers never fit on two slots, so the job waits
     (PENDING) until it is cancelled, and nothing trains."""
     spec = yaml.safe_load(EXAMPLE.read_text())

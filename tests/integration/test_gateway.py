@@ -19,35 +19,31 @@ from modelgrid.gateway.v1 import gateway_pb2_grpc
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
-from services.kit.localinfra import ConsulAgent, free_port
-from services.kit.tensors import tensor_to_array
-from tests.otlp_collector import OtlpCollector
-from tests.predictor_fixtures import predict_request, start_predictor
-from tests.registry_fixtures import build_saved_model, client_for, start_registry, unique
-from tests.support import ServiceProcess
+from services.kit.convert import ref_to_pb
+from services.kit.localinfra import ConsulAgent
+from services.kit.processes import REPO_ROOT
+from services.kit.tensors import array_to_tensor, tensor_to_array
 
 pytestmark = pytest.mark.slow
 
 X = np.array([[0.5, -1.0, 2.0, 0.1]], dtype=np.float32)
 ADMIN_KEY = "admin-secret-for-tests"
+DIGITS_NPZ = REPO_ROOT / "data" / "digits" / "digits.npz"
 
 
-def start_gateway(consul_url: str, redis_url: str, data_dir, **settings: str) -> ServiceProcess:
-    env = {
-        "CONSUL_URL": consul_url, "REDIS_URL": redis_url, "WEB_PORT": "-1", "METRICS_PORT": "0",
-        "EJECT_SECONDS": "5", "CONSUL_CHECK_INTERVAL": "1s", **settings,
-    }  # fmt: skip
-    log = data_dir / f"gateway-{free_port()}.log"
-    return ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", env, log).start()
+def predict_request(ref: str, x: np.ndarray) -> pb.PredictRequest:
+    """A PredictRequest of `ref` ("name", "name:3", "name@alias") with input "x"."""
+    return pb.PredictRequest(model=ref_to_pb(ref), inputs={"x": array_to_tensor(x)})
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory):
+def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, otlp_collector):
     tmp = tmp_path_factory.mktemp("gateway")
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # export spans quickly (inherited by the services)
-    with ConsulAgent(tmp / "consul") as consul, OtlpCollector() as collector:
+    collector = otlp_collector
+    with ConsulAgent(tmp / "consul") as consul:
         otel = {"OTEL_EXPORTER": "otlp", "OTEL_ENDPOINT": f"http://127.0.0.1:{collector.port}"}
-        registry = start_registry(consul.http_url, redis_server.url, tmp / "reg", **otel)
+        registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg", **otel)
         channel, client = client_for(registry.target)
         model = unique("gw")
         client.ensure_model(model)
@@ -56,19 +52,30 @@ def mesh(redis_server, tmp_path_factory):
         client.stub.SetAlias(rpb.SetAliasRequest(model_name=model, alias="production", version=1))
         client.stub.SetAlias(rpb.SetAliasRequest(model_name=model, alias="canary", version=2))
         predictors = [
-            start_predictor(consul.http_url, redis_server.url, tmp / f"p{i}", [], AUTO_LOAD="true", **otel)
+            launch.predictor(consul.http_url, redis_server.url, tmp / f"p{i}", [], AUTO_LOAD="true", **otel)
             for i in range(2)
         ]
-        gateway = start_gateway(consul.http_url, redis_server.url, tmp, **otel)
+        gateway = launch.gateway(consul.http_url, redis_server.url, tmp, **otel)
         gateway_channel = grpc.insecure_channel(gateway.target)
         ns = SimpleNamespace(
-            tmp=tmp, consul=consul, redis_url=redis_server.url, registry=registry, client=client, model=model,
-            predictors=predictors, gateway=gateway, channel=gateway_channel, collector=collector,
+            tmp=tmp,
+            consul=consul,
+            redis_url=redis_server.url,
+            registry=registry,
+            client=client,
+            model=model,
+            predictors=predictors,
+            gateway=gateway,
+            channel=gateway_channel,
+            collector=collector,
             predictor=predictor_pb2_grpc.PredictorStub(gateway_channel),
             admin=gateway_pb2_grpc.GatewayAdminStub(gateway_channel),
-        )  # fmt: skip
-        _wait_routes(ns, lambda routes: len(routes["predictor"]) == 2 and all(
-            f"model={model}" in u.tags for u in routes["predictor"]))  # fmt: skip
+        )
+
+        def both_predictors_serve_the_model(routes) -> bool:
+            return len(routes["predictor"]) == 2 and all(f"model={model}" in u.tags for u in routes["predictor"])
+
+        _wait_routes(ns, both_predictors_serve_the_model)
         try:
             yield ns
         finally:
@@ -102,7 +109,7 @@ def _registry_via_gateway(ns):
 # -- every call kind ------------------------------------------------------------------------------------------
 
 
-def test_unary_client_server_and_bidi_calls_pass_through(mesh):
+def test_unary_client_server_and_bidi_calls_pass_through(mesh, unique):
     registry = _registry_via_gateway(mesh)
     name = unique("kinds")
     registry.ensure_model(name)  # unary
@@ -111,8 +118,9 @@ def test_unary_client_server_and_bidi_calls_pass_through(mesh):
     version = registry.push_file(name, path)  # client streaming
     registry.download(f"{name}:{version.version}", mesh.tmp / "back")  # server streaming
     assert (mesh.tmp / "back").read_bytes() == path.read_bytes()
-    requests = [pb.PredictStreamRequest(id=str(i), request=predict_request(f"{mesh.model}@production", X))
-                for i in range(5)]  # fmt: skip
+    requests = [
+        pb.PredictStreamRequest(id=str(i), request=predict_request(f"{mesh.model}@production", X)) for i in range(5)
+    ]
     answers = list(mesh.predictor.PredictStream(iter(requests), timeout=30))  # bidirectional
     assert sorted(a.id for a in answers) == ["0", "1", "2", "3", "4"]
     assert all(a.response.version == 1 for a in answers)
@@ -220,7 +228,7 @@ def test_canary_weight_splits_traffic_and_rollback_is_immediate(mesh):
 # -- tracing --------------------------------------------------------------------------------------------------
 
 
-def test_one_trace_from_the_gateway_through_the_predictor_to_the_registry(mesh):
+def test_one_trace_from_the_gateway_through_the_predictor_to_the_registry(mesh, unique):
     name = unique("traced")
     mesh.client.ensure_model(name)
     mesh.client.push_savedmodel(name, mesh.tmp / "m1")
@@ -247,13 +255,12 @@ def test_one_trace_from_the_gateway_through_the_predictor_to_the_registry(mesh):
     assert registry_server and all(parent_service(s) == "predictor" for s in registry_server)
 
 
-def test_one_trace_from_the_gateway_through_the_trainer_to_the_registry(mesh):
+def test_one_trace_from_the_gateway_through_the_trainer_to_the_registry(mesh, launch, unique, digits_spec):
     from modelgrid.trainer.v1 import trainer_pb2 as tpb
     from modelgrid.trainer.v1 import trainer_pb2_grpc
-    from tests.trainer_fixtures import DIGITS_NPZ, digits_spec, start_trainer
 
     otel = {"OTEL_EXPORTER": "otlp", "OTEL_ENDPOINT": f"http://127.0.0.1:{mesh.collector.port}"}
-    trainer = start_trainer(mesh.consul.http_url, mesh.redis_url, mesh.tmp / "trainer", f"mg:{unique('t')}:", **otel)
+    trainer = launch.trainer(mesh.consul.http_url, mesh.redis_url, mesh.tmp / "trainer", f"mg:{unique('t')}:", **otel)
     try:
         _wait_routes(mesh, lambda routes: len(routes.get("trainer", [])) == 1)
         digest = mesh.client.upload_blob(DIGITS_NPZ).digest
@@ -286,10 +293,14 @@ def test_one_trace_from_the_gateway_through_the_trainer_to_the_registry(mesh):
 
 
 @pytest.fixture(scope="module")
-def secured(mesh):
-    settings = {"AUTH_ENABLED": "true", "ADMIN_KEY": ADMIN_KEY, "DEFAULT_RATE_LIMIT": "100",
-                "REDIS_KEY_PREFIX": f"mg:test-gw:{unique('k')}:"}  # fmt: skip
-    gateways = [start_gateway(mesh.consul.http_url, mesh.redis_url, mesh.tmp, **settings) for _ in range(2)]
+def secured(mesh, launch, unique):
+    settings = {
+        "AUTH_ENABLED": "true",
+        "ADMIN_KEY": ADMIN_KEY,
+        "DEFAULT_RATE_LIMIT": "100",
+        "REDIS_KEY_PREFIX": f"mg:test-gw:{unique('k')}:",
+    }
+    gateways = [launch.gateway(mesh.consul.http_url, mesh.redis_url, mesh.tmp, **settings) for _ in range(2)]
     channels = [grpc.insecure_channel(g.target) for g in gateways]
     yield SimpleNamespace(gateways=gateways, channels=channels)
     for channel in channels:
@@ -314,8 +325,9 @@ def test_missing_bad_and_wrong_scope_keys(mesh, secured):
         with pytest.raises(grpc.RpcError) as err:
             predictor.Predict(request, metadata=metadata)
         assert err.value.code() == code
-    reader = admin.CreateApiKey(gpb.CreateApiKeyRequest(name="dashboard", scopes=[gpb.SCOPE_READ]),
-                                metadata=_bearer(ADMIN_KEY))  # fmt: skip
+    reader = admin.CreateApiKey(
+        gpb.CreateApiKeyRequest(name="dashboard", scopes=[gpb.SCOPE_READ]), metadata=_bearer(ADMIN_KEY)
+    )
     with pytest.raises(grpc.RpcError) as err:
         predictor.Predict(request, metadata=_bearer(reader.secret))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -333,8 +345,10 @@ def test_missing_bad_and_wrong_scope_keys(mesh, secured):
 
 def test_rate_limit_is_shared_by_every_gateway_instance(mesh, secured):
     admin = gateway_pb2_grpc.GatewayAdminStub(secured.channels[0])
-    key = admin.CreateApiKey(gpb.CreateApiKeyRequest(name="batch-client", scopes=[gpb.SCOPE_PREDICT], rate_limit=5),
-                             metadata=_bearer(ADMIN_KEY))  # fmt: skip
+    key = admin.CreateApiKey(
+        gpb.CreateApiKeyRequest(name="batch-client", scopes=[gpb.SCOPE_PREDICT], rate_limit=5),
+        metadata=_bearer(ADMIN_KEY),
+    )
     stubs = [predictor_pb2_grpc.PredictorStub(c) for c in secured.channels]
     request = predict_request(f"{mesh.model}@production", X)
     started = time.monotonic()
@@ -367,12 +381,14 @@ def test_the_command_line_reaches_every_service_through_one_gateway_with_its_key
     from services.cli.main import run
 
     admin = gateway_pb2_grpc.GatewayAdminStub(secured.channels[0])
-    key = admin.CreateApiKey(gpb.CreateApiKeyRequest(name="cli-user", scopes=[gpb.SCOPE_READ, gpb.SCOPE_PREDICT]),
-                             metadata=_bearer(ADMIN_KEY))  # fmt: skip
+    key = admin.CreateApiKey(
+        gpb.CreateApiKeyRequest(name="cli-user", scopes=[gpb.SCOPE_READ, gpb.SCOPE_PREDICT]),
+        metadata=_bearer(ADMIN_KEY),
+    )
     target = secured.gateways[0].target
     (mesh.tmp / "x.json").write_text("[[0.5, -1.0, 2.0, 0.1]]")
-    assert run(["--target", target, "--api-key", key.secret, "predict", f"{mesh.model}@production",
-                "--input", str(mesh.tmp / "x.json"), "--json"]) == 0  # fmt: skip
+    predict = ["predict", f"{mesh.model}@production", "--input", str(mesh.tmp / "x.json"), "--json"]
+    assert run(["--target", target, "--api-key", key.secret, *predict]) == 0
     assert str(json.loads(capsys.readouterr().out)["version"]) == "1"
     assert run(["--target", target, "--api-key", key.secret, "models", "list"]) == 0
     assert mesh.model in capsys.readouterr().out

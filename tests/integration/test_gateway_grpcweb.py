@@ -8,7 +8,6 @@ import os
 import shutil
 import ssl
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +15,6 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelgrid.common.v1 import common_pb2
 from modelgrid.registry.v1 import registry_pb2 as pb
@@ -24,13 +22,15 @@ from services.gateway import grpcweb
 from services.gateway.settings import GatewaySettings
 from services.gateway.web import GrpcWebApp
 from services.kit.localinfra import ConsulAgent, free_port
-from tests.registry_fixtures import MiB, client_for, start_registry, unique
-from tests.support import REPO_ROOT, ServiceProcess
+from services.kit.processes import ServiceProcess
 
 SERVICE = "/modelgrid.registry.v1.ModelRegistry"
 ALLOWED_ORIGIN = "http://console.example:3000"
 TRANSPORTS = {"http1": {"http1": True, "http2": False}, "h2c": {"http1": False, "http2": True}}
 MODES = {"binary": "application/grpc-web+proto", "text": "application/grpc-web-text"}
+
+
+MiB = 1024 * 1024
 
 
 def sha256_hex(data: bytes) -> str:
@@ -52,7 +52,7 @@ def gateway_env(consul: ConsulAgent, redis_url: str, tmp: Path, **extra: str) ->
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory):
+def mesh(redis_server, tmp_path_factory, launch):
     """Own Consul agent (the gateway must see only this module's registry), a registry and a gateway."""
     tmp = tmp_path_factory.mktemp("grpcweb")
     (tmp / "dist" / "assets").mkdir(parents=True)
@@ -60,7 +60,7 @@ def mesh(redis_server, tmp_path_factory):
     (tmp / "dist" / "assets" / "app.js").write_text("console.log('hi')")
     (tmp / "secret.txt").write_text("not for the web")
     with ConsulAgent(tmp / "consul") as consul:
-        registry = start_registry(consul.http_url, redis_server.url, tmp / "registry")
+        registry = launch.registry(consul.http_url, redis_server.url, tmp / "registry")
         env = gateway_env(consul, redis_server.url, tmp)
         gateway = ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", env, tmp / "gateway.log")
         try:
@@ -119,7 +119,7 @@ def variant(request):
         yield client, mode == "text", "HTTP/2" if transport == "h2c" else "HTTP/1.1"
 
 
-def test_unary_calls(mesh, variant):
+def test_unary_calls(mesh, variant, unique):
     client, text, http_version = variant
     name = unique("web")
     response, messages, trailers = call(
@@ -134,7 +134,7 @@ def test_unary_calls(mesh, variant):
     assert (model.name, model.description) == (name, "from a browser")
 
 
-def test_error_status_in_the_trailer_frame(mesh, variant):
+def test_error_status_in_the_trailer_frame(mesh, variant, unique):
     client, text, _ = variant
     name = unique("missing")
     _, messages, trailers = call(client, mesh["base"], "GetModel", pb.GetModelRequest(name=name), text=text)
@@ -143,7 +143,7 @@ def test_error_status_in_the_trailer_frame(mesh, variant):
     assert name in trailers["grpc-message"]
 
 
-def test_server_streaming_download_of_a_3mb_artifact(mesh, variant, tmp_path):
+def test_server_streaming_download_of_a_3mb_artifact(mesh, variant, tmp_path, client_for, unique):
     client, text, _ = variant
     data = os.urandom(3 * MiB + 12345)
     channel, registry = client_for(mesh["registry"].target)
@@ -185,15 +185,15 @@ def test_big_multi_frame_request_body_then_download(mesh, variant):
     assert b"".join(c.chunk for c in chunks if c.WhichOneof("payload") == "chunk") == data
 
 
-def test_watch_events_until_the_grpc_timeout(mesh, variant):
+def test_watch_events_until_the_grpc_timeout(mesh, variant, unique):
     client, text, _ = variant
     name = unique("watched")
     call(client, mesh["base"], "CreateModel", pb.CreateModelRequest(name=name), text=text)
     started = time.monotonic()
+    request = pb.WatchEventsRequest(cursor="0", model_name=name)
     _, messages, trailers = call(
-        client, mesh["base"], "WatchEvents", pb.WatchEventsRequest(cursor="0", model_name=name), text=text,
-        headers={"grpc-timeout": "2S"},
-    )  # fmt: skip
+        client, mesh["base"], "WatchEvents", request, text=text, headers={"grpc-timeout": "2S"}
+    )
     elapsed = time.monotonic() - started
     assert trailers["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
     assert 1.5 < elapsed < 8, elapsed
@@ -243,7 +243,7 @@ def gateway_requests(metrics_port: str, method: str) -> float:
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_client_disconnect_cancels_the_upstream_call(mesh, transport):
+def test_client_disconnect_cancels_the_upstream_call(mesh, transport, client_for, unique):
     channel, registry = client_for(mesh["registry"].target)
     name = unique("gone")
     registry.ensure_model(name)
@@ -339,66 +339,33 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
         from cryptography.x509.oid import NameOID
     except ImportError:
         assert shutil.which("openssl"), "neither the cryptography package nor the openssl command is available"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        command = (
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost"
+        )
+        san = "subjectAltName=DNS:localhost,IP:127.0.0.1"
+        files = ["-keyout", str(key), "-out", str(cert)]
+        subprocess.run([*command.split(), *files, "-addext", san], check=True, capture_output=True)
         return cert, key
     private = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(private.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .sign(private, hashes.SHA256())
-    )  # fmt: skip
+    names = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    builder = x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(private.public_key())
+    builder = builder.serial_number(x509.random_serial_number()).add_extension(names, critical=False)
+    builder = builder.not_valid_before(now - datetime.timedelta(minutes=5))
+    certificate = builder.not_valid_after(now + datetime.timedelta(days=2)).sign(private, hashes.SHA256())
     cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()))
     return cert, key
-
-
-class TlsServiceProcess(ServiceProcess):
-    """A service whose gRPC port speaks TLS: waits for SERVING over a channel that trusts `ca`."""
-
-    def __init__(self, *args, ca: bytes, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.ca = ca
-
-    def start(self, timeout: float = 60.0) -> "TlsServiceProcess":
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module], env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        with grpc.secure_channel(self.target, grpc.ssl_channel_credentials(self.ca)) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                        return self
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.kill()
-                    raise TimeoutError(f"{self.module} did not start; log:\n{self.log_path.read_text()[-3000:]}")
-                time.sleep(0.2)
 
 
 def test_tls_with_http1_and_h2_alpn_and_api_keys(mesh, redis_server, tmp_path):
     cert, key = self_signed_certificate(tmp_path)
-    env = gateway_env(
-        mesh["consul"], redis_server.url, tmp_path, TLS_CERT=str(cert), TLS_KEY=str(key),
-        AUTH_ENABLED="true", ADMIN_KEY="s3cret-admin-key",
-    )  # fmt: skip
-    gateway = TlsServiceProcess(
-        "services.gateway", "MODELGRID_GATEWAY_", env, tmp_path / "gw.log", ca=cert.read_bytes()
+    tls = {"TLS_CERT": str(cert), "TLS_KEY": str(key), "AUTH_ENABLED": "true", "ADMIN_KEY": "s3cret-admin-key"}
+    env = gateway_env(mesh["consul"], redis_server.url, tmp_path, **tls)
+    gateway = ServiceProcess(
+        "services.gateway", "MODELGRID_GATEWAY_", env, tmp_path / "gw.log", root_certificates=cert.read_bytes()
     )
     gateway.start()
     try:

@@ -16,34 +16,45 @@ from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
+from services.kit.convert import ref_to_pb
 from services.kit.localinfra import ConsulAgent
 from services.kit.tensors import array_to_tensor, tensor_to_array
-from tests.predictor_fixtures import Reference, predict, predict_request, start_predictor
-from tests.registry_fixtures import build_saved_model, client_for, start_registry, unique
 
 pytestmark = pytest.mark.slow
 
 X = np.array([[0.5, -1.0, 2.0, 0.1], [1.5, 0.3, -0.7, 2.2], [0.0, 0.0, 0.0, 1.0]], dtype=np.float32)
 
 
+def predict_request(ref: str, x: np.ndarray, **inputs: np.ndarray) -> pb.PredictRequest:
+    """A PredictRequest of `ref` ("name", "name:3", "name@alias") with input "x" (and `inputs`)."""
+    tensors = {"x": array_to_tensor(x), **{k: array_to_tensor(v) for k, v in inputs.items()}}
+    return pb.PredictRequest(model=ref_to_pb(ref), inputs=tensors)
+
+
+def predict(stub: predictor_pb2_grpc.PredictorStub, ref: str, x: np.ndarray, timeout: float = 30):
+    """(version, y) of one Predict call."""
+    reply = stub.Predict(predict_request(ref, x), timeout=timeout)
+    return reply.version, tensor_to_array(reply.outputs["y"])
+
+
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory):
+def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, tf_reference):
     """Own Consul (so registry discovery sees only this module's registry), a registry, two models."""
     tmp = tmp_path_factory.mktemp("predictor")
     with ConsulAgent(tmp / "consul") as consul:
-        registry = start_registry(consul.http_url, redis_server.url, tmp / "reg")
+        registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
         channel, client = client_for(registry.target)
         aliased, latest = unique("aliased"), unique("latest")
         refs = {}
         for seed in (1, 2):
             path = build_saved_model(tmp / f"model-{seed}", seed=seed)
-            refs[seed] = Reference(path)
+            refs[seed] = tf_reference(path)
             client.ensure_model(aliased)
             client.push_savedmodel(aliased, path)
             client.ensure_model(latest)
             client.push_savedmodel(latest, path)
         client.stub.SetAlias(rpb.SetAliasRequest(model_name=aliased, alias="production", version=1))
-        predictor = start_predictor(
+        predictor = launch.predictor(
             consul.http_url,
             redis_server.url,
             tmp,
@@ -55,10 +66,16 @@ def mesh(redis_server, tmp_path_factory):
         predictor_channel = grpc.insecure_channel(predictor.target)
         try:
             yield SimpleNamespace(
-                consul=consul, registry=registry, client=client, predictor=predictor, aliased=aliased,
-                latest=latest, refs=refs, stub=predictor_pb2_grpc.PredictorStub(predictor_channel),
+                consul=consul,
+                registry=registry,
+                client=client,
+                predictor=predictor,
+                aliased=aliased,
+                latest=latest,
+                refs=refs,
+                stub=predictor_pb2_grpc.PredictorStub(predictor_channel),
                 metrics_url=f"http://127.0.0.1:{predictor.env['MODELGRID_PREDICTOR_METRICS_PORT']}/metrics",
-            )  # fmt: skip
+            )
         finally:
             predictor_channel.close()
             predictor.stop()
@@ -309,7 +326,7 @@ def test_registration_carries_served_models_and_per_model_health(mesh):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_load_and_unload_model_at_run_time(mesh):
+def test_load_and_unload_model_at_run_time(mesh, unique):
     name = unique("loaded")
     mesh.client.ensure_model(name)
     for seed in (1, 2):
@@ -374,15 +391,13 @@ def test_unknown_model_version_alias_and_oversize_message(mesh):
 
 
 @pytest.fixture(scope="module")
-def slow(mesh, redis_server, tmp_path_factory):
+def slow(mesh, redis_server, tmp_path_factory, launch, unique, build_saved_model):
     tmp = tmp_path_factory.mktemp("slow")
     name = unique("slow")
     mesh.client.ensure_model(name)
     mesh.client.push_savedmodel(name, build_saved_model(tmp / "slow", busy_loops=600))
-    predictor = start_predictor(
-        mesh.consul.http_url, redis_server.url, tmp, [{"name": name}],
-        MAX_QUEUE_DEPTH="2", MAX_BATCH_SIZE="1", WARMUP_REQUESTS="1",
-    )  # fmt: skip
+    limits = {"MAX_QUEUE_DEPTH": "2", "MAX_BATCH_SIZE": "1", "WARMUP_REQUESTS": "1"}
+    predictor = launch.predictor(mesh.consul.http_url, redis_server.url, tmp, [{"name": name}], **limits)
     channel = grpc.insecure_channel(predictor.target)
     yield SimpleNamespace(
         name=name,
@@ -440,7 +455,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_executed(slow):
     assert executed - executed_before == 1  # only the busy request ran
 
 
-def test_a_model_that_fails_to_load_reports_why_and_the_others_keep_serving(mesh, tmp_path):
+def test_a_model_that_fails_to_load_reports_why_and_the_others_keep_serving(mesh, tmp_path, unique):
     name = unique("broken")
     mesh.client.ensure_model(name)
     (tmp_path / "not-a-model").write_bytes(b"these bytes are no SavedModel")

@@ -17,9 +17,10 @@ from services.clients.registry import ArtifactFormat, VersionStatus
 from services.kit.artifacts import pack_to_file
 from services.kit.convert import ref_to_pb
 from services.kit.errors import InvalidArgument, ResourceExhausted
-from tests.registry_fixtures import MiB, build_saved_model, client_for, start_registry, unique
 
+MiB = 1024 * 1024
 MAX_ARTIFACT = 4 * MiB
+REGISTRY_SETTINGS = {"MAX_ARTIFACT_BYTES": str(MAX_ARTIFACT)}  # for the `registry` fixture (integration/conftest.py)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -27,23 +28,14 @@ def sha256_hex(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def registry(consul, redis_server, tmp_path_factory):
-    process = start_registry(
-        consul.http_url, redis_server.url, tmp_path_factory.mktemp("registry"), MAX_ARTIFACT_BYTES=str(MAX_ARTIFACT)
-    )
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def client(registry):
+def client(registry, client_for):
     channel, registry_client = client_for(registry.target)
     yield registry_client
     channel.close()
 
 
 @pytest.fixture()
-def model(client) -> str:
+def model(client, unique) -> str:
     name = unique()
     client.ensure_model(name)
     return name
@@ -64,8 +56,8 @@ def code_of(call, *args, **kwargs) -> grpc.StatusCode:
 # -- Consul --------------------------------------------------------------------------------------------------
 
 
-def test_registers_in_consul_then_deregisters_on_sigterm(consul, redis_server, tmp_path):
-    process = start_registry(consul.http_url, redis_server.url, tmp_path)
+def test_registers_in_consul_then_deregisters_on_sigterm(consul, redis_server, tmp_path, launch):
+    process = launch.registry(consul.http_url, redis_server.url, tmp_path)
 
     def passing_ports() -> set[int]:
         reply = httpx.get(f"{consul.http_url}/v1/health/service/registry", params={"passing": "true"})
@@ -88,7 +80,7 @@ def test_registers_in_consul_then_deregisters_on_sigterm(consul, redis_server, t
 # -- artifacts -----------------------------------------------------------------------------------------------
 
 
-def test_push_and_pull_savedmodel_round_trip_with_signature(client, model, tmp_path):
+def test_push_and_pull_savedmodel_round_trip_with_signature(client, model, tmp_path, build_saved_model):
     import tensorflow as tf
 
     source = build_saved_model(tmp_path / "saved")
@@ -233,7 +225,7 @@ def test_update_version_metrics_and_tags(client, model, tmp_path):
     assert dict(updated.tags) == {"team": "ml"}
 
 
-def test_list_models_by_prefix_and_tag_across_pages(client):
+def test_list_models_by_prefix_and_tag_across_pages(client, unique):
     prefix = unique("list")
     for i in range(5):
         client.stub.CreateModel(pb.CreateModelRequest(name=f"{prefix}-{i}", tags={"team": "a" if i % 2 else "b"}))

@@ -11,7 +11,8 @@ import pytest
 
 from modelgrid.registry.v1 import registry_pb2 as pb
 from services.kit.localinfra import RedisServer
-from tests.registry_fixtures import MiB, client_for, start_registry, unique
+
+MiB = 1024 * 1024
 
 
 def sha256_hex(data: bytes) -> str:
@@ -24,8 +25,10 @@ def own_redis(tmp_path_factory):
         yield server
 
 
-def test_kill_9_mid_upload_leaves_no_partial_version_and_no_temp_files(consul, own_redis, tmp_path):
-    process = start_registry(consul.http_url, own_redis.url, tmp_path)
+def test_kill_9_mid_upload_leaves_no_partial_version_and_no_temp_files(
+    consul, own_redis, tmp_path, launch, client_for, unique
+):
+    process = launch.registry(consul.http_url, own_redis.url, tmp_path)
     blob_dir = Path(process.env["MODELGRID_REGISTRY_BLOB_DIR"])
     model = unique("crash")
     channel, client = client_for(process.target)
@@ -51,7 +54,7 @@ def test_kill_9_mid_upload_leaves_no_partial_version_and_no_temp_files(consul, o
     channel.close()
     assert list((blob_dir / "tmp").iterdir()), "the killed process left its staged upload (as a crash would)"
 
-    restarted = start_registry(
+    restarted = launch.registry(
         consul.http_url,
         own_redis.url,
         tmp_path,

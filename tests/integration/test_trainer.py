@@ -17,19 +17,13 @@ from modelgrid.registry.v1 import registry_pb2 as rpb
 from modelgrid.trainer.v1 import trainer_pb2 as pb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
 from services.kit.localinfra import ConsulAgent
-from tests.registry_fixtures import client_for, start_registry, unique
-from tests.trainer_fixtures import (
-    DIGITS_CSV,
-    DIGITS_NPZ,
-    digits_spec,
-    events_of,
-    start_agent,
-    start_trainer,
-    stub_for,
-    wait_for,
-)
+from services.kit.processes import REPO_ROOT
 
 pytestmark = pytest.mark.slow
+
+DIGITS_NPZ = REPO_ROOT / "data" / "digits" / "digits.npz"
+DIGITS_CSV = REPO_ROOT / "data" / "digits" / "digits.csv"
+FINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 
 CRASHING_RECIPE = '''
 """A recipe that always crashes its worker (for the restart budget test)."""
@@ -42,20 +36,28 @@ def build_model(input_shape, num_classes, **params):
 
 
 @pytest.fixture(scope="module")
-def cluster(redis_server, tmp_path_factory):
+def cluster(redis_server, tmp_path_factory, launch, client_for):
     tmp = tmp_path_factory.mktemp("trainer")
     with ConsulAgent(tmp / "consul") as consul:
-        registry = start_registry(consul.http_url, redis_server.url, tmp / "reg")
-        agents = [start_agent(consul.http_url, tmp) for _ in range(2)]
+        registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
+        agents = [launch.agent(consul.http_url, tmp) for _ in range(2)]
         prefix = f"mg:test-trainer:{uuid.uuid4().hex[:6]}:"
-        trainer = start_trainer(consul.http_url, redis_server.url, tmp, prefix)
+        trainer = launch.trainer(consul.http_url, redis_server.url, tmp, prefix)
         (tmp / "recipes" / "crash.py").write_text(CRASHING_RECIPE)
         registry_channel, registry_client = client_for(registry.target)
-        channel, stub = stub_for(trainer.target)
+        channel = grpc.insecure_channel(trainer.target)
+        stub = trainer_pb2_grpc.TrainerStub(channel)
         ns = SimpleNamespace(
-            tmp=tmp, consul=consul, redis_url=redis_server.url, registry=registry, registry_client=registry_client,
-            agents=agents, trainer=trainer, stub=stub, prefix=prefix,
-        )  # fmt: skip
+            tmp=tmp,
+            consul=consul,
+            redis_url=redis_server.url,
+            registry=registry,
+            registry_client=registry_client,
+            agents=agents,
+            trainer=trainer,
+            stub=stub,
+            prefix=prefix,
+        )
         _wait_workers(ns, 2)
         try:
             yield ns
@@ -88,6 +90,24 @@ def _worker_pid(ns, job: pb.Job, task_index: int) -> int:
     return replica.pid
 
 
+def wait_for(stub, job_id: str, predicate, timeout: float = 240) -> pb.Job:
+    """Polls GetJob until predicate(job) holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = stub.GetJob(pb.GetJobRequest(id=job_id), timeout=10)
+        if predicate(job):
+            return job
+        if job.state in FINAL:
+            raise AssertionError(f"job ended {pb.JobState.Name(job.state)} while waiting: {job}")
+        assert time.monotonic() < deadline, f"timed out waiting on job {job_id}: {job}"
+        time.sleep(0.2)
+
+
+def events_of(stub, job_id: str, timeout: float = 300) -> list[pb.JobEvent]:
+    """Every event of a job until its final state (WatchJob ends there)."""
+    return list(stub.WatchJob(pb.WatchJobRequest(id=job_id), timeout=timeout))
+
+
 def _submit(ns, spec: pb.JobSpec, request_id: str = "") -> pb.Job:
     return ns.stub.SubmitJob(pb.SubmitJobRequest(spec=spec, request_id=request_id))
 
@@ -99,7 +119,7 @@ def _state(job_or_event) -> str:
 # -- the happy path ------------------------------------------------------------------------------------------
 
 
-def test_two_worker_job_trains_registers_and_the_model_predicts(cluster):
+def test_two_worker_job_trains_registers_and_the_model_predicts(cluster, digits_spec, unique):
     model = unique("digits")
     spec = digits_spec(register_model=model, register_aliases=["production"])
     job = _submit(cluster, spec, request_id=f"req-{model}")
@@ -132,8 +152,8 @@ def test_two_worker_job_trains_registers_and_the_model_predicts(cluster):
     accuracy = float(np.mean(np.argmax(serve(x=tf.constant(x))["probabilities"].numpy(), axis=1) == y))
     assert accuracy >= 0.85
 
-    shards = [json.loads(p.read_text()) for p in sorted((cluster.tmp / "shared" / "jobs" / job.id /
-                                                         "checkpoints" / "shards").glob("task-*.json"))]  # fmt: skip
+    shard_dir = cluster.tmp / "shared" / "jobs" / job.id / "checkpoints" / "shards"
+    shards = [json.loads(p.read_text()) for p in sorted(shard_dir.glob("task-*.json"))]
     assert len(shards) == 2
     ids = [set(s["ids"]) for s in shards]
     assert ids[0] and ids[1] and not ids[0] & ids[1], "the two workers read overlapping examples"
@@ -143,7 +163,7 @@ def test_two_worker_job_trains_registers_and_the_model_predicts(cluster):
 # -- failures and recovery -----------------------------------------------------------------------------------
 
 
-def test_kill_9_of_a_worker_restarts_the_group_from_its_checkpoint(cluster):
+def test_kill_9_of_a_worker_restarts_the_group_from_its_checkpoint(cluster, digits_spec):
     job = _submit(cluster, digits_spec(step_delay_ms=40, max_restarts=2))
     running = wait_for(cluster.stub, job.id, lambda j: j.state == pb.JOB_STATE_RUNNING and j.step >= 25)
     os.kill(_worker_pid(cluster, running, 1), signal.SIGKILL)
@@ -159,7 +179,7 @@ def test_kill_9_of_a_worker_restarts_the_group_from_its_checkpoint(cluster):
     assert (done.restarts, done.preemptions, done.attempt) == (1, 0, 2)
 
 
-def test_sigterm_preempts_saves_and_resumes_at_the_same_step_without_spending_the_budget(cluster):
+def test_sigterm_preempts_saves_and_resumes_at_the_same_step_without_spending_the_budget(cluster, digits_spec):
     job = _submit(cluster, digits_spec(step_delay_ms=40, max_restarts=0))
     running = wait_for(cluster.stub, job.id, lambda j: j.state == pb.JOB_STATE_RUNNING and j.step >= 25)
     os.kill(_worker_pid(cluster, running, 0), signal.SIGTERM)
@@ -173,7 +193,7 @@ def test_sigterm_preempts_saves_and_resumes_at_the_same_step_without_spending_th
     assert (done.restarts, done.preemptions) == (0, 1)
 
 
-def test_a_recipe_that_always_crashes_spends_the_budget_then_fails(cluster):
+def test_a_recipe_that_always_crashes_spends_the_budget_then_fails(cluster, digits_spec):
     job = _submit(cluster, digits_spec(recipe="file:crash.py", max_restarts=1))
     events = events_of(cluster.stub, job.id)
     done = cluster.stub.GetJob(pb.GetJobRequest(id=job.id))
@@ -186,7 +206,7 @@ def test_a_recipe_that_always_crashes_spends_the_budget_then_fails(cluster):
 # -- scheduling ----------------------------------------------------------------------------------------------
 
 
-def test_cancel_while_running_frees_the_slots(cluster):
+def test_cancel_while_running_frees_the_slots(cluster, digits_spec):
     job = _submit(cluster, digits_spec(step_delay_ms=100))
     running = wait_for(cluster.stub, job.id, lambda j: j.state == pb.JOB_STATE_RUNNING)
     pids = [_worker_pid(cluster, running, t) for t in (0, 1)]
@@ -199,23 +219,23 @@ def test_cancel_while_running_frees_the_slots(cluster):
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
-def test_a_job_that_does_not_fit_waits_then_runs_when_an_agent_joins(cluster):
+def test_a_job_that_does_not_fit_waits_then_runs_when_an_agent_joins(cluster, digits_spec, launch):
     short = pb.HyperParameters(epochs=2, batch_size=32, learning_rate=0.01, optimizer="adam", validation_split=0.2)
     job = _submit(cluster, digits_spec(workers=3, hyper_parameters=short))
     pending = wait_for(cluster.stub, job.id, lambda j: "waiting for 3 free slots" in j.message, timeout=30)
     assert pending.state == pb.JOB_STATE_PENDING
-    cluster.agents.append(start_agent(cluster.consul.http_url, cluster.tmp))
+    cluster.agents.append(launch.agent(cluster.consul.http_url, cluster.tmp))
     events_of(cluster.stub, job.id)
     done = cluster.stub.GetJob(pb.GetJobRequest(id=job.id))
     assert _state(done) == "JOB_STATE_SUCCEEDED", done
     assert len({p.agent for p in done.placements}) == 3
 
 
-def test_restarting_the_trainer_mid_job_neither_loses_nor_repeats_it(cluster):
+def test_restarting_the_trainer_mid_job_neither_loses_nor_repeats_it(cluster, digits_spec, launch):
     job = _submit(cluster, digits_spec(step_delay_ms=40))
     wait_for(cluster.stub, job.id, lambda j: j.state == pb.JOB_STATE_RUNNING and j.step >= 15)
     assert cluster.trainer.terminate() == 0
-    cluster.trainer = start_trainer(
+    cluster.trainer = launch.trainer(
         cluster.consul.http_url, cluster.redis_url, cluster.tmp, cluster.prefix, PORT=str(cluster.trainer.port)
     )
     events_of(cluster.stub, job.id)
@@ -240,7 +260,7 @@ def test_restarting_the_trainer_mid_job_neither_loses_nor_repeats_it(cluster):
         ({"dataset": {"local_path": str(DIGITS_NPZ), "format": "npz", "label_key": "labels"}}, "no array"),
     ],
 )
-def test_bad_specs_are_invalid_argument_and_nothing_is_queued(cluster, overrides, fragment):
+def test_bad_specs_are_invalid_argument_and_nothing_is_queued(cluster, overrides, fragment, digits_spec):
     spec = digits_spec()
     for key, value in overrides.items():
         if isinstance(value, dict):

@@ -19,9 +19,9 @@ from modelgrid.trainer.v1 import trainer_pb2 as pb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
 from services.kit.errors import ResourceExhausted
 from services.kit.localinfra import pid_alive
+from services.kit.processes import REPO_ROOT, ServiceProcess
 from services.trainer.agent.settings import AgentSettings
 from services.trainer.agent.supervisor import ReplicaKey, ReplicaState, ReplicaSupervisor
-from tests.support import REPO_ROOT, ServiceProcess
 
 # A stand-in for the TensorFlow worker: `<script> --spec spec.json`, progress lines to $MODELGRID_PROGRESS_FILE
 # (each written in two halves, to exercise partial lines), a line on stdout per step, and the exit code its spec

@@ -1,0 +1,96 @@
+"""Fixtures of the integration tier (services as real subprocesses): a registry on the session Consul and Redis,
+a real OTLP trace receiver, and the predictor's request builder."""
+
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from modelgrid.common.v1 import common_pb2
+from modelgrid.predictor.v1 import predictor_pb2
+from services.kit.modelref import ModelRef
+from services.kit.processes import ServiceProcess
+from services.kit.tensors import array_to_tensor
+
+
+@pytest.fixture(scope="module")
+def registry(request, consul, redis_server, launch, tmp_path_factory) -> Iterator[ServiceProcess]:
+    """A registry subprocess for the module on the session Consul and Redis, with its own blob dir and Redis key
+    prefix. A module passes extra settings in a module-level `REGISTRY_SETTINGS = {"MAX_PAGE_SIZE": "2"}`; a test
+    that needs a registry of its own (own Consul or Redis, a restart) starts one with `launch.registry(...)`."""
+    settings = getattr(request.module, "REGISTRY_SETTINGS", {})
+    process = launch.registry(consul.http_url, redis_server.url, tmp_path_factory.mktemp("registry"), **settings)
+    yield process
+    process.stop()
+
+
+# -- traces ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    service: str
+    name: str
+    kind: int
+    trace_id: str
+    span_id: str
+    parent_id: str
+
+
+class OtlpCollector(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC trace receiver that keeps every span it receives."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReceivedSpan] = []
+        self._server = grpc.server(futures.ThreadPoolExecutor(4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+
+    def Export(self, request, context):
+        for resource_spans in request.resource_spans:
+            attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            service = attributes.get("service.name", "")
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    ids = (span.trace_id.hex(), span.span_id.hex(), span.parent_span_id.hex())
+                    self.spans.append(ReceivedSpan(service, span.name, span.kind, *ids))
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def __enter__(self) -> "OtlpCollector":
+        self._server.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def otlp_collector() -> Iterator[OtlpCollector]:
+    """A real OTLP/gRPC trace receiver on a free port (`.port`): services export their spans to it over the wire
+    and the test reads `.spans`."""
+    with OtlpCollector() as collector:
+        yield collector
+
+
+# -- predictor requests ----------------------------------------------------------------------------------------
+
+
+def _predict_request(ref: str, x: np.ndarray, **inputs: np.ndarray) -> predictor_pb2.PredictRequest:
+    parsed = ModelRef.parse(ref)
+    model = common_pb2.ModelRef(name=parsed.name)
+    if parsed.version:
+        model.version = parsed.version
+    elif parsed.alias:
+        model.alias = parsed.alias
+    tensors = {"x": array_to_tensor(x), **{k: array_to_tensor(v) for k, v in inputs.items()}}
+    return predictor_pb2.PredictRequest(model=model, inputs=tensors)
+
+
+@pytest.fixture(scope="session")
+def predict_request() -> Callable[..., predictor_pb2.PredictRequest]:
+    """`predict_request("name@alias" | "name:3" | "name", x, **more_inputs)`: a PredictRequest with input "x"."""
+    return _predict_request
