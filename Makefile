@@ -14,12 +14,13 @@ DEBIAN_STAMP := .tools/.debian-packages-$(shell echo '$(DEBIAN_PACKAGES)' | sha2
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: help setup protos web up down status test lint format clean lock demo bench-registry bench-predictor bench-trainer bench-gateway
+.PHONY: help setup protos web up down status test test-fast lint format clean lock demo bench-registry bench-predictor bench-trainer bench-gateway
 
 help:
 	@echo "make up              install what is missing, start Consul, Redis and the services locally"
 	@echo "make down            stop everything make up started"
 	@echo "make test            install what is missing, run the whole suite against real Consul and Redis"
+	@echo "make test-fast       the unit tier only (tests/unit: in-process, real Consul and Redis), a few minutes"
 	@echo "make demo            make up, then train on two workers, register, promote, predict through the gateway"
 	@echo "make bench-registry  registry push/pull throughput vs a plain file copy, metadata ops/s"
 	@echo "make bench-predictor predictor throughput/latency: in-process limit, batching off/on, Flask baseline"
@@ -83,8 +84,13 @@ down:
 status: setup
 	$(PY) -m services.kit.localinfra status --state-dir $(RUN_DIR); $(PY) scripts/mesh.py status --state-dir $(RUN_DIR)
 
+# Tiers: tests/unit (in-process), tests/integration (services as subprocesses), tests/e2e (web console, compose).
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: no web console build, no subprocess meshes.
+test-fast: $(VENV)/.installed $(CONSUL) $(DEBIAN_STAMP) gen/.generated
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check services tests bench scripts
