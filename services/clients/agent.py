@@ -143,4 +143,3 @@ def _agent(instance: Instance) -> Agent:
         host=instance.address,
         slots=int(slots) if slots.isdigit() else 1,
     )
-

@@ -1,28 +1,88 @@
-"""Conversions between trainer protobuf messages and domain types."""
-
-from typing import Any
+"""Conversions between trainer protobuf messages and domain types: the only place the servicer's protobuf meets
+the core's dataclasses."""
 
 from google.protobuf import json_format
 
 from modelgrid.trainer.v1 import trainer_pb2 as pb
-from services.registry.converters import timestamp
-from services.trainer.domain import Failure, Job, JobEvent, JobState
+from services.kit.convert import timestamp
+from services.trainer.domain import Failure, Job, JobEvent, JobState, WorkerView
+from services.trainer.jobspec import Dataset, HyperParameters, JobSpec
 
 
-def spec_from_pb(spec: pb.JobSpec) -> dict[str, Any]:
-    """The spec as plain JSON-ready data (int64 fields as ints, not the JSON mapping's strings)."""
-    data = json_format.MessageToDict(spec, preserving_proto_field_name=True)
-    if "checkpoint_every_steps" in data:
-        data["checkpoint_every_steps"] = int(data["checkpoint_every_steps"])
-    hp = data.setdefault("hyper_parameters", {})
-    if "seed" in hp:
-        hp["seed"] = int(hp["seed"])
-    data.setdefault("dataset", {})
-    return data
+def spec_from_pb(spec: pb.JobSpec) -> JobSpec:
+    """The submitted spec; unset fields stay unset (zero, or None for max_restarts)."""
+    dataset, hp = spec.dataset, spec.hyper_parameters
+    return JobSpec(
+        name=spec.name,
+        recipe=spec.recipe,
+        recipe_params=json_format.MessageToDict(spec.recipe_params),
+        dataset=Dataset(
+            format=dataset.format,
+            blob_digest=dataset.blob_digest,
+            local_path=dataset.local_path,
+            feature_columns=tuple(dataset.feature_columns),
+            label_column=dataset.label_column,
+            features_key=dataset.features_key,
+            label_key=dataset.label_key,
+            num_classes=dataset.num_classes,
+        ),
+        hyper_parameters=HyperParameters(
+            epochs=hp.epochs,
+            batch_size=hp.batch_size,
+            learning_rate=hp.learning_rate,
+            optimizer=hp.optimizer,
+            validation_split=hp.validation_split,
+            seed=hp.seed,
+        ),
+        workers=spec.workers,
+        checkpoint_every_steps=spec.checkpoint_every_steps,
+        max_restarts=spec.max_restarts if spec.HasField("max_restarts") else None,
+        register_model=spec.register_model,
+        register_aliases=tuple(spec.register_aliases),
+        report_every_steps=spec.report_every_steps,
+        step_delay_ms=spec.step_delay_ms,
+        hang_timeout_seconds=spec.hang_timeout_seconds,
+    )
 
 
-def spec_to_pb(spec: dict[str, Any]) -> pb.JobSpec:
-    return json_format.ParseDict(spec, pb.JobSpec())
+def spec_to_pb(spec: JobSpec) -> pb.JobSpec:
+    dataset, hp = spec.dataset, spec.hyper_parameters
+    message = pb.JobSpec(
+        name=spec.name,
+        recipe=spec.recipe,
+        dataset=pb.Dataset(
+            format=dataset.format,
+            feature_columns=dataset.feature_columns,
+            label_column=dataset.label_column,
+            features_key=dataset.features_key,
+            label_key=dataset.label_key,
+            num_classes=dataset.num_classes,
+        ),
+        hyper_parameters=pb.HyperParameters(
+            epochs=hp.epochs,
+            batch_size=hp.batch_size,
+            learning_rate=hp.learning_rate,
+            optimizer=hp.optimizer,
+            validation_split=hp.validation_split,
+            seed=hp.seed,
+        ),
+        workers=spec.workers,
+        checkpoint_every_steps=spec.checkpoint_every_steps,
+        register_model=spec.register_model,
+        register_aliases=spec.register_aliases,
+        report_every_steps=spec.report_every_steps,
+        step_delay_ms=spec.step_delay_ms,
+        hang_timeout_seconds=spec.hang_timeout_seconds,
+    )
+    if dataset.blob_digest:
+        message.dataset.blob_digest = dataset.blob_digest
+    elif dataset.local_path:
+        message.dataset.local_path = dataset.local_path
+    if spec.recipe_params:
+        message.recipe_params.update(spec.recipe_params)
+    if spec.max_restarts is not None:
+        message.max_restarts = spec.max_restarts
+    return message
 
 
 def state_from_pb(value: int) -> JobState | None:
@@ -79,4 +139,15 @@ def event_to_pb(event: JobEvent) -> pb.JobEvent:
         message=event.message,
         recovery_seconds=event.recovery_seconds,
         version=event.version,
+    )
+
+
+def worker_to_pb(worker: WorkerView) -> pb.Worker:
+    return pb.Worker(
+        id=worker.id,
+        host=worker.host,
+        address=worker.address,
+        slots=worker.slots,
+        used_slots=worker.used,
+        jobs=worker.jobs,
     )

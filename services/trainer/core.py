@@ -3,21 +3,20 @@ with a JobRunner, and answer queries. Jobs live in Redis, so a restarted trainer
 workers that kept running: nothing is lost and nothing runs twice."""
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import grpc
-
-from modelgrid.trainer.v1 import trainer_pb2 as pb
+from services.clients.agent import AgentClient
+from services.clients.registry import AsyncRegistryClient, Lineage
 from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound
-from services.registry.async_client import AsyncRegistryClient
-from services.trainer.agents import AgentDirectory, place
-from services.trainer.domain import FINAL, HOLDS_SLOTS, EventType, Job, JobEvent, JobState, Placement
+from services.trainer import VERSION
+from services.trainer.domain import FINAL, HOLDS_SLOTS, EventType, Job, JobEvent, JobState, Placement, WorkerView
+from services.trainer.jobspec import JobSpec
+from services.trainer.placement import place
 from services.trainer.runner import JobRunner
 from services.trainer.settings import TrainerSettings
 from services.trainer.specs import check_shape, locate_dataset
@@ -26,34 +25,16 @@ from services.trainer.store import JobStore
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class WorkerView:
-    """An agent with the slots jobs take on it."""
-
-    id: str
-    host: str
-    address: str
-    slots: int
-    used: int = 0
-    jobs: list[str] = field(default_factory=list)
-
-
 class TrainerCore:
-    """Jobs, scheduling and runners."""
+    """Jobs, scheduling, runners and registration."""
 
     def __init__(
-        self,
-        store: JobStore,
-        agents: AgentDirectory,
-        registry: AsyncRegistryClient,
-        settings: TrainerSettings,
-        register: Callable[[Job, Path, dict[str, float]], Awaitable[int]],
+        self, store: JobStore, agents: AgentClient, registry: AsyncRegistryClient, settings: TrainerSettings
     ) -> None:
         self._store = store
         self._agents = agents
         self._registry = registry
         self._settings = settings
-        self._register = register
         self.jobs: dict[str, Job] = {}
         self._runners: dict[str, tuple[JobRunner, asyncio.Task]] = {}
         self._wake = asyncio.Event()
@@ -86,20 +67,26 @@ class TrainerCore:
 
     # -- API ---------------------------------------------------------------------------------------------------
 
-    async def submit(self, spec: dict[str, Any], request_id: str) -> Job:
+    async def submit(self, spec: JobSpec, request_id: str) -> Job:
         """Validates and queues a job; nothing is queued when the spec is invalid."""
         if len(request_id) > 128:
             raise InvalidArgument("request_id is longer than 128 characters")
         check_shape(spec, self._settings)
         path, digest = await locate_dataset(spec, self._settings, self._registry)
-        job = Job(id=uuid.uuid4().hex[:12], spec=spec, request_id=request_id, dataset_digest=digest,
-                  dataset_path=str(path), message="waiting to be scheduled")  # fmt: skip
+        job = Job(
+            id=uuid.uuid4().hex[:12],
+            spec=spec,
+            request_id=request_id,
+            dataset_digest=digest,
+            dataset_path=str(path),
+            message="waiting to be scheduled",
+        )
         event = JobEvent(EventType.STATE, JobState.PENDING, 0, time.time(), message="submitted")
         async with self._submit_lock:
             job, created = await self._store.create(job, event)
             if created:
                 self.jobs[job.id] = job
-                logger.info("job %s submitted: %s x%d", job.id, spec.get("recipe"), job.workers)
+                logger.info("job %s submitted: %s x%d", job.id, spec.recipe, job.workers)
         self._wake.set()
         return self.jobs.get(job.id, job)
 
@@ -123,8 +110,7 @@ class TrainerCore:
         else:  # PENDING: nothing runs
             job.move(JobState.CANCELLED)
             job.message = "cancelled before it started"
-            await self._store.save(job, JobEvent(EventType.STATE, job.state, job.attempt, time.time(),
-                                                 message=job.message))  # fmt: skip
+            await self._store.save(job, _state_event(job))
             self.jobs.pop(job.id, None)
         return job
 
@@ -147,11 +133,9 @@ class TrainerCore:
         for placement in sorted(job.placements, key=lambda p: p.task_index):
             if task_index >= 0 and placement.task_index != task_index:
                 continue
-            request = pb.ReplicaLogsRequest(job_id=job.id, task_index=placement.task_index, tail_lines=tail or 200)
             try:
-                reply = await self._agents.stub(placement.agent).ReplicaLogs(request, timeout=10)
-                lines = list(reply.lines)
-            except (grpc.aio.AioRpcError, ModelgridError) as exc:
+                lines = await self._agents.replica_logs(placement.agent, job.id, placement.task_index, tail or 200)
+            except ModelgridError as exc:
                 lines = [f"(logs unavailable: {exc})"]
             out.append((placement.task_index, placement.agent, lines))
         if task_index >= 0 and not out:
@@ -198,8 +182,7 @@ class TrainerCore:
                 continue
             job.move(JobState.SCHEDULING)
             job.message = f"placing on {sorted(set(agents))}"
-            await self._store.save(job, JobEvent(EventType.STATE, job.state, job.attempt, time.time(),
-                                                 message=job.message))  # fmt: skip
+            await self._store.save(job, _state_event(job))
             if await self._assign(job, agents):
                 self._spawn(job, reattach=False)
             else:
@@ -215,14 +198,12 @@ class TrainerCore:
             per_agent.setdefault(agent, []).append(task)
         for agent, tasks in per_agent.items():
             try:
-                reply = await self._agents.stub(agent).ReservePorts(
-                    pb.ReservePortsRequest(job_id=job.id, count=len(tasks)), timeout=10
-                )
-            except (grpc.aio.AioRpcError, ModelgridError) as exc:
+                ports = await self._agents.reserve_ports(agent, job.id, len(tasks))
+                host = self._agents.agents[agent].host
+            except (ModelgridError, KeyError) as exc:
                 logger.warning("reserving ports on %s for job %s failed: %s", agent, job.id, exc)
                 return False
-            host = self._agents.agents[agent].host
-            placements += [Placement(t, agent, f"{host}:{port}") for t, port in zip(tasks, reply.ports, strict=True)]
+            placements += [Placement(t, agent, f"{host}:{port}") for t, port in zip(tasks, ports, strict=True)]
         job.placements = sorted(placements, key=lambda p: p.task_index)
         await self._store.save(job)
         return True
@@ -239,14 +220,13 @@ class TrainerCore:
             return True
         job.move(JobState.PENDING)
         job.message = "lost an agent; waiting for free slots"
-        await self._store.save(job, JobEvent(EventType.STATE, job.state, job.attempt, time.time(),
-                                             message=job.message))  # fmt: skip
+        await self._store.save(job, _state_event(job))
         self._runners.pop(job.id, None)
         self._wake.set()
         return False
 
     def _spawn(self, job: Job, reattach: bool) -> None:
-        runner = JobRunner(job, self._store, self._agents, self._settings, self._register, self._replace)
+        runner = JobRunner(job, self._store, self._agents, self._settings, self.register, self._replace)
         if job.cancel_requested:
             runner.cancel.set()
         task = asyncio.create_task(self._run(runner, reattach), name=f"job-{job.id}")
@@ -263,14 +243,45 @@ class TrainerCore:
             job.failure.reason = job.failure.reason or "internal error in the trainer"
             if job.state not in FINAL:
                 job.state = JobState.FAILED
-                await self._store.save(job, JobEvent(EventType.STATE, job.state, job.attempt, time.time(),
-                                                     message="internal error in the trainer"))  # fmt: skip
+                await self._store.save(job, _state_event(job, "internal error in the trainer"))
         finally:
             if self._runners.get(job.id, (None,))[0] is runner:
                 self._runners.pop(job.id, None)
             if job.state in FINAL:
                 self.jobs.pop(job.id, None)
             self._wake.set()
+
+    # -- registration ------------------------------------------------------------------------------------------
+
+    async def register(self, job: Job, export_dir: Path, metrics: dict[str, float]) -> int:
+        """Pushes a finished job's SavedModel to the registry with its metrics, parameters and lineage, and points
+        its aliases at the new version; returns the version number. A trainer that registers the same job again
+        (after a restart) gets the same version."""
+        spec, name = job.spec, job.spec.register_model
+        params = {k: str(v) for k, v in dataclasses.asdict(spec.hyper_parameters).items() if v}
+        params.update(recipe=spec.recipe, workers=str(job.workers), recipe_params=str(spec.recipe_params or None))
+        await self._registry.ensure_model(name)
+        version = await self._registry.push_savedmodel(
+            name,
+            export_dir,
+            request_id=f"trainer-job-{job.id}",
+            description=f"trained by job {job.id} ({spec.name or spec.recipe})",
+            metrics=metrics,
+            params=params,
+            lineage=Lineage(
+                training_job_id=job.id,
+                dataset_digest=job.dataset_digest,
+                source=f"modelgrid-trainer {VERSION}, recipe {spec.recipe}",
+            ),
+        )
+        for alias in spec.register_aliases:
+            await self._registry.set_alias(name, alias, version.version)
+        return version.version
+
+
+def _state_event(job: Job, message: str = "") -> JobEvent:
+    """The event of a job's move to its current state."""
+    return JobEvent(EventType.STATE, job.state, job.attempt, time.time(), message=message or job.message)
 
 
 def _is_stream_id(text: str) -> bool:

@@ -4,9 +4,9 @@ import dataclasses
 import enum
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
 from services.kit.errors import FailedPrecondition
+from services.trainer.jobspec import JobSpec, spec_from_dict, spec_to_dict
 
 
 class JobState(enum.StrEnum):
@@ -25,25 +25,39 @@ class JobState(enum.StrEnum):
 FINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
 """States a job never leaves."""
 HOLDS_SLOTS = {
-    JobState.SCHEDULING, JobState.STARTING, JobState.RUNNING, JobState.RESTARTING, JobState.FINALIZING,
+    JobState.SCHEDULING,
+    JobState.STARTING,
+    JobState.RUNNING,
+    JobState.RESTARTING,
+    JobState.FINALIZING,
     JobState.CANCELLING,
-}  # fmt: skip
+}
 """States in which a job's placements occupy agent slots."""
 
 TRANSITIONS: dict[JobState, set[JobState]] = {
     JobState.PENDING: {JobState.SCHEDULING, JobState.CANCELLED, JobState.FAILED},
     JobState.SCHEDULING: {JobState.STARTING, JobState.PENDING, JobState.CANCELLING, JobState.FAILED},
-    JobState.STARTING: {JobState.RUNNING, JobState.RESTARTING, JobState.CANCELLING, JobState.FAILED,
-                        JobState.FINALIZING},
+    JobState.STARTING: {
+        JobState.RUNNING,
+        JobState.RESTARTING,
+        JobState.CANCELLING,
+        JobState.FAILED,
+        JobState.FINALIZING,
+    },
     JobState.RUNNING: {JobState.FINALIZING, JobState.RESTARTING, JobState.CANCELLING, JobState.FAILED},
-    JobState.RESTARTING: {JobState.STARTING, JobState.SCHEDULING, JobState.PENDING, JobState.FAILED,
-                          JobState.CANCELLING},
+    JobState.RESTARTING: {
+        JobState.STARTING,
+        JobState.SCHEDULING,
+        JobState.PENDING,
+        JobState.FAILED,
+        JobState.CANCELLING,
+    },
     JobState.FINALIZING: {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLING},
     JobState.CANCELLING: {JobState.CANCELLED},
     JobState.SUCCEEDED: set(),
     JobState.FAILED: set(),
     JobState.CANCELLED: set(),
-}  # fmt: skip
+}
 """The state machine: every allowed move. FINALIZING from STARTING covers a trainer restarted after the group
 had already finished."""
 
@@ -78,10 +92,10 @@ class Failure:
 
 @dataclass
 class Job:
-    """A training job. `spec` is the submitted JobSpec as a JSON-ready dict (protobuf JSON mapping)."""
+    """A training job."""
 
     id: str
-    spec: dict[str, Any]
+    spec: JobSpec
     state: JobState = JobState.PENDING
     attempt: int = 0
     restarts: int = 0
@@ -102,7 +116,7 @@ class Job:
 
     @property
     def workers(self) -> int:
-        return int(self.spec.get("workers", 1))
+        return self.spec.workers
 
     def move(self, state: JobState) -> None:
         """Changes state along the state machine; FailedPrecondition for a move it does not allow."""
@@ -111,11 +125,15 @@ class Job:
         self.state = state
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+        """The job as the store keeps it."""
+        data = dataclasses.asdict(self)
+        data["spec"] = spec_to_dict(self.spec)
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> "Job":
         data = json.loads(text)
+        data["spec"] = spec_from_dict(data["spec"])
         data["state"] = JobState(data["state"])
         data["placements"] = [Placement(**p) for p in data["placements"]]
         data["failure"] = Failure(**data["failure"])
@@ -138,3 +156,15 @@ class JobEvent:
     recovery_seconds: float = 0.0
     version: int = 0
     cursor: str = ""
+
+
+@dataclass
+class WorkerView:
+    """A healthy agent with the slots jobs take on it."""
+
+    id: str
+    host: str
+    address: str
+    slots: int
+    used: int = 0
+    jobs: list[str] = field(default_factory=list)

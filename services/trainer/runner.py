@@ -9,50 +9,57 @@ budget. Exit 2 is an unusable spec or data set: restarting cannot help, the job 
 """
 
 import asyncio
+import enum
 import json
 import logging
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from modelgrid.trainer.v1 import trainer_pb2 as pb
-from services.kit.errors import ModelgridError
-from services.trainer.agents import AgentDirectory
+from services.clients.agent import AgentClient
+from services.kit.errors import ModelgridError, ResourceExhausted
 from services.trainer.domain import EventType, Failure, Job, JobEvent, JobState
+from services.trainer.exit_codes import ExitCode, describe_exit
+from services.trainer.progress import Epoch, Exported, Preempted, ProgressEvent, Started, Step
+from services.trainer.replicas import ReplicaEvent, ReplicaKey, ReplicaState
 from services.trainer.settings import TrainerSettings
 from services.trainer.specs import job_dir, worker_spec
 from services.trainer.store import JobStore
 
 logger = logging.getLogger(__name__)
 
-EXIT_INVALID_SPEC = 2
-EXIT_PREEMPTED = 42
 CHIEF = 0
+
+
+class OutcomeKind(enum.StrEnum):
+    """How an attempt ended."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    """A worker exited non-zero: restart the group, spending the budget."""
+    PREEMPTED = "preempted"
+    """A worker was preempted (exit 42): restart without spending the budget."""
+    INVALID = "invalid"
+    """The spec or data set is unusable (exit 2): fail the job."""
+    HANG = "hang"
+    LOST = "lost"
+    """An agent turned critical or is gone: place the job again."""
+    BLOCKED = "blocked"
+    """An earlier worker still holds a slot: wait, without spending the budget."""
+    CANCELLED = "cancelled"
 
 
 @dataclass
 class Outcome:
-    """How an attempt ended."""
+    """How an attempt ended, and the first failure behind it."""
 
-    kind: str  # succeeded | failed | preempted | invalid | hang | lost | blocked | cancelled
+    kind: OutcomeKind
     failure: Failure | None = None
 
 
 Register = Callable[[Job, Path, dict[str, float]], Awaitable[int]]
 """Pushes the exported SavedModel to the registry; returns the version number."""
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"signal {-code}"
-    return f"code {code}"
 
 
 class JobRunner:
@@ -63,7 +70,7 @@ class JobRunner:
         self,
         job: Job,
         store: JobStore,
-        agents: AgentDirectory,
+        agents: AgentClient,
         settings: TrainerSettings,
         register: Register,
         replace: Callable[[Job], Awaitable[bool]],
@@ -91,43 +98,44 @@ class JobRunner:
         while True:
             if outcome is None:
                 if self.cancel.is_set():
-                    outcome = Outcome("cancelled")
+                    outcome = Outcome(OutcomeKind.CANCELLED)
                 else:
                     outcome = await self._start_attempt() or await self._follow()
-            if outcome.kind == "succeeded":
+            if outcome.kind == OutcomeKind.SUCCEEDED:
                 await self._finalize()
                 return
-            if outcome.kind == "cancelled":
+            if outcome.kind == OutcomeKind.CANCELLED:
                 await self._transition(JobState.CANCELLING, EventType.STATE, "cancelling on request")
                 await self._stop_group(kill=True)
                 await self._end(JobState.CANCELLED, "cancelled on request")
                 return
             await self._stop_group(kill=True)
             job.failure = outcome.failure or Failure(reason=outcome.kind)
-            if outcome.kind == "invalid":
+            if outcome.kind == OutcomeKind.INVALID:
                 await self._end(JobState.FAILED, f"unusable job: {job.failure.reason}")
                 return
-            if outcome.kind == "preempted":
+            if outcome.kind == OutcomeKind.PREEMPTED:
                 job.preemptions += 1
-            elif outcome.kind == "blocked":
+            elif outcome.kind == OutcomeKind.BLOCKED:
                 pass
             elif job.restarts >= self._max_restarts:
-                await self._end(JobState.FAILED, f"restart budget of {self._max_restarts} spent; last cause: "
-                                                 f"{job.failure.reason}")  # fmt: skip
+                spent = f"restart budget of {self._max_restarts} spent; last cause: {job.failure.reason}"
+                await self._end(JobState.FAILED, spent)
                 return
             else:
                 job.restarts += 1
             self._failed_at = self._failed_at or time.time()
+            preempted = outcome.kind == OutcomeKind.PREEMPTED
             await self._transition(
                 JobState.RESTARTING,
                 EventType.RESTART,
                 f"{outcome.kind}: {job.failure.reason}; restart {job.restarts}/{self._max_restarts}"
-                f"{' (preemption, not counted)' if outcome.kind == 'preempted' else ''}",
+                f"{' (preemption, not counted)' if preempted else ''}",
                 failure=job.failure,
-                step=self._preempted_step if outcome.kind == "preempted" and self._preempted_step else job.step,
+                step=self._preempted_step if preempted and self._preempted_step else job.step,
             )
             self._preempted_step = 0
-            if outcome.kind == "lost" and not await self._replace(job):
+            if outcome.kind == OutcomeKind.LOST and not await self._replace(job):
                 return  # back to PENDING: the scheduler starts it again when slots free up
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
@@ -135,8 +143,8 @@ class JobRunner:
 
     @property
     def _max_restarts(self) -> int:
-        value = self.job.spec.get("max_restarts")
-        return self._settings.default_max_restarts if value is None else int(value)
+        value = self.job.spec.max_restarts
+        return self._settings.default_max_restarts if value is None else value
 
     # -- one attempt -------------------------------------------------------------------------------------------
 
@@ -147,27 +155,23 @@ class JobRunner:
     async def _start_attempt(self) -> Outcome | None:
         job = self.job
         job.attempt += 1
-        await self._transition(JobState.STARTING, EventType.STATE, f"starting attempt {job.attempt} on "
-                               f"{sorted({p.agent for p in job.placements})}")  # fmt: skip
+        agents = sorted({p.agent for p in job.placements})
+        await self._transition(JobState.STARTING, EventType.STATE, f"starting attempt {job.attempt} on {agents}")
         self._started_at = time.monotonic()
-        spec = json.dumps(worker_spec(job, self._settings))
+        spec = worker_spec(job, self._settings)
         for placement in job.placements:
-            request = pb.StartReplicaRequest(
-                job_id=job.id, attempt=job.attempt, task_index=placement.task_index,
-                tf_config=self._tf_config(placement.task_index), worker_spec=spec,
-            )  # fmt: skip
+            key = ReplicaKey(job.id, job.attempt, placement.task_index)
             try:
-                await self._agents.stub(placement.agent).StartReplica(request, timeout=30)
-            except (grpc.aio.AioRpcError, ModelgridError) as exc:
-                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-                reason = f"could not start worker {placement.task_index} on {placement.agent}: {detail}"
+                await self._agents.start_replica(placement.agent, key, self._tf_config(placement.task_index), spec)
+            except ModelgridError as exc:
+                reason = f"could not start worker {placement.task_index} on {placement.agent}: {exc}"
                 logger.warning("job %s: %s", job.id, reason)
                 if placement.agent not in self._agents.agents:
-                    kind = "lost"
-                elif isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    kind = "blocked"  # an earlier worker still holds the slot: wait, without spending the budget
+                    kind = OutcomeKind.LOST
+                elif isinstance(exc, ResourceExhausted):
+                    kind = OutcomeKind.BLOCKED  # an earlier worker still holds the slot
                 else:
-                    kind = "failed"
+                    kind = OutcomeKind.FAILED
                 return Outcome(kind, Failure(placement.task_index, placement.agent, reason=reason))
         return None
 
@@ -179,11 +183,10 @@ class JobRunner:
         known = 0
         for agent in {p.agent for p in job.placements}:
             try:
-                stub = self._agents.stub(agent, healthy_only=False)
-                reply = await stub.ListReplicas(pb.ListReplicasRequest(job_id=job.id), timeout=10)
-            except (grpc.aio.AioRpcError, ModelgridError):
-                return Outcome("lost", Failure(agent=agent, reason=f"agent {agent} is gone"))
-            known += sum(1 for r in reply.replicas if r.attempt == job.attempt)
+                replicas = await self._agents.list_replicas(agent, job.id)
+            except ModelgridError:
+                return Outcome(OutcomeKind.LOST, Failure(agent=agent, reason=f"agent {agent} is gone"))
+            known += sum(1 for r in replicas if r.key.attempt == job.attempt)
         if known == 0:
             return None
         logger.info("job %s: re-attached to attempt %d", job.id, job.attempt)
@@ -206,7 +209,8 @@ class JobRunner:
                 if kind == "tick":
                     outcome = self._check_health(agents)
                 elif kind == "lost":
-                    outcome = Outcome("lost", Failure(agent=agent, reason=f"agent {agent} was lost ({payload})"))
+                    failure = Failure(agent=agent, reason=f"agent {agent} was lost ({payload})")
+                    outcome = Outcome(OutcomeKind.LOST, failure)
                 else:
                     outcome = await self._on_replica_event(agent, payload, started, exited)
                 if outcome is not None:
@@ -220,11 +224,9 @@ class JobRunner:
         """Forwards one agent's events; reconnects while the agent is healthy, reports it lost otherwise."""
         while True:
             try:
-                stub = self._agents.stub(agent, healthy_only=False)
-                stream = stub.WatchReplicas(pb.WatchReplicasRequest(job_id=self.job.id))
-                async for event in stream:
+                async for event in self._agents.watch_replicas(agent, self.job.id):
                     await events.put(("replica", agent, event))
-            except (grpc.aio.AioRpcError, ModelgridError) as exc:
+            except ModelgridError as exc:
                 if agent not in self._agents.agents:
                     await events.put(("lost", agent, str(exc)))
                     return
@@ -237,86 +239,90 @@ class JobRunner:
 
     def _check_health(self, agents: list[str]) -> Outcome | None:
         if self.cancel.is_set():
-            return Outcome("cancelled")
+            return Outcome(OutcomeKind.CANCELLED)
         healthy = self._agents.agents
         for agent in agents:
             if agent not in healthy:
-                return Outcome("lost", Failure(agent=agent, reason=f"agent {agent} turned critical in Consul"))
+                failure = Failure(agent=agent, reason=f"agent {agent} turned critical in Consul")
+                return Outcome(OutcomeKind.LOST, failure)
         now = time.monotonic()
-        if self.job.state == JobState.STARTING and now - self._started_at > self._settings.start_timeout_seconds:
-            return Outcome("hang", Failure(reason=f"workers did not start within "
-                                                  f"{self._settings.start_timeout_seconds:.0f}s"))  # fmt: skip
-        limit = self.job.spec.get("hang_timeout_seconds") or self._settings.hang_timeout_seconds
+        start_timeout = self._settings.start_timeout_seconds
+        if self.job.state == JobState.STARTING and now - self._started_at > start_timeout:
+            return Outcome(OutcomeKind.HANG, Failure(reason=f"workers did not start within {start_timeout:.0f}s"))
+        limit = self.job.spec.hang_timeout_seconds or self._settings.hang_timeout_seconds
         if self.job.state == JobState.RUNNING and now - self._last_progress > limit:
-            return Outcome("hang", Failure(reason=f"no step progress for {limit:.0f}s"))
+            return Outcome(OutcomeKind.HANG, Failure(reason=f"no step progress for {limit:.0f}s"))
         return None
 
     async def _on_replica_event(
-        self, agent: str, event: pb.ReplicaEvent, started: set[int], exited: dict[int, int]
+        self, agent: str, event: ReplicaEvent, started: set[int], exited: dict[int, int]
     ) -> Outcome | None:
         job, replica = self.job, event.replica
-        if replica.attempt != job.attempt:
+        if replica.key.attempt != job.attempt:
             return None  # a late word from an earlier attempt
-        task = replica.task_index
+        task = replica.key.task_index
         if event.progress:
-            await self._on_progress(task, json.loads(event.progress), started)
+            try:
+                progress = ProgressEvent.from_json(event.progress)
+            except ValueError as exc:
+                logger.warning("job %s worker %d: skipping a progress line: %s", job.id, task, exc)
+                return None
+            await self._on_progress(task, progress, started)
             return None
-        if replica.state != pb.REPLICA_STATE_EXITED or task in exited:
+        if replica.state != ReplicaState.EXITED or task in exited:
             return None
         exited[task] = replica.exit_code
-        if replica.exit_code == 0:
-            if len(exited) == job.workers and all(code == 0 for code in exited.values()):
-                return Outcome("succeeded")
+        if replica.exit_code == ExitCode.OK:
+            if len(exited) == job.workers and all(code == ExitCode.OK for code in exited.values()):
+                return Outcome(OutcomeKind.SUCCEEDED)
             return None
-        failure = Failure(task, agent, replica.exit_code, f"worker {task} on {agent} exited with "
-                                                          f"{describe_exit(replica.exit_code)}")  # fmt: skip
+        reason = f"worker {task} on {agent} exited with {describe_exit(replica.exit_code)}"
+        failure = Failure(task, agent, replica.exit_code, reason)
         self._failed_at = time.time()
         logger.warning("job %s attempt %d: %s", job.id, job.attempt, failure.reason)
-        if replica.exit_code == EXIT_PREEMPTED:
-            return Outcome("preempted", failure)
-        if replica.exit_code == EXIT_INVALID_SPEC:
-            return Outcome("invalid", failure)
-        return Outcome("failed", failure)
+        if replica.exit_code == ExitCode.PREEMPTED:
+            return Outcome(OutcomeKind.PREEMPTED, failure)
+        if replica.exit_code == ExitCode.INVALID_SPEC:
+            return Outcome(OutcomeKind.INVALID, failure)
+        return Outcome(OutcomeKind.FAILED, failure)
 
-    async def _on_progress(self, task: int, line: dict, started: set[int]) -> None:
+    async def _on_progress(self, task: int, progress: ProgressEvent, started: set[int]) -> None:
         job = self.job
-        kind = line.get("event")
         self._last_progress = time.monotonic()
-        if kind == "started":
-            started.add(task)
-            if task == CHIEF:
-                self._resume_step = int(line.get("initial_step", 0))
-            if len(started) == job.workers and job.state == JobState.STARTING:
-                await self._transition(JobState.RUNNING, EventType.STATE, f"attempt {job.attempt}: all "
-                                       f"{job.workers} workers training")  # fmt: skip
-            return
-        if kind == "preempted" and line.get("step") is not None:
-            self._preempted_step = int(line["step"])
+        match progress:
+            case Started():
+                started.add(task)
+                if task == CHIEF:
+                    self._resume_step = progress.initial_step
+                if len(started) == job.workers and job.state == JobState.STARTING:
+                    message = f"attempt {job.attempt}: all {job.workers} workers training"
+                    await self._transition(JobState.RUNNING, EventType.STATE, message)
+            case Preempted(step=int(step)):
+                self._preempted_step = step
         if task != CHIEF:
             return
-        if kind == "step":
-            job.step, job.epoch = int(line["step"]), int(line.get("epoch", job.epoch))
-            job.metrics.update(_numbers(line, ("loss", "accuracy")))
-            if job.state == JobState.STARTING:
-                await self._transition(JobState.RUNNING, EventType.STATE, f"attempt {job.attempt}: training")
-            if self._failed_at:
-                recovery = time.time() - self._failed_at
-                self._failed_at = 0.0
-                await self._store.save(job, self._event(
-                    EventType.RESUMED, f"training again at step {self._resume_step} after "
-                                       f"{recovery:.1f}s", step=self._resume_step,
-                    recovery_seconds=recovery,
-                ))  # fmt: skip
-            await self._store.save(job, self._event(EventType.STEP, "", step=job.step, epoch=job.epoch,
-                                                    metrics=dict(job.metrics)))  # fmt: skip
-        elif kind == "epoch":
-            job.epoch = int(line["epoch"])
-            job.metrics.update(_numbers(line, ("loss", "accuracy", "val_loss", "val_accuracy")))
-            await self._store.save(job, self._event(EventType.EPOCH, f"epoch {job.epoch} done", step=job.step,
-                                                    epoch=job.epoch, metrics=dict(job.metrics)))  # fmt: skip
-        elif kind == "exported":
-            self._export = (Path(line["path"]), {k: float(v) for k, v in line.get("metrics", {}).items()
-                                                 if isinstance(v, int | float)})  # fmt: skip
+        match progress:
+            case Step():
+                job.step, job.epoch = progress.step, progress.epoch or job.epoch
+                job.metrics.update(_only(progress.metrics, ("loss", "accuracy")))
+                if job.state == JobState.STARTING:
+                    await self._transition(JobState.RUNNING, EventType.STATE, f"attempt {job.attempt}: training")
+                if self._failed_at:
+                    recovery = time.time() - self._failed_at
+                    self._failed_at = 0.0
+                    message = f"training again at step {self._resume_step} after {recovery:.1f}s"
+                    resumed = self._event(EventType.RESUMED, message, step=self._resume_step, recovery_seconds=recovery)
+                    await self._store.save(job, resumed)
+                step = self._event(EventType.STEP, "", step=job.step, epoch=job.epoch, metrics=dict(job.metrics))
+                await self._store.save(job, step)
+            case Epoch():
+                job.epoch = progress.epoch
+                job.metrics.update(_only(progress.metrics, ("loss", "accuracy", "val_loss", "val_accuracy")))
+                message = f"epoch {job.epoch} done"
+                epoch = self._event(EventType.EPOCH, message, step=job.step, epoch=job.epoch, metrics=dict(job.metrics))
+                await self._store.save(job, epoch)
+            case Exported():
+                self._export = (Path(progress.path), dict(progress.metrics))
 
     async def _stop_group(self, kill: bool, wait_seconds: float = 20.0) -> None:
         """Signals every running worker of the job (of any attempt: one an unreachable agent kept running must go
@@ -325,22 +331,16 @@ class JobRunner:
         job = self.job
         deadline = time.monotonic() + wait_seconds
         for agent in sorted({p.agent for p in job.placements}):
-            try:
-                stub = self._agents.stub(agent, healthy_only=False)
-            except ModelgridError:
-                continue
-            signalled: set[tuple[int, int]] = set()
+            signalled: set[ReplicaKey] = set()
             while time.monotonic() < deadline:
                 try:
-                    reply = await stub.ListReplicas(pb.ListReplicasRequest(job_id=job.id), timeout=10)
-                    running = [r for r in reply.replicas if r.state == pb.REPLICA_STATE_RUNNING]
+                    replicas = await self._agents.list_replicas(agent, job.id)
+                    running = [r for r in replicas if r.state == ReplicaState.RUNNING]
                     for replica in running:
-                        if (replica.attempt, replica.task_index) not in signalled:
-                            await stub.StopReplica(pb.StopReplicaRequest(
-                                job_id=job.id, attempt=replica.attempt, task_index=replica.task_index, kill=kill,
-                            ), timeout=10)  # fmt: skip
-                            signalled.add((replica.attempt, replica.task_index))
-                except grpc.aio.AioRpcError:
+                        if replica.key not in signalled:
+                            await self._agents.stop_replica(agent, replica.key, kill=kill)
+                            signalled.add(replica.key)
+                except ModelgridError:
                     break
                 if not running:
                     break
@@ -352,32 +352,29 @@ class JobRunner:
         job = self.job
         await self._transition(JobState.FINALIZING, EventType.STATE, "all workers finished; registering")
         path, metrics = self._export or (job_dir(self._settings, job) / "export", dict(job.metrics))
-        if job.spec.get("register_model"):
+        if job.spec.register_model:
             if not (path / "saved_model.pb").exists():
                 job.failure = Failure(CHIEF, reason=f"the chief exported no SavedModel at {path}")
                 await self._end(JobState.FAILED, job.failure.reason)
                 return
             try:
                 job.registered_version = await self._register(job, path, {**job.metrics, **metrics})
-            except (grpc.RpcError, ModelgridError, OSError) as exc:
+            except (ModelgridError, OSError) as exc:
                 job.failure = Failure(reason=f"registering the model failed: {exc}")
                 await self._end(JobState.FAILED, job.failure.reason)
                 return
-            await self._store.save(job, self._event(
-                EventType.REGISTERED, f"registered {job.spec['register_model']}:{job.registered_version}",
-                version=job.registered_version,
-            ))  # fmt: skip
+            message = f"registered {job.spec.register_model}:{job.registered_version}"
+            await self._store.save(job, self._event(EventType.REGISTERED, message, version=job.registered_version))
         job.metrics.update(metrics)
         await self._end(JobState.SUCCEEDED, "done")
 
     async def _end(self, state: JobState, message: str) -> None:
-        await self._transition(state, EventType.STATE, message, failure=self.job.failure if state ==
-                               JobState.FAILED else None)  # fmt: skip
+        failure = self.job.failure if state == JobState.FAILED else None
+        await self._transition(state, EventType.STATE, message, failure=failure)
         for agent in {p.agent for p in self.job.placements}:
             try:
-                stub = self._agents.stub(agent, healthy_only=False)
-                await stub.ReleasePorts(pb.ReleasePortsRequest(job_id=self.job.id), timeout=10)
-            except (grpc.aio.AioRpcError, ModelgridError):
+                await self._agents.release_ports(agent, self.job.id)
+            except ModelgridError:
                 continue
 
     # -- events ------------------------------------------------------------------------------------------------
@@ -392,5 +389,5 @@ class JobRunner:
         await self._store.save(self.job, self._event(type_, message, **fields))
 
 
-def _numbers(line: dict, keys: tuple[str, ...]) -> dict[str, float]:
-    return {k: float(line[k]) for k in keys if isinstance(line.get(k), int | float)}
+def _only(metrics: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k in keys}

@@ -5,12 +5,19 @@ from modelgrid.trainer.v1 import trainer_pb2_grpc
 from services.trainer import converters as conv
 from services.trainer.core import TrainerCore
 
+PROTO_SERVICE = pb.DESCRIPTOR.services_by_name["Trainer"].full_name
+"""The full name of the service this servicer serves (for health and reflection)."""
+
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
     """Adapts gRPC calls to TrainerCore."""
 
     def __init__(self, core: TrainerCore) -> None:
         self._core = core
+
+    def add_to(self, server) -> None:
+        """Serves this servicer on `server`."""
+        trainer_pb2_grpc.add_TrainerServicer_to_server(self, server)
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.Job:
         return conv.job_to_pb(await self._core.submit(conv.spec_from_pb(request.spec), request.request_id))
@@ -36,9 +43,4 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         return pb.GetJobLogsResponse(logs=[pb.WorkerLog(task_index=t, agent=a, lines=lines) for t, a, lines in logs])
 
     async def ListWorkers(self, request: pb.ListWorkersRequest, context) -> pb.ListWorkersResponse:
-        return pb.ListWorkersResponse(
-            workers=[
-                pb.Worker(id=w.id, host=w.host, address=w.address, slots=w.slots, used_slots=w.used, jobs=w.jobs)
-                for w in self._core.workers()
-            ]
-        )
+        return pb.ListWorkersResponse(workers=[conv.worker_to_pb(w) for w in self._core.workers()])

@@ -1,19 +1,28 @@
-"""Thin gRPC servicer of modelgrid.trainer.v1.WorkerAgent: protobuf in, ReplicaSupervisor call, protobuf out."""
+"""Thin gRPC servicer of modelgrid.agent.v1.WorkerAgent: protobuf in, ReplicaSupervisor call, protobuf out."""
 
 from collections.abc import AsyncIterator
 
-from modelgrid.trainer.v1 import trainer_pb2 as pb
-from modelgrid.trainer.v1 import trainer_pb2_grpc
-from services.trainer.agent.supervisor import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus, ReplicaSupervisor
+from modelgrid.agent.v1 import agent_pb2 as pb
+from modelgrid.agent.v1 import agent_pb2_grpc
+from services.trainer.agent.supervisor import ReplicaSupervisor
+from services.trainer.replicas import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
 
 _STATES = {ReplicaState.RUNNING: pb.REPLICA_STATE_RUNNING, ReplicaState.EXITED: pb.REPLICA_STATE_EXITED}
 
 
-class WorkerAgentServicer(trainer_pb2_grpc.WorkerAgentServicer):
+PROTO_SERVICE = pb.DESCRIPTOR.services_by_name["WorkerAgent"].full_name
+"""The full name of the service this servicer serves (for health and reflection)."""
+
+
+class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
     """Adapts gRPC calls to the ReplicaSupervisor."""
 
     def __init__(self, supervisor: ReplicaSupervisor) -> None:
         self._supervisor = supervisor
+
+    def add_to(self, server) -> None:
+        """Serves this servicer on `server`."""
+        agent_pb2_grpc.add_WorkerAgentServicer_to_server(self, server)
 
     async def ReservePorts(self, request: pb.ReservePortsRequest, context) -> pb.ReservePortsResponse:
         return pb.ReservePortsResponse(ports=self._supervisor.reserve_ports(request.job_id, request.count))

@@ -21,13 +21,13 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.trainer.agent.ports import PortReservations
 from services.trainer.agent.progress import ProgressTail
 from services.trainer.agent.settings import AgentSettings
+from services.trainer.replicas import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
 
 logger = logging.getLogger(__name__)
 
@@ -39,45 +39,6 @@ MAX_LOG_TAIL_BYTES = 16 * 1024 * 1024
 KILL_WAIT_SECONDS = 5.0
 SPEC_FILE, LOG_FILE, PROGRESS_FILE = "spec.json", "worker.log", "progress.jsonl"
 PROGRESS_FILE_ENV = "MODELGRID_PROGRESS_FILE"
-
-
-class ReplicaState(Enum):
-    """Lifecycle of a worker process."""
-
-    RUNNING = "RUNNING"
-    EXITED = "EXITED"
-
-
-@dataclass(frozen=True, order=True)
-class ReplicaKey:
-    """Which worker process: one task of one attempt of one job."""
-
-    job_id: str
-    attempt: int
-    task_index: int
-
-    def __str__(self) -> str:
-        return f"{self.job_id}/{self.attempt}/task-{self.task_index}"
-
-
-@dataclass(frozen=True)
-class ReplicaStatus:
-    """A replica as it was at one moment."""
-
-    key: ReplicaKey
-    state: ReplicaState
-    pid: int
-    exit_code: int
-    """When EXITED: the process's exit status, negative for the signal that killed it."""
-    agent: str
-
-
-@dataclass(frozen=True)
-class ReplicaEvent:
-    """The replica after something happened: a progress line (JSON), or a state (no progress)."""
-
-    replica: ReplicaStatus
-    progress: str = ""
 
 
 @dataclass(eq=False)
@@ -118,8 +79,8 @@ class ReplicaSupervisor:
         """Creates the work directory and loads the port reservations kept there."""
         work_dir = work_dir.resolve()
         work_dir.mkdir(parents=True, exist_ok=True)
-        self._ports = PortReservations(work_dir / "ports.json", self._settings.port_range_start,
-                                       self._settings.port_range_end)  # fmt: skip
+        start, end = self._settings.port_range_start, self._settings.port_range_end
+        self._ports = PortReservations(work_dir / "ports.json", start, end)
         self._work_dir, self._agent_id = work_dir, agent_id
         logger.info("agent %s: %d slots, work dir %s", agent_id, self._settings.slots, work_dir)
 
@@ -197,8 +158,8 @@ class ReplicaSupervisor:
                     start_new_session=True,  # its own process group: signals reach it and its children only
                 )
             except OSError as exc:
-                raise FailedPrecondition(f"this agent cannot run its worker command {command[0]!r}: "
-                                         f"{exc.strerror or exc}") from None  # fmt: skip
+                reason = f"this agent cannot run its worker command {command[0]!r}: {exc.strerror or exc}"
+                raise FailedPrecondition(reason) from None
 
     async def _follow(self, replica: _Replica) -> None:
         """Publishes the progress lines as they appear, then the exit (noticed at once, after the last lines)."""
@@ -248,10 +209,8 @@ class ReplicaSupervisor:
         if task_index < 0 or tail_lines < 0:
             raise InvalidArgument("task_index and tail_lines must not be negative")
         job_dir, task_dir = work_dir / job_id, f"task-{task_index}"
-        attempts = [
-            int(p.name) for p in (job_dir.iterdir() if job_dir.is_dir() else ())
-            if p.name.isdigit() and (p / task_dir / LOG_FILE).is_file()
-        ]  # fmt: skip
+        entries = job_dir.iterdir() if job_dir.is_dir() else ()
+        attempts = [int(p.name) for p in entries if p.name.isdigit() and (p / task_dir / LOG_FILE).is_file()]
         if not attempts:
             raise NotFound(f"no log of job {job_id} task {task_index} on this agent")
         path = job_dir / str(max(attempts)) / task_dir / LOG_FILE

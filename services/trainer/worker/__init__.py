@@ -1,8 +1,9 @@
-"""Training worker process: the job spec and exit codes, importable without TensorFlow.
+"""Training worker process: the worker spec, importable without TensorFlow.
 
 The trainer's agents spawn `python -m services.trainer.worker --spec spec.json` once per task, with TF_CONFIG
 naming the group's host:port list and this task's index, and MODELGRID_PROGRESS_FILE naming a JSON-lines file
-that receives the progress events (see `train.py`).
+that receives the progress events (services.trainer.progress). It exits with a services.trainer.exit_codes code.
+The trainer writes the spec with `WorkerSpec.to_json` and the worker reads it with `WorkerSpec.from_json`.
 """
 
 import dataclasses
@@ -11,20 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-EXIT_OK = 0
-"""Training finished (and the chief exported the model)."""
-EXIT_FAILED = 1
-"""Anything else went wrong, typically a peer was lost; restart the whole group from the last backup."""
-EXIT_INVALID_SPEC = 2
-"""The spec, recipe or dataset is unusable; restarting will not help."""
-EXIT_INJECTED_CRASH = 3
-"""The `crash_at_step` testing aid fired."""
-EXIT_PREEMPTED = 42
-"""SIGTERM: the group agreed on a step, saved a backup there and stopped; relaunch to resume at that step."""
-
 
 class InvalidJob(Exception):
-    """The recipe or the dataset cannot be used as the spec asks (exit 2: a restart would fail the same way)."""
+    """The recipe or the dataset cannot be used as the spec asks (ExitCode.INVALID_SPEC: a restart would fail the
+    same way)."""
 
 
 DATASET_FORMATS = ("csv", "npz", "tfrecord")

@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from services.trainer.worker import EXIT_FAILED, EXIT_INVALID_SPEC, InvalidJob, WorkerSpec
+from services.trainer.exit_codes import ExitCode
+from services.trainer.worker import InvalidJob, WorkerSpec
 
 logger = logging.getLogger("services.trainer.worker")
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = WorkerSpec.from_json(args.spec.read_text())
     except (OSError, ValueError) as exc:
         logger.error("invalid spec %s: %s", args.spec, exc)
-        return EXIT_INVALID_SPEC
+        return ExitCode.INVALID_SPEC
 
     from services.trainer.worker import train
 
@@ -51,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         return train.run(spec)
     except InvalidJob as exc:
         logger.error("invalid job: %s", exc, exc_info=exc.__cause__ is not None)
-        return EXIT_INVALID_SPEC
+        return ExitCode.INVALID_SPEC
     except Exception:
         logger.exception("training failed")
-        return EXIT_FAILED
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":

@@ -1,15 +1,7 @@
 """The training loop of one worker: MultiWorkerMirroredStrategy + tf-keras fit, backups, preemption, export.
 
-Progress goes as JSON lines (each with "event" and "time", unix seconds) to the file named by
-MODELGRID_PROGRESS_FILE, in this order:
-  shard     task, num_examples, example_ids_digest, policy  (with record_shard_ids; epoch 1 of this worker)
-  started   task, workers, attempt, initial_step (global step restored from the backup, 0 if none),
-            steps_per_epoch, epochs
-  step      step (global, after the step), epoch (1-based), loss, accuracy  (when step % report_every_steps == 0)
-  epoch     epoch, loss, accuracy, val_loss, val_accuracy
-  preempted task, step (the global step saved; null outside fit: resume from the last backup), then exit 42
-  exported  path, metrics (loss, accuracy, val_loss, val_accuracy, steps)  (chief only)
-  finished  task, step
+Progress goes as JSON lines (services.trainer.progress: shard, started, step, epoch, preempted, exported,
+finished) to the file named by MODELGRID_PROGRESS_FILE.
 
 Layout of the job's checkpoint_dir (shared by the group): `backup/` (BackupAndRestore: the chief writes
 `backup/chief`, every other worker writes its own `backup/workertemp_<i>` and removes it; all restore from the
@@ -26,13 +18,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from services.trainer.worker import EXIT_INJECTED_CRASH, EXIT_OK, EXIT_PREEMPTED, InvalidJob, WorkerSpec
+from services.trainer.exit_codes import ExitCode
+from services.trainer.progress import Epoch, Exported, Finished, Preempted, ProgressEvent, Shard, Started, Step
+from services.trainer.worker import InvalidJob, WorkerSpec
 from services.trainer.worker.data import TrainingData, make_training_data
 from services.trainer.worker.recipes import build_model
 
@@ -48,8 +41,8 @@ class ProgressLog:
         self.task = task
         self._file = open(path, "a", buffering=1) if path else None  # kept open for the life of the process
 
-    def emit(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, "time": round(time.time(), 3), **fields})
+    def emit(self, event: ProgressEvent) -> None:
+        line = event.to_json()
         logger.info("progress %s", line)
         if self._file:
             self._file.write(line + "\n")
@@ -120,13 +113,14 @@ class ProgressReporter(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.initial_step = self.global_step()
         self.progress.emit(
-            "started",
-            task=self.progress.task,
-            workers=self.workers,
-            attempt=self.attempt,
-            initial_step=self.initial_step,
-            steps_per_epoch=self.steps,
-            epochs=self.spec.epochs,
+            Started(
+                task=self.progress.task,
+                workers=self.workers,
+                attempt=self.attempt,
+                initial_step=self.initial_step,
+                steps_per_epoch=self.steps,
+                epochs=self.spec.epochs,
+            )
         )
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -139,11 +133,11 @@ class ProgressReporter(keras.callbacks.Callback):
             # epoch logs come from the synchronized metrics.
             replicas = self.model.distribute_strategy.num_replicas_in_sync
             values = {k: v / replicas for k, v in _floats(logs, "loss", "accuracy").items()}
-            self.progress.emit("step", step=step, epoch=self.epoch, **values)
+            self.progress.emit(Step(step=step, epoch=self.epoch, metrics=values))
 
     def on_epoch_end(self, epoch, logs=None):
         self.last_epoch_logs = _floats(logs, "loss", "accuracy", "val_loss", "val_accuracy")
-        self.progress.emit("epoch", epoch=epoch + 1, **self.last_epoch_logs)
+        self.progress.emit(Epoch(epoch=epoch + 1, metrics=dict(self.last_epoch_logs)))
 
 
 class TestingAids(keras.callbacks.Callback):
@@ -159,9 +153,9 @@ class TestingAids(keras.callbacks.Callback):
         if self.delay:
             time.sleep(self.delay)
         if self.crash_at is not None and int(self.model.optimizer.iterations.numpy()) >= self.crash_at:
-            logger.error("crash_at_step %d reached: exiting with code %d", self.crash_at, EXIT_INJECTED_CRASH)
+            logger.error("crash_at_step %d reached: exiting with code %d", self.crash_at, ExitCode.INJECTED_CRASH)
             logging.shutdown()
-            os._exit(EXIT_INJECTED_CRASH)
+            os._exit(ExitCode.INJECTED_CRASH)
 
 
 def _floats(logs: dict | None, *names: str) -> dict[str, float]:
@@ -199,7 +193,7 @@ def record_shard(strategy, spec: WorkerSpec, task: int, workers: int, progress: 
     record = {"task": task, "workers": workers, "policy": data.shard_policy.name, "ids": seen.tolist()}
     out.write_text(json.dumps(record))
     progress.emit(
-        "shard", task=task, num_examples=int(len(seen)), example_ids_digest=digest, policy=data.shard_policy.name
+        Shard(task=task, num_examples=int(len(seen)), example_ids_digest=digest, policy=data.shard_policy.name)
     )
 
 
@@ -242,9 +236,9 @@ def run(spec: WorkerSpec) -> int:
     attempt = next_attempt(checkpoint_dir, task)
 
     def preempted(step: int | None = None) -> None:
-        progress.emit("preempted", task=task, step=step)
+        progress.emit(Preempted(task=task, step=step))
         logging.shutdown()
-        os._exit(EXIT_PREEMPTED)
+        os._exit(ExitCode.PREEMPTED)
 
     # Until fit() starts (and again after it), the last backup is the state to resume from: just stop.
     signal.signal(signal.SIGTERM, lambda *_: preempted())
@@ -296,9 +290,9 @@ def run(spec: WorkerSpec) -> int:
     if spec.export_dir:
         path = export(model, data.input_shape, spec.export_dir, checkpoint_dir / f"export-task-{task}", chief)
         if chief:
-            progress.emit("exported", path=path, metrics=metrics)
+            progress.emit(Exported(path=path, metrics=metrics))
     if chief:
         shutil.rmtree(checkpoint_dir / "backup" / "chief", ignore_errors=True)
-    progress.emit("finished", task=task, step=step)
+    progress.emit(Finished(task=task, step=step))
     sys.stdout.flush()
-    return EXIT_OK
+    return ExitCode.OK

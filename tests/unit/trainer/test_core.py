@@ -1,0 +1,304 @@
+"""TrainerCore in process: real agents (in this process, in the session's Consul) running the stand-in worker, jobs
+in the session's Redis. Scheduling and placement, the state machine as events, a failed worker restarting its
+group, the restart budget, preemption, cancelling, re-attaching after a trainer restart, and registration."""
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from services.clients.agent import AgentClient
+from services.clients.registry import AsyncRegistryClient
+from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.trainer.core import TrainerCore
+from services.trainer.domain import EventType, Job, JobEvent, JobState
+from services.trainer.exit_codes import ExitCode
+from services.trainer.jobspec import Dataset, HyperParameters, JobSpec
+from services.trainer.replicas import ReplicaState
+from services.trainer.specs import job_dir
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def spec_of(digits_npz: Path, **fields) -> JobSpec:
+    """Two workers, two epochs of four steps, a report and a checkpoint every two steps."""
+    params = {"steps_per_epoch": 4, **fields.pop("recipe_params", {})}
+    values = {
+        "name": "fake",
+        "recipe": "mlp",
+        "recipe_params": params,
+        "dataset": Dataset(format="npz", local_path=str(digits_npz)),
+        "hyper_parameters": HyperParameters(epochs=2),
+        "workers": 2,
+        "checkpoint_every_steps": 2,
+        "report_every_steps": 2,
+        "step_delay_ms": 20,
+        **fields,
+    }
+    return JobSpec(**values)
+
+
+async def until_final(core: TrainerCore, job_id: str, timeout: float = 30) -> tuple[Job, list[JobEvent]]:
+    """Every event of the job up to its final state, and the job then."""
+
+    async def read() -> list[JobEvent]:
+        return [event async for event in core.watch(job_id, "")]
+
+    events = await asyncio.wait_for(read(), timeout)
+    return await core.get(job_id), events
+
+
+async def until(core: TrainerCore, job_id: str, predicate: Callable[[Job], bool], timeout: float = 30) -> Job:
+    deadline = time.monotonic() + timeout
+    while not predicate(job := await core.get(job_id)):
+        assert job.state not in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED), job
+        assert time.monotonic() < deadline, f"gave up waiting on {job}"
+        await asyncio.sleep(0.05)
+    return job
+
+
+def states(events: list[JobEvent]) -> list[str]:
+    return [e.state.value for e in events if e.type == EventType.STATE]
+
+
+async def ready(agent_client: AgentClient, count: int, timeout: float = 20) -> None:
+    """Waits until `count` agents are healthy in Consul."""
+    deadline = time.monotonic() + timeout
+    while len(agent_client.agents) != count:
+        assert time.monotonic() < deadline, f"expected {count} healthy agents, have {agent_client.agents}"
+        await asyncio.sleep(0.05)
+
+
+async def worker_pid(agent_client: AgentClient, job: Job, task: int) -> int:
+    placement = next(p for p in job.placements if p.task_index == task)
+    replicas = await agent_client.list_replicas(placement.agent, job.id)
+    (replica,) = [r for r in replicas if r.key.task_index == task and r.key.attempt == job.attempt]
+    return replica.pid
+
+
+# -- the happy path ------------------------------------------------------------------------------------------------
+
+
+async def test_a_job_is_spread_over_the_agents_and_walks_the_state_machine(agents, agent_client, cores, digits_npz):
+    await agents(slots=2)
+    await agents(slots=2)
+    await ready(agent_client, 2)
+    core = await cores()
+
+    job = await core.submit(spec_of(digits_npz), request_id="once")
+    assert (await core.submit(spec_of(digits_npz), request_id="once")).id == job.id
+    done, events = await until_final(core, job.id)
+
+    assert done.state == JobState.SUCCEEDED, done
+    assert states(events) == ["PENDING", "SCHEDULING", "STARTING", "RUNNING", "FINALIZING", "SUCCEEDED"]
+    assert len({p.agent for p in done.placements}) == 2, "two free slots on each agent: one replica each"
+    assert [p.task_index for p in done.placements] == [0, 1]
+    assert (done.attempt, done.restarts, done.preemptions, done.step, done.epoch) == (1, 0, 0, 8, 2)
+    assert [e.step for e in events if e.type == EventType.STEP] == [2, 4, 6, 8]
+    assert [e.epoch for e in events if e.type == EventType.EPOCH] == [1, 2]
+    assert done.metrics["val_accuracy"] == 0.75 and done.metrics["steps"] == 8
+    assert done.registered_version == 0 and not any(e.type == EventType.REGISTERED for e in events)
+    assert sum(w.used for w in core.workers()) == 0
+    for placement in done.placements:  # right after the end: the ports are released, the exited replicas forgotten
+        deadline = time.monotonic() + 5
+        while await agent_client.list_replicas(placement.agent, job.id):
+            assert time.monotonic() < deadline, "the job's replicas were not released"
+            await asyncio.sleep(0.05)
+
+
+async def test_a_job_that_does_not_fit_waits_until_an_agent_joins(agents, agent_client, cores, digits_npz):
+    await agents(slots=1)
+    await agents(slots=1)
+    await ready(agent_client, 2)
+    core = await cores()
+
+    job = await core.submit(spec_of(digits_npz, workers=3), request_id="")
+    pending = await until(core, job.id, lambda j: "waiting for 3 free slots; 2 free" in j.message, timeout=10)
+    assert pending.state == JobState.PENDING and not pending.placements
+    await agents(slots=1)
+    done, _ = await until_final(core, job.id)
+
+    assert done.state == JobState.SUCCEEDED, done
+    assert len({p.agent for p in done.placements}) == 3
+
+
+# -- failures ------------------------------------------------------------------------------------------------------
+
+
+async def test_a_failed_worker_restarts_the_group_from_its_checkpoint(agents, agent_client, cores, digits_npz):
+    await agents(slots=2)
+    await agents(slots=2)
+    await ready(agent_client, 2)
+    core = await cores()
+    crash = {"exit_code": 3, "exit_task": 1, "exit_at_step": 5}
+    spec = spec_of(digits_npz, recipe_params=crash, max_restarts=1, checkpoint_every_steps=4, step_delay_ms=100)
+
+    job = await core.submit(spec, request_id="")
+    done, events = await until_final(core, job.id)
+
+    assert done.state == JobState.SUCCEEDED, done
+    (restart,) = [e for e in events if e.type == EventType.RESTART]
+    assert (restart.failure.task_index, restart.failure.exit_code) == (1, 3)
+    assert "worker 1" in restart.failure.reason and "code 3" in restart.failure.reason
+    (resumed,) = [e for e in events if e.type == EventType.RESUMED]
+    assert resumed.step == 4, "the group did not resume from its checkpoint at step 4"
+    assert resumed.recovery_seconds > 0
+    assert states(events) == [
+        "PENDING",
+        "SCHEDULING",
+        "STARTING",
+        "RUNNING",
+        "STARTING",
+        "RUNNING",
+        "FINALIZING",
+        "SUCCEEDED",
+    ]
+    assert (done.attempt, done.restarts, done.preemptions) == (2, 1, 0)
+
+
+async def test_kill_9_of_a_worker_is_a_failure_with_its_signal(agents, agent_client, cores, digits_npz):
+    await agents(slots=2)
+    await ready(agent_client, 1)
+    core = await cores()
+
+    job = await core.submit(spec_of(digits_npz, step_delay_ms=100), request_id="")
+    running = await until(core, job.id, lambda j: j.state == JobState.RUNNING and j.step >= 2)
+    os.kill(await worker_pid(agent_client, running, 0), signal.SIGKILL)
+    done, events = await until_final(core, job.id)
+
+    assert done.state == JobState.SUCCEEDED, done
+    (restart,) = [e for e in events if e.type == EventType.RESTART]
+    assert (restart.failure.task_index, restart.failure.exit_code) == (0, -signal.SIGKILL)
+    assert "signal 9 (SIGKILL)" in restart.failure.reason
+
+
+async def test_failures_beyond_the_budget_fail_the_job(agents, agent_client, cores, digits_npz):
+    await agents(slots=2)
+    await ready(agent_client, 1)
+    core = await cores()
+    always = {"exit_code": 3, "exit_at_step": 1, "exit_attempts": [1, 2, 3]}
+
+    job = await core.submit(spec_of(digits_npz, recipe_params=always, max_restarts=1), request_id="")
+    done, events = await until_final(core, job.id)
+
+    assert done.state == JobState.FAILED
+    assert done.restarts == 1 and done.failure.exit_code == 3
+    assert "restart budget of 1 spent" in done.message
+    assert len([e for e in events if e.type == EventType.RESTART]) == 1
+    assert events[-1].failure is not None and events[-1].failure.exit_code == 3
+
+
+async def test_an_unusable_spec_fails_at_once_and_a_preemption_is_free(agents, agent_client, cores, digits_npz):
+    await agents(slots=4)
+    await ready(agent_client, 1)
+    core = await cores()
+    invalid = {"exit_code": int(ExitCode.INVALID_SPEC), "exit_at_step": 1}
+    preempted = {"exit_code": int(ExitCode.PREEMPTED), "exit_at_step": 3}
+
+    bad = await core.submit(spec_of(digits_npz, recipe_params=invalid, max_restarts=3), request_id="")
+    free = await core.submit(spec_of(digits_npz, recipe_params=preempted, max_restarts=0), request_id="")
+    (bad_done, bad_events), (free_done, free_events) = await asyncio.gather(
+        until_final(core, bad.id), until_final(core, free.id)
+    )
+
+    assert bad_done.state == JobState.FAILED and bad_done.restarts == 0 and bad_done.attempt == 1
+    assert bad_done.message.startswith("unusable job") and not any(e.type == EventType.RESTART for e in bad_events)
+    assert free_done.state == JobState.SUCCEEDED, free_done
+    assert (free_done.restarts, free_done.preemptions) == (0, 1)
+    (restart,) = [e for e in free_events if e.type == EventType.RESTART]
+    assert restart.failure.exit_code == ExitCode.PREEMPTED and "not counted" in restart.message
+
+
+# -- requests ------------------------------------------------------------------------------------------------------
+
+
+async def test_cancel_while_running_stops_the_workers_and_frees_the_slots(agents, agent_client, cores, digits_npz):
+    await agents(slots=2)
+    await ready(agent_client, 1)
+    core = await cores()
+
+    job = await core.submit(spec_of(digits_npz, step_delay_ms=200), request_id="")
+    running = await until(core, job.id, lambda j: j.state == JobState.RUNNING)
+    assert sum(w.used for w in core.workers()) == 2
+    await core.cancel(job.id)
+    done, events = await until_final(core, job.id)
+
+    assert done.state == JobState.CANCELLED and states(events)[-2:] == ["CANCELLING", "CANCELLED"]
+    assert sum(w.used for w in core.workers()) == 0
+    agent = running.placements[0].agent
+    assert all(r.state == ReplicaState.EXITED for r in await agent_client.list_replicas(agent, job.id))
+    with pytest.raises(FailedPrecondition):
+        await core.cancel(job.id)
+
+
+async def test_bad_requests_queue_nothing(agents, agent_client, cores, digits_npz, tmp_path):
+    await agents(slots=1)
+    await ready(agent_client, 1)
+    core = await cores()
+    csv = tmp_path / "data.csv"
+    csv.write_text("a,b,label\n1,2,0\n")
+    bad = [
+        (spec_of(digits_npz, recipe="transformer"), "unknown recipe"),
+        (spec_of(digits_npz, recipe="file:../x.py"), "recipe"),
+        (spec_of(digits_npz, workers=0), "workers must be between"),
+        (spec_of(digits_npz, hyper_parameters=HyperParameters(learning_rate=-1)), "learning_rate"),
+        (spec_of(digits_npz, register_aliases=("prod",)), "needs register_model"),
+        (spec_of(digits_npz, dataset=Dataset(format="npz", local_path="/nope.npz")), "does not exist"),
+        (spec_of(digits_npz, dataset=Dataset(format="npz", local_path=str(digits_npz), label_key="z")), "no array"),
+        (spec_of(digits_npz, dataset=Dataset(format="csv", local_path=str(csv), label_column="y")), "no column"),
+    ]
+    for spec, fragment in bad:
+        with pytest.raises(InvalidArgument, match=fragment):
+            await core.submit(spec, request_id="")
+    assert (await core.list_jobs(None, 50, ""))[0] == []
+    with pytest.raises(NotFound):
+        await core.get("nope")
+    with pytest.raises(NotFound):
+        await core.cancel("nope")
+
+
+async def test_a_restarted_trainer_re_attaches_to_running_workers(agents, agent_client, cores, digits_npz):
+    await agents(slots=2)
+    await ready(agent_client, 1)
+    first = await cores()
+
+    job = await first.submit(spec_of(digits_npz, step_delay_ms=100), request_id="")
+    await until(first, job.id, lambda j: j.state == JobState.RUNNING and j.step >= 2)
+    await first.stop()
+    second = await cores()
+    done, _ = await until_final(second, job.id)
+
+    assert done.state == JobState.SUCCEEDED, done
+    assert (done.attempt, done.restarts) == (1, 0), "the job was started again instead of re-attached"
+    assert done.step == 8
+
+
+# -- registration --------------------------------------------------------------------------------------------------
+
+
+async def test_a_finished_job_is_registered_with_its_lineage_and_aliases(
+    agents, agent_client, cores, digits_npz, registry_client: AsyncRegistryClient, unique, trainer_settings
+):
+    await agents(slots=2)
+    await ready(agent_client, 1)
+    core = await cores(registry_client)
+    model = unique("fake")
+
+    job = await core.submit(spec_of(digits_npz, register_model=model, register_aliases=("production",)), "")
+    done, events = await until_final(core, job.id)
+
+    assert done.state == JobState.SUCCEEDED, done
+    (registered,) = [e for e in events if e.type == EventType.REGISTERED]
+    assert registered.version == done.registered_version == 1
+    version = await registry_client.resolve(f"{model}@production")
+    assert version.version == 1
+    assert version.lineage.training_job_id == job.id and version.lineage.dataset_digest == done.dataset_digest
+    assert version.lineage.source.startswith("modelgrid-trainer")
+    assert version.metrics["val_accuracy"] == 0.75
+    assert version.params["workers"] == "2" and version.params["epochs"] == "2" and version.params["recipe"] == "mlp"
+    # A trainer registering the same job again (after a restart) gets the same version.
+    assert await core.register(done, job_dir(trainer_settings, done) / "export", {}) == 1
