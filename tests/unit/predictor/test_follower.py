@@ -4,10 +4,11 @@ auto-loaded), the cursor is kept in Redis, and a restarted registry is followed 
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
+from services.kit.errors import Unavailable
 from services.kit.redis_client import create_redis
 from services.kit.streams import Backoff
 from services.predictor.domain import VersionPolicy, VersionState
@@ -24,6 +25,19 @@ async def eventually(condition: Callable[[], bool], what: str, timeout: float = 
     while not condition():
         assert time.monotonic() < end, f"never happened: {what}"
         await asyncio.sleep(0.02)
+
+
+async def retried(call: Callable[[], Awaitable[object]], timeout: float = 15.0) -> None:
+    """Retries a registry call that fails with Unavailable (a channel reconnecting after a restart)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            await call()
+            return
+        except Unavailable:
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -97,7 +111,7 @@ async def test_after_the_registry_restarts_the_follower_reconnects_and_resyncs(
         # Same port, same Redis keys and blobs: the registry came back. The alias moves while the stream is down
         # or reconnecting; the resync on reconnection (or the event itself) reaches the served model.
         replacement = await start_registry(registry_settings.model_copy(update={"port": registry.port}))
-        await registry_client.set_alias(name, "production", 2)
+        await retried(lambda: registry_client.set_alias(name, "production", 2))
         await eventually(lambda: routes_of(control, name) == {"production": 2}, "the swap after the restart")
     finally:
         await follower.stop()
