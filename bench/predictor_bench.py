@@ -42,46 +42,42 @@ batching the predictor serves >= 5x its unbatched throughput on the MLP at c=32,
 """
 
 import argparse
-import asyncio
 import json
 import os
-import pickle
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 
-import grpc
 import numpy as np
+from harness import (
+    Load,
+    Mesh,
+    build_mlp,
+    check_predict,
+    console,
+    fmt,
+    http_ok,
+    machine_busy_seconds,
+    milliseconds,
+    percentile,
+    predict_payloads,
+    push_models,
+    run_load,
+    table,
+    tmp_root_arg,
+    work_dir,
+    write_payloads,
+)
 from rich.console import Console
-from rich.table import Table
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # tests.support lives in the repo, not in the installed package
+from services.kit.localinfra import free_port
 
-from bench.common import build_mlp, fmt, machine_busy_seconds, percentile, process_cpu_seconds  # noqa: E402
-from modelgrid.common.v1 import common_pb2  # noqa: E402
-from modelgrid.predictor.v1 import predictor_pb2 as pb  # noqa: E402
-from services.kit.localinfra import ConsulAgent, RedisServer, free_port  # noqa: E402
-from services.kit.tensors import array_to_tensor, tensor_to_array  # noqa: E402
-from services.registry.client import RegistryClient  # noqa: E402
-from tests.support import ServiceProcess  # noqa: E402
-
-PREDICT_METHOD = "/modelgrid.predictor.v1.Predictor/Predict"
 LIMIT_BATCH_SIZES = (1, 8, 32, 64, 128)
 PAYLOADS_PER_MODEL = 16  # distinct inputs cycled by the load generator
-CALL_TIMEOUT_S = 60.0
-CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]  # loopback only: never through a proxy from the environment
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 OFF, ON, FLASK, LIMIT = "predictor, batching off", "predictor, batching on", "flask", "in-process"
 
 
@@ -226,129 +222,21 @@ def measure_limit(spec: ModelSpec, call: Callable[[np.ndarray], np.ndarray], sec
     return [stats[batch].cell(batch) for batch in LIMIT_BATCH_SIZES]
 
 
-# ---- load generator (runs in its own process: `predictor_bench.py --loadgen SPEC`) ------------------------------
+def best_cell(cells: list[Cell]) -> Cell:
+    """The round with the best throughput (its latencies and CPU use with it), listing every round's rows/s."""
+    chosen = replace(max(cells, key=lambda c: c.rows_per_s))
+    chosen.runs = [c.rows_per_s for c in cells]
+    chosen.errors = sum(c.errors for c in cells)
+    chosen.note = next((c.note for c in cells if c.note), "")
+    return chosen
 
 
-async def _grpc_caller(target: str):
-    channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-    await channel.channel_ready()
-    predict = channel.unary_unary(PREDICT_METHOD)  # no (de)serializers: bytes in, bytes out
-
-    async def call(payload: bytes) -> None:
-        await predict(payload, timeout=CALL_TIMEOUT_S)
-
-    return call, channel.close
-
-
-async def _http_caller(target: str, path: str):
-    """One keep-alive HTTP/1.1 connection per worker; returns a factory of per-worker call functions."""
-    host, port = target.rsplit(":", 1)
-
-    def worker_call():
-        conn: list = []
-
-        async def call(body: bytes) -> None:
-            if not conn:
-                conn.extend(await asyncio.open_connection(host, int(port)))
-            reader, writer = conn
-            head = f"POST {path} HTTP/1.1\r\nHost: {target}\r\nContent-Type: application/json\r\n"
-            writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            try:
-                header = await reader.readuntil(b"\r\n\r\n")
-                length = int(re.search(rb"(?i)content-length:\s*(\d+)", header).group(1))
-                await reader.readexactly(length)
-            except Exception:
-                writer.close()
-                conn.clear()
-                raise
-            if b" 200 " not in header.split(b"\r\n", 1)[0]:
-                raise RuntimeError(header.split(b"\r\n", 1)[0].decode())
-            if re.search(rb"(?i)connection:\s*close", header):
-                writer.close()
-                conn.clear()
-
-        return call
-
-    return worker_call
-
-
-def describe_error(exc: Exception) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return f"{type(exc).__name__}: {exc}"
-
-
-async def run_load(spec: dict) -> dict:
-    """Closed loop: `concurrency` workers each send one request at a time until the window ends."""
-    payloads: list[bytes] = pickle.loads(Path(spec["payloads"]).read_bytes())
-    concurrency = spec["concurrency"]
-    if spec["kind"] == "grpc":
-        call, close = await _grpc_caller(spec["target"])
-        calls = [call] * concurrency
-    else:
-        factory = await _http_caller(spec["target"], spec["path"])
-        calls, close = [factory() for _ in range(concurrency)], None
-    done: list[tuple[float, float]] = []  # (end, latency)
-    errors: list[str] = []
-
-    async def worker(index: int) -> None:
-        call, k = calls[index], index
-        while True:
-            payload = payloads[k % len(payloads)]
-            k += 1
-            start = time.perf_counter()
-            try:
-                await call(payload)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - counted and reported, the loop goes on
-                errors.append(describe_error(exc))
-                await asyncio.sleep(0.01)
-                continue
-            end = time.perf_counter()
-            done.append((end, end - start))
-
-    pid = spec["server_pid"]
-    tasks = [asyncio.create_task(worker(i)) for i in range(concurrency)]
-    await asyncio.sleep(spec["warmup"])
-    errors.clear()
-    t0, cpu0, srv0, all0 = time.perf_counter(), time.process_time(), process_cpu_seconds(pid), machine_busy_seconds()
-    await asyncio.sleep(spec["duration"])
-    t1, cpu1, srv1, all1 = time.perf_counter(), time.process_time(), process_cpu_seconds(pid), machine_busy_seconds()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    if close is not None:
-        await close()
-    latencies = sorted(lat for end, lat in done if t0 <= end <= t1)
-    window = t1 - t0
-    server_cpu = None if srv0 is None or srv1 is None else (srv1 - srv0) / window
-    client_cpu = (cpu1 - cpu0) / window
-    other_cpu = None
-    if server_cpu is not None and all0 is not None and all1 is not None:
-        other_cpu = max(0.0, (all1 - all0) / window - server_cpu - client_cpu)
-    return {
-        "calls_per_s": len(latencies) / window,
-        "p50_ms": percentile(latencies, 50) * 1e3,
-        "p99_ms": percentile(latencies, 99) * 1e3,
-        "errors": len(errors),
-        "first_error": errors[0] if errors else "",
-        "client_cpu": client_cpu,
-        "server_cpu": server_cpu,
-        "other_cpu": other_cpu,
-    }
-
-
-def loadgen_main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    print(json.dumps(asyncio.run(run_load(spec))))
-
-
-# ---- the Flask baseline (runs in its own process: `predictor_bench.py --serve-flask SPEC`) -----------------------
+# ---- the servers -------------------------------------------------------------------------------------------------
 
 
 def flask_main(spec_path: str) -> None:
-    """A tutorial-style Flask app: JSON in, model, JSON out, on Flask's built-in threaded server."""
+    """A tutorial-style Flask app: JSON in, model, JSON out, on Flask's built-in threaded server (runs in its own
+    process: `predictor_bench.py --serve-flask SPEC`)."""
     import logging
 
     import tensorflow as tf
@@ -373,99 +261,42 @@ def flask_main(spec_path: str) -> None:
     app.run(host="127.0.0.1", port=spec["port"], threaded=True)
 
 
-@contextmanager
-def flask_server(workdir: Path, models: dict[str, Path], threads: int) -> Iterator[SimpleNamespace]:
+@dataclass
+class Server:
+    target: str
+    pid: int
+    metrics_url: str = ""
+
+
+def predictor_server(mesh: Mesh, registry: str, specs: list[ModelSpec], label: str, settings: dict) -> Server:
+    metrics_port = free_port()
+    predictor = mesh.start(
+        "predictor",
+        f"predictor-{label}",
+        timeout=180,
+        REGISTRY_TARGET=registry,
+        MODELS=json.dumps([{"name": s.registry_name} for s in specs]),
+        CACHE_DIR=str(mesh.workdir / f"cache-{label}"),
+        METRICS_PORT=str(metrics_port),
+        **settings,
+    )
+    return Server(predictor.target, predictor.process.pid, f"http://127.0.0.1:{metrics_port}/metrics")
+
+
+def flask_server(mesh: Mesh, models: dict[str, Path], threads: int) -> Server:
     port = free_port()
-    spec_path = workdir / "flask.json"
+    spec_path = mesh.workdir / "flask.json"
     spec_path.write_text(
         json.dumps({"port": port, "tf_threads": threads, "models": {k: str(v) for k, v in models.items()}})
     )
-    with (workdir / "flask.log").open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, __file__, "--serve-flask", str(spec_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                _NO_PROXY.open(f"http://127.0.0.1:{port}/healthz", timeout=2).read()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    tail = (workdir / "flask.log").read_text()[-3000:]
-                    raise RuntimeError(f"the Flask baseline did not start; log:\n{tail}") from None
-                time.sleep(0.2)
-        yield SimpleNamespace(target=f"127.0.0.1:{port}", pid=process.pid, metrics_url="")
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-
-
-# ---- the mesh ----------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def infra(workdir: Path) -> Iterator[SimpleNamespace]:
-    """Consul, Redis and a registry subprocess for the duration of the block."""
-    with ExitStack() as stack:
-        consul = stack.enter_context(ConsulAgent(workdir / "consul"))
-        redis = stack.enter_context(RedisServer(workdir / "redis"))
-        settings = {
-            "CONSUL_URL": consul.http_url,
-            "REDIS_URL": redis.url,
-            "BLOB_DIR": str(workdir / "blobs"),
-            "LOG_LEVEL": "WARNING",
-        }
-        registry = ServiceProcess("services.registry", "MODELGRID_REGISTRY_", settings, workdir / "registry.log")
-        stack.callback(registry.stop)
-        registry.start()
-        yield SimpleNamespace(consul_url=consul.http_url, redis_url=redis.url, registry=registry.target)
-
-
-@contextmanager
-def predictor_server(
-    workdir: Path, mesh: SimpleNamespace, specs: list[ModelSpec], label: str, extra: dict[str, str]
-) -> Iterator[SimpleNamespace]:
-    metrics_port = free_port()
-    settings = {
-        "CONSUL_URL": mesh.consul_url,
-        "REDIS_URL": mesh.redis_url,
-        "REGISTRY_TARGET": mesh.registry,
-        "MODELS": json.dumps([{"name": s.registry_name} for s in specs]),
-        "CACHE_DIR": str(workdir / f"cache-{label}"),
-        "METRICS_PORT": str(metrics_port),
-        "LOG_LEVEL": "WARNING",
-        **extra,
-    }
-    process = ServiceProcess("services.predictor", "MODELGRID_PREDICTOR_", settings, workdir / f"predictor-{label}.log")
-    try:
-        process.start(timeout=180)
-        yield SimpleNamespace(
-            target=process.target, pid=process.process.pid, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics"
-        )
-    finally:
-        process.stop()
-
-
-def push_models(registry_target: str, paths: dict[str, Path]) -> None:
-    with grpc.insecure_channel(registry_target, options=CHANNEL_OPTIONS) as channel:
-        client = RegistryClient(channel, client_id="predictor-bench")
-        for key, path in paths.items():
-            client.ensure_model(MODELS[key].registry_name, MODELS[key].description)
-            client.push_savedmodel(MODELS[key].registry_name, path)
+    argv = [sys.executable, __file__, "--serve-flask", str(spec_path)]
+    pid = mesh.process("flask", argv, lambda: http_ok(f"http://127.0.0.1:{port}/healthz"))
+    return Server(f"127.0.0.1:{port}", pid)
 
 
 def batch_metrics(url: str, model: str) -> dict[str, float]:
     """Sums and counts of the predictor's batch histograms for one model (all versions)."""
-    text = _NO_PROXY.open(url, timeout=5).read().decode()
+    text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5).read().decode()
     values: dict[str, float] = {}
     pattern = re.compile(r"^modelgrid_predictor_(batch_rows|execution_seconds)_(sum|count)\{([^}]*)\} (\S+)$", re.M)
     for name, kind, labels, value in pattern.findall(text):
@@ -507,71 +338,50 @@ class Workload:
 def make_workload(spec: ModelSpec, workdir: Path, call: Callable[[np.ndarray], np.ndarray]) -> Workload:
     rng = np.random.default_rng(4)
     rows = [rng.random((1, *spec.row_shape), dtype=np.float32) for _ in range(PAYLOADS_PER_MODEL)]
-    model = common_pb2.ModelRef(name=spec.registry_name)
-    grpc_bodies = [pb.PredictRequest(model=model, inputs={"x": array_to_tensor(x)}).SerializeToString() for x in rows]
+    grpc_path = write_payloads(workdir / f"{spec.key}-grpc.pkl", predict_payloads(spec.registry_name, rows))
     http_bodies = [json.dumps({"x": np.round(x, 4).tolist()}).encode() for x in rows]
-    grpc_path, http_path = workdir / f"{spec.key}-grpc.pkl", workdir / f"{spec.key}-http.pkl"
-    grpc_path.write_bytes(pickle.dumps(grpc_bodies))
-    http_path.write_bytes(pickle.dumps(http_bodies))
+    http_path = write_payloads(workdir / f"{spec.key}-http.pkl", http_bodies)
     return Workload(spec, grpc_path, http_path, rows[0], call(rows[0]), call)
 
 
-def check_answers(variant: str, server: SimpleNamespace, work: Workload) -> None:
+def check_answers(variant: str, server: Server, work: Workload) -> None:
     """One request before the load: the server must answer what TensorFlow answers in-process."""
-    if variant == FLASK:
-        body = json.dumps({"x": work.sample.tolist()}).encode()
-        request = urllib.request.Request(
-            f"http://{server.target}/predict/{work.spec.key}", body, {"Content-Type": "application/json"}
-        )
-        y = np.array(json.loads(_NO_PROXY.open(request, timeout=60).read())["y"], dtype=np.float32)
-    else:
-        with grpc.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel:
-            predict = channel.unary_unary(
-                PREDICT_METHOD, pb.PredictRequest.SerializeToString, pb.PredictResponse.FromString
-            )
-            request = pb.PredictRequest(
-                model=common_pb2.ModelRef(name=work.spec.registry_name), inputs={"x": array_to_tensor(work.sample)}
-            )
-            y = tensor_to_array(predict(request, timeout=60).outputs["y"])
+    if variant != FLASK:
+        return check_predict(server.target, work.spec.registry_name, work.sample, work.expected, variant)
+    body = json.dumps({"x": work.sample.tolist()}).encode()
+    url = f"http://{server.target}/predict/{work.spec.key}"
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    reply = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=60).read()
+    y = np.array(json.loads(reply)["y"], dtype=np.float32)
     np.testing.assert_allclose(y, work.expected, rtol=1e-3, atol=1e-4, err_msg=f"{variant} answers differently")
 
 
-def run_cell(variant: str, server: SimpleNamespace, work: Workload, concurrency: int, args, workdir: Path) -> Cell:
-    spec = {
-        "kind": "http" if variant == FLASK else "grpc",
-        "target": server.target,
-        "path": f"/predict/{work.spec.key}",
-        "payloads": str(work.http_payloads if variant == FLASK else work.grpc_payloads),
-        "concurrency": concurrency,
-        "warmup": args.warmup,
-        "duration": args.duration,
-        "server_pid": server.pid,
-    }
-    spec_path = workdir / "loadgen.json"
-    spec_path.write_text(json.dumps(spec))
-    before = batch_metrics(server.metrics_url, work.spec.registry_name) if server.metrics_url else {}
-    done = subprocess.run(
-        [sys.executable, __file__, "--loadgen", str(spec_path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=args.warmup + args.duration + 120,
+def run_cell(variant: str, server: Server, work: Workload, concurrency: int, args, workdir: Path) -> Cell:
+    flask = variant == FLASK
+    load = Load(
+        server.target,
+        work.http_payloads if flask else work.grpc_payloads,
+        concurrency,
+        args.warmup,
+        args.duration,
+        pids={"srv": server.pid},
+        http_path=f"/predict/{work.spec.key}" if flask else "",
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"load generator failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    before = batch_metrics(server.metrics_url, work.spec.registry_name) if server.metrics_url else {}
+    result = run_load(load, workdir)
+    cpu = result.cpu
     cell = Cell(
         variant,
         concurrency,
         1,
-        result["calls_per_s"],
-        result["p50_ms"],
-        result["p99_ms"],
-        result["errors"],
-        result["server_cpu"],
-        result["client_cpu"],
-        result["other_cpu"],
-        note=result["first_error"][:60],
+        result.calls_per_s,
+        result.p50_ms,
+        result.p99_ms,
+        result.errors,
+        cpu["srv"],
+        cpu["cli"],
+        cpu["other"] if cpu["srv"] is not None else None,
+        note=result.first_error[:60],
     )
     if server.metrics_url:
         after = batch_metrics(server.metrics_url, work.spec.registry_name)
@@ -583,18 +393,7 @@ def run_cell(variant: str, server: SimpleNamespace, work: Workload, concurrency:
     return cell
 
 
-def best_cell(cells: list[Cell]) -> Cell:
-    """The round with the best throughput (its latencies and CPU use with it), listing every round's rows/s."""
-    chosen = replace(max(cells, key=lambda c: c.rows_per_s))
-    chosen.runs = [c.rows_per_s for c in cells]
-    chosen.errors = sum(c.errors for c in cells)
-    chosen.note = next((c.note for c in cells if c.note), "")
-    return chosen
-
-
-def measure_served(
-    servers: dict[str, SimpleNamespace], works: list[Workload], args, workdir: Path, console: Console
-) -> None:
+def measure_served(servers: dict[str, Server], works: list[Workload], args, workdir: Path, out: Console) -> None:
     """Every (model, concurrency) cell of every server, interleaved: round after round, and within a round the
     variants one after the other at the same concurrency, so a noisy neighbour hits them alike."""
     for variant, server in servers.items():
@@ -604,7 +403,7 @@ def measure_served(
     for round_number in range(1, args.rounds + 1):
         for work in works:
             probe = work.probe_limit(args.limit_seconds * 2 / 3)  # the servers are idle meanwhile
-            console.print(
+            out.print(
                 f"  round {round_number}/{args.rounds} {work.spec.key} in-process limit probe: "
                 f"{probe.rows_per_s:,.0f} rows/s at batch {probe.rows_per_call}",
                 highlight=False,
@@ -613,7 +412,7 @@ def measure_served(
                 for variant, server in servers.items():
                     cell = run_cell(variant, server, work, concurrency, args, workdir)
                     samples.setdefault((work.spec.key, variant, concurrency), []).append(cell)
-                    console.print(
+                    out.print(
                         f"  round {round_number}/{args.rounds} {work.spec.key} {variant} c={concurrency}: "
                         f"{cell.rows_per_s:,.0f} rows/s, p50 {cell.p50_ms:.1f} ms, p99 {cell.p99_ms:.1f} ms"
                         + (f", {cell.errors} errors" if cell.errors else ""),
@@ -627,50 +426,31 @@ def measure_served(
 
 # ---- report --------------------------------------------------------------------------------------------------------
 
+HEADERS = ("variant", "c/b", "req/s", "rows/s", "p50 ms", "p99 ms", "vs off", "eff", "batch", "exec ms")
+HEADERS += ("cpu srv", "cli", "other", "runs", "err")
+
 
 def compact(value: float) -> str:
     return f"{value / 1000:.0f}k" if value >= 10_000 else f"{value:.0f}"
 
 
-def milliseconds(value: float) -> str:
-    return fmt(value, ".2f" if value < 10 else ".1f" if value < 100 else ".0f")
-
-
-def print_model_table(console: Console, work: Workload) -> None:
+def print_model_table(out: Console, work: Workload) -> None:
     off = {c.concurrency: c for c in work.cells if c.variant == OFF}
     limit = replace(work.limit, variant="limit *")
-    table = Table(
-        title=f"{work.spec.description}: single-row requests; limit {limit.rows_per_s:,.0f} rows/s "
+    title = (
+        f"{work.spec.description}: single-row requests; limit {limit.rows_per_s:,.0f} rows/s "
         f"in-process at batch {limit.rows_per_call}"
     )
-    headers = (
-        "variant",
-        "c/b",
-        "req/s",
-        "rows/s",
-        "p50 ms",
-        "p99 ms",
-        "vs off",
-        "eff",
-        "batch",
-        "exec ms",
-        "cpu srv",
-        "cli",
-        "other",
-        "runs",
-        "err",
-    )
-    for header in headers:
-        table.add_column(header, justify="left" if header in ("variant", "err") else "right", no_wrap=True)
+    result = table(title, HEADERS, left=("variant", "err"))
     previous = None
     scan = [c for c in work.cells if c.variant == LIMIT]
     for cell in [*scan, limit, *(c for c in work.cells if c.variant != LIMIT)]:
         if previous is not None and cell.variant != previous and cell is not limit:
-            table.add_section()
+            result.add_section()
         previous = cell.variant
         base = off.get(cell.concurrency)
         ratio = cell.rows_per_s / base.rows_per_s if base and cell.variant in (ON, FLASK) and base.rows_per_s else None
-        table.add_row(
+        result.add_row(
             cell.variant,
             f"b={cell.rows_per_call}" if cell.variant in (LIMIT, limit.variant) else f"c={cell.concurrency}",
             f"{cell.calls_per_s:,.0f}",
@@ -687,7 +467,7 @@ def print_model_table(console: Console, work: Workload) -> None:
             "/".join(compact(r) for r in cell.runs) if len(cell.runs) > 1 else "",
             f"{cell.errors} {cell.note}" if cell.errors else "",
         )
-    console.print(table)
+    out.print(result)
 
 
 def noise_warning(works: dict[str, Workload]) -> str:
@@ -746,8 +526,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit-seconds", type=float, default=1.5, help="seconds per in-process batch size")
     parser.add_argument("--skip-flask", action="store_true", help="leave out the Flask baseline")
     parser.add_argument("--quick", action="store_true", help="one round, c=1,32, 2 s cells: about 1.5 minutes")
-    parser.add_argument("--tmp-root", type=Path, default=Path(tempfile.gettempdir()), help="parent of the work dir")
-    parser.add_argument("--loadgen", help=argparse.SUPPRESS)
+    tmp_root_arg(parser)
     parser.add_argument("--serve-flask", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -759,77 +538,75 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def measure_in_process(args, workdir: Path, out: Console) -> tuple[dict[str, Path], dict[str, Workload]]:
+    """Builds each model, scans its in-process limit and prepares what the load generator sends."""
+    configure_tensorflow(args.tf_threads)
+    paths, works = {}, {}
+    for key in args.models:
+        spec = MODELS[key]
+        paths[key] = workdir / f"model-{key}"
+        spec.build(paths[key])
+        call = load_signature(paths[key])
+        cells = measure_limit(spec, call, args.limit_seconds)
+        works[key] = make_workload(spec, workdir, call)
+        works[key].cells.extend(cells)
+        works[key].limit_runs.append(max(cells, key=lambda c: c.rows_per_s))
+        scan = ", ".join(f"b={c.rows_per_call} {c.rows_per_s:,.0f} rows/s" for c in cells)
+        out.print(f"  {key} in-process: {scan}", highlight=False)
+    return paths, works
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads, here and in the children
     args = parse_args(argv)
-    if args.loadgen:
-        return loadgen_main(args.loadgen)
     if args.serve_flask:
         return flask_main(args.serve_flask)
-    console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 160)  # piped into a log: rich would otherwise squeeze to 80 columns
-    workdir = Path(tempfile.mkdtemp(prefix="modelgrid-predictor-bench-", dir=args.tmp_root))
+    out = console(160)
     started = time.monotonic()
-    try:
-        console.print(
+    with work_dir("modelgrid-predictor-bench-", args.tmp_root) as workdir:
+        out.print(
             f"work dir {workdir}; {os.cpu_count()} CPUs; TF threads {args.tf_threads}; {args.rounds} rounds of "
             f"cells of {args.warmup:g} s warm-up + {args.duration:g} s; concurrency {args.concurrency}"
         )
-        configure_tensorflow(args.tf_threads)
-        specs = [MODELS[key] for key in args.models]
-        paths, works = {}, {}
-        for spec in specs:
-            paths[spec.key] = workdir / f"model-{spec.key}"
-            spec.build(paths[spec.key])
-            call = load_signature(paths[spec.key])
-            cells = measure_limit(spec, call, args.limit_seconds)
-            works[spec.key] = make_workload(spec, workdir, call)
-            works[spec.key].cells.extend(cells)
-            works[spec.key].limit_runs.append(max(cells, key=lambda c: c.rows_per_s))
-            console.print(
-                f"  {spec.key} in-process: "
-                + ", ".join(f"b={c.rows_per_call} {c.rows_per_s:,.0f} rows/s" for c in cells),
-                highlight=False,
+        paths, works = measure_in_process(args, workdir, out)
+        with Mesh(workdir, LOG_LEVEL="WARNING") as mesh:
+            registry = mesh.registry().target
+            push_models(
+                registry,
+                {MODELS[k].registry_name: (p, MODELS[k].description) for k, p in paths.items()},
+                "predictor-bench",
             )
-        with infra(workdir) as mesh, ExitStack() as stack:
-            push_models(mesh.registry, paths)
-            common = {"TF_THREADS": str(args.tf_threads)}
-            batching_on = {
-                "BATCHING_ENABLED": "true",
-                "MAX_BATCH_SIZE": str(args.max_batch_size),
-                "MAX_QUEUE_DELAY_MS": str(args.queue_delay_ms),
-                **common,
-            }
-            batching_off = {"BATCHING_ENABLED": "false", **common}
+            specs = [MODELS[key] for key in args.models]
+            threads = {"TF_THREADS": str(args.tf_threads)}
+            batching_on = {"MAX_BATCH_SIZE": str(args.max_batch_size), "MAX_QUEUE_DELAY_MS": str(args.queue_delay_ms)}
             servers = {
-                OFF: stack.enter_context(predictor_server(workdir, mesh, specs, "off", batching_off)),
-                ON: stack.enter_context(predictor_server(workdir, mesh, specs, "on", batching_on)),
+                OFF: predictor_server(mesh, registry, specs, "off", {"BATCHING_ENABLED": "false", **threads}),
+                ON: predictor_server(
+                    mesh, registry, specs, "on", {"BATCHING_ENABLED": "true", **batching_on, **threads}
+                ),
             }
             if not args.skip_flask:
-                servers[FLASK] = stack.enter_context(flask_server(workdir, paths, args.tf_threads))
-            measure_served(servers, list(works.values()), args, workdir, console)
-        console.print()
-        for work in works.values():
-            print_model_table(console, work)
-        console.print(
-            f"  batching on: MAX_BATCH_SIZE={args.max_batch_size}, MAX_QUEUE_DELAY_MS={args.queue_delay_ms:g} "
-            "(--max-batch-size, --queue-delay-ms); "
-            f"TF intra/inter-op threads {args.tf_threads} everywhere"
-        )
-        console.print(
-            "  limit *: best batch size of the in-process scan; the best of the scan and one probe per round "
-            "(taken while the servers are idle)"
-        )
-        console.print(
-            f"  best of {args.rounds} interleaved rounds (runs: rows/s of each); cpu in cores (2.0 = both cores), "
-            "other = the rest of the machine (idle servers, neighbours); batch/exec ms from the predictor's metrics"
-        )
-        for line in filter(None, [noise_warning(works), *target_checks(works)]):
-            console.print(line, highlight=False)
-        console.print(f"total {time.monotonic() - started:.0f} s")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+                servers[FLASK] = flask_server(mesh, paths, args.tf_threads)
+            measure_served(servers, list(works.values()), args, workdir, out)
+    out.print()
+    for work in works.values():
+        print_model_table(out, work)
+    out.print(
+        f"  batching on: MAX_BATCH_SIZE={args.max_batch_size}, MAX_QUEUE_DELAY_MS={args.queue_delay_ms:g} "
+        "(--max-batch-size, --queue-delay-ms); "
+        f"TF intra/inter-op threads {args.tf_threads} everywhere"
+    )
+    out.print(
+        "  limit *: best batch size of the in-process scan; the best of the scan and one probe per round "
+        "(taken while the servers are idle)"
+    )
+    out.print(
+        f"  best of {args.rounds} interleaved rounds (runs: rows/s of each); cpu in cores (2.0 = both cores), "
+        "other = the rest of the machine (idle servers, neighbours); batch/exec ms from the predictor's metrics"
+    )
+    for line in filter(None, [noise_warning(works), *target_checks(works)]):
+        out.print(line, highlight=False)
+    out.print(f"total {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":

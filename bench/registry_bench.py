@@ -34,30 +34,20 @@ import logging
 import os
 import shutil
 import statistics
-import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from harness import Mesh, console, milliseconds, percentile, table, tmp_root_arg, work_dir
 from rich.console import Console
-from rich.table import Table
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # tests.support lives in the repo, not in the installed package
-
-from modelgrid.common.v1 import common_pb2  # noqa: E402
-from modelgrid.registry.v1 import registry_pb2 as pb  # noqa: E402
-from modelgrid.registry.v1 import registry_pb2_grpc  # noqa: E402
-from services.kit.artifacts import file_digest  # noqa: E402
-from services.kit.localinfra import ConsulAgent, RedisServer  # noqa: E402
-from services.registry.client import RegistryClient  # noqa: E402
-from tests.support import ServiceProcess  # noqa: E402
-
-logger = logging.getLogger(__name__)
+from modelgrid.common.v1 import common_pb2
+from modelgrid.registry.v1 import registry_pb2 as pb
+from modelgrid.registry.v1 import registry_pb2_grpc
+from services.clients.registry import RegistryClient
+from services.kit.artifacts import file_digest
 
 MB = 1_000_000
 IO_BLOCK = 8 * 1024 * 1024
@@ -83,25 +73,7 @@ class Row:
     detail: str = ""
 
 
-# ---- setup ---------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def registry_stack(workdir: Path) -> Iterator[str]:
-    """Consul, Redis and the registry subprocess for the duration of the block; yields the registry target."""
-    with ExitStack() as stack:
-        consul = stack.enter_context(ConsulAgent(workdir / "consul"))
-        redis = stack.enter_context(RedisServer(workdir / "redis"))
-        settings = {  # no PORT: ServiceProcess picks a free one and waits on it
-            "CONSUL_URL": consul.http_url,
-            "REDIS_URL": redis.url,
-            "BLOB_DIR": str(workdir / "blobs"),
-            "LOG_LEVEL": "WARNING",
-        }
-        registry = ServiceProcess("services.registry", "MODELGRID_REGISTRY_", settings, workdir / "registry.log")
-        stack.callback(registry.stop)
-        registry.start()
-        yield registry.target
+# ---- files ---------------------------------------------------------------------------------------------------
 
 
 def write_random_file(path: Path, size: int) -> None:
@@ -124,6 +96,14 @@ def mount_point(path: Path) -> Path:
     return path
 
 
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # ---- transfer steps ------------------------------------------------------------------------------------------
 
 
@@ -141,14 +121,6 @@ def hash_copy(src: Path, dst: Path) -> None:
         out.flush()
         os.fsync(out.fileno())
     digest.hexdigest()
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def timed(step: Callable[[], object]) -> float:
@@ -200,15 +172,8 @@ def transfer_rows(seconds: dict[str, list[float]], size: int) -> list[Row]:
 # ---- metadata operations -------------------------------------------------------------------------------------
 
 
-@dataclass
-class OpsResult:
-    ops_per_s: float
-    p50_ms: float
-    p99_ms: float
-
-
-async def run_ops(call: Callable[[], Awaitable[object]], count: int, concurrency: int) -> OpsResult:
-    """`count` calls spread over `concurrency` workers on one event loop; per-call latency and total rate."""
+async def run_ops(call: Callable[[], Awaitable[object]], count: int, concurrency: int) -> tuple[float, float, float]:
+    """`count` calls spread over `concurrency` workers on one event loop: ops/s, p50 and p99 ms."""
     remaining = iter(range(count))
     latencies: list[float] = []
 
@@ -222,13 +187,7 @@ async def run_ops(call: Callable[[], Awaitable[object]], count: int, concurrency
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
     latencies.sort()
-    return OpsResult(count / elapsed, percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3)
-
-
-def percentile(sorted_values: list[float], pct: float) -> float:
-    """Nearest-rank percentile of already sorted values."""
-    rank = max(1, round(pct / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
+    return count / elapsed, percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3
 
 
 def metadata_calls(stub: registry_pb2_grpc.ModelRegistryStub, versions: list[int]) -> dict[str, Callable]:
@@ -257,37 +216,24 @@ async def measure_metadata(target: str, versions: list[int], ops: int) -> list[R
         for name, call in metadata_calls(stub, versions).items():
             for concurrency, count in ((1, max(ops // 4, 50)), (16, ops)):
                 await run_ops(call, 50, concurrency)
-                result = await run_ops(call, count, concurrency)
-                rows.append(
-                    Row(
-                        f"{name} c={concurrency}",
-                        f"{result.ops_per_s:,.0f} ops/s",
-                        milliseconds(result.p50_ms),
-                        milliseconds(result.p99_ms),
-                        detail=f"{count} calls",
-                    )
-                )
+                rate, p50, p99 = await run_ops(call, count, concurrency)
+                row = Row(f"{name} c={concurrency}", f"{rate:,.0f} ops/s", milliseconds(p50), milliseconds(p99))
+                row.detail = f"{count} calls"
+                rows.append(row)
     return rows
-
-
-def milliseconds(value: float) -> str:
-    """Three significant digits at most, so the column stays narrow."""
-    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
 # ---- report --------------------------------------------------------------------------------------------------
 
 
-def print_table(console: Console, title: str, rows: list[Row]) -> None:
-    table = Table(title=title)
-    for header in ("operation", "rate", "p50 ms", "p99 ms", "vs copy", "runs / calls"):
-        table.add_column(header, justify="left" if header == "operation" else "right", no_wrap=True)
+def print_table(out: Console, title: str, rows: list[Row]) -> None:
+    result = table(title, ("operation", "rate", "p50 ms", "p99 ms", "vs copy", "runs / calls"))
     for row in rows:
-        table.add_row(row.operation, row.rate, row.p50, row.p99, row.ratio, row.detail)
-    console.print(table)
+        result.add_row(row.operation, row.rate, row.p50, row.p99, row.ratio, row.detail)
+    out.print(result)
     for name, timed_part in TRANSFER_LEGEND.items():
-        console.print(f"  {name}: {timed_part}")
-    console.print("  metadata: grpc.aio, one hot model, 50 warm-up calls first; c = calls in flight")
+        out.print(f"  {name}: {timed_part}")
+    out.print("  metadata: grpc.aio, one hot model, 50 warm-up calls first; c = calls in flight")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -295,40 +241,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size-mb", type=int, default=200, help="artifact size in MB (10^6 bytes)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each transfer step (median reported)")
     parser.add_argument("--ops", type=int, default=2000, help="calls per metadata operation at concurrency 16")
-    parser.add_argument(
-        "--tmp-root", type=Path, default=Path(tempfile.gettempdir()), help="where the temporary work dir goes"
-    )
-    return parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true", help="a 50 MB artifact, 2 runs, 500 ops (about 20 s)")
+    tmp_root_arg(parser)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size_mb, args.repeat, args.ops = 50, 2, 500
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 110)  # piped into a log: rich would otherwise squeeze to 80 columns
+    out = console(110)
     size = args.size_mb * MB
-    workdir = Path(tempfile.mkdtemp(prefix="modelgrid-bench-", dir=args.tmp_root))
-    try:
-        with registry_stack(workdir) as target, grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-            artifact = workdir / "artifact.bin"
-            write_random_file(artifact, size)
-            blob_dir = workdir / "blobs"
-            same_fs = os.stat(blob_dir).st_dev == os.stat(artifact).st_dev
-            console.print(f"work dir {workdir} (filesystem mounted at {mount_point(workdir)})")
-            console.print(
-                f"blob store and baseline copies on {'the same filesystem' if same_fs else 'DIFFERENT filesystems'}; "
-                f"artifact {args.size_mb} MB, {args.repeat} runs per transfer step, {os.cpu_count()} CPUs"
-            )
+    with work_dir("modelgrid-bench-", args.tmp_root) as workdir, Mesh(workdir, LOG_LEVEL="WARNING") as mesh:
+        target = mesh.registry().target
+        artifact = workdir / "artifact.bin"
+        write_random_file(artifact, size)
+        same_fs = os.stat(workdir / "blobs").st_dev == os.stat(artifact).st_dev
+        out.print(f"work dir {workdir} (filesystem mounted at {mount_point(workdir)})")
+        out.print(
+            f"blob store and baseline copies on {'the same filesystem' if same_fs else 'DIFFERENT filesystems'}; "
+            f"artifact {args.size_mb} MB, {args.repeat} runs per transfer step, {os.cpu_count()} CPUs"
+        )
+        with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
             client = RegistryClient(channel, client_id="registry-bench")
             client.ensure_model(MODEL, "registry benchmark")
             seconds = measure_transfers(client, artifact, workdir, args.repeat)
             versions = [v.version for v in client.stub.ListVersions(pb.ListVersionsRequest(model_name=MODEL)).versions]
-            rows = transfer_rows(seconds, size)
-            rows += asyncio.run(measure_metadata(target, sorted(versions), args.ops))
-        print_table(console, f"registry vs plain copy ({args.size_mb} MB artifact, medians)", rows)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        rows = transfer_rows(seconds, size)
+        rows += asyncio.run(measure_metadata(target, sorted(versions), args.ops))
+    print_table(out, f"registry vs plain copy ({args.size_mb} MB artifact, medians)", rows)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ What one run does (`make bench-trainer`: about 2 minutes on a quiet 2-core host,
              --checkpoint-every steps, report every 5, registered into the registry), followed to SUCCEEDED.
              Timed from just before the SubmitJob call;
 * recovery, once: a longer job (step_delay_ms, report every step) is followed with GetJob; once it is RUNNING at
-  step >= --kill-at-step, worker 1's pid is looked up with the agent's ListReplicas and sent SIGKILL; the job
+  step >= --kill-at-step, worker 1 (the process running that attempt's task-1 spec) gets SIGKILL; the job
   must restart from its checkpoint and succeed.
 
 Where the numbers come from: job events (their server-side times), the workers' progress files ("time" of the
@@ -39,44 +39,45 @@ import datetime
 import json
 import logging
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from harness import REPO_ROOT, Mesh, console, table, tmp_root_arg, work_dir
 from rich.console import Console
-from rich.table import Table
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # tests.support lives in the repo, not in the installed package
+from modelgrid.trainer.v1 import trainer_pb2 as pb
+from modelgrid.trainer.v1 import trainer_pb2_grpc
+from services.kit.localinfra import free_ports
 
-from modelgrid.trainer.v1 import trainer_pb2 as pb  # noqa: E402
-from modelgrid.trainer.v1 import trainer_pb2_grpc  # noqa: E402
-from services.kit.localinfra import ConsulAgent, RedisServer, free_ports  # noqa: E402
-from services.trainer.agent.settings import DEFAULT_WORKER_ENV  # noqa: E402
-from services.trainer.agent.supervisor import LOG_FILE, PROGRESS_FILE, PROGRESS_FILE_ENV, SPEC_FILE  # noqa: E402
-from services.trainer.converters import spec_from_pb  # noqa: E402
-from services.trainer.domain import Job  # noqa: E402
-from services.trainer.settings import TrainerSettings  # noqa: E402
-from services.trainer.specs import worker_spec  # noqa: E402
-from tests.support import ServiceProcess  # noqa: E402
-
-logger = logging.getLogger(__name__)
+# The trainer's internals this bench relies on: where the agents put a worker's files, the worker environment,
+# and the worker spec the trainer derives from a JobSpec (which the bare runs get too).
+from services.trainer.agent.settings import DEFAULT_WORKER_ENV
+from services.trainer.agent.supervisor import LOG_FILE, PROGRESS_FILE, PROGRESS_FILE_ENV, SPEC_FILE
+from services.trainer.converters import spec_from_pb
+from services.trainer.domain import Job
+from services.trainer.settings import TrainerSettings
+from services.trainer.specs import worker_spec
 
 DIGITS_NPZ = REPO_ROOT / "data" / "digits" / "digits.npz"
 IMPORTED_MARK = "joining the group"  # the first line a worker logs after importing TensorFlow (train.py)
 RUN_TIMEOUT_S = 600.0
 FINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 RESTART_BACKOFF_S = 1.0  # the trainer's default, stated so the report can name it
+
+
+def expected_worker_spec(job_id: str, spec: pb.JobSpec, settings: TrainerSettings) -> dict:
+    """The worker spec the trainer sends for `spec` (the path a local data set resolves to, as locate_dataset)."""
+    job = Job(id=job_id, spec=spec_from_pb(spec), dataset_path=str(DIGITS_NPZ.resolve()))
+    return worker_spec(job, settings)
 
 
 @dataclass
@@ -89,7 +90,6 @@ class Stack:
     agent_dirs: list[Path]
     agent_logs: list[Path]
     """The agents' own logs: they log each worker's exit as they see it."""
-    agent_addresses: dict[str, str]
 
 
 # ---- the job -------------------------------------------------------------------------------------------------
@@ -156,12 +156,6 @@ def worker_timeline(task_dirs: list[Path]) -> dict[str, float]:
 # ---- bare run ----------------------------------------------------------------------------------------------------
 
 
-def expected_worker_spec(job_id: str, spec: pb.JobSpec, settings: TrainerSettings) -> dict:
-    """The worker spec the trainer sends for `spec` (the path a local data set resolves to, as locate_dataset)."""
-    job = Job(id=job_id, spec=spec_from_pb(spec), dataset_path=str(DIGITS_NPZ.resolve()))
-    return worker_spec(job, settings)
-
-
 def bare_run(workdir: Path, spec: pb.JobSpec, settings: TrainerSettings) -> dict[str, float]:
     """Launches the two workers directly and waits for both to exit; returns times relative to the launch."""
     run_id = f"bare-{uuid.uuid4().hex[:8]}"
@@ -177,14 +171,20 @@ def bare_run(workdir: Path, spec: pb.JobSpec, settings: TrainerSettings) -> dict
     try:
         for index, directory in enumerate(task_dirs):
             tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            env = {**os.environ, **DEFAULT_WORKER_ENV, PROGRESS_FILE_ENV: str(directory / PROGRESS_FILE),
-                   "TF_CONFIG": tf_config}  # fmt: skip
+            env = {**os.environ, **DEFAULT_WORKER_ENV, "TF_CONFIG": tf_config}
+            env[PROGRESS_FILE_ENV] = str(directory / PROGRESS_FILE)
+            argv = [sys.executable, "-m", "services.trainer.worker", "--spec", str(directory / SPEC_FILE)]
             with (directory / LOG_FILE).open("wb") as log:
-                processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "services.trainer.worker", "--spec", str(directory / SPEC_FILE)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+                process = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=REPO_ROOT,
                     start_new_session=True,
-                ))  # fmt: skip
+                )
+            processes.append(process)
         codes = [p.wait(RUN_TIMEOUT_S) for p in processes]
         exited = time.time()
     finally:
@@ -214,8 +214,8 @@ def first_event(events: list[pb.JobEvent], kind: int, state: int = 0, attempt: i
 
 
 def attempt_dirs(stack: Stack, job_id: str, attempt: int) -> list[Path]:
-    return sorted((d for agent in stack.agent_dirs for d in (agent / job_id / str(attempt)).glob("task-*")),
-                  key=lambda d: d.name)  # fmt: skip
+    dirs = (d for agent in stack.agent_dirs for d in (agent / job_id / str(attempt)).glob("task-*"))
+    return sorted(dirs, key=lambda d: d.name)
 
 
 def follow(stack: Stack, job_id: str) -> tuple[pb.Job, list[pb.JobEvent]]:
@@ -243,8 +243,8 @@ def trainer_run(stack: Stack, spec: pb.JobSpec) -> dict[str, float]:
     if json.loads((dirs[0] / SPEC_FILE).read_text()) != expected_worker_spec(job.id, spec, stack.settings):
         raise RuntimeError("the trainer sent a worker spec that differs from the one the bare runs get")
     times = worker_timeline(dirs)
-    state = {s: first_event(events, pb.JOB_EVENT_TYPE_STATE, s) for s in
-             (pb.JOB_STATE_STARTING, pb.JOB_STATE_FINALIZING, pb.JOB_STATE_SUCCEEDED)}  # fmt: skip
+    states = (pb.JOB_STATE_STARTING, pb.JOB_STATE_FINALIZING, pb.JOB_STATE_SUCCEEDED)
+    state = {s: first_event(events, pb.JOB_EVENT_TYPE_STATE, s) for s in states}
     out = {
         "starting": event_time(state[pb.JOB_STATE_STARTING]),
         "launched": max((d / SPEC_FILE).stat().st_mtime for d in dirs),  # the agent writes it, then spawns
@@ -259,7 +259,7 @@ def trainer_run(stack: Stack, spec: pb.JobSpec) -> dict[str, float]:
 
 
 def measure_overhead(
-    console: Console, stack: Stack, workdir: Path, spec: pb.JobSpec, repeat: int
+    out: Console, stack: Stack, workdir: Path, spec: pb.JobSpec, repeat: int
 ) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
     """`repeat` bare and trainer runs each, in ABBA order; the 1-min load average shows how busy the host was."""
     runs: dict[str, list[dict[str, float]]] = {"bare": [], "trainer": []}
@@ -271,21 +271,27 @@ def measure_overhead(
                 runs[variant].append(bare_run(workdir, spec, stack.settings))
             else:
                 runs[variant].append(trainer_run(stack, spec))
-            console.print(f"  run {index + 1} {variant}: {time.monotonic() - started:.0f}s in (1-min load average "
-                          f"{load:.1f} before, {os.getloadavg()[0]:.1f} after)")  # fmt: skip
+            out.print(
+                f"  run {index + 1} {variant}: {time.monotonic() - started:.0f}s in (1-min load average "
+                f"{load:.1f} before, {os.getloadavg()[0]:.1f} after)"
+            )
     return runs["bare"], runs["trainer"]
 
 
 # ---- recovery ----------------------------------------------------------------------------------------------------
 
 
-def worker_pid(stack: Stack, job: pb.Job, task_index: int) -> int:
-    placement = next(p for p in job.placements if p.task_index == task_index)
-    with grpc.insecure_channel(stack.agent_addresses[placement.agent]) as channel:
-        replicas = trainer_pb2_grpc.WorkerAgentStub(channel).ListReplicas(pb.ListReplicasRequest(job_id=job.id),
-                                                                          timeout=10).replicas  # fmt: skip
-    (replica,) = [r for r in replicas if r.task_index == task_index and r.attempt == job.attempt]
-    return replica.pid
+def worker_pid(job_id: str, attempt: int, task: int) -> int:
+    """The pid of the worker process an agent started for this task (its --spec names the file)."""
+    tail = f"/{job_id}/{attempt}/task-{task}/{SPEC_FILE}"
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if "--spec" in argv and argv[argv.index("--spec") + 1].endswith(tail):
+            return int(entry.name)
+    raise RuntimeError(f"no worker process runs ...{tail}")
 
 
 def recovery_run(stack: Stack, spec: pb.JobSpec, kill_at_step: int) -> dict[str, float]:
@@ -294,11 +300,11 @@ def recovery_run(stack: Stack, spec: pb.JobSpec, kill_at_step: int) -> dict[str,
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not (job.state == pb.JOB_STATE_RUNNING and job.step >= kill_at_step):
         if job.state in FINAL or time.monotonic() > deadline:
-            raise RuntimeError(f"job {job.id} never reached step {kill_at_step}: {pb.JobState.Name(job.state)} "
-                               f"({job.message}; {job.failure.reason})")  # fmt: skip
+            state, why = pb.JobState.Name(job.state), f"{job.message}; {job.failure.reason}"
+            raise RuntimeError(f"job {job.id} never reached step {kill_at_step}: {state} ({why})")
         time.sleep(0.05)
         job = stack.stub.GetJob(pb.GetJobRequest(id=job.id), timeout=10)
-    pid = worker_pid(stack, job, 1)
+    pid = worker_pid(job.id, job.attempt, 1)
     killed = time.time()
     os.kill(pid, signal.SIGKILL)
     done, events = follow(stack, job.id)
@@ -331,42 +337,34 @@ def recovery_run(stack: Stack, spec: pb.JobSpec, kill_at_step: int) -> dict[str,
 @contextmanager
 def trainer_stack(workdir: Path) -> Iterator[Stack]:
     """Consul, Redis, registry, two 1-slot agents and the trainer for the duration of the block."""
-    with ExitStack() as stack:
-        consul = stack.enter_context(ConsulAgent(workdir / "consul"))
-        redis = stack.enter_context(RedisServer(workdir / "redis"))
-        common = {"CONSUL_URL": consul.http_url, "CONSUL_CHECK_INTERVAL": "1s"}
-
-        def start(module: str, prefix: str, name: str, **settings: str) -> ServiceProcess:
-            service = ServiceProcess(module, prefix, {**common, **settings}, workdir / "logs" / f"{name}.log")
-            stack.callback(service.stop)
-            return service.start()
-
-        start("services.registry", "MODELGRID_REGISTRY_", "registry", REDIS_URL=redis.url,
-              BLOB_DIR=str(workdir / "blobs"))  # fmt: skip
+    with Mesh(workdir, CONSUL_CHECK_INTERVAL="1s") as mesh:
+        mesh.registry()
         agent_dirs = [workdir / "agents" / f"agent-{i}" for i in range(2)]
         for directory in agent_dirs:
-            start("services.trainer.agent", "MODELGRID_AGENT_", directory.name, SLOTS="1", WORK_DIR=str(directory),
-                  LOG_LEVEL="INFO", LOG_FORMAT="text")  # fmt: skip
+            worker_logs = {"LOG_LEVEL": "INFO", "LOG_FORMAT": "text"}
+            mesh.start("agent", directory.name, SLOTS="1", WORK_DIR=str(directory), **worker_logs)
         (workdir / "recipes").mkdir()
         settings = TrainerSettings(shared_dir=workdir / "shared", recipes_dir=workdir / "recipes")
-        trainer = start("services.trainer", "MODELGRID_TRAINER_", "trainer", REDIS_URL=redis.url,
-                        SHARED_DIR=str(settings.shared_dir), RECIPES_DIR=str(settings.recipes_dir),
-                        RESTART_BACKOFF_SECONDS=str(RESTART_BACKOFF_S))  # fmt: skip
-        channel = stack.enter_context(grpc.insecure_channel(trainer.target))
-        stub = trainer_pb2_grpc.TrainerStub(channel)
-        deadline = time.monotonic() + 30
-        while len(workers := stub.ListWorkers(pb.ListWorkersRequest(), timeout=10).workers) < 2:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the trainer sees {len(workers)} agents, expected 2")
-            time.sleep(0.2)
-        agent_logs = [workdir / "logs" / f"{d.name}.log" for d in agent_dirs]
-        yield Stack(stub, settings, agent_dirs, agent_logs, {w.id: w.address for w in workers})
+        trainer = mesh.start(
+            "trainer",
+            SHARED_DIR=str(settings.shared_dir),
+            RECIPES_DIR=str(settings.recipes_dir),
+            RESTART_BACKOFF_SECONDS=str(RESTART_BACKOFF_S),
+        )
+        with grpc.insecure_channel(trainer.target) as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            deadline = time.monotonic() + 30
+            while len(workers := stub.ListWorkers(pb.ListWorkersRequest(), timeout=10).workers) < 2:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the trainer sees {len(workers)} agents, expected 2")
+                time.sleep(0.2)
+            yield Stack(stub, settings, agent_dirs, [mesh.log(d.name) for d in agent_dirs])
 
 
 def warm_up() -> None:
     env = {**os.environ, **DEFAULT_WORKER_ENV}
-    subprocess.run([sys.executable, "-c", "import tensorflow, tf_keras"], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    argv = [sys.executable, "-c", "import tensorflow, tf_keras"]
+    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
@@ -388,8 +386,13 @@ ROWS = [
     ("  FINALIZING -> SUCCEEDED (registration)", None, ("finalizing", "succeeded")),
     ("  trainer's own steps (the 5 trainer-only rows)", None, (None, "own")),
 ]
-OWN = [(None, "starting"), ("starting", "launched"), ("first_step", "step_event"), ("exited", "finalizing"),
-       ("finalizing", "succeeded")]  # fmt: skip
+OWN = [
+    (None, "starting"),
+    ("starting", "launched"),
+    ("first_step", "step_event"),
+    ("exited", "finalizing"),
+    ("finalizing", "succeeded"),
+]
 """The trainer-only intervals: what the trainer adds beyond running the same workers."""
 
 
@@ -403,22 +406,19 @@ def seconds(value: float) -> str:
     return f"{value:.2f}" if value < 1 else f"{value:.1f}"
 
 
-def overhead_table(bare: list[dict[str, float]], trainer: list[dict[str, float]], title: str) -> Table:
-    table = Table(title=title)
-    for header in ("metric", "bare s", "through trainer s", "ratio", "runs (bare | trainer)"):
-        table.add_column(header, justify="left" if header == "metric" else "right", no_wrap=True)
+def overhead_table(bare: list[dict[str, float]], trainer: list[dict[str, float]], title: str):
+    result = table(title, ("metric", "bare s", "through trainer s", "ratio", "runs (bare | trainer)"))
     for label, bare_interval, trainer_interval in ROWS:
         bare_runs = [span(r, bare_interval) for r in bare] if bare_interval else []
         trainer_runs = [span(r, trainer_interval) for r in trainer]
         b, t = (statistics.median(bare_runs) if bare_runs else None), statistics.median(trainer_runs)
         ratio = f"{t / b:.2f}x" if b and b > 0.05 else "-"
         runs = " | ".join("/".join(seconds(v) for v in vs) or "-" for vs in (bare_runs, trainer_runs))
-        table.add_row(label, "-" if b is None else f"{b:.2f}", f"{t:.2f}", ratio, runs)
-    return table
+        result.add_row(label, "-" if b is None else f"{b:.2f}", f"{t:.2f}", ratio, runs)
+    return result
 
 
-def recovery_table(r: dict[str, float], checkpoint_every: int, title: str) -> Table:
-    table = Table(title=title)
+def recovery_table(r: dict[str, float], checkpoint_every: int, title: str):
     columns = {
         "kill -> restart detected s": f"{r['detected']:.2f}",
         "kill -> first step after restore s": f"{r['first_step_event']:.2f}",
@@ -428,19 +428,18 @@ def recovery_table(r: dict[str, float], checkpoint_every: int, title: str) -> Ta
         "steps lost": f"{r['steps_lost']:.0f}",
         "checkpoint interval": str(checkpoint_every),
     }
-    for header in columns:
-        table.add_column(header, justify="right")
-    table.add_row(*columns.values())
-    return table
+    result = table(title, list(columns), left=(), no_wrap=False)
+    result.add_row(*columns.values())
+    return result
 
 
-def recovery_legend(console: Console, r: dict[str, float]) -> None:
-    console.print(
+def recovery_legend(out: Console, r: dict[str, float]) -> None:
+    out.print(
         f"  after the kill (s): RESTART event {r['detected']:.2f} -> STARTING attempt 2 {r['restarting']:.2f} "
         f"(backoff {RESTART_BACKOFF_S:.1f}) -> TF imported {r['imported']:.2f} -> started {r['started']:.2f} -> "
         f"first step in worker {r['first_step_worker']:.2f} -> STEP event {r['first_step_event']:.2f}"
     )
-    console.print(
+    out.print(
         f"  killed when GetJob said step {r['step_at_kill_poll']:.0f}; the RESTART event says step "
         f"{r['restart_step']:.0f}; attempt 2 restored step {r['initial_step']:.0f}; {r['total_steps']:.0f} steps in all"
     )
@@ -455,9 +454,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--step-delay-ms", type=int, default=100, help="recovery: pause per step (a ~30 s job)")
     parser.add_argument("--quick", action="store_true", help="1 run each, 4 epochs (about 2 minutes)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, progress files) for a look")
-    parser.add_argument(
-        "--tmp-root", type=Path, default=Path(tempfile.gettempdir()), help="where the temporary work dir goes"
-    )
+    tmp_root_arg(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.repeat, args.epochs = 1, 4
@@ -469,35 +466,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 150)  # piped into a log: rich would otherwise squeeze to 80 columns
+    out = console(150)
     os.environ.update(MODELGRID_LOG_LEVEL="INFO", MODELGRID_LOG_FORMAT="text")  # workers: the lines timed here
-    workdir = Path(tempfile.mkdtemp(prefix="modelgrid-bench-trainer-", dir=args.tmp_root))
     started = time.monotonic()
-    try:
+    with work_dir("modelgrid-bench-trainer-", args.tmp_root, keep=args.keep) as workdir:
         warm_up()
         spec = job_spec(args, register_model="bench-digits")
         with trainer_stack(workdir) as stack:
-            console.print(f"work dir {workdir}; {os.cpu_count()} CPUs; {args.repeat} run(s) each, ABBA order")
-            bare, trainer = measure_overhead(console, stack, workdir, spec, args.repeat)
+            out.print(f"work dir {workdir}; {os.cpu_count()} CPUs; {args.repeat} run(s) each, ABBA order")
+            bare, trainer = measure_overhead(out, stack, workdir, spec, args.repeat)
             slow = job_spec(args, step_delay_ms=args.step_delay_ms, report_every_steps=1)
             recovery = recovery_run(stack, slow, args.kill_at_step)
         title = f"2-worker digits MLP, {args.epochs} epochs: bare vs through the trainer (medians of {args.repeat})"
-        console.print(overhead_table(bare, trainer, title))
-        console.print(
+        out.print(overhead_table(bare, trainer, title))
+        out.print(
             "  start = launch of the worker processes (bare) / the SubmitJob call (trainer); ratio = trainer / bare\n"
             "  the first registration after the registry starts includes its lazy TensorFlow import (signatures)"
         )
         title = f"kill -9 of worker 1 at step >= {args.kill_at_step} (step_delay_ms {args.step_delay_ms}, one sample)"
-        console.print(recovery_table(recovery, args.checkpoint_every, title))
-        recovery_legend(console, recovery)
-        console.print(f"total {time.monotonic() - started:.0f}s")
-    finally:
+        out.print(recovery_table(recovery, args.checkpoint_every, title))
+        recovery_legend(out, recovery)
+        out.print(f"total {time.monotonic() - started:.0f}s")
         if args.keep:
-            console.print(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+            out.print(f"kept {workdir}")
 
 
 if __name__ == "__main__":
