@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
+from modelgrid.agent.v1 import agent_pb2, agent_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from modelgrid.trainer.v1 import trainer_pb2 as pb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
@@ -78,14 +79,14 @@ def _wait_workers(ns, count: int, timeout: float = 30) -> list[pb.Worker]:
     return list(workers)
 
 
-def _agent_stub(ns, agent_id: str) -> trainer_pb2_grpc.WorkerAgentStub:
+def _agent_stub(ns, agent_id: str) -> agent_pb2_grpc.WorkerAgentStub:
     port = int(agent_id.rsplit("-", 1)[1])
-    return trainer_pb2_grpc.WorkerAgentStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    return agent_pb2_grpc.WorkerAgentStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
 
 
 def _worker_pid(ns, job: pb.Job, task_index: int) -> int:
     placement = next(p for p in job.placements if p.task_index == task_index)
-    replicas = _agent_stub(ns, placement.agent).ListReplicas(pb.ListReplicasRequest(job_id=job.id)).replicas
+    replicas = _agent_stub(ns, placement.agent).ListReplicas(agent_pb2.ListReplicasRequest(job_id=job.id)).replicas
     (replica,) = [r for r in replicas if r.task_index == task_index and r.attempt == job.attempt]
     return replica.pid
 

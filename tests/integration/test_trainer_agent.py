@@ -15,13 +15,14 @@ import grpc
 import httpx
 import pytest
 
-from modelgrid.trainer.v1 import trainer_pb2 as pb
-from modelgrid.trainer.v1 import trainer_pb2_grpc
+from modelgrid.agent.v1 import agent_pb2 as pb
+from modelgrid.agent.v1 import agent_pb2_grpc
 from services.kit.errors import ResourceExhausted
 from services.kit.localinfra import pid_alive
 from services.kit.processes import REPO_ROOT, ServiceProcess
 from services.trainer.agent.settings import AgentSettings
-from services.trainer.agent.supervisor import ReplicaKey, ReplicaState, ReplicaSupervisor
+from services.trainer.agent.supervisor import ReplicaSupervisor
+from services.trainer.replicas import ReplicaKey, ReplicaState
 
 # A stand-in for the TensorFlow worker: `<script> --spec spec.json`, progress lines to $MODELGRID_PROGRESS_FILE
 # (each written in two halves, to exercise partial lines), a line on stdout per step, and the exit code its spec
@@ -85,7 +86,7 @@ class Agent:
         self.process = process
         self.work_dir = work_dir
         self.channel = grpc.insecure_channel(process.target)
-        self.stub = trainer_pb2_grpc.WorkerAgentStub(self.channel)
+        self.stub = agent_pb2_grpc.WorkerAgentStub(self.channel)
 
     def start(self, job: str, task: int = 0, attempt: int = 1, tf_config: str = "", **spec) -> pb.Replica:
         request = pb.StartReplicaRequest(

@@ -15,12 +15,7 @@ import pytest
 
 from services.kit.localinfra import free_port
 from services.kit.processes import REPO_ROOT
-from services.trainer.worker import (
-    EXIT_INJECTED_CRASH,
-    EXIT_INVALID_SPEC,
-    EXIT_OK,
-    EXIT_PREEMPTED,
-)
+from services.trainer.exit_codes import ExitCode
 
 DIGITS = REPO_ROOT / "data" / "digits"
 DIGITS_NPZ = {"path": str(DIGITS / "digits.npz"), "format": "npz", "num_classes": 10}
@@ -148,7 +143,7 @@ def test_two_workers_train_shard_disjointly_and_export(tmp_path: Path, groups):
     from services.trainer.worker.data import split_ids
 
     group = groups(tmp_path, digits_spec(tmp_path, record_shard_ids=True)).start()
-    assert group.wait(timeout=110) == [EXIT_OK, EXIT_OK], group.logs()
+    assert group.wait(timeout=110) == [ExitCode.OK, ExitCode.OK], group.logs()
 
     for task in (0, 1):
         kinds = [e["event"] for e in group.events(task)]
@@ -194,7 +189,7 @@ def test_cnn_on_three_csv_files_shards_by_file(tmp_path: Path, groups):
     dataset = {"paths": [str(p) for p in paths], "format": "csv", "label_column": "label", "num_classes": 10}
     spec = digits_spec(tmp_path, recipe="cnn", recipe_params={}, dataset=dataset, epochs=1, record_shard_ids=True)
     group = groups(tmp_path, spec).start()
-    assert group.wait(timeout=110) == [EXIT_OK, EXIT_OK], group.logs()
+    assert group.wait(timeout=110) == [ExitCode.OK, ExitCode.OK], group.logs()
 
     shards = [json.loads((tmp_path / "checkpoints" / "shards" / f"task-{t}.json").read_text()) for t in (0, 1)]
     assert [s["policy"] for s in shards] == ["FILE", "FILE"]
@@ -216,13 +211,13 @@ def test_killed_worker_fails_the_group_and_a_restart_resumes(tmp_path: Path, gro
     killed_at = time.monotonic()
     survivor = group.processes[1].wait(timeout=30)
     detection = time.monotonic() - killed_at
-    assert survivor not in (EXIT_OK, EXIT_PREEMPTED), group.logs()
+    assert survivor not in (ExitCode.OK, ExitCode.PREEMPTED), group.logs()
     assert group.processes[0].wait() == -signal.SIGKILL
     reached = last_step(group, 1)
 
     group.write_spec({**spec, "step_delay_ms": 0})  # the testing aid only; finish quickly
     group.start()
-    assert group.wait(timeout=90) == [EXIT_OK, EXIT_OK], group.logs()
+    assert group.wait(timeout=90) == [ExitCode.OK, ExitCode.OK], group.logs()
     restarted = [group.events(task, "started")[-1] for task in (0, 1)]
     assert [s["attempt"] for s in restarted] == [2, 2]
     initial = {s["initial_step"] for s in restarted}
@@ -241,7 +236,7 @@ def test_sigterm_saves_at_an_agreed_step_exits_42_and_relaunch_resumes_there(tmp
     group.wait_for("step 8 on both workers", lambda: min(last_step(group, 0), last_step(group, 1)) >= 8, 60)
 
     group.processes[1].send_signal(signal.SIGTERM)
-    assert group.wait(timeout=30) == [EXIT_PREEMPTED, EXIT_PREEMPTED], group.logs()
+    assert group.wait(timeout=30) == [ExitCode.PREEMPTED, ExitCode.PREEMPTED], group.logs()
     saved = {group.events(task, "preempted")[-1]["step"] for task in (0, 1)}
     assert len(saved) == 1
     saved_step = saved.pop()
@@ -249,7 +244,7 @@ def test_sigterm_saves_at_an_agreed_step_exits_42_and_relaunch_resumes_there(tmp
 
     group.write_spec({**spec, "step_delay_ms": 0})
     group.start()
-    assert group.wait(timeout=90) == [EXIT_OK, EXIT_OK], group.logs()
+    assert group.wait(timeout=90) == [ExitCode.OK, ExitCode.OK], group.logs()
     assert [group.events(task, "started")[-1]["initial_step"] for task in (0, 1)] == [saved_step, saved_step]
     assert group.events(0, "finished")[-1]["step"] == 2 * 23
 
@@ -258,16 +253,16 @@ def test_sigterm_saves_at_an_agreed_step_exits_42_and_relaunch_resumes_there(tmp
 def test_injected_crash_fires_on_the_first_attempt_only_unless_always(tmp_path: Path, groups):
     spec = digits_spec(tmp_path, epochs=1, crash_at_step=12, crash_task=0, record_shard_ids=False)
     group = groups(tmp_path, spec, workers=1).start()
-    assert group.wait(timeout=60) == [EXIT_INJECTED_CRASH], group.logs()
+    assert group.wait(timeout=60) == [ExitCode.INJECTED_CRASH], group.logs()
     assert last_step(group, 0) == 12
 
     group.write_spec({**spec, "always_crash": True})
     group.start()
-    assert group.wait(timeout=60) == [EXIT_INJECTED_CRASH], group.logs()
+    assert group.wait(timeout=60) == [ExitCode.INJECTED_CRASH], group.logs()
 
     group.write_spec(spec)
     group.start()
-    assert group.wait(timeout=60) == [EXIT_OK], group.logs()
+    assert group.wait(timeout=60) == [ExitCode.OK], group.logs()
     assert [s["initial_step"] for s in group.events(0, "started")] == [0, 10, 10]
     assert [s["attempt"] for s in group.events(0, "started")] == [1, 2, 3]
 
@@ -277,7 +272,7 @@ def test_unusable_jobs_exit_2(tmp_path: Path, groups):
     bad_field = groups(tmp_path / "a", {**digits_spec(tmp_path), "epochz": 1}, workers=1)
     bad_recipe = groups(tmp_path / "b", digits_spec(tmp_path, recipe="file:../x.py", recipes_dir=str(tmp_path)), 1)
     codes = [group.start().wait(timeout=60) for group in (bad_field, bad_recipe)]
-    assert codes == [[EXIT_INVALID_SPEC], [EXIT_INVALID_SPEC]], bad_recipe.logs()
+    assert codes == [[ExitCode.INVALID_SPEC], [ExitCode.INVALID_SPEC]], bad_recipe.logs()
 
 
 @pytest.mark.slow
