@@ -110,7 +110,7 @@ class JobRunner:
                 await self._end(JobState.CANCELLED, "cancelled on request")
                 return
             await self._stop_group(kill=True)
-            job.failure = outcome.failure or Failure(reason=outcome.kind)
+            job.failure = outcome.failure or Failure(reason=str(outcome.kind))
             if outcome.kind == OutcomeKind.INVALID:
                 await self._end(JobState.FAILED, f"unusable job: {job.failure.reason}")
                 return
