@@ -75,9 +75,10 @@ RESTART_BACKOFF_S = 1.0  # the trainer's default, stated so the report can name 
 
 
 def expected_worker_spec(job_id: str, spec: pb.JobSpec, settings: TrainerSettings) -> dict:
-    """The worker spec the trainer sends for `spec` (the path a local data set resolves to, as locate_dataset)."""
+    """The worker spec the trainer sends for `spec` (the path a local data set resolves to, as locate_dataset), as
+    the JSON object in its spec file."""
     job = Job(id=job_id, spec=spec_from_pb(spec), dataset_path=str(DIGITS_NPZ.resolve()))
-    return worker_spec(job, settings)
+    return json.loads(worker_spec(job, settings).to_json())
 
 
 @dataclass
