@@ -26,6 +26,7 @@ help:
 	@echo "make bench-predictor predictor throughput/latency: in-process limit, batching off/on, Flask baseline"
 	@echo "make bench-trainer   a training run bare vs through the trainer; recovery after kill -9 of a worker"
 	@echo "make bench-gateway   predictor throughput and latency directly and through the gateway"
+	@echo "                     (BENCH_ARGS=--quick for a short run of any bench)"
 	@echo "make lint            ruff check and format check"
 	@echo "make protos          regenerate Python code from protos/ into gen/"
 	@echo "make web             build the web console (TypeScript from protos/, Vite) into web/dist/"
@@ -105,16 +106,16 @@ demo: up
 	$(PY) scripts/demo.py
 
 bench-registry: setup
-	$(PY) bench/registry_bench.py
+	$(PY) bench/registry_bench.py $(BENCH_ARGS)
 
 bench-predictor: setup
-	$(PY) bench/predictor_bench.py
+	$(PY) bench/predictor_bench.py $(BENCH_ARGS)
 
 bench-trainer: setup
-	$(PY) bench/trainer_bench.py
+	$(PY) bench/trainer_bench.py $(BENCH_ARGS)
 
 bench-gateway: setup
-	$(PY) bench/gateway_bench.py
+	$(PY) bench/gateway_bench.py $(BENCH_ARGS)
 
 # Re-pins constraints.txt to what the venv has now (after changing pyproject.toml dependencies).
 lock: $(VENV)/.installed
