@@ -121,7 +121,7 @@ class Mesh:
         return self.workdir / "logs" / f"{name}.log"
 
     def start(self, kind: str, name: str = "", *, timeout: float = 60.0, **settings: str) -> ServiceProcess:
-        """`python -m services.<kind>` with the mesh's settings and these, once it is SERVING."""
+        """The service `kind` (see SERVICES) with the mesh's settings and these, once it is SERVING."""
         module, prefix = SERVICES[kind]
         service = ServiceProcess(module, prefix, {**self.env, **settings}, self.log(name or kind))
         self._stack.callback(service.stop)
@@ -132,6 +132,7 @@ class Mesh:
 
     def process(self, name: str, argv: list[str], ready: Callable[[], bool], timeout: float = 120.0) -> int:
         """Any other server process (cwd: the repo), once `ready()` says it answers; returns its pid."""
+        self.log(name).parent.mkdir(parents=True, exist_ok=True)
         with self.log(name).open("ab") as log:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         self._stack.callback(_terminate, process)

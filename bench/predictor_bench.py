@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 from harness import (
+    NO_PROXY,
     Load,
     Mesh,
     build_mlp,
@@ -296,7 +297,7 @@ def flask_server(mesh: Mesh, models: dict[str, Path], threads: int) -> Server:
 
 def batch_metrics(url: str, model: str) -> dict[str, float]:
     """Sums and counts of the predictor's batch histograms for one model (all versions)."""
-    text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5).read().decode()
+    text = NO_PROXY.open(url, timeout=5).read().decode()
     values: dict[str, float] = {}
     pattern = re.compile(r"^modelgrid_predictor_(batch_rows|execution_seconds)_(sum|count)\{([^}]*)\} (\S+)$", re.M)
     for name, kind, labels, value in pattern.findall(text):
@@ -351,7 +352,7 @@ def check_answers(variant: str, server: Server, work: Workload) -> None:
     body = json.dumps({"x": work.sample.tolist()}).encode()
     url = f"http://{server.target}/predict/{work.spec.key}"
     request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-    reply = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=60).read()
+    reply = NO_PROXY.open(request, timeout=60).read()
     y = np.array(json.loads(reply)["y"], dtype=np.float32)
     np.testing.assert_allclose(y, work.expected, rtol=1e-3, atol=1e-4, err_msg=f"{variant} answers differently")
 
