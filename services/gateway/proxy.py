@@ -227,7 +227,7 @@ class Forwarder:
             except Exception as exc:  # noqa: BLE001 - Consul unreachable: the call is UNAVAILABLE, not INTERNAL
                 code = _UNAVAILABLE
                 return End(_UNAVAILABLE, f"cannot resolve {route.service}: {exc}")
-            tried: list[str] = []
+            tried: tuple[str, ...] = ()  # targets that failed this call
             remaining = timeout
             while True:
                 try:
@@ -255,7 +255,7 @@ class Forwarder:
                     code = _OK
                     return reply
                 except grpc.aio.AioRpcError as err:
-                    tried.append(member.target)
+                    tried += (member.target,)
                     retry = len(tried) < self._attempts and self._retry_allowed(method, metadata)
                     if not self._failed(method, pool, member, err, retry):
                         code = err.code()
@@ -292,7 +292,7 @@ class Forwarder:
                 code = _UNAVAILABLE
                 yield End(_UNAVAILABLE, f"cannot resolve {route.service}: {exc}")
                 return
-            tried: list[str] = []
+            tried: tuple[str, ...] = ()  # targets that failed this call
             while True:
                 try:
                     member = pool.pick(tag=tag, exclude=tried)
@@ -325,7 +325,7 @@ class Forwarder:
                     yield End(code, details, self.passable(await call.trailing_metadata()))
                     return
                 except grpc.aio.AioRpcError as err:
-                    tried.append(member.target)
+                    tried += (member.target,)
                     retry = (
                         not answered
                         and replay.done
