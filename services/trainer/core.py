@@ -157,8 +157,11 @@ class TrainerCore:
 
     async def _schedule_forever(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancel that arrives as the wait ends
+            # (a runner setting _wake as the trainer stops), and the scheduler then never stops.
             try:
-                await asyncio.wait_for(self._wake.wait(), self._settings.schedule_interval_seconds)
+                async with asyncio.timeout(self._settings.schedule_interval_seconds):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
