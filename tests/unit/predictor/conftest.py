@@ -1,6 +1,5 @@
-"""In-process fixtures of the predictor's unit tests: a real registry started in this process on port 0 against
-the session Redis, a typed registry client over a real channel, small real SavedModels, and a ModelControl that
-loads them with TensorFlow."""
+"""In-process fixtures of the predictor's unit tests (the registry and its client come from tests/unit/conftest.py):
+small real SavedModels, and a ModelControl that loads them with TensorFlow."""
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -10,17 +9,10 @@ import pytest
 import pytest_asyncio
 
 from services.clients.registry import AsyncRegistryClient, ModelVersion
-from services.kit.channels import InstancePool
-from services.kit.server import GrpcService
 from services.predictor.batching import BatchingConfig
 from services.predictor.cache import ArtifactCache
 from services.predictor.control import ModelControl
 from services.predictor.runtime import SavedModelRunner
-from services.registry.main import start_registry
-from services.registry.settings import RegistrySettings
-
-FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
-"""A channel whose server went away tries again within half a second (gRPC's default backoff grows to minutes)."""
 
 
 @pytest.fixture(scope="session")
@@ -34,37 +26,6 @@ def saved_models(tmp_path_factory, build_saved_model) -> dict[int, Path]:
     (broken / "saved_model.pb").write_bytes(b"")
     models[0] = broken
     return models
-
-
-@pytest.fixture
-def registry_settings(redis_server, tmp_path) -> RegistrySettings:
-    """Settings of a registry on localhost, out of Consul (tests reach it by address), with its own Redis keys and
-    blob directory; port 0."""
-    return RegistrySettings(
-        port=0,
-        redis_url=redis_server.url,
-        blob_dir=tmp_path / "blobs",
-        redis_key_prefix=f"mg:unit:{uuid.uuid4().hex[:8]}:",
-        consul_enabled=False,
-        shutdown_grace_seconds=0.2,
-    )
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def registry(registry_settings) -> AsyncIterator[GrpcService]:
-    """A registry running in this process (its port is `.port`), stopped after the test."""
-    service = await start_registry(registry_settings)
-    yield service
-    await service.stop()
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def registry_client(registry) -> AsyncIterator[AsyncRegistryClient]:
-    """The typed client the predictor uses, over a pool holding the in-process registry's address."""
-    pool = InstancePool(None, "registry", targets=[f"127.0.0.1:{registry.port}"], options=FAST_RECONNECT)
-    await pool.start()
-    yield AsyncRegistryClient(pool, client_id="pytest")
-    await pool.close()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from services.clients.registry import (
 from services.kit.channels import InstancePool, fewest_in_flight
 from services.kit.consul import ConsulClient
 from services.kit.errors import FailedPrecondition, NotFound, Unavailable
+from services.registry.main import start_registry
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -105,7 +106,11 @@ async def test_a_registry_that_is_gone_is_unavailable(registry_settings):
         await pool.close()
 
 
-async def test_pool_follows_the_healthy_set_in_consul(consul, registry, registry_settings):
+async def test_pool_follows_the_healthy_set_in_consul(consul, registry_settings):
+    settings = registry_settings.model_copy(
+        update={"consul_enabled": True, "consul_url": consul.http_url, "consul_check_interval": "1s"}
+    )
+    registry = await start_registry(settings)
     consul_client = ConsulClient(consul.http_url)
     pool = InstancePool(consul_client, "registry", picker=fewest_in_flight(), close_grace=0.1)
     changes = []
@@ -114,7 +119,7 @@ async def test_pool_follows_the_healthy_set_in_consul(consul, registry, registry
     try:
         await pool.wait_for(lambda members: registry.instance_id in members, timeout=20)
         member = pool.members[registry.instance_id]
-        assert member.target == f"{registry_settings.advertise_host}:{registry.port}"
+        assert member.target == f"{settings.advertise_host}:{registry.port}"
         client = AsyncRegistryClient(lambda: pool.channel_for(registry.instance_id))
         with pytest.raises(NotFound):
             await client.get_model("no-such-model")
@@ -135,6 +140,7 @@ async def test_pool_follows_the_healthy_set_in_consul(consul, registry, registry
     finally:
         await pool.close()
         await consul_client.close()
+        await registry.stop()
 
 
 async def test_pool_needs_consul_or_fixed_targets():
