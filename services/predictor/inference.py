@@ -19,6 +19,9 @@ from services.predictor.metrics import PredictorMetrics
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
+DEADLINE_SLACK_S = 0.05
+"""A call cancelled this close to its deadline is counted as DeadlineExceeded, not Cancelled."""
+
 
 @dataclass
 class Prediction:
@@ -72,7 +75,8 @@ class Inference:
                 span.set_attribute("modelgrid.error", code)
                 raise
             except asyncio.CancelledError:  # the caller went away, or gRPC ended the call at its deadline
-                expired = deadline is not None and time.monotonic() >= deadline
+                # gRPC's timer and the deadline read from the call's time_remaining() differ by scheduling delay.
+                expired = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
                 code = "DeadlineExceeded" if expired else "Cancelled"
                 raise
             finally:
