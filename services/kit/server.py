@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.kit.consul import ConsulClient, Registration
 from services.kit.interceptors import ErrorMappingInterceptor
 from services.kit.settings import ServiceSettings
-from services.kit.telemetry import server_interceptors, setup_tracing
+from services.kit.telemetry import server_interceptors
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,7 @@ class GrpcService:
     service's own cleanups (close Redis, channels) in reverse order of registration.
     """
 
-    def __init__(
-        self, spec: ServiceSpec, settings: ServiceSettings, tracer_provider: TracerProvider | None = None
-    ) -> None:
+    def __init__(self, spec: ServiceSpec, settings: ServiceSettings, tracer_provider: TracerProvider) -> None:
         self.spec = spec
         self.settings = settings
         self.port = 0
@@ -64,9 +62,9 @@ class GrpcService:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._tls = False
-        # The service sets tracing up before it builds its channels (so they get the interceptors) and passes the
-        # provider in; without one, tracing is set up here.
-        self._tracer_provider = tracer_provider or setup_tracing(spec.name, spec.version, settings)
+        # The service sets tracing up (kit.telemetry.setup_tracing) before it builds its channels, so that they get
+        # the client interceptors, and passes the provider in.
+        self._tracer_provider = tracer_provider
 
     def add_cleanup(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Runs `cleanup()` at shutdown, after the server has stopped."""

@@ -241,8 +241,9 @@ class BatchQueue:
 
     async def _wait(self, timeout: float | None) -> None:
         self._wakeup.clear()
-        try:
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
+        try:  # asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a cancel that races its end
+            async with asyncio.timeout(timeout):
+                await self._wakeup.wait()
         except TimeoutError:
             pass
 

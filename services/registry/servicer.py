@@ -78,9 +78,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         page = await self._registry.list_versions(
             request.model_name, api.status_from_pb(request.status), request.page.page_size, request.page.page_token
         )
-        return pb.ListVersionsResponse(
-            versions=[api.version_to_pb(v) for v in page.items], page=_page(page.next_token)
-        )
+        return pb.ListVersionsResponse(versions=[api.version_to_pb(v) for v in page.items], page=_page(page.next_token))
 
     async def UpdateVersion(self, request: pb.UpdateVersionRequest, context) -> pb.ModelVersion:
         version = await self._registry.update_version(
