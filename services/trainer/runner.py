@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.clients.agent import AgentClient
+from services.clients.agent.types import ReplicaEvent, ReplicaKey, ReplicaState
 from services.kit.errors import ModelgridError, ResourceExhausted
 from services.trainer.domain import EventType, Failure, Job, JobEvent, JobState
 from services.trainer.exit_codes import ExitCode, describe_exit
 from services.trainer.progress import Epoch, Exported, Preempted, ProgressEvent, Started, Step
-from services.trainer.replicas import ReplicaEvent, ReplicaKey, ReplicaState
 from services.trainer.settings import TrainerSettings
 from services.trainer.specs import job_dir, worker_spec
 from services.trainer.store import JobStore

@@ -5,6 +5,7 @@ import csv
 import zipfile
 from pathlib import Path
 
+from services.clients.agent.worker_spec import DATASET_FORMATS, OPTIMIZERS, DatasetSpec, WorkerSpec
 from services.clients.registry import AsyncRegistryClient
 from services.kit.artifacts import file_digest
 from services.kit.errors import InvalidArgument, NotFound
@@ -12,15 +13,7 @@ from services.kit.modelref import check_alias, check_model_name
 from services.trainer.domain import Job
 from services.trainer.jobspec import Dataset, JobSpec
 from services.trainer.settings import TrainerSettings
-from services.trainer.worker import (
-    BUILTIN_RECIPE_NAMES,
-    DATASET_FORMATS,
-    FILE_PREFIX,
-    OPTIMIZERS,
-    DatasetSpec,
-    WorkerSpec,
-    resolve_recipe_file,
-)
+from services.trainer.worker import BUILTIN_RECIPE_NAMES, FILE_PREFIX, resolve_recipe_file
 
 
 def _fail(message: str) -> None:

@@ -17,12 +17,12 @@ import pytest
 
 from modelgrid.agent.v1 import agent_pb2 as pb
 from modelgrid.agent.v1 import agent_pb2_grpc
+from services.clients.agent.types import ReplicaKey, ReplicaState
 from services.kit.errors import ResourceExhausted
 from services.kit.localinfra import pid_alive
 from services.kit.processes import REPO_ROOT, ServiceProcess
 from services.trainer.agent.settings import AgentSettings
 from services.trainer.agent.supervisor import ReplicaSupervisor
-from services.trainer.replicas import ReplicaKey, ReplicaState
 
 # A stand-in for the TensorFlow worker: `<script> --spec spec.json`, progress lines to $MODELGRID_PROGRESS_FILE
 # (each written in two halves, to exercise partial lines), a line on stdout per step, and the exit code its spec

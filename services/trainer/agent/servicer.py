@@ -4,8 +4,8 @@ from collections.abc import AsyncIterator
 
 from modelgrid.agent.v1 import agent_pb2 as pb
 from modelgrid.agent.v1 import agent_pb2_grpc
+from services.clients.agent.types import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
 from services.trainer.agent.supervisor import ReplicaSupervisor
-from services.trainer.replicas import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
 
 _STATES = {ReplicaState.RUNNING: pb.REPLICA_STATE_RUNNING, ReplicaState.EXITED: pb.REPLICA_STATE_EXITED}
 

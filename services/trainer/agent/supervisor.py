@@ -23,11 +23,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.clients.agent.types import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
 from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.trainer.agent.ports import PortReservations
 from services.trainer.agent.progress import ProgressTail
 from services.trainer.agent.settings import AgentSettings
-from services.trainer.replicas import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from services.clients.agent.worker_spec import WorkerSpec
 from services.trainer.exit_codes import ExitCode
-from services.trainer.worker import InvalidJob, WorkerSpec
+from services.trainer.worker import InvalidJob
 
 logger = logging.getLogger("services.trainer.worker")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from services.trainer.worker import DatasetSpec
+from services.clients.agent.worker_spec import DatasetSpec
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from services.clients.agent.worker_spec import WorkerSpec
 from services.trainer.exit_codes import ExitCode
 from services.trainer.progress import Epoch, Exported, Finished, Preempted, ProgressEvent, Shard, Started, Step
-from services.trainer.worker import InvalidJob, WorkerSpec
+from services.trainer.worker import InvalidJob
 from services.trainer.worker.data import TrainingData, make_training_data
 from services.trainer.worker.recipes import build_model
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from services.trainer.exit_codes import ExitCode
 from services.trainer.progress import Epoch, Exported, Finished, Preempted, Started, Step
-from services.trainer.worker import WorkerSpec
+from services.clients.agent.worker_spec import WorkerSpec
 
 spec = WorkerSpec.from_json(Path(sys.argv[sys.argv.index("--spec") + 1]).read_text())
 config = json.loads(os.environ.get("TF_CONFIG") or "{}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from modelgrid.trainer.v1 import trainer_pb2 as pb
+from services.clients.agent.worker_spec import DatasetSpec, WorkerSpec
 from services.kit.errors import FailedPrecondition
 from services.trainer.converters import job_to_pb, spec_from_pb, spec_to_pb
 from services.trainer.domain import Job, JobState, Placement
@@ -25,7 +26,6 @@ from services.trainer.progress import (
 )
 from services.trainer.settings import TrainerSettings
 from services.trainer.specs import worker_spec
-from services.trainer.worker import DatasetSpec, WorkerSpec
 
 
 def full_pb() -> pb.JobSpec:

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from services.clients.agent import AgentClient
+from services.clients.agent.types import ReplicaState
 from services.clients.registry import AsyncRegistryClient
 from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.trainer.core import TrainerCore
 from services.trainer.domain import EventType, Job, JobEvent, JobState
 from services.trainer.exit_codes import ExitCode
 from services.trainer.jobspec import Dataset, HyperParameters, JobSpec
-from services.trainer.replicas import ReplicaState
 from services.trainer.specs import job_dir
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

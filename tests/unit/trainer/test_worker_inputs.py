@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services.clients.agent.worker_spec import DatasetSpec, WorkerSpec
 from services.kit.processes import REPO_ROOT
-from services.trainer.worker import DatasetSpec, WorkerSpec
 
 DIGITS = REPO_ROOT / "data" / "digits"
 DIGITS_NPZ = {"path": str(DIGITS / "digits.npz"), "format": "npz", "num_classes": 10}

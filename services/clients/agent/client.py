@@ -3,7 +3,7 @@
 Every call names the agent it is for. Work is only given to healthy agents (`reserve_ports`, `start_replica`,
 `replica_logs`); stopping, listing, watching and releasing also reach an agent that was healthy before, since a
 busy agent whose check just failed may still run workers that must be stopped. Replies are the types of
-services.trainer.replicas; failures are the kit's domain errors, never gRPC errors.
+services.clients.agent.types; failures are the kit's domain errors, never gRPC errors.
 """
 
 from collections.abc import AsyncIterator, Callable
@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 from modelgrid.agent.v1 import agent_pb2 as pb
 from modelgrid.agent.v1 import agent_pb2_grpc
+from services.clients.agent.types import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
+from services.clients.agent.worker_spec import WorkerSpec
 from services.kit.channels import InstancePool
 from services.kit.consul import Instance
 from services.kit.errors import Unavailable
 from services.kit.rpc_errors import rpc_errors
-from services.trainer.replicas import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
-from services.trainer.worker import WorkerSpec
 
 SERVICE = "trainer-agent"
 TIMEOUT = 10.0  # seconds, for every call but StartReplica
