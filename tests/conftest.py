@@ -9,6 +9,7 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,11 +170,28 @@ class ServiceLauncher:
 
     def __init__(self) -> None:
         self.started: list[ServiceProcess] = []
+        self._pending: list[tuple[ServiceProcess, float]] | None = None
 
     def start(self, process: ServiceProcess, timeout: float = 60.0) -> ServiceProcess:
-        """Starts any ServiceProcess and keeps it for the final stop."""
+        """Starts any ServiceProcess and keeps it for the final stop (inside `together()`: without waiting)."""
         self.started.append(process)
-        return process.start(timeout)
+        if self._pending is None:
+            return process.start(timeout)
+        self._pending.append((process, timeout))
+        return process.spawn()
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Services started in this block start side by side (each pays its imports, TensorFlow's included, at the
+        same time as the others); the block ends when all of them are SERVING. Start in it only services that do
+        not need each other to come up."""
+        self._pending = []
+        try:
+            yield
+            for process, timeout in self._pending:
+                process.wait_ready(timeout)
+        finally:
+            self._pending = None
 
     def registry(self, consul_url: str, redis_url: str, data_dir: Path, **settings: str) -> ServiceProcess:
         """A registry with its own blob dir (in `data_dir`) and Redis key prefix."""

@@ -79,12 +79,19 @@ class ServiceProcess:
 
     def start(self, timeout: float = 60.0) -> "ServiceProcess":
         """Starts the process and returns once it is SERVING (raises TimeoutError with its log tail if not)."""
+        return self.spawn().wait_ready(timeout)
+
+    def spawn(self) -> "ServiceProcess":
+        """Starts the process without waiting (several can then import and load side by side)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module], env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module], env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> "ServiceProcess":
+        """Waits until the spawned process is SERVING; kills it and raises TimeoutError with its log tail if not."""
         try:
             wait_serving(self.target, timeout, process=self.process, root_certificates=self.root_certificates)
         except TimeoutError:

@@ -80,10 +80,7 @@ def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved
                 client.push_savedmodel(model, path, metrics={"accuracy": 0.9})
             client.stub.SetAlias(rpb.SetAliasRequest(model_name=model, alias="production", version=1))
             registry_channel.close()
-            started.append(launch.predictor(consul.http_url, redis_server.url, tmp, [], AUTO_LOAD="true"))
-            started += [launch.agent(consul.http_url, tmp) for _ in range(2)]
             prefix = f"mg:test-web:{uuid.uuid4().hex[:6]}:"
-            started.append(launch.trainer(consul.http_url, redis_server.url, tmp, prefix))
             web_port = free_port()
             gateway_settings = {
                 "CONSUL_URL": consul.http_url,
@@ -96,7 +93,11 @@ def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved
                 "CORS_ORIGINS": '["*"]',
             }
             gateway = ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", gateway_settings, tmp / "gateway.log")
-            started.append(gateway.start())
+            with launch.together():
+                started.append(launch.predictor(consul.http_url, redis_server.url, tmp, [], AUTO_LOAD="true"))
+                started += [launch.agent(consul.http_url, tmp) for _ in range(2)]
+                started.append(launch.trainer(consul.http_url, redis_server.url, tmp, prefix))
+                started.append(launch.start(gateway))
             channel = grpc.insecure_channel(gateway.target)
             ns = SimpleNamespace(
                 tmp=tmp,

@@ -32,9 +32,11 @@ def mesh(redis_server, tmp_path_factory, launch):
     """Own Consul (the trainer sees only these agents and this registry), two agents, a trainer."""
     tmp = tmp_path_factory.mktemp("cli-trainer")
     with ConsulAgent(tmp / "consul") as consul:
-        registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
-        agents = [launch.agent(consul.http_url, tmp) for _ in range(2)]
-        trainer = launch.trainer(consul.http_url, redis_server.url, tmp, f"mg:test-cli-trainer:{uuid.uuid4().hex[:6]}:")
+        prefix = f"mg:test-cli-trainer:{uuid.uuid4().hex[:6]}:"
+        with launch.together():  # the trainer finds the registry and the agents in Consul when it needs them
+            registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
+            agents = [launch.agent(consul.http_url, tmp) for _ in range(2)]
+            trainer = launch.trainer(consul.http_url, redis_server.url, tmp, prefix)
         try:
             yield SimpleNamespace(tmp=tmp, registry=registry.target, trainer=trainer.target)
         finally:

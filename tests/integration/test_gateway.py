@@ -51,11 +51,12 @@ def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved
             client.push_savedmodel(model, build_saved_model(tmp / f"m{seed}", seed=seed))
         client.stub.SetAlias(rpb.SetAliasRequest(model_name=model, alias="production", version=1))
         client.stub.SetAlias(rpb.SetAliasRequest(model_name=model, alias="canary", version=2))
-        predictors = [
-            launch.predictor(consul.http_url, redis_server.url, tmp / f"p{i}", [], AUTO_LOAD="true", **otel)
-            for i in range(2)
-        ]
-        gateway = launch.gateway(consul.http_url, redis_server.url, tmp, **otel)
+        with launch.together():
+            predictors = [
+                launch.predictor(consul.http_url, redis_server.url, tmp / f"p{i}", [], AUTO_LOAD="true", **otel)
+                for i in range(2)
+            ]
+            gateway = launch.gateway(consul.http_url, redis_server.url, tmp, **otel)
         gateway_channel = grpc.insecure_channel(gateway.target)
         ns = SimpleNamespace(
             tmp=tmp,

@@ -40,10 +40,11 @@ def build_model(input_shape, num_classes, **params):
 def cluster(redis_server, tmp_path_factory, launch, client_for):
     tmp = tmp_path_factory.mktemp("trainer")
     with ConsulAgent(tmp / "consul") as consul:
-        registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
-        agents = [launch.agent(consul.http_url, tmp) for _ in range(2)]
         prefix = f"mg:test-trainer:{uuid.uuid4().hex[:6]}:"
-        trainer = launch.trainer(consul.http_url, redis_server.url, tmp, prefix)
+        with launch.together():  # the trainer finds the registry and the agents in Consul when it needs them
+            registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
+            agents = [launch.agent(consul.http_url, tmp) for _ in range(2)]
+            trainer = launch.trainer(consul.http_url, redis_server.url, tmp, prefix)
         (tmp / "recipes" / "crash.py").write_text(CRASHING_RECIPE)
         registry_channel, registry_client = client_for(registry.target)
         channel = grpc.insecure_channel(trainer.target)
