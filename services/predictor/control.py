@@ -18,6 +18,7 @@ from services.predictor.batching import BatchingConfig, BatchObserver
 from services.predictor.cache import ArtifactCache
 from services.predictor.domain import ModelStatus, VersionPolicy, VersionState, VersionStatus
 from services.predictor.repository import Loader, ModelRepository, ServedModel, ServedVersion
+from services.predictor.runtime import ModelSignature
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,11 @@ class ModelControl:
         """The status of the version `ref` selects (as `select`; for metadata calls)."""
         version = self.select(ref)
         return version_status(self._models[ref.name], version)
+
+    def signature_of(self, ref: ModelRef) -> ModelSignature:
+        """The signature of the version `ref` selects (as `select`), without building a status view: for the
+        per-request check of a signature name."""
+        return self.select(ref).signature
 
     def is_ready(self, ref: ModelRef) -> bool:
         """True when `ref` selects an AVAILABLE version here."""

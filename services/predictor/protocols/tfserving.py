@@ -106,8 +106,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         ref = ref_of(request.model_spec)
-        served = self._control.describe(ref)
-        check_signature_name(request.model_spec.signature_name, served.signature, ref.name)
+        signature = self._control.signature_of(ref)
+        check_signature_name(request.model_spec.signature_name, signature, ref.name)
         inputs = {name: array_from_tensor_proto(t, f"input {name!r}") for name, t in request.inputs.items()}
         prediction = await self._inference.predict(
             ref, inputs, list(request.output_filter), deadline=deadline_of(context), protocol=PROTOCOL
@@ -116,7 +116,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             model_spec=model_pb2.ModelSpec(
                 name=prediction.model,
                 version=wrappers_pb2.Int64Value(value=prediction.version),
-                signature_name=served.signature.name,
+                signature_name=signature.name,
             )
         )
         for name, array in prediction.outputs.items():
