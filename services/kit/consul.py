@@ -40,8 +40,10 @@ class Registration:
     deregister_critical_after: str = "1m"
     tls: bool = False  # the gRPC endpoint speaks TLS (the check then skips certificate verification)
 
-    def payload(self) -> dict:
-        """Body of PUT /v1/agent/service/register."""
+    def payload(self, *, passing: bool = False) -> dict:
+        """Body of PUT /v1/agent/service/register. The check starts critical, or passing when the instance already
+        serves (a re-registration after the agent lost it must not take a serving instance out of rotation until
+        Consul's first check runs)."""
         return {
             "ID": self.id,
             "Name": self.name,
@@ -58,8 +60,19 @@ class Registration:
                 "Interval": self.check_interval,
                 "Timeout": self.check_timeout,
                 "DeregisterCriticalServiceAfter": self.deregister_critical_after,
+                "Status": "passing" if passing else "critical",
             },
         }
+
+    def matches(self, registered: dict) -> bool:
+        """True if the agent's record of this instance (GET /v1/agent/service/:id) says what this one says."""
+        return (
+            registered.get("Service") == self.name
+            and registered.get("Address") == self.address
+            and registered.get("Port") == self.port
+            and sorted(registered.get("Tags") or []) == sorted(self.tags)
+            and (registered.get("Meta") or {}) == self.meta
+        )
 
 
 class ConsulClient:
@@ -68,11 +81,21 @@ class ConsulClient:
     def __init__(self, url: str, *, timeout: float = 10.0) -> None:
         self._http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout)
 
-    async def register(self, registration: Registration) -> None:
-        """Registers (or re-registers, to change tags and meta) an instance with the local agent."""
-        response = await self._http.put("/v1/agent/service/register", json=registration.payload())
+    async def register(self, registration: Registration, *, passing: bool = False) -> None:
+        """Registers (or re-registers, to change tags and meta) an instance with the local agent; `passing` is the
+        check's status until Consul runs it."""
+        response = await self._http.put("/v1/agent/service/register", json=registration.payload(passing=passing))
         response.raise_for_status()
         logger.info("registered %s (%s:%d) in Consul", registration.id, registration.address, registration.port)
+
+    async def registered(self, instance_id: str) -> dict | None:
+        """The local agent's record of an instance (GET /v1/agent/service/:id), None if the agent does not have
+        it (e.g. it restarted and lost its in-memory state)."""
+        response = await self._http.get(f"/v1/agent/service/{instance_id}")
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
 
     async def deregister(self, instance_id: str) -> None:
         """Removes an instance from the local agent."""
@@ -90,31 +113,48 @@ class ConsulClient:
             params.update(index=index, wait=wait)
         if tag:
             params["tag"] = tag
-        timeout = _seconds(wait) + 10 if index else self._http.timeout.read
+        index, entries = await self._health(service, params, index, wait)
+        return index, [instance for instance, _ in entries]
+
+    async def service_health(
+        self, service: str, *, index: int = 0, wait: str = "30s"
+    ) -> tuple[int, list[tuple[Instance, bool]]]:
+        """Every registered instance with whether all its checks pass, so that a caller can tell an instance whose
+        health check failed (present, not passing) from one the catalog does not hold at all. Blocking with
+        index > 0, as healthy_instances."""
+        params: dict[str, str | int] = {}
+        if index:
+            params.update(index=index, wait=wait)
+        return await self._health(service, params, index, wait)
+
+    async def _health(
+        self, service: str, params: dict[str, str | int], index: int, wait: str
+    ) -> tuple[int, list[tuple[Instance, bool]]]:
+        timeout = duration_seconds(wait) + 10 if index else self._http.timeout.read
         response = await self._http.get(f"/v1/health/service/{service}", params=params, timeout=timeout)
         response.raise_for_status()
         new_index = int(response.headers.get("X-Consul-Index", "0"))
-        instances = []
+        entries = []
         for entry in response.json():
             svc = entry["Service"]
-            instances.append(
-                Instance(
-                    id=svc["ID"],
-                    service=svc["Service"],
-                    address=svc["Address"] or entry["Node"]["Address"],
-                    port=svc["Port"],
-                    tags=tuple(svc.get("Tags") or ()),
-                    meta=dict(svc.get("Meta") or {}),
-                )
+            instance = Instance(
+                id=svc["ID"],
+                service=svc["Service"],
+                address=svc["Address"] or entry["Node"]["Address"],
+                port=svc["Port"],
+                tags=tuple(svc.get("Tags") or ()),
+                meta=dict(svc.get("Meta") or {}),
             )
-        return new_index, instances
+            passing = all(check.get("Status") == "passing" for check in entry.get("Checks") or ())
+            entries.append((instance, passing))
+        return new_index, entries
 
     async def close(self) -> None:
         """Closes the HTTP connection pool."""
         await self._http.aclose()
 
 
-def _seconds(duration: str) -> float:
+def duration_seconds(duration: str) -> float:
     """Seconds in a Consul duration such as "30s", "2m" or "500ms"."""
     units = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
     for suffix, factor in units:

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import random
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from services.kit.consul import ConsulClient, Registration
 from services.kit.interceptors import ErrorMappingInterceptor
 from services.kit.settings import ServiceSettings
+from services.kit.streams import Backoff
 from services.kit.telemetry import server_interceptors
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,10 @@ class GrpcService:
     Health starts NOT_SERVING; the service calls `set_serving(True)` once it can answer. Shutdown follows one
     order: health NOT_SERVING, deregister from Consul, stop the server with a grace period, then run the
     service's own cleanups (close Redis, channels) in reverse order of registration.
+
+    The registration heals: every `consul_resync_interval` the service asks its local agent for its own record and
+    registers again (checks, tags, meta) when the agent lost it (a restarted dev agent keeps nothing) or holds
+    an older one (a tag change made while the agent was down), with backoff and jitter while the agent is away.
     """
 
     def __init__(self, spec: ServiceSpec, settings: ServiceSettings, tracer_provider: TracerProvider) -> None:
@@ -59,6 +65,8 @@ class GrpcService:
         self._server: grpc.aio.Server | None = None
         self._consul: ConsulClient | None = None
         self._registration: Registration | None = None
+        self._keeper: asyncio.Task | None = None
+        self._serving = False
         self._stopped = asyncio.Event()
         self._stopping = False
         self._tls = False
@@ -103,6 +111,7 @@ class GrpcService:
         logger.info("%s listening on %s:%d", self.spec.name, self.settings.host, self.port)
         if self.settings.consul_enabled:
             await self._register()
+            self._keeper = asyncio.create_task(self._keep_registered(), name=f"{self.spec.name}-registration")
         return self.port
 
     @property
@@ -112,6 +121,7 @@ class GrpcService:
 
     async def set_serving(self, serving: bool) -> None:
         """Sets the overall health and that of every proto service this server serves."""
+        self._serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.spec.proto_services):
             await self._health.set(name, status)
@@ -122,14 +132,18 @@ class GrpcService:
         await self._health.set(name, status)
 
     async def update_registration(self, *, tags: list[str] | None = None, meta: dict[str, str] | None = None) -> None:
-        """Re-registers with new tags or meta (e.g. the models a predictor serves)."""
+        """Re-registers with new tags or meta (e.g. the models a predictor serves). When the agent cannot be
+        reached, the change is kept and the registration keeper makes it when the agent is back."""
         if self._registration is None or self._consul is None:
             return
         if tags is not None:
-            self._registration.tags = tags
+            self._registration.tags = list(tags)
         if meta is not None:
-            self._registration.meta = meta
-        await self._consul.register(self._registration)
+            self._registration.meta = dict(meta)
+        try:
+            await self._consul.register(self._registration, passing=self._serving)
+        except httpx.HTTPError as exc:
+            logger.warning("Consul unreachable (%s); %s registers its new tags when it is back", exc, self.instance_id)
 
     async def _register(self) -> None:
         self._consul = ConsulClient(self.settings.consul_url)
@@ -147,13 +161,37 @@ class GrpcService:
         )
         for attempt in range(20):
             try:
-                await self._consul.register(self._registration)
+                await self._consul.register(self._registration, passing=self._serving)
                 return
             except httpx.HTTPError as exc:
                 if attempt == 19:
                     raise
                 logger.warning("Consul at %s not reachable (%s); retrying", self.settings.consul_url, exc)
                 await asyncio.sleep(0.5)
+
+    async def _keep_registered(self) -> None:
+        """Re-registers whenever the local agent's record of this instance is missing or out of date."""
+        assert self._consul is not None and self._registration is not None
+        backoff = Backoff(initial=0.5, maximum=self.settings.consul_resync_interval * 2)
+        interval = self.settings.consul_resync_interval
+        delay = interval
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                registered = await self._consul.registered(self.instance_id)
+                if registered is None or not self._registration.matches(registered):
+                    reason = "lost it" if registered is None else "holds an older record"
+                    await self._consul.register(self._registration, passing=self._serving)
+                    logger.warning("registered %s again: the Consul agent %s", self.instance_id, reason)
+            except httpx.HTTPError as exc:
+                delay = backoff.next()
+                logger.warning(
+                    "Consul agent unreachable (%s); checking %s again in %.1fs", exc, self.instance_id, delay
+                )
+                continue
+            backoff.reset()
+            # Spread the checks of many instances so that they do not reach a restarted agent all at once.
+            delay = interval * random.uniform(0.8, 1.2)
 
     async def stop(self) -> None:
         """Shuts down in order; safe to call twice."""
@@ -162,6 +200,9 @@ class GrpcService:
             return
         self._stopping = True
         logger.info("%s shutting down", self.spec.name)
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
         await self.set_serving(False)
         if self._consul is not None:
             try:

@@ -38,6 +38,13 @@ class ServiceSettings(BaseSettings):
     """How long Consul waits for the health answer before the check fails (a busy host answers slowly)."""
     consul_deregister_after: str = "1m"
     """Consul removes this instance after its check has been critical this long (a crashed process)."""
+    consul_resync_interval: float = Field(default=2.0, gt=0, le=60)
+    """How often (seconds) the service checks that its local Consul agent still holds its registration, and
+    registers again if not (an agent that restarted has lost it). Re-registration takes at most about twice this
+    after the agent answers again."""
+    discovery_hold_seconds: float = Field(default=60.0, ge=0, le=3600)
+    """When Consul fails or restarts with an empty catalog, how long the instances it last reported healthy stay
+    in use while they register again; instances whose health check fails still leave at once."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis holding the service's state."""
     max_receive_message_bytes: int = Field(default=64 * MiB, ge=1024)
