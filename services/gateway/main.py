@@ -43,7 +43,7 @@ async def start_gateway(settings: GatewaySettings) -> GrpcService:
     await redis.ping()
     consul = ConsulClient(settings.consul_url)
     metrics = GatewayMetrics()
-    backends = Backends(consul, grpc_options(settings))
+    backends = Backends(consul, grpc_options(settings), hold_seconds=settings.discovery_hold_seconds)
     registry_pool = await backends.get(settings.routes.get("modelgrid.registry.v1.", "registry"))
     canary = CanaryWeights(AsyncRegistryClient(registry_pool, client_id="gateway"), settings.canary_weight_tag)
     forwarder = Forwarder(settings, backends, canary, metrics)

@@ -11,9 +11,12 @@ from services.kit.consul import ConsulClient
 class Backends:
     """One InstancePool per Consul service, created and started on first use."""
 
-    def __init__(self, consul: ConsulClient, options: Sequence[tuple[str, object]]) -> None:
+    def __init__(
+        self, consul: ConsulClient, options: Sequence[tuple[str, object]], *, hold_seconds: float = 60.0
+    ) -> None:
         self._consul = consul
         self._options = options
+        self._hold_seconds = hold_seconds
         self._pools: dict[str, InstancePool] = {}
         self._lock = asyncio.Lock()
 
@@ -24,7 +27,13 @@ class Backends:
             async with self._lock:
                 pool = self._pools.get(service)
                 if pool is None:
-                    pool = InstancePool(self._consul, service, picker=fewest_in_flight(), options=self._options)
+                    pool = InstancePool(
+                        self._consul,
+                        service,
+                        picker=fewest_in_flight(),
+                        options=self._options,
+                        hold_seconds=self._hold_seconds,
+                    )
                     await pool.start()
                     self._pools[service] = pool
         return pool

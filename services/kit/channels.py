@@ -72,6 +72,7 @@ class InstancePool:
     """The healthy instances of one service with a channel each.
 
     With `targets`, the pool is that fixed list (no Consul): e.g. a registry address given in the settings.
+    `hold_seconds` is how long the members stay when Consul fails or restarts empty (see ServiceResolver).
     """
 
     def __init__(
@@ -85,11 +86,14 @@ class InstancePool:
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         close_grace: float = 30.0,
+        hold_seconds: float = 60.0,
     ) -> None:
         if consul is None and not targets:
             raise ValueError(f"{service}: an InstancePool needs Consul or fixed targets")
         self.service = service
-        self._resolver = ServiceResolver(consul, service) if consul is not None and not targets else None
+        self._resolver = (
+            ServiceResolver(consul, service, hold_seconds=hold_seconds) if consul is not None and not targets else None
+        )
         self._targets = list(targets)
         self._picker = picker or round_robin()
         self._options = list(options)

@@ -41,7 +41,10 @@ def _registry_pool(settings: PredictorSettings) -> tuple[InstancePool, ConsulCli
         targets = [settings.registry_target]
         return InstancePool(None, settings.registry_service, targets=targets, options=options), None
     consul = ConsulClient(settings.consul_url)
-    return InstancePool(consul, settings.registry_service, options=options), consul
+    pool = InstancePool(
+        consul, settings.registry_service, options=options, hold_seconds=settings.discovery_hold_seconds
+    )
+    return pool, consul
 
 
 class _RegistrationUpdater:

@@ -30,8 +30,11 @@ async def start_trainer(settings: TrainerSettings) -> GrpcService:
     await redis.ping()
     consul = ConsulClient(settings.consul_url)
     targets = [settings.registry_target] if settings.registry_target else []
-    registry_pool = InstancePool(consul, settings.registry_service, targets=targets, options=grpc_options(settings))
-    agent_pool = InstancePool(consul, settings.agent_service)
+    hold = settings.discovery_hold_seconds
+    registry_pool = InstancePool(
+        consul, settings.registry_service, targets=targets, options=grpc_options(settings), hold_seconds=hold
+    )
+    agent_pool = InstancePool(consul, settings.agent_service, hold_seconds=hold)
     settings.shared_dir.mkdir(parents=True, exist_ok=True)
     registry = AsyncRegistryClient(registry_pool, client_id="trainer")
     core = TrainerCore(JobStore(redis, settings.redis_key_prefix), AgentClient(agent_pool), registry, settings)
