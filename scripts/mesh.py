@@ -123,15 +123,25 @@ def _serving(port: int) -> bool:
 
 def _passing_in_consul(consul_name: str, port: int) -> bool:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"{CONSUL_URL}/v1/health/service/{consul_name}?passing=true", timeout=2) as response:
-        return any(entry["Service"]["Port"] == port for entry in json.load(response))
+    try:
+        with opener.open(f"{CONSUL_URL}/v1/health/service/{consul_name}?passing=true", timeout=2) as response:
+            return any(entry["Service"]["Port"] == port for entry in json.load(response))
+    except OSError:
+        return False
 
 
 def up(state_dir: Path, timeout: float = 120.0) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     for service in mesh(state_dir):
         if _pid(state_dir, service.name):
-            print(f"{service.name}: already running on 127.0.0.1:{service.port}")
+            # Left alone. After a Consul restart it registers again by itself within seconds: wait for that, so
+            # that `make up` returns with the mesh whole.
+            deadline = time.monotonic() + 30
+            while not _passing_in_consul(service.consul_name, service.port) and time.monotonic() < deadline:
+                time.sleep(0.3)
+            if not _passing_in_consul(service.consul_name, service.port):
+                sys.exit(f"{service.name} runs but is not passing in Consul; see {state_dir / service.name}.log")
+            print(f"{service.name}: already running on 127.0.0.1:{service.port}, passing in Consul")
             continue
         with (state_dir / f"{service.name}.log").open("ab") as log:
             process = subprocess.Popen(

@@ -72,7 +72,7 @@ class _RegistrationUpdater:
                 tags += [f"alias={model.name}@{alias}" for alias in sorted(model.routes)]
         try:
             await self._service.update_registration(tags=tags)
-        except Exception:  # noqa: BLE001 - the next change retries; serving goes on
+        except Exception:  # noqa: BLE001 - the registration keeper retries; serving goes on
             logger.warning("could not update the Consul registration", exc_info=True)
 
 
