@@ -228,13 +228,14 @@ class Forwarder:
                 code = _UNAVAILABLE
                 return End(_UNAVAILABLE, f"cannot resolve {route.service}: {exc}")
             tried: tuple[str, ...] = ()  # targets that failed this call
+            last: End | None = None  # how the last attempt failed: said when no other instance is left
             remaining = timeout
             while True:
                 try:
                     member = pool.pick(tag=tag, exclude=tried)
                 except ModelgridError as exc:
                     code = _UNAVAILABLE
-                    return End(_UNAVAILABLE, str(exc))
+                    return last or End(_UNAVAILABLE, str(exc))
                 calls = self._unary_calls.get(member.channel)
                 if calls is None:
                     calls = self._unary_calls[member.channel] = {}
@@ -257,9 +258,10 @@ class Forwarder:
                 except grpc.aio.AioRpcError as err:
                     tried += (member.target,)
                     retry = len(tried) < self._attempts and self._retry_allowed(method, metadata)
+                    last = End(err.code(), err.details() or "", self.passable(err.trailing_metadata() or ()))
                     if not self._failed(method, pool, member, err, retry):
                         code = err.code()
-                        return End(code, err.details() or "", self.passable(err.trailing_metadata() or ()))
+                        return last
                 finally:
                     member.in_flight -= 1
                     if not call.done():
@@ -293,12 +295,13 @@ class Forwarder:
                 yield End(_UNAVAILABLE, f"cannot resolve {route.service}: {exc}")
                 return
             tried: tuple[str, ...] = ()  # targets that failed this call
+            last: End | None = None  # how the last attempt failed: said when no other instance is left
             while True:
                 try:
                     member = pool.pick(tag=tag, exclude=tried)
                 except ModelgridError as exc:
                     code = _UNAVAILABLE
-                    yield End(_UNAVAILABLE, str(exc))
+                    yield last or End(_UNAVAILABLE, str(exc))
                     return
                 calls = self._stream_calls.get(member.channel)
                 if calls is None:
@@ -333,9 +336,10 @@ class Forwarder:
                         and len(tried) < self._attempts
                         and self._retry_allowed(method, metadata)
                     )
+                    last = End(err.code(), err.details() or "", self.passable(err.trailing_metadata() or ()))
                     if not self._failed(method, pool, member, err, retry):
                         code = err.code()
-                        yield End(code, err.details() or "", self.passable(err.trailing_metadata() or ()))
+                        yield last
                         return
                 finally:
                     member.in_flight -= 1

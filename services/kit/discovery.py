@@ -118,7 +118,10 @@ class ServiceResolver:
 
     async def _end_blink(self, passing: Sequence[Instance]) -> None:
         if self._blink_since is not None:
-            logger.info("%s: Consul answers for every held instance again (or the hold ran out)", self.service)
+            if self._hold_left() == 0:
+                logger.warning("%s: the hold ran out; instances still missing from Consul leave", self.service)
+            else:
+                logger.info("%s: every held instance is back in Consul", self.service)
         self._blink_since = None
         await self._update(passing)
 

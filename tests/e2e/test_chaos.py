@@ -187,6 +187,7 @@ def test_redis_kill_9_and_restart(mesh):
                 rpb.SetAliasRequest(model_name=mesh.model, alias="staging", version=2), timeout=20
             )
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+        assert "state store (Redis)" in failed.value.details()  # what is down, not "no healthy instance"
         time.sleep(2)
         mesh.redis.start()
         back = time.monotonic()
