@@ -2,15 +2,19 @@
 
 A blob is written to a temporary file while it is hashed, verified against the digest the client declared, then
 committed with an atomic rename. Identical bytes are stored once. Temporary files left by a crash are removed when
-the store opens. `BlobStore` is the interface an object-store backend would implement.
+the store opens. A full disk or quota (ENOSPC, EDQUOT) on any step of an upload drops the staged bytes and raises
+ResourceExhausted; what is stored already stays readable. `BlobStore` is the interface an object-store backend would
+implement.
 """
 
 import abc
+import errno
 import hashlib
 import logging
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from services.kit.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
@@ -25,7 +29,8 @@ class BlobWriter(abc.ABC):
 
     @abc.abstractmethod
     def write(self, data: bytes) -> None:
-        """Appends bytes; raises ResourceExhausted past the size limit."""
+        """Appends bytes; raises ResourceExhausted past the size limit or when the store is out of space (the
+        upload is then aborted)."""
 
     @property
     @abc.abstractmethod
@@ -34,7 +39,8 @@ class BlobWriter(abc.ABC):
 
     @abc.abstractmethod
     def commit(self, expected_digest: str) -> str:
-        """Verifies the digest and makes the blob permanent; on a mismatch aborts and raises InvalidArgument."""
+        """Verifies the digest and makes the blob permanent; on a mismatch aborts and raises InvalidArgument, out
+        of space aborts and raises ResourceExhausted."""
 
     @abc.abstractmethod
     def abort(self) -> None:
@@ -68,6 +74,9 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+_NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "its disk quota is exceeded"}
+
+
 class LocalBlobWriter(BlobWriter):
     """Writes into <root>/tmp, renames into <root>/sha256/<ab>/<digest> on commit."""
 
@@ -75,13 +84,32 @@ class LocalBlobWriter(BlobWriter):
         self._store = store
         self._max_bytes = max_bytes
         self._path = store.tmp_dir / f"{uuid.uuid4().hex}.part"
-        self._file = self._path.open("wb")
         self._hash = hashlib.sha256()
         self.size = 0
+        with self._space_errors():
+            self._file = self._path.open("wb")
+
+    @contextmanager
+    def _space_errors(self) -> Iterator[None]:
+        """A full disk or quota in the block (write, flush, fsync, mkdir, rename): drops the upload and raises
+        ResourceExhausted with a message for the client that names no server path (the log has it)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE:
+                raise
+            self.abort()
+            logger.error("blob store %s: %s; refused an upload after %d bytes", self._store.root, exc, self.size)
+            raise ResourceExhausted(
+                f"the registry's blob store is out of space ({_NO_SPACE[exc.errno]}): the upload was discarded "
+                f"after {self.size} bytes and nothing was stored; free space on the registry's blob volume (or "
+                "ask its operator to), then upload again"
+            ) from exc
 
     @property
     def staged_path(self) -> Path:
-        self._file.flush()
+        with self._space_errors():
+            self._file.flush()
         return self._path
 
     def write(self, data: bytes) -> None:
@@ -91,7 +119,8 @@ class LocalBlobWriter(BlobWriter):
                 f"artifact is larger than the registry's limit of {self._max_bytes} bytes "
                 "(setting MODELGRID_REGISTRY_MAX_ARTIFACT_BYTES)"
             )
-        self._file.write(data)
+        with self._space_errors():
+            self._file.write(data)
         self._hash.update(data)
         self.size += len(data)
 
@@ -103,21 +132,26 @@ class LocalBlobWriter(BlobWriter):
                 f"artifact digest mismatch: declared {expected_digest}, received bytes hash to {actual} "
                 f"({self.size} bytes); the upload was discarded"
             )
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        final = self._store.blob_path(actual)
-        if final.exists():
-            self._path.unlink()  # identical bytes are already stored
-        else:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self._path, final)
-            _fsync_dir(final.parent)
+        with self._space_errors():
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            final = self._store.blob_path(actual)
+            if final.exists():
+                self._path.unlink()  # identical bytes are already stored
+            else:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self._path, final)
+                _fsync_dir(final.parent)
         return actual
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        file = getattr(self, "_file", None)
+        if file is not None and not file.closed:
+            try:
+                file.close()  # flushes what is buffered: fails again on a full disk, and closes the file anyway
+            except OSError as exc:
+                logger.debug("closing the aborted upload %s: %s", self._path.name, exc)
         self._path.unlink(missing_ok=True)
 
 
