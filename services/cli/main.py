@@ -8,8 +8,9 @@ straight to one predictor replica); they default to --target. `batch submit`/`ba
 `dataset.upload` also use --target, whose blob store keeps data sets and results. --api-key ($MODELGRID_API_KEY)
 is sent as `authorization: Bearer <key>` when the gateway requires keys.
 
-Exit codes: 0 success, 1 the command failed (a gRPC error prints `error: <CODE>: <details>`), 2 bad usage,
-130 interrupted. Tests call `run(argv)`, which returns the code; the console script calls `main()`.
+Exit codes: 0 success, 1 the command failed (a gRPC error prints `error: <CODE>: <details>`, and for UNAVAILABLE a
+`hint:` line on what to check), 2 bad usage, 130 interrupted. Tests call `run(argv)`, which returns the code; the
+console script calls `main()`.
 """
 
 import argparse
@@ -139,10 +140,16 @@ def _execute(args: argparse.Namespace, out: Output) -> None:
             args.handler(PredictorSession.over(session, predictor_channel), args)
 
 
+_UNAVAILABLE_HINT = (
+    "\nhint: the service is down, restarting or not at that address: check that it runs and that --target "
+    "(MODELGRID_TARGET), --predictor or --trainer point at it, then run the command again"
+)
+
+
 def _rpc_error_text(err: grpc.RpcError) -> str:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    return f"{code.name}: {details}"
+    return f"{code.name}: {details}{_UNAVAILABLE_HINT if code == grpc.StatusCode.UNAVAILABLE else ''}"
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -35,6 +35,8 @@ def domain_error(err: grpc.RpcError, service: str) -> errors.ModelgridError:
     error = _ERROR_OF.get(code)
     if error is not None:
         return error(details or f"{service}: {code.name}")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return errors.Unavailable(f"{service} is unavailable ({code.name}): down or restarting; retry when it is back")
     return errors.Unavailable(f"{service} failed ({code.name})")
 
 
