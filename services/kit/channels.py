@@ -23,6 +23,8 @@ from services.kit.telemetry import client_interceptors
 
 logger = logging.getLogger(__name__)
 
+MAX_RECONNECT_BACKOFF_MS = 5000
+
 
 @dataclass(eq=False)
 class Member:
@@ -96,7 +98,11 @@ class InstancePool:
         )
         self._targets = list(targets)
         self._picker = picker or round_robin()
-        self._options = list(options)
+        # gRPC's own reconnect backoff grows to two minutes: a restarted instance at the same address (a fixed
+        # target, or one that registers again) would wait that long to be used again.
+        self._options = [*options]
+        if not any(name == "grpc.max_reconnect_backoff_ms" for name, _ in self._options):
+            self._options.append(("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS))
         self._interceptors = list(client_interceptors() if interceptors is None else interceptors)
         self._credentials = credentials
         self._close_grace = close_grace
