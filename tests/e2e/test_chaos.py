@@ -7,7 +7,8 @@ predictions runs through the gateway, brings it back, and measures how long the 
 - Consul: every service registered again within 10 s of the agent's return, zero failed predictions;
 - Redis: the registry answers within 5 s of Redis's return, predictions go on, followers resume from their cursor;
 - the registry: predictions go on from what the predictors loaded, writes fail UNAVAILABLE, and succeed again
-  once it is back.
+  once it is back;
+- Consul under a training job: the job trains on, with no restart (its worker agent is held, not lost).
 """
 
 import threading
@@ -28,6 +29,8 @@ from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from modelgrid.registry.v1 import registry_pb2_grpc
+from modelgrid.trainer.v1 import trainer_pb2 as tpb
+from modelgrid.trainer.v1 import trainer_pb2_grpc
 from services.kit.convert import ref_to_pb
 from services.kit.localinfra import ConsulAgent, RedisServer, redis_ping
 from services.kit.tensors import array_to_tensor
@@ -110,6 +113,7 @@ def mesh(tmp_path_factory, launch, client_for, unique, build_saved_model):
                 gateway=gateway,
                 predictor=predictor_pb2_grpc.PredictorStub(gateway_channel),
                 registry_via_gateway=registry_pb2_grpc.ModelRegistryStub(gateway_channel),
+                trainer=trainer_pb2_grpc.TrainerStub(gateway_channel),
                 admin=gateway_pb2_grpc.GatewayAdminStub(gateway_channel),
             )
             wait_for(lambda: both_predictors_route(ns), timeout=60, what="both predictors serving the model")
@@ -220,6 +224,39 @@ def test_registry_kill_9_and_restart(mesh):
     assert not loop.failures()
     mesh.client.stub.SetAlias(rpb.SetAliasRequest(model_name=mesh.model, alias="production", version=1))
     wait_for(lambda: _all_answer_with(mesh, 1), timeout=30, what="predictions from version 1 after the move")
+
+
+def test_a_training_job_trains_on_across_a_consul_restart(mesh, digits_spec, unique):
+    name = unique("chaos-trained")
+    spec = digits_spec(workers=1, register_model=name)
+    job = mesh.trainer.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+    _wait_job(mesh, job.id, lambda j: j.state == tpb.JOB_STATE_RUNNING, timeout=120)
+    mesh.consul.kill()
+    time.sleep(3)
+    mesh.consul.start()
+    done = _wait_job(mesh, job.id, lambda j: j.state in FINAL_JOB_STATES, timeout=240)
+    assert tpb.JobState.Name(done.state) == "JOB_STATE_SUCCEEDED", done.message
+    assert (done.attempt, done.restarts) == (1, 0), "the job was restarted: its agent was taken for lost"
+    assert done.registered_version == 1
+
+
+FINAL_JOB_STATES = {tpb.JOB_STATE_SUCCEEDED, tpb.JOB_STATE_FAILED, tpb.JOB_STATE_CANCELLED}
+
+
+def _wait_job(ns, job_id: str, predicate, *, timeout: float) -> tpb.Job:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            job = ns.trainer.GetJob(tpb.GetJobRequest(id=job_id), timeout=10)
+            if predicate(job):
+                return job
+            if job.state in FINAL_JOB_STATES:
+                raise AssertionError(f"job ended {tpb.JobState.Name(job.state)} while waiting: {job.message}")
+        except grpc.RpcError as err:
+            # Only while Consul restarts and the gateway re-resolves: then an answer again.
+            print(f"GetJob through the gateway: {err.code().name} {err.details()}")
+        assert time.monotonic() < deadline, f"job {job_id} not there within {timeout}s"
+        time.sleep(0.5)
 
 
 def _registry_answers(ns) -> bool:
