@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from services.kit import errors
+from services.kit.redis_client import is_outage, outage_error
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +56,25 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
             await context.abort(exc.code(), exc.details() or exc.code().name)
         logger.warning("a dependency of %s failed: %s %s", method, exc.code().name, exc.details())
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"a service this call depends on failed ({exc.code().name})")
+    if is_outage(exc):  # Redis down, restarting or replaying its AOF: retryable, never INTERNAL
+        logger.warning("%s: Redis is unavailable: %s: %s", method, type(exc).__name__, exc)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(outage_error(exc, _service_of(method))))
     incident = uuid.uuid4().hex[:12]
     logger.error("unexpected error in %s (incident %s)", method, incident, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server log has details")
 
 
+def _service_of(method: str) -> str:
+    """The service of a method: "registry" for "/modelgrid.registry.v1.ModelRegistry/GetModel", "" for a method
+    of no modelgrid service (health, reflection, TF Serving and KServe protocols)."""
+    package = method.lstrip("/").split("/", 1)[0].split(".")
+    return package[1] if len(package) > 2 and package[0] == "modelgrid" else ""
+
+
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps ModelgridError subclasses to their status code with their message; anything else to INTERNAL with a
-    generic message (the traceback goes to the log, never to the client)."""
+    """Maps ModelgridError subclasses to their status code with their message, a failed call to another service
+    and a Redis outage to UNAVAILABLE; anything else to INTERNAL with a generic message (the traceback goes to the
+    log, never to the client)."""
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
         handler = await continuation(handler_call_details)

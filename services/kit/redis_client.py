@@ -3,8 +3,11 @@
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, AuthorizationError, BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from services.kit.errors import Unavailable
 
 
 def create_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
@@ -20,3 +23,24 @@ def create_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True for a Redis error that means the server is down, restarting or still loading its data (AOF replay):
+    the call may succeed when retried. Wrong credentials are a configuration error, not an outage."""
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError)) and not isinstance(
+        exc, (AuthenticationError, AuthorizationError)
+    )
+
+
+def outage_error(exc: BaseException, service: str = "") -> Unavailable:
+    """The domain error for a Redis outage (see `is_outage`): retryable, with a message a user can act on and
+    without the server's address or redis-py's internals."""
+    owner = f"the {service}'s" if service else "this service's"
+    if isinstance(exc, BusyLoadingError):
+        state = "is loading its data after a restart"
+    elif isinstance(exc, RedisTimeoutError):
+        state = "does not answer"
+    else:
+        state = "is unreachable"
+    return Unavailable(f"{owner} state store (Redis) {state}; retry in a few seconds")

@@ -36,8 +36,9 @@ class Backoff:
 class StreamFollower(Generic[T]):
     """Runs `open_stream()` -> `on_connect()` -> `on_item(item)` for each item, for as long as it is started.
 
-    When the stream fails (a domain error from a client, or LookupError/no instance) or ends, it waits
-    `backoff.next()` and opens it again; the caller keeps its own cursor, read by `open_stream` each time.
+    When the stream fails (a domain error from a client, LookupError/no instance, or any other error of its
+    callbacks, which is logged with its traceback) or ends, it waits `backoff.next()` and opens it again; the
+    caller keeps its own cursor, read by `open_stream` each time.
     `ready` is set after the first successful `on_connect`.
     """
 
@@ -81,6 +82,9 @@ class StreamFollower(Generic[T]):
                 reason = "it ended"
             except (ModelgridError, LookupError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - a follower lives as long as its process: log, back off, go on
+                logger.error("%s: unexpected error while following", self.name, exc_info=exc)
+                reason = f"unexpected {type(exc).__name__}"
             delay = self._backoff.next()
             logger.warning("%s: the stream broke (%s); reconnecting in %.1fs", self.name, reason, delay)
             await asyncio.sleep(delay)

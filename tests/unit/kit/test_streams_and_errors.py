@@ -2,12 +2,15 @@
 failed calls to domain errors."""
 
 import asyncio
+from types import SimpleNamespace
 
 import grpc
 import pytest
+from redis import exceptions as redis_errors
 
 from services.kit import errors
 from services.kit.convert import ref_from_pb, ref_to_pb, seconds_of, timestamp
+from services.kit.interceptors import ErrorMappingInterceptor
 from services.kit.modelref import ModelRef
 from services.kit.rpc_errors import domain_error, rpc_errors
 from services.kit.streams import Backoff, StreamFollower
@@ -125,3 +128,107 @@ async def test_follower_keeps_retrying_while_the_source_is_down_and_stops_cleanl
     await follower.stop()
     assert attempts >= 5
     assert not follower.ready.is_set()
+
+
+async def test_a_follower_outlives_an_unexpected_error_of_its_callbacks():
+    """A follower lives as long as its process: an error no one expected (here Redis going away under on_item) is
+    logged, and the stream is opened again after the caller's cursor."""
+    received: list[int] = []
+    cursor = {"at": 0}
+    failed = []
+
+    def open_stream():
+        start = cursor["at"]
+
+        async def items():
+            for i in range(start + 1, 6):
+                yield i
+            await asyncio.Event().wait()
+
+        return items()
+
+    async def on_item(item: int) -> None:
+        if item == 3 and not failed:
+            failed.append(item)
+            raise redis_errors.ConnectionError("Error 111 connecting to 198.18.0.7:6379")
+        received.append(item)
+        cursor["at"] = item
+
+    follower = StreamFollower("unexpected", open_stream, on_item, backoff=Backoff(initial=0.01, maximum=0.02))
+    follower.start()
+    try:
+        for _ in range(300):
+            if len(received) >= 5:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await follower.stop()
+    assert received == [1, 2, 3, 4, 5] and failed == [3]
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What the interceptor's wrapper uses of a ServicerContext: abort(code, details), which raises."""
+
+    code: grpc.StatusCode | None = None
+    details = ""
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code, self.details = code, details
+        raise _Aborted
+
+
+async def _status_through_interceptor(exc: Exception, method: str, *, stream: bool) -> tuple[grpc.StatusCode, str]:
+    """The status a server answers when its servicer (a unary or a server-streaming one, after one message)
+    raises `exc`."""
+
+    async def unary(request, context):
+        raise exc
+
+    async def streaming(request, context):
+        yield "first"
+        raise exc
+
+    if stream:
+        handler = grpc.unary_stream_rpc_method_handler(streaming)
+    else:
+        handler = grpc.unary_unary_rpc_method_handler(unary)
+
+    async def continuation(details):
+        return handler
+
+    wrapped = await ErrorMappingInterceptor().intercept_service(continuation, SimpleNamespace(method=method))
+    context = _Context()
+    with pytest.raises(_Aborted):
+        if stream:
+            assert [m async for m in wrapped.unary_stream(None, context)] == ["first"]
+        else:
+            await wrapped.unary_unary(None, context)
+    return context.code, context.details
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("exc", "state"),
+    [
+        (redis_errors.ConnectionError("Error 111 connecting to 198.18.0.7:6379."), "is unreachable"),
+        (redis_errors.BusyLoadingError("loading the dataset"), "is loading its data after a restart"),
+        (redis_errors.TimeoutError("Timeout reading from 198.18.0.7:6379"), "does not answer"),
+    ],
+)
+async def test_a_redis_outage_is_unavailable_with_an_actionable_message_without_internals(exc, state, stream):
+    code, details = await _status_through_interceptor(
+        exc, "/modelgrid.registry.v1.ModelRegistry/SetAlias", stream=stream
+    )
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert details == f"the registry's state store (Redis) {state}; retry in a few seconds"
+    assert "198.18.0.7" not in details
+
+
+async def test_wrong_redis_credentials_are_no_outage_and_stay_internal():
+    exc = redis_errors.AuthenticationError("invalid username-password pair")
+    code, details = await _status_through_interceptor(exc, "/modelgrid.trainer.v1.Trainer/ListJobs", stream=False)
+    assert code == grpc.StatusCode.INTERNAL and "invalid" not in details
