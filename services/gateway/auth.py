@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from services.kit.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
+from services.kit.redis_client import is_outage, outage_error
 
 
 class Scope(enum.StrEnum):
@@ -139,14 +141,21 @@ class Authorizer:
             secret = auth[7:].strip()
         if not secret:
             raise Unauthenticated("missing API key: send `authorization: Bearer <key>` or `x-api-key: <key>`")
-        identity = await self._identify(secret)
-        needed = scopes_needed(method)
-        if Scope.ADMIN not in identity.scopes and not needed & identity.scopes:
-            raise PermissionDenied(
-                f"key {identity.name!r} has scopes {sorted(identity.scopes)}; {method} needs one of {sorted(needed)}"
-            )
-        if identity.key_id:
-            await self._take_token(identity)
+        try:
+            identity = await self._identify(secret)
+            needed = scopes_needed(method)
+            if Scope.ADMIN not in identity.scopes and not needed & identity.scopes:
+                raise PermissionDenied(
+                    f"key {identity.name!r} has scopes {sorted(identity.scopes)}; "
+                    f"{method} needs one of {sorted(needed)}"
+                )
+            if identity.key_id:
+                await self._take_token(identity)
+        except RedisError as exc:
+            # Keys and buckets live in Redis: while it is down both fronts answer UNAVAILABLE (retryable), not INTERNAL.
+            if not is_outage(exc):
+                raise
+            raise outage_error(exc, "gateway") from exc
         return identity
 
     async def _identify(self, secret: str) -> Identity:

@@ -21,9 +21,10 @@ class CanaryWeights:
         self._registry = registry
         self._tag = tag
         self.weights: dict[str, float] = {}
-        # Each (re)connection watches from now, then reads every model's tag: no change is missed in between.
+        self._cursor = ""  # the last event processed: a reconnection resumes after it ("": from now)
+        # Each (re)connection watches from the cursor, then reads every model's tag: no change is missed.
         self._follower = StreamFollower(
-            "canary-weights", lambda: registry.watch(""), self._on_event, on_connect=self._resync
+            "canary-weights", lambda: registry.watch(self._cursor), self._on_event, on_connect=self._resync
         )
 
     @property
@@ -52,6 +53,7 @@ class CanaryWeights:
     async def _on_event(self, event: RegistryEvent) -> None:
         if event.type in _MODEL_EVENTS:
             await self._refresh(event.model_name)
+        self._cursor = event.cursor
 
     async def _refresh(self, name: str) -> None:
         try:

@@ -9,8 +9,10 @@ import logging
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from services.clients.registry import AsyncRegistryClient, EventType, RegistryEvent
+from services.kit.redis_client import is_outage
 from services.kit.streams import Backoff, StreamFollower
 from services.predictor.control import ModelControl
 from services.predictor.domain import VersionPolicy
@@ -72,9 +74,19 @@ class RegistryFollower:
         if self._auto_load and not served:
             if event.type == EventType.VERSION_CREATED:
                 await self._control.load(event.model_name, AUTO_POLICY, wait=False)
-            return
-        if served:
+        elif served:
             logger.info("registry: %s on %s", event.type, event.model_name)
             self._control.refresh(event.model_name)
-        self._cursor = event.cursor
-        await self._redis.set(self._cursor_key, self._cursor)
+        await self._advance(event.cursor)
+
+    async def _advance(self, cursor: str) -> None:
+        """Moves the cursor past a processed event: in memory, which a reconnection resumes after, and in Redis,
+        which a restarted replica resumes after. While Redis is down the one in memory is enough (the next event
+        stores its successor), so an outage never stops the following."""
+        self._cursor = cursor
+        try:
+            await self._redis.set(self._cursor_key, cursor)
+        except RedisError as exc:
+            if not is_outage(exc):
+                raise
+            logger.warning("registry follower: could not store the cursor (Redis unavailable: %s)", exc)
