@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import WatchError
+from redis.exceptions import BusyLoadingError, WatchError
 
 from services.clients.registry.types import (
     Alias,
@@ -28,7 +28,8 @@ from services.clients.registry.types import (
     RegistryEvent,
     VersionStatus,
 )
-from services.kit.errors import AlreadyExists, FailedPrecondition, NotFound
+from services.kit.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from services.kit.redis_client import is_outage
 from services.registry.records import model_from_json, to_json, version_from_json
 
 T = TypeVar("T")
@@ -57,15 +58,27 @@ class RegistryStore:
 
     async def _transact(self, watch: list[str], body: Callable[[Pipeline], Awaitable[T]]) -> T:
         """Runs body(pipe) with `watch` keys watched: body reads, raises domain errors or calls pipe.multi() and
-        queues writes. Retries when another client changed a watched key in between."""
+        queues writes. Retries when another client changed a watched key in between, or when the connection
+        dropped before MULTI/EXEC was sent. A connection lost during MULTI/EXEC leaves the outcome unknown (Redis
+        may have applied it and died before answering): that is Unavailable, never a second run, which could
+        apply the change twice or answer AlreadyExists/FailedPrecondition for a change that was applied."""
         async with self._redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(*watch)
                     result = await body(pipe)
+                except WatchError:  # redis-py's word for "the connection dropped while watching": nothing written
+                    continue
+                try:
                     await pipe.execute()
                     return result
-                except WatchError:
+                except WatchError as exc:
+                    lost = exc.__context__  # the connection error redis-py turned into a WatchError, if any
+                    if lost is not None and is_outage(lost) and not isinstance(lost, BusyLoadingError):
+                        raise Unavailable(
+                            "the registry's state store (Redis) went away while this change was being committed; "
+                            "it may or may not have been applied: read it back, then retry in a few seconds"
+                        ) from lost
                     continue
 
     def _queue_event(self, pipe: Pipeline, event: RegistryEvent) -> None:
@@ -187,7 +200,8 @@ class RegistryStore:
         key, seq_key, requests_key = self._k(name), self._k(name, "seq"), self._k(name, "requests")
 
         async def body(pipe: Pipeline) -> tuple[int, bool]:
-            if not await pipe.exists(key):
+            raw_model = await pipe.get(key)  # read under WATCH, like every value the transaction writes back
+            if raw_model is None:
                 raise NotFound(f"model {name!r} not found; create it first")
             if request_id and (earlier := await pipe.hget(requests_key, request_id)) is not None:
                 return int(earlier), False
@@ -199,7 +213,7 @@ class RegistryStore:
             pipe.hset(self._k(name, "versions"), str(number), to_json(version))
             if request_id:
                 pipe.hset(requests_key, request_id, number)
-            pipe.set(key, _touch(await self._redis.get(key)))
+            pipe.set(key, _touch(raw_model))
             details = {"digest": version.artifact.digest, "size_bytes": str(version.artifact.size_bytes)}
             self._queue_event(
                 pipe,
