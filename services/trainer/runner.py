@@ -17,9 +17,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from redis.exceptions import RedisError
+
 from services.clients.agent import AgentClient
 from services.clients.agent.types import ReplicaEvent, ReplicaKey, ReplicaState
-from services.kit.errors import ModelgridError, ResourceExhausted
+from services.kit.errors import Aborted, DeadlineExceeded, ModelgridError, ResourceExhausted, Unavailable
+from services.kit.redis_client import is_outage
+from services.kit.streams import Backoff
 from services.trainer.domain import EventType, Failure, Job, JobEvent, JobState
 from services.trainer.exit_codes import ExitCode, describe_exit
 from services.trainer.progress import Epoch, Exported, Preempted, ProgressEvent, Started, Step
@@ -312,15 +316,15 @@ class JobRunner:
                     self._failed_at = 0.0
                     message = f"training again at step {self._resume_step} after {recovery:.1f}s"
                     resumed = self._event(EventType.RESUMED, message, step=self._resume_step, recovery_seconds=recovery)
-                    await self._store.save(job, resumed)
+                    await self._save(resumed)
                 step = self._event(EventType.STEP, "", step=job.step, epoch=job.epoch, metrics=dict(job.metrics))
-                await self._store.save(job, step)
+                await self._save(step)
             case Epoch():
                 job.epoch = progress.epoch
                 job.metrics.update(_only(progress.metrics, ("loss", "accuracy", "val_loss", "val_accuracy")))
                 message = f"epoch {job.epoch} done"
                 epoch = self._event(EventType.EPOCH, message, step=job.step, epoch=job.epoch, metrics=dict(job.metrics))
-                await self._store.save(job, epoch)
+                await self._save(epoch)
             case Exported():
                 self._export = (Path(progress.path), dict(progress.metrics))
 
@@ -358,15 +362,50 @@ class JobRunner:
                 await self._end(JobState.FAILED, job.failure.reason)
                 return
             try:
-                job.registered_version = await self._register(job, path, {**job.metrics, **metrics})
+                version = await self._register_patiently(path, {**job.metrics, **metrics})
             except (ModelgridError, OSError) as exc:
                 job.failure = Failure(reason=f"registering the model failed: {exc}")
                 await self._end(JobState.FAILED, job.failure.reason)
                 return
+            if version is None:
+                await self._transition(JobState.CANCELLING, EventType.STATE, "cancelling on request")
+                await self._end(JobState.CANCELLED, "cancelled on request while waiting for the registry")
+                return
+            job.registered_version = version
             message = f"registered {job.spec.register_model}:{job.registered_version}"
             await self._store.save(job, self._event(EventType.REGISTERED, message, version=job.registered_version))
         job.metrics.update(metrics)
         await self._end(JobState.SUCCEEDED, "done")
+
+    async def _register_patiently(self, path: Path, metrics: dict[str, float]) -> int | None:
+        """Registers the export; while the registry is unavailable (or times out, or a concurrent change aborts
+        the call) tries again with backoff for up to `register_retry_seconds`, the job FINALIZING with a message
+        saying it waits. Each try reuses the job's request id, so one whose answer was lost does not create a
+        second version. None when the job is cancelled while waiting; the last error once the time is up."""
+        job, limit = self.job, self._settings.register_retry_seconds
+        deadline = time.monotonic() + limit
+        backoff = Backoff(initial=1.0, maximum=30.0)
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await self._register(job, path, metrics)
+            except (Unavailable, DeadlineExceeded, Aborted) as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if tries == 1:
+                        raise
+                    raise type(exc)(f"{exc} (gave up after {tries} tries in {limit:.0f}s)") from exc
+                delay = min(backoff.next(), left)
+                message = f"registering: try {tries} failed ({exc}); trying again in {delay:.1f}s, for {left:.0f}s more"
+                logger.warning("job %s: %s", job.id, message)
+                await self._transition(JobState.FINALIZING, EventType.STATE, message)
+            try:
+                async with asyncio.timeout(delay):
+                    await self.cancel.wait()
+                return None
+            except TimeoutError:
+                continue
 
     async def _end(self, state: JobState, message: str) -> None:
         failure = self.job.failure if state == JobState.FAILED else None
@@ -386,7 +425,26 @@ class JobRunner:
         self.job.move(state)
         self.job.message = message
         logger.info("job %s -> %s: %s", self.job.id, state.value, message)
-        await self._store.save(self.job, self._event(type_, message, **fields))
+        await self._save(self._event(type_, message, **fields))
+
+    async def _save(self, event: JobEvent) -> None:
+        """Stores the job with its event, waiting out a Redis outage (a restart, an AOF replay): the workers train
+        on meanwhile, their events queue up, and the job goes on where it was when Redis answers again, instead
+        of failing for want of its state store."""
+        backoff, failing_since = Backoff(initial=0.5, maximum=5.0), 0.0
+        while True:
+            try:
+                await self._store.save(self.job, event)
+                break
+            except RedisError as exc:
+                if not is_outage(exc):
+                    raise
+                failing_since = failing_since or time.monotonic()
+                delay = backoff.next()
+                logger.warning("job %s: Redis is unavailable (%s); saving again in %.1fs", self.job.id, exc, delay)
+                await asyncio.sleep(delay)
+        if failing_since:
+            logger.info("job %s: saved again after %.1fs without Redis", self.job.id, time.monotonic() - failing_since)
 
 
 def _only(metrics: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:

@@ -40,6 +40,11 @@ class TrainerSettings(ServiceSettings):
     """A group whose workers have not all started training within this is restarted."""
     restart_backoff_seconds: float = Field(default=1.0, ge=0)
     """First pause before restarting a group; doubles per restart, capped at 30 s."""
+    register_retry_seconds: float = Field(default=600.0, ge=0)
+    """How long a finished job keeps trying to register its model while the registry is unavailable (down,
+    restarting, unreachable): it retries with backoff (1 s doubling to 30 s, with jitter) and stays FINALIZING with a
+    message saying so, then fails. Retries are idempotent: they reuse the job's request id, so a try whose answer
+    was lost does not create a second version. 0: one try."""
     record_shard_ids: bool = False
     """Workers record the example ids of their first-epoch shard (checks that shards are disjoint; one extra
     pass over the data)."""

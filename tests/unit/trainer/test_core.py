@@ -14,7 +14,10 @@ import pytest
 from services.clients.agent import AgentClient
 from services.clients.agent.types import ReplicaState
 from services.clients.registry import AsyncRegistryClient
-from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.kit.channels import InstancePool
+from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.kit.localinfra import free_port
+from services.registry.main import start_registry
 from services.trainer.core import TrainerCore
 from services.trainer.domain import EventType, Job, JobEvent, JobState
 from services.trainer.exit_codes import ExitCode
@@ -302,3 +305,107 @@ async def test_a_finished_job_is_registered_with_its_lineage_and_aliases(
     assert version.params["workers"] == "2" and version.params["epochs"] == "2" and version.params["recipe"] == "mlp"
     # A trainer registering the same job again (after a restart) gets the same version.
     assert await core.register(done, job_dir(trainer_settings, done) / "export", {}) == 1
+
+
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
+
+
+def registering_messages(events: list[JobEvent]) -> list[str]:
+    """The messages of the FINALIZING events that say the registration is waiting for the registry."""
+    return [
+        e.message
+        for e in events
+        if e.type == EventType.STATE and e.state == JobState.FINALIZING and e.message.startswith("registering: ")
+    ]
+
+
+async def test_registration_waits_out_a_registry_outage_then_registers_once(
+    agents, agent_client, cores, digits_npz, registry_settings, unique
+):
+    await agents(slots=2)
+    await ready(agent_client, 1)
+    port = free_port()  # nothing listens here until the registry starts
+    pool = InstancePool(None, "registry", targets=[f"127.0.0.1:{port}"], options=FAST_RECONNECT)
+    await pool.start()
+    client = AsyncRegistryClient(pool, client_id="pytest")
+    core = await cores(client)
+    model = unique("fake")
+    service = None
+    try:
+        job = await core.submit(spec_of(digits_npz, register_model=model, register_aliases=("production",)), "")
+        waiting = await until(core, job.id, lambda j: j.message.startswith("registering: try"))
+        assert waiting.state == JobState.FINALIZING and "registry is unavailable" in waiting.message
+
+        service = await start_registry(registry_settings.model_copy(update={"port": port}))
+        done, events = await until_final(core, job.id, timeout=60)
+
+        assert done.state == JobState.SUCCEEDED and done.registered_version == 1, done
+        assert registering_messages(events), "the job did not say that it waits for the registry"
+        (registered,) = [e for e in events if e.type == EventType.REGISTERED]
+        assert registered.version == 1
+        assert [v.version for v in await client.list_versions(model)] == [1]
+        version = await client.resolve(f"{model}@production")
+        assert version.version == 1 and version.lineage.training_job_id == job.id
+    finally:
+        if service is not None:
+            await service.stop()
+        await pool.close()
+
+
+class LosesTheFirstPushAnswer(AsyncRegistryClient):
+    """The real client, except that the answer to its first push is lost after the registry committed the version
+    (as when the connection drops right then): the caller sees Unavailable."""
+
+    pushes = 0
+
+    async def push_savedmodel(self, *args, **kwargs):
+        self.pushes += 1
+        version = await super().push_savedmodel(*args, **kwargs)
+        if self.pushes == 1:
+            raise Unavailable("registry failed (UNAVAILABLE)")
+        return version
+
+
+async def test_a_registration_whose_answer_was_lost_is_retried_without_a_second_version(
+    agents, agent_client, cores, digits_npz, registry, registry_client, unique
+):
+    await agents(slots=2)
+    await ready(agent_client, 1)
+    pool = InstancePool(None, "registry", targets=[f"127.0.0.1:{registry.port}"])
+    await pool.start()
+    client = LosesTheFirstPushAnswer(pool, client_id="pytest")
+    core = await cores(client)
+    model = unique("fake")
+    try:
+        job = await core.submit(spec_of(digits_npz, register_model=model), "")
+        done, events = await until_final(core, job.id, timeout=60)
+    finally:
+        await pool.close()
+
+    assert done.state == JobState.SUCCEEDED and done.registered_version == 1, done
+    assert client.pushes == 2 and len(registering_messages(events)) == 1
+    assert [v.version for v in await registry_client.list_versions(model)] == [1]
+    assert (await registry_client.get_model(model)).latest_version == 1
+
+
+async def test_registration_gives_up_after_its_time_and_a_cancel_ends_the_wait(
+    agents, agent_client, cores, digits_npz, trainer_settings, unique
+):
+    await agents(slots=2)
+    await ready(agent_client, 1)
+    trainer_settings.register_retry_seconds = 1.5
+    core = await cores()  # its registry client reaches nothing
+
+    job = await core.submit(spec_of(digits_npz, register_model=unique("fake")), "")
+    done, events = await until_final(core, job.id)
+    assert done.state == JobState.FAILED, done
+    assert done.failure.reason.startswith("registering the model failed: registry is unavailable")
+    assert "gave up after" in done.failure.reason and registering_messages(events)
+
+    trainer_settings.register_retry_seconds = 600
+    job = await core.submit(spec_of(digits_npz, register_model=unique("fake")), "")
+    await until(core, job.id, lambda j: j.message.startswith("registering: try"))
+    await core.cancel(job.id)
+    done, events = await until_final(core, job.id)
+    assert done.state == JobState.CANCELLED and done.registered_version == 0, done
+    assert states(events)[-3:] == ["FINALIZING", "CANCELLING", "CANCELLED"]
