@@ -181,16 +181,16 @@ class TrainerCore:
                 message = f"waiting for {job.workers} free slots; {sum(max(f, 0) for f in free.values())} free"
                 if job.message != message:
                     job.message = message
-                    await self._store.save(job)
+                    await self._store.save_patiently(job)
                 continue
             job.move(JobState.SCHEDULING)
             job.message = f"placing on {sorted(set(agents))}"
-            await self._store.save(job, _state_event(job))
+            await self._store.save_patiently(job, _state_event(job))
             if await self._assign(job, agents):
                 self._spawn(job, reattach=False)
             else:
                 job.move(JobState.PENDING)
-                await self._store.save(job)
+                await self._store.save_patiently(job)
 
     async def _assign(self, job: Job, agents: list[str]) -> bool:
         """Reserves ports on the chosen agents (the same ports for the job's whole life on an agent) and records
@@ -208,7 +208,7 @@ class TrainerCore:
                 return False
             placements += [Placement(t, agent, f"{host}:{port}") for t, port in zip(tasks, ports, strict=True)]
         job.placements = sorted(placements, key=lambda p: p.task_index)
-        await self._store.save(job)
+        await self._store.save_patiently(job)
         return True
 
     async def _replace(self, job: Job) -> bool:
@@ -223,7 +223,7 @@ class TrainerCore:
             return True
         job.move(JobState.PENDING)
         job.message = "lost an agent; waiting for free slots"
-        await self._store.save(job, _state_event(job))
+        await self._store.save_patiently(job, _state_event(job))
         self._runners.pop(job.id, None)
         self._wake.set()
         return False
@@ -246,7 +246,7 @@ class TrainerCore:
             job.failure.reason = job.failure.reason or "internal error in the trainer"
             if job.state not in FINAL:
                 job.state = JobState.FAILED
-                await self._store.save(job, _state_event(job, "internal error in the trainer"))
+                await self._store.save_patiently(job, _state_event(job, "internal error in the trainer"))
         finally:
             if self._runners.get(job.id, (None,))[0] is runner:
                 self._runners.pop(job.id, None)

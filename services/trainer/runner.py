@@ -17,12 +17,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from redis.exceptions import RedisError
-
 from services.clients.agent import AgentClient
 from services.clients.agent.types import ReplicaEvent, ReplicaKey, ReplicaState
 from services.kit.errors import Aborted, DeadlineExceeded, ModelgridError, ResourceExhausted, Unavailable
-from services.kit.redis_client import is_outage
 from services.kit.streams import Backoff
 from services.trainer.domain import EventType, Failure, Job, JobEvent, JobState
 from services.trainer.exit_codes import ExitCode, describe_exit
@@ -373,7 +370,7 @@ class JobRunner:
                 return
             job.registered_version = version
             message = f"registered {job.spec.register_model}:{job.registered_version}"
-            await self._store.save(job, self._event(EventType.REGISTERED, message, version=job.registered_version))
+            await self._save(self._event(EventType.REGISTERED, message, version=job.registered_version))
         job.metrics.update(metrics)
         await self._end(JobState.SUCCEEDED, "done")
 
@@ -428,23 +425,7 @@ class JobRunner:
         await self._save(self._event(type_, message, **fields))
 
     async def _save(self, event: JobEvent) -> None:
-        """Stores the job with its event, waiting out a Redis outage (a restart, an AOF replay): the workers train
-        on meanwhile, their events queue up, and the job goes on where it was when Redis answers again, instead
-        of failing for want of its state store."""
-        backoff, failing_since = Backoff(initial=0.5, maximum=5.0), 0.0
-        while True:
-            try:
-                await self._store.save(self.job, event)
-                break
-            except RedisError as exc:
-                if not is_outage(exc):
-                    raise
-                failing_since = failing_since or time.monotonic()
-                delay = backoff.next()
-                logger.warning("job %s: Redis is unavailable (%s); saving again in %.1fs", self.job.id, exc, delay)
-                await asyncio.sleep(delay)
-        if failing_since:
-            logger.info("job %s: saved again after %.1fs without Redis", self.job.id, time.monotonic() - failing_since)
+        await self._store.save_patiently(self.job, event)
 
 
 def _only(metrics: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:

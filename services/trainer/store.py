@@ -6,15 +6,21 @@ Keys (after the prefix): job:{id}, jobs (sorted set by submit time), requests (h
 job:{id}:events (stream).
 """
 
+import asyncio
 import dataclasses
 import json
+import logging
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 
 from services.kit.errors import NotFound
+from services.kit.redis_client import is_outage
+from services.kit.streams import Backoff
 from services.trainer.domain import FINAL, EventType, Failure, Job, JobEvent, JobState
+
+logger = logging.getLogger(__name__)
 
 
 class JobStore:
@@ -60,6 +66,25 @@ class JobStore:
             if event is not None:
                 self._queue_event(pipe, job.id, event)
             await pipe.execute()
+
+    async def save_patiently(self, job: Job, event: JobEvent | None = None) -> None:
+        """`save`, waiting out a Redis outage (a restart, an AOF replay) with backoff instead of failing: for the
+        trainer's own writes (a running job's progress, scheduling), which have no caller to answer UNAVAILABLE
+        to. The workers train on meanwhile, and the job goes on where it was when Redis answers again."""
+        backoff, failing_since = Backoff(initial=0.5, maximum=5.0), 0.0
+        while True:
+            try:
+                await self.save(job, event)
+                break
+            except RedisError as exc:
+                if not is_outage(exc):
+                    raise
+                failing_since = failing_since or time.monotonic()
+                delay = backoff.next()
+                logger.warning("job %s: Redis is unavailable (%s); saving again in %.1fs", job.id, exc, delay)
+                await asyncio.sleep(delay)
+        if failing_since:
+            logger.info("job %s: saved again after %.1fs without Redis", job.id, time.monotonic() - failing_since)
 
     def _queue_event(self, pipe, job_id: str, event: JobEvent) -> None:
         data = dataclasses.asdict(event)

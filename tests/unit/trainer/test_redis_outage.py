@@ -163,3 +163,26 @@ async def test_a_job_trains_through_a_redis_kill_and_its_watcher_resumes_after_i
     assert states[-2:] == [pb.JOB_STATE_FINALIZING, pb.JOB_STATE_SUCCEEDED]
     stored, newest = await job_as_stored(own_redis.url, prefix, job.id)
     assert stored.state.value == newest["state"] == "SUCCEEDED" and stored.step == STEPS_PER_EPOCH * EPOCHS
+
+
+async def test_a_job_scheduled_while_redis_is_down_starts_when_it_is_back(trainer, own_redis, agents, digits_spec):
+    """The scheduler's writes wait out the outage: a job whose slots free up meanwhile is neither lost in an
+    unsaved state nor failed, and runs once Redis answers."""
+    stub, _ = trainer
+    spec = digits_spec(workers=3, report_every_steps=5)
+    spec.hyper_parameters.epochs = 1
+    spec.recipe_params.update({"steps_per_epoch": 10})
+    job = await stub.SubmitJob(pb.SubmitJobRequest(spec=spec, request_id=uuid.uuid4().hex))
+    assert (await stub.GetJob(pb.GetJobRequest(id=job.id))).state == pb.JOB_STATE_PENDING  # two slots of three
+
+    own_redis.kill()
+    await agents(slots=1)  # the third slot: the scheduler places the job while Redis is away
+    await asyncio.sleep(OUTAGE_S)
+    await asyncio.to_thread(own_redis.start)
+
+    deadline = time.monotonic() + 60
+    while (done := await stub.GetJob(pb.GetJobRequest(id=job.id))).state not in FINAL:
+        assert time.monotonic() < deadline, f"the job never ran after Redis came back: {done}"
+        await asyncio.sleep(0.1)
+    assert done.state == pb.JOB_STATE_SUCCEEDED, done
+    assert (done.attempt, done.restarts) == (1, 0)
