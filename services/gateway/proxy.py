@@ -176,6 +176,12 @@ class Forwarder:
         route.pool = pool
         return pool
 
+    @staticmethod
+    def _unresolved(service: str, exc: Exception) -> str:
+        """The caller's message when the first lookup of a service in Consul fails (the cause goes to the log)."""
+        logger.warning("cannot find the instances of %s in Consul: %s", service, exc)
+        return f"the gateway cannot find {service} instances: service discovery (Consul) does not answer; retry soon"
+
     def _forget_departed(self) -> None:
         """Drops the cached callables of channels no pool uses any more."""
         live = {m.channel for pool in self._backends.all.values() for m in pool.members.values()}
@@ -226,7 +232,7 @@ class Forwarder:
                 pool = route.pool or await self._pool(route)
             except Exception as exc:  # noqa: BLE001 - Consul unreachable: the call is UNAVAILABLE, not INTERNAL
                 code = _UNAVAILABLE
-                return End(_UNAVAILABLE, f"cannot resolve {route.service}: {exc}")
+                return End(_UNAVAILABLE, self._unresolved(route.service, exc))
             tried: tuple[str, ...] = ()  # targets that failed this call
             last: End | None = None  # how the last attempt failed: said when no other instance is left
             remaining = timeout
@@ -292,7 +298,7 @@ class Forwarder:
                 pool = route.pool or await self._pool(route)
             except Exception as exc:  # noqa: BLE001 - Consul unreachable: the call is UNAVAILABLE, not INTERNAL
                 code = _UNAVAILABLE
-                yield End(_UNAVAILABLE, f"cannot resolve {route.service}: {exc}")
+                yield End(_UNAVAILABLE, self._unresolved(route.service, exc))
                 return
             tried: tuple[str, ...] = ()  # targets that failed this call
             last: End | None = None  # how the last attempt failed: said when no other instance is left
