@@ -315,9 +315,19 @@ class RedisServer(_LoopbackProcess):
 
     name = "redis"
 
-    def __init__(self, state_dir: Path | str, *, port: int | None = None, detached: bool = False) -> None:
+    def __init__(
+        self,
+        state_dir: Path | str,
+        *,
+        port: int | None = None,
+        detached: bool = False,
+        appendfsync: str = "everysec",
+    ) -> None:
         super().__init__(state_dir, detached=detached)
         self.data_dir = self.state_dir / "redis-data"
+        # "everysec" (the default, as in production) may lose the last second of writes on a host crash, and a
+        # reply can precede its AOF write while a slow fsync is pending; "always" writes and syncs before replying.
+        self.appendfsync = appendfsync
         self._port_given = port is not None
         self.port = port if port is not None else free_port()
 
@@ -349,7 +359,7 @@ class RedisServer(_LoopbackProcess):
             "--bind": LOOPBACK,
             "--dir": str(self.data_dir),
             "--appendonly": "yes",
-            "--appendfsync": "everysec",
+            "--appendfsync": self.appendfsync,
             "--save": "",  # no RDB snapshots: the AOF is the only persistence
             "--daemonize": "no",
             "--protected-mode": "yes",

@@ -42,7 +42,9 @@ FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconne
 
 @pytest.fixture(scope="module")
 def own_redis(tmp_path_factory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("redis-faults")) as server:
+    # "always": a reply is never sent before its AOF write, so "every acknowledged write survives kill -9" holds
+    # even when the shared disk is slow to fsync.
+    with RedisServer(tmp_path_factory.mktemp("redis-faults"), appendfsync="always") as server:
         yield server
 
 
