@@ -23,6 +23,7 @@ from services.gateway.proxy import Forwarder
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstreams import Backends
 from services.kit.consul import ConsulClient
+from services.kit.hostaddr import resolve_addresses
 from services.kit.logs import configure_logging
 from services.kit.redis_client import create_redis
 from services.kit.server import GrpcService, ServiceSpec, grpc_options
@@ -38,6 +39,7 @@ PROTO_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"].full_nam
 async def start_gateway(settings: GatewaySettings) -> GrpcService:
     """Builds and starts a gateway: the native gRPC front, the gRPC-Web front (unless web_port is -1) and /metrics
     (unless metrics_port is -1). Returns the running service (its bound port is `.port`)."""
+    await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(SERVICE_NAME, VERSION, settings)  # before any channel: they take its interceptors
     redis = create_redis(settings.redis_url)
     await redis.ping()

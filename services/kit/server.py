@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.kit.consul import ConsulClient, Registration
+from services.kit.hostaddr import resolve_addresses
 from services.kit.interceptors import ErrorMappingInterceptor
 from services.kit.settings import ServiceSettings
 from services.kit.streams import Backoff
@@ -85,6 +86,7 @@ class GrpcService:
 
     async def start(self) -> int:
         """Binds, starts serving (health NOT_SERVING) and registers in Consul; returns the bound port."""
+        await resolve_addresses(self.settings)
         provider = self._tracer_provider
         self.add_cleanup(lambda: asyncio.to_thread(provider.shutdown))
         server = grpc.aio.server(

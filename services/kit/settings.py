@@ -18,14 +18,16 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MODELGRID_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    """Address the gRPC server binds to (0.0.0.0 in containers)."""
+    host: str = "auto"
+    """Address the gRPC server binds to: "auto" binds the advertised address (kit.hostaddr), 0.0.0.0 in containers,
+    127.0.0.1 to stay on this machine."""
     port: int = 0
     """Port the gRPC server binds to; 0 picks a free port (tests)."""
-    advertise_host: str = "127.0.0.1"
-    """Address other services and Consul's health check use to reach this instance; empty: this host's own
-    address, socket.gethostbyname(socket.gethostname()) (in a container: its address on the compose network,
-    which differs per replica)."""
+    advertise_host: str = "auto"
+    """Address other services and Consul's health check use to reach this instance. "auto": this host's address as
+    its local Consul agent knows it (127.0.0.1 with a dev agent on loopback; see kit.hostaddr); empty: the
+    address this host's name resolves to, socket.gethostbyname(socket.gethostname()) (in a container: its address
+    on the compose network, which differs per replica)."""
     instance_id: str = ""
     """Consul service id of this instance; empty: <service>-<advertise_host>-<port>."""
     consul_url: str = "http://127.0.0.1:8500"

@@ -10,6 +10,7 @@ from modelgrid.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from services.clients.registry import AsyncRegistryClient
 from services.kit.channels import InstancePool
 from services.kit.consul import ConsulClient
+from services.kit.hostaddr import resolve_addresses
 from services.kit.logs import configure_logging
 from services.kit.redis_client import create_redis
 from services.kit.server import GrpcService, ServiceSpec, grpc_options
@@ -80,6 +81,7 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
     """Builds and starts a predictor replica; SERVING once the configured models have had their first load.
     Returns the running service (its bound port is `.port`)."""
     configure_tensorflow(settings.tf_threads)
+    await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(SERVICE_NAME, VERSION, settings)  # before any channel: they take its interceptors
     redis = create_redis(settings.redis_url)
     await redis.ping()

@@ -4,6 +4,7 @@ import asyncio
 import logging
 
 from modelgrid.registry.v1 import registry_pb2, registry_pb2_grpc
+from services.kit.hostaddr import resolve_addresses
 from services.kit.logs import configure_logging
 from services.kit.redis_client import create_redis
 from services.kit.server import GrpcService, ServiceSpec
@@ -23,6 +24,7 @@ PROTO_SERVICE = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistry"].full_n
 
 async def start_registry(settings: RegistrySettings) -> GrpcService:
     """Builds and starts the registry; returns the running service (its bound port is `.port`)."""
+    await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(SERVICE_NAME, VERSION, settings)
     redis = create_redis(settings.redis_url, max_connections=256)
     await redis.ping()

@@ -8,6 +8,7 @@ from services.clients.agent import AgentClient
 from services.clients.registry import AsyncRegistryClient
 from services.kit.channels import InstancePool
 from services.kit.consul import ConsulClient
+from services.kit.hostaddr import resolve_addresses
 from services.kit.logs import configure_logging
 from services.kit.redis_client import create_redis
 from services.kit.server import GrpcService, ServiceSpec, grpc_options
@@ -25,6 +26,7 @@ SERVICE_NAME = "trainer"
 
 async def start_trainer(settings: TrainerSettings) -> GrpcService:
     """Builds and starts the trainer; returns the running service (its bound port is `.port`)."""
+    await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(SERVICE_NAME, VERSION, settings)
     redis = create_redis(settings.redis_url)
     await redis.ping()

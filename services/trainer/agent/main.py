@@ -5,6 +5,7 @@ import logging
 import socket
 from pathlib import Path
 
+from services.kit.hostaddr import resolve_addresses
 from services.kit.logs import configure_logging
 from services.kit.server import GrpcService, ServiceSpec
 from services.kit.telemetry import setup_tracing
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 async def start_agent(settings: AgentSettings) -> GrpcService:
     """Builds and starts a worker agent; returns the running service (its bound port is `.port`). Stopping the
     service stops the agent's workers."""
+    await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(settings.service_name, VERSION, settings)
     supervisor = ReplicaSupervisor(settings)
     servicer = WorkerAgentServicer(supervisor)
