@@ -1,0 +1,1 @@
+"""Running the modelgrid processes of one host from a small description (`modelgrid-host`)."""

@@ -1,0 +1,232 @@
+"""Starts, stops and reports the modelgrid processes of one host from its description: the Consul agent, Redis
+when the host runs it, then its services, each detached with its pid and log under the host's state dir.
+
+`up` is idempotent (what runs is left alone) and returns when every service is SERVING and passing in the local
+Consul agent; `down` stops everything in reverse order; `status` says what runs.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.host.description import HostDescription, ServiceConfig
+from services.kit.localinfra import consul_binary, pid_alive, redis_binary, redis_ping
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class HostError(RuntimeError):
+    """A process of the host did not start or does not answer; the message says where its log is."""
+
+
+class HostRunner:
+    """The processes of one host (see the module docstring)."""
+
+    def __init__(self, host: HostDescription, *, timeout: float = 180.0) -> None:
+        self.host = host
+        self.timeout = timeout
+        self.run_dir = host.state_dir / "run"
+
+    # -- up --------------------------------------------------------------------------------------------------
+
+    def up(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._start("consul", self._consul_command(), {}, answers=self._consul_answers)
+        self._wait(self._consul_has_leader, "the Consul cluster to elect a leader (start the other hosts' agents)")
+        if self.host.redis_port is not None:
+            self._start(
+                "redis", self._redis_command(), {}, answers=lambda: redis_ping(self.host.address, self.host.redis_port)
+            )
+        for service in self.host.services:
+            name = self._name(service)
+            self._start(name, [sys.executable, "-m", service.module], self._service_env(service))
+            self._wait(lambda s=service: self._serving(s) and self._passing(s), f"{name} to serve and pass in Consul")
+            print(f"{name}: serving on {self.host.address}:{service.port}, passing in Consul")
+
+    def _start(self, name: str, command: list[str], env: dict[str, str], answers=None) -> None:
+        if (pid := self._pid(name)) is not None:
+            print(f"{name}: already running (pid {pid})")
+            return
+        log = self.run_dir / f"{name}.log"
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                command,
+                cwd=REPO_ROOT,
+                env={**os.environ, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (self.run_dir / f"{name}.pid").write_text(f"{process.pid}\n")
+        if answers is not None:
+            self._wait(answers, f"{name} to answer", process=process, log=log)
+        print(f"{name}: started (pid {process.pid}, log {log})")
+
+    def _wait(self, condition, what: str, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not condition():
+            if process is not None and process.poll() is not None:
+                raise HostError(f"{what}: it exited with {process.returncode}; see {log}")
+            if time.monotonic() > deadline:
+                raise HostError(f"timed out after {self.timeout:.0f}s waiting for {what}; logs in {self.run_dir}")
+            time.sleep(0.2)
+
+    # -- the processes -----------------------------------------------------------------------------------------
+
+    def _consul_command(self) -> list[str]:
+        consul, host = self.host.consul, self.host
+        command = [
+            consul_binary(),
+            "agent",
+            f"-node={host.name}",
+            f"-bind={host.address}",
+            "-client=127.0.0.1",
+            f"-http-port={consul.http_port}",
+            f"-data-dir={host.state_dir / 'consul'}",
+            "-grpc-port=-1",
+            "-dns-port=-1",
+            "-hcl=disable_update_check = true",
+            "-hcl=leave_on_terminate = true",
+            *(f"-retry-join={peer}" for peer in consul.retry_join),
+        ]
+        if consul.server:
+            command += ["-server", f"-bootstrap-expect={consul.bootstrap_expect}", "-ui"]
+        return command
+
+    def _redis_command(self) -> list[str]:
+        data = self.host.state_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        return [
+            redis_binary(),
+            "--port",
+            str(self.host.redis_port),
+            "--bind",
+            f"{self.host.address} 127.0.0.1",
+            "--dir",
+            str(data),
+            "--appendonly",
+            "yes",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+        ]
+
+    def _service_env(self, service: ServiceConfig) -> dict[str, str]:
+        state = self.host.state_dir
+        per_kind = {
+            "registry": {"BLOB_DIR": str(state / "registry" / "blobs")},
+            "predictor": {"CACHE_DIR": str(state / "predictor" / "cache")},
+            "agent": {"WORK_DIR": str(state / "agent")},
+            "trainer": {
+                "SHARED_DIR": str(state / "trainer"),
+                "RECIPES_DIR": str(REPO_ROOT / "services" / "trainer" / "recipes"),
+            },
+            "gateway": {"WEB_DIR": str(REPO_ROOT / "web" / "dist")},
+        }[service.kind]
+        settings = {
+            "PORT": str(service.port),
+            "HOST": self.host.address,
+            "ADVERTISE_HOST": self.host.address,
+            "CONSUL_URL": self.host.consul.url,
+            "REDIS_URL": self.host.redis_url,
+            **per_kind,
+            **service.settings,
+        }
+        return {f"{service.prefix}{key}": value for key, value in settings.items()}
+
+    # -- checks ----------------------------------------------------------------------------------------------
+
+    def _consul_get(self, path: str):
+        with _NO_PROXY.open(f"{self.host.consul.url}{path}", timeout=2) as response:
+            return json.load(response)
+
+    def _consul_answers(self) -> bool:
+        try:
+            self._consul_get("/v1/agent/self")
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def _consul_has_leader(self) -> bool:
+        try:
+            return bool(self._consul_get("/v1/status/leader"))
+        except (OSError, ValueError):
+            return False
+
+    def _serving(self, service: ServiceConfig) -> bool:
+        with grpc.insecure_channel(f"{self.host.address}:{service.port}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.RpcError:
+                return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def _passing(self, service: ServiceConfig) -> bool:
+        try:
+            entries = self._consul_get(f"/v1/health/service/{service.consul_name}?passing=true")
+        except (OSError, ValueError):
+            return False
+        return any(
+            e["Service"]["Address"] == self.host.address and e["Service"]["Port"] == service.port for e in entries
+        )
+
+    # -- down and status ---------------------------------------------------------------------------------------
+
+    def down(self) -> None:
+        names = [self._name(s) for s in reversed(self.host.services)] + ["redis", "consul"]
+        for name in names:
+            pid = self._pid(name)
+            if pid is not None:
+                _terminate(pid)
+                print(f"{name}: stopped (pid {pid})")
+            (self.run_dir / f"{name}.pid").unlink(missing_ok=True)
+
+    def status(self) -> bool:
+        healthy = True
+        names = ["consul", *(["redis"] if self.host.redis_port is not None else [])]
+        for name in names:
+            pid = self._pid(name)
+            healthy &= pid is not None
+            print(f"{name}: {'running, pid ' + str(pid) if pid else 'not running'}")
+        for service in self.host.services:
+            pid, name = self._pid(self._name(service)), self._name(service)
+            ok = pid is not None and self._serving(service) and self._passing(service)
+            healthy &= ok
+            where = f"{self.host.address}:{service.port}"
+            print(f"{name}: {'serving and passing' if ok else 'DOWN'} on {where}" + (f" pid {pid}" if pid else ""))
+        return healthy
+
+    def _name(self, service: ServiceConfig) -> str:
+        return service.kind
+
+    def _pid(self, name: str) -> int | None:
+        try:
+            pid = int((self.run_dir / f"{name}.pid").read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if pid_alive(pid) else None
+
+
+def _terminate(pid: int, timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + timeout
+        time.sleep(0.1)
