@@ -11,6 +11,7 @@ A small TOML file per host (see deploy/hosts/ for a three-host example)::
     server = true                           # three hosts are servers
     bootstrap_expect = 3
     retry_join = ["198.51.100.1", "198.51.100.3"]
+    # hcl = ["performance { raft_multiplier = 1 }"]   # extra agent configuration, if any
 
     [redis]                                 # present on the one host that runs Redis
     port = 6379
@@ -46,6 +47,7 @@ class ConsulConfig:
     bootstrap_expect: int = 3
     retry_join: tuple[str, ...] = ()
     http_port: int = 8500
+    hcl: tuple[str, ...] = ()  # extra agent configuration, one HCL statement each (e.g. performance tuning)
 
     @property
     def url(self) -> str:
@@ -111,6 +113,7 @@ class HostDescription:
             bootstrap_expect=int(consul_raw.get("bootstrap_expect", 3)),
             retry_join=tuple(consul_raw.get("retry_join", ())),
             http_port=int(consul_raw.get("http_port", 8500)),
+            hcl=tuple(str(line) for line in consul_raw.get("hcl", ())),
         )
         if not consul.retry_join and not (consul.server and consul.bootstrap_expect == 1):
             fail("consul.retry_join must name at least one other Consul server")

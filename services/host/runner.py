@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -46,6 +47,8 @@ class HostRunner:
             self._start(
                 "redis", self._redis_command(), {}, answers=lambda: redis_ping(self.host.address, self.host.redis_port)
             )
+        if any(s.kind != "agent" for s in self.host.services):
+            self._wait(self._redis_answers, f"Redis at {self._redis_address()} (start the host that runs it)")
         for service in self.host.services:
             name = self._name(service)
             self._start(name, [sys.executable, "-m", service.module], self._service_env(service))
@@ -98,6 +101,7 @@ class HostRunner:
             "-hcl=disable_update_check = true",
             "-hcl=leave_on_terminate = true",
             *(f"-retry-join={peer}" for peer in consul.retry_join),
+            *(f"-hcl={line}" for line in consul.hcl),
         ]
         if consul.server:
             command += ["-server", f"-bootstrap-expect={consul.bootstrap_expect}", "-ui"]
@@ -146,6 +150,14 @@ class HostRunner:
         return {f"{service.prefix}{key}": value for key, value in settings.items()}
 
     # -- checks ----------------------------------------------------------------------------------------------
+
+    def _redis_address(self) -> str:
+        parts = urlsplit(self.host.redis_url)
+        return f"{parts.hostname}:{parts.port or 6379}"
+
+    def _redis_answers(self) -> bool:
+        parts = urlsplit(self.host.redis_url)
+        return redis_ping(parts.hostname or "127.0.0.1", parts.port or 6379)
 
     def _consul_get(self, path: str):
         with _NO_PROXY.open(f"{self.host.consul.url}{path}", timeout=2) as response:

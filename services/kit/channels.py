@@ -23,7 +23,17 @@ from services.kit.telemetry import client_interceptors
 
 logger = logging.getLogger(__name__)
 
-MAX_RECONNECT_BACKOFF_MS = 5000
+CHANNEL_DEFAULTS: tuple[tuple[str, int], ...] = (
+    # gRPC's own reconnect backoff grows to two minutes: a restarted instance at the same address (a fixed target,
+    # or one that registers again) would wait that long to be used again.
+    ("grpc.max_reconnect_backoff_ms", 5000),
+    # A host that vanishes (a cut link, a dead machine) sends nothing back: without pings a call to it waits for its
+    # deadline. Ping every 2 s while calls are in flight; no answer in 2 s fails them UNAVAILABLE, retryable
+    # elsewhere. Servers accept these pings (kit.server.KEEPALIVE_POLICY).
+    ("grpc.keepalive_time_ms", 2000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
 
 @dataclass(eq=False)
@@ -98,11 +108,8 @@ class InstancePool:
         )
         self._targets = list(targets)
         self._picker = picker or round_robin()
-        # gRPC's own reconnect backoff grows to two minutes: a restarted instance at the same address (a fixed
-        # target, or one that registers again) would wait that long to be used again.
-        self._options = [*options]
-        if not any(name == "grpc.max_reconnect_backoff_ms" for name, _ in self._options):
-            self._options.append(("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS))
+        given = {name for name, _ in options}
+        self._options = [*options, *((name, value) for name, value in CHANNEL_DEFAULTS if name not in given)]
         self._interceptors = list(client_interceptors() if interceptors is None else interceptors)
         self._credentials = credentials
         self._close_grace = close_grace

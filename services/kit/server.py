@@ -35,6 +35,14 @@ class ServiceSpec:
     meta: dict[str, str] = field(default_factory=dict)
 
 
+KEEPALIVE_POLICY: list[tuple[str, int]] = [
+    # Clients (kit.channels) ping every 2 s while calls are in flight to notice a vanished host: accept that rather
+    # than answering with GOAWAY "too_many_pings" (gRPC's default allows one ping per 5 minutes without data).
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
 def grpc_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     """Channel/server options carrying the message size limits."""
     return [
@@ -91,7 +99,7 @@ class GrpcService:
         self.add_cleanup(lambda: asyncio.to_thread(provider.shutdown))
         server = grpc.aio.server(
             interceptors=[*server_interceptors(provider), ErrorMappingInterceptor()],
-            options=grpc_options(self.settings),
+            options=[*grpc_options(self.settings), *KEEPALIVE_POLICY],
         )
         self.spec.add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
