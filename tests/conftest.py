@@ -7,11 +7,15 @@ Tests reach these helpers through fixtures only; nothing under tests/ is importe
 
 import json
 import os
+import threading
+import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import grpc
 import numpy as np
@@ -158,6 +162,54 @@ def _client_for(target: str) -> tuple[grpc.Channel, RegistryClient]:
 def client_for() -> Callable[[str], tuple[grpc.Channel, RegistryClient]]:
     """`channel, client = client_for(target)`: a sync registry client over a new channel (the caller closes it)."""
     return _client_for
+
+
+@dataclass
+class PredictionLoop:
+    """Calls of `predict()` one after another in a thread, recording each outcome, until the block ends or a
+    bound is reached (chaos and multi-host tests run one across a fault)."""
+
+    MAX_SECONDS: ClassVar[float] = 300.0  # no loop runs longer, whatever happens
+    MAX_CALLS: ClassVar[int] = 50_000
+
+    predict: Callable[[], Any]  # a call whose reply has a `version` (PredictResponse)
+    results: list[tuple[float, str, int]] = field(default_factory=list)  # (time.monotonic(), code name, version)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> "PredictionLoop":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        while not self._stop.is_set() and time.monotonic() - started < PredictionLoop.MAX_SECONDS:
+            if len(self.results) >= PredictionLoop.MAX_CALLS:
+                break
+            try:
+                reply = self.predict()
+                self.results.append((time.monotonic(), "OK", reply.version))
+            except grpc.RpcError as err:
+                self.results.append((time.monotonic(), err.code().name, 0))
+            time.sleep(0.01)
+
+    def failures(self) -> Counter:
+        return Counter(code for _, code, _ in self.results if code != "OK")
+
+    def calls(self) -> int:
+        return len(self.results)
+
+
+@pytest.fixture(scope="session")
+def prediction_loop() -> type[PredictionLoop]:
+    """`with prediction_loop(lambda: stub.Predict(...)) as loop: ...` then `loop.calls()`, `loop.failures()`."""
+    return PredictionLoop
 
 
 # -- services as subprocesses ----------------------------------------------------------------------------------

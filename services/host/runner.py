@@ -115,7 +115,12 @@ class HostRunner:
             "--port",
             str(self.host.redis_port),
             "--bind",
-            f"{self.host.address} 127.0.0.1",
+            self.host.address,
+            "127.0.0.1",
+            # The other hosts' services connect over the network; protected mode would refuse them while Redis has
+            # no password. Keep Redis's port reachable from the modelgrid hosts only.
+            "--protected-mode",
+            "no",
             "--dir",
             str(data),
             "--appendonly",

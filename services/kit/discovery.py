@@ -20,11 +20,13 @@ class ServiceResolver:
 
     `instances` is the cached answer; listeners are called on every change.
 
-    The set holds through a blink of the catalog. When Consul cannot be reached, or comes back with a reset
-    index (a restarted agent that lost its registrations), the instances last seen healthy stay in the set for
-    up to `hold_seconds` while their services register again: an instance leaves during that time only when the
-    catalog holds it with a failing check, never because it is missing. The hold ends when every held instance
-    is back or its time is up; outside a blink, an instance that is deregistered leaves at once.
+    The set holds through a blink of the catalog. While Consul fails, the last answer stays, for up to
+    `hold_seconds`. When the agent could not be reached at all, or comes back with a reset index (a restarted
+    agent that lost its registrations), the instances last seen healthy also stay while their services register
+    again: an instance leaves during that time only when the catalog holds it with a failing check, never because
+    it is missing. The hold ends when every held instance is back or its time is up. An agent that answers with
+    an error (no cluster leader) lost nothing: the servers keep the catalog, so nothing is held after it answers
+    again. Outside a blink, an instance that is deregistered (its node left or died) leaves at once.
     """
 
     def __init__(self, consul: ConsulClient, service: str, *, wait: str = "30s", hold_seconds: float = 60.0) -> None:
@@ -66,20 +68,25 @@ class ServiceResolver:
 
     async def _watch(self, index: int) -> None:
         backoff = Backoff(initial=0.5, maximum=5.0)
+        failing_since = 0.0  # time.monotonic() of the first of the failures in a row
         while True:
             try:
                 new_index, entries = await self._consul.service_health(
                     self.service, index=index, wait=self._query_wait()
                 )
             except (httpx.HTTPError, ValueError) as exc:
-                self._start_blink()
-                delay = min(backoff.next(), self._hold_left() or backoff.maximum)
+                failing_since = failing_since or time.monotonic()
+                if isinstance(exc, httpx.TransportError):
+                    self._start_blink()  # the agent is gone: it may come back empty (a restart)
+                # else it answers but cannot (no cluster leader): the servers keep the catalog, nothing to hold
+                delay = backoff.next()
                 logger.warning("watching %s in Consul failed (%s); retrying in %.1fs", self.service, exc, delay)
                 await asyncio.sleep(delay)
                 index = 0
-                if self._hold_left() == 0:
-                    await self._end_blink([])
+                if time.monotonic() - failing_since >= self._hold_seconds:
+                    await self._end_blink([])  # failing for longer than the hold: the last answer is too old
                 continue
+            failing_since = 0.0
             backoff.reset()
             if new_index < index:
                 self._start_blink()  # the agent restarted: Consul says to start over from index 0

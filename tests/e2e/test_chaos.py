@@ -11,11 +11,8 @@ predictions runs through the gateway, brings it back, and measures how long the 
 - Consul under a training job: the job trains on, with no restart (its worker agent is held, not lost).
 """
 
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import grpc
@@ -40,46 +37,6 @@ pytestmark = pytest.mark.slow
 X = np.array([[0.5, -1.0, 2.0, 0.1]], dtype=np.float32)
 REGISTERED_AGAIN_WITHIN_S = 10.0
 REGISTRY_ANSWERS_WITHIN_S = 5.0
-MAX_LOOP_S = 120.0  # no prediction loop runs longer, whatever happens
-MAX_LOOP_CALLS = 20_000
-
-
-@dataclass
-class PredictionLoop:
-    """Predictions through the gateway, one after another, in a thread, until stopped or bounded out."""
-
-    predict: Callable[[], pb.PredictResponse]
-    results: list[tuple[float, str, int]] = field(default_factory=list)  # (time.monotonic(), code name, version)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> "PredictionLoop":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        started = time.monotonic()
-        while not self._stop.is_set() and time.monotonic() - started < MAX_LOOP_S:
-            if len(self.results) >= MAX_LOOP_CALLS:
-                break
-            try:
-                reply = self.predict()
-                self.results.append((time.monotonic(), "OK", reply.version))
-            except grpc.RpcError as err:
-                self.results.append((time.monotonic(), err.code().name, 0))
-            time.sleep(0.01)
-
-    def failures(self) -> Counter:
-        return Counter(code for _, code, _ in self.results if code != "OK")
-
-    def calls(self) -> int:
-        return len(self.results)
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +113,10 @@ def passing_ids(ns) -> set[str]:
     return {service_id for service_id in services if service_id not in failing}
 
 
-def test_consul_kill_9_and_restart(mesh):
+def test_consul_kill_9_and_restart(mesh, prediction_loop):
     before = passing_ids(mesh)
     assert len(before) == len(mesh.services), f"not every service registered: {before}"
-    with PredictionLoop(lambda: predict(mesh)) as loop:
+    with prediction_loop(lambda: predict(mesh)) as loop:
         time.sleep(1)
         mesh.consul.kill()
         time.sleep(3)  # the outage: predictions go on over the gateway's last routes
@@ -181,8 +138,8 @@ def test_consul_kill_9_and_restart(mesh):
     assert not loop.failures()
 
 
-def test_redis_kill_9_and_restart(mesh):
-    with PredictionLoop(lambda: predict(mesh)) as loop:
+def test_redis_kill_9_and_restart(mesh, prediction_loop):
+    with prediction_loop(lambda: predict(mesh)) as loop:
         time.sleep(1)
         mesh.redis.kill()
         time.sleep(0.5)
@@ -208,8 +165,8 @@ def test_redis_kill_9_and_restart(mesh):
     assert time.monotonic() - back < 60
 
 
-def test_registry_kill_9_and_restart(mesh):
-    with PredictionLoop(lambda: predict(mesh)) as loop:
+def test_registry_kill_9_and_restart(mesh, prediction_loop):
+    with prediction_loop(lambda: predict(mesh)) as loop:
         time.sleep(1)
         mesh.registry.kill()
         with pytest.raises(grpc.RpcError) as failed:

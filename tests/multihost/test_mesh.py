@@ -1,0 +1,271 @@
+"""The mesh on three test hosts, each started by `modelgrid-host up` from its own description, as on real machines:
+
+    a: Consul server, Redis, registry, gateway          (198.18.<k>.1)
+    b: Consul server, predictor, worker agent, trainer  (198.18.<k>.2)
+    c: Consul server, predictor, worker agent           (198.18.<k>.3)
+
+Every service binds and advertises its host's address and registers with the Consul agent of its own host. The
+test process reaches the hosts through the lab's client link (198.18.<k>.254). The tests run in file order and
+share the module's mesh: serving across hosts, then one fault at a time (a cut link, a cut registry host, a dead
+Consul server host), each measured and healed before the next.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+import pytest
+
+from modelgrid.gateway.v1 import gateway_pb2 as gpb
+from modelgrid.gateway.v1 import gateway_pb2_grpc
+from modelgrid.predictor.v1 import predictor_pb2 as pb
+from modelgrid.predictor.v1 import predictor_pb2_grpc
+from modelgrid.registry.v1 import registry_pb2 as rpb
+from services.kit.convert import ref_to_pb
+from services.kit.processes import REPO_ROOT
+from services.kit.tensors import array_to_tensor
+
+pytestmark = [pytest.mark.multihost, pytest.mark.slow]
+
+X = np.array([[0.5, -1.0, 2.0, 0.1]], dtype=np.float32)
+CONSUL_HTTP_PORT = 8500
+LAYOUT = {
+    "a": {"redis": {"port": 6379}, "services": {"registry": {}, "gateway": {"settings": {"WEB_PORT": "-1"}}}},
+    "b": {
+        "services": {
+            "predictor": {"settings": {"AUTO_LOAD": "true", "TF_THREADS": "1"}},
+            "agent": {"settings": {"SLOTS": "1"}},
+            "trainer": {},
+        }
+    },
+    "c": {
+        "services": {
+            "predictor": {"settings": {"AUTO_LOAD": "true", "TF_THREADS": "1"}},
+            "agent": {"settings": {"SLOTS": "1"}},
+        }
+    },
+}
+REJOIN_TIMEOUT_S = 120.0  # a host whose link comes back: Serf takes it back on a 30 s reconnect round
+
+
+def description(hosts_lib, lab, host) -> str:
+    """The TOML description of `host` (see deploy/hosts/): its address, the other two as Consul peers."""
+    a = lab["a"]
+    peers = [h.address for h in lab.hosts if h is not host]
+    extra_hcl = [hosts_lib.CONSUL_TEST_HCL, f'addresses {{ http = "127.0.0.1 {host.address}" }}']
+    lines = [
+        f"name = {json.dumps(host.name)}",
+        f"address = {json.dumps(host.address)}",
+        f"state_dir = {json.dumps(hosts_lib.STATE_PATH)}",
+        f'redis_url = "redis://{a.address}:6379/0"',
+        "[consul]",
+        "server = true",
+        "bootstrap_expect = 3",
+        f"retry_join = {json.dumps(peers)}",
+        f"hcl = {json.dumps(extra_hcl)}",
+    ]
+    layout = LAYOUT[host.letter]
+    if "redis" in layout:
+        lines += ["[redis]", f"port = {layout['redis']['port']}"]
+    for kind, table in layout["services"].items():
+        lines.append(f"[services.{kind}]")
+        if table.get("settings"):
+            pairs = ", ".join(f"{key} = {json.dumps(value)}" for key, value in table["settings"].items())
+            lines.append(f"settings = {{ {pairs} }}")
+    return "\n".join(lines) + "\n"
+
+
+def host_up(host, path: Path, timeout: float = 300.0):
+    """`modelgrid-host up` on `host`, in its namespaces, without waiting."""
+    argv = [sys.executable, "-m", "services.host", "up", str(path), "--timeout", str(timeout)]
+    return host.spawn(argv, log_path=host.log_dir / "modelgrid-host.log", cwd=REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def mesh(hosts_lib, lab, tmp_path_factory, client_for, unique, build_saved_model):
+    tmp = tmp_path_factory.mktemp("mesh")
+    paths = {}
+    for host in lab.hosts:
+        paths[host.letter] = tmp / f"{host.letter}.toml"
+        paths[host.letter].write_text(description(hosts_lib, lab, host))
+    runners = {host.letter: host_up(host, paths[host.letter]) for host in lab.hosts}  # Consul needs all three
+    for letter, runner in runners.items():
+        code = runner.wait(360)
+        log = (lab[letter].log_dir / "modelgrid-host.log").read_text()
+        assert code == 0, f"modelgrid-host up on {letter} failed:\n{log[-4000:]}"
+    a, b, c = lab["a"], lab["b"], lab["c"]
+    channel, registry = client_for(f"{a.address}:50051")
+    model = unique("hosts")
+    registry.ensure_model(model)
+    for seed in (1, 2):
+        registry.push_savedmodel(model, build_saved_model(tmp / f"m{seed}", seed=seed))
+    registry.stub.SetAlias(rpb.SetAliasRequest(model_name=model, alias="production", version=1))
+    gateway = grpc.insecure_channel(f"{a.address}:8080")
+    ns = SimpleNamespace(
+        hosts_lib=hosts_lib,
+        lab=lab,
+        paths=paths,
+        a=a,
+        b=b,
+        c=c,
+        registry=registry,
+        model=model,
+        predictor=predictor_pb2_grpc.PredictorStub(gateway),
+        admin=gateway_pb2_grpc.GatewayAdminStub(gateway),
+    )
+    wait_for(lambda: predictor_hosts(ns) == {b.address, c.address}, 120, "predictors on b and c in the gateway")
+    try:
+        yield ns
+    finally:
+        gateway.close()
+        channel.close()
+
+
+def wait_for(condition, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"{what}: not within {timeout:.0f}s"
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def wait_routes(ns, hosts: set[str], timeout: float, what: str) -> float:
+    """Waits until the gateway routes the model to the predictors of exactly `hosts`; on failure says what the
+    gateway and Consul (on host a) see."""
+    try:
+        return wait_for(lambda: predictor_hosts(ns) == hosts, timeout, what)
+    except AssertionError as failure:
+        routes = ns.admin.GetRoutes(gpb.GetRoutesRequest(), timeout=5)
+        health = [
+            (e["Service"]["ID"], [(c["CheckID"], c["Status"]) for c in e["Checks"]])
+            for e in consul_get(ns, ns.a, "/v1/health/service/predictor")
+        ]
+        members = [(m["Name"], m["Status"]) for m in consul_get(ns, ns.a, "/v1/agent/members")]
+        raise AssertionError(f"{failure}\nroutes: {routes}\nhealth on a: {health}\nmembers: {members}") from None
+
+
+def predict(ns, stub=None, alias: str = "production") -> pb.PredictResponse:
+    request = pb.PredictRequest(model=ref_to_pb(f"{ns.model}@{alias}"), inputs={"x": array_to_tensor(X)})
+    return (stub or ns.predictor).Predict(request, timeout=15)
+
+
+def predictor_hosts(ns) -> set[str]:
+    """Addresses of the predictors the gateway routes the model to."""
+    try:
+        routes = ns.admin.GetRoutes(gpb.GetRoutesRequest(), timeout=5).routes
+    except grpc.RpcError:
+        return set()
+    upstreams = [u for r in routes if r.service == "predictor" for u in r.upstreams]
+    return {u.target.rsplit(":", 1)[0] for u in upstreams if f"alias={ns.model}@production" in u.tags}
+
+
+def consul_get(ns, host, path: str):
+    return ns.hosts_lib.http_json("GET", f"http://{host.address}:{CONSUL_HTTP_PORT}{path}")
+
+
+def passing(ns, host, service: str) -> set[str]:
+    """Addresses of the instances of `service` passing, as `host`'s agent sees them ("" if it does not answer)."""
+    try:
+        entries = consul_get(ns, host, f"/v1/health/service/{service}?passing=true")
+    except OSError:
+        return set()
+    return {e["Service"]["Address"] for e in entries}
+
+
+def cluster_whole(ns) -> bool:
+    """Every host alive in Serf and every server a Raft voter again. A server whose link came back rejoins as a
+    non-voter for a while; losing another one before then would lose the quorum."""
+    try:
+        members = consul_get(ns, ns.a, "/v1/agent/members")
+        configuration = consul_get(ns, ns.a, "/v1/operator/raft/configuration")
+    except (OSError, ValueError):
+        return False
+    alive = {m["Addr"] for m in members if m["Status"] == ns.hosts_lib.MEMBER_ALIVE}
+    voters = {server["Address"].rsplit(":", 1)[0] for server in configuration["Servers"] if server["Voter"]}
+    return alive == voters == {h.address for h in ns.lab.hosts}
+
+
+def test_services_advertise_their_hosts_and_serve_across_them(mesh):
+    a, b, c = mesh.a, mesh.b, mesh.c
+    assert passing(mesh, a, "registry") == {a.address}
+    assert passing(mesh, a, "gateway") == {a.address}
+    assert passing(mesh, c, "predictor") == {b.address, c.address}
+    assert passing(mesh, c, "trainer-agent") == {b.address, c.address}
+    assert passing(mesh, c, "trainer") == {b.address}
+    # Each host's services are registered with the agent of their own host.
+    for host, kinds in ((a, {"registry", "gateway"}), (b, {"predictor", "trainer-agent", "trainer"})):
+        local = {s["Service"] for s in consul_get(mesh, host, "/v1/agent/services").values()}
+        assert local == kinds, f"{host}: {local}"
+    replies = [predict(mesh) for _ in range(20)]
+    assert {r.version for r in replies} == {1}
+    for host in (b, c):  # each predictor serves it, straight from its host too
+        with grpc.insecure_channel(f"{host.address}:50061") as direct:
+            assert predict(mesh, predictor_pb2_grpc.PredictorStub(direct)).version == 1
+
+
+def test_a_cut_predictor_host_costs_no_call_and_comes_back(mesh, prediction_loop):
+    b, c = mesh.b, mesh.c
+    with prediction_loop(lambda: predict(mesh)) as loop:
+        time.sleep(1)
+        b.cut()
+        left = wait_routes(mesh, {c.address}, 30, "b leaving the routing table")
+        time.sleep(2)
+        b.restore()
+        back = wait_routes(mesh, {b.address, c.address}, REJOIN_TIMEOUT_S, "b back in the routing table")
+        time.sleep(1)
+    print(f"\ncut b: left the routing table after {left:.1f}s, back {back:.1f}s after its link returned; ", end="")
+    print(f"{loop.calls()} predictions through the gateway, failures {dict(loop.failures())}")
+    assert loop.calls() > 50
+    assert not loop.failures()
+    wait_for(lambda: cluster_whole(mesh), REJOIN_TIMEOUT_S, "b voting again in the Consul cluster")
+
+
+def test_a_cut_registry_host_leaves_predictors_serving_and_they_catch_up(mesh):
+    a, b, c = mesh.a, mesh.b, mesh.c
+    stubs = {h.letter: grpc.insecure_channel(f"{h.address}:50061") for h in (b, c)}
+    try:
+        a.cut()
+        deadline = time.monotonic() + 8
+        served = 0
+        while time.monotonic() < deadline:  # registry, Redis and gateway are away: the predictors serve on
+            for channel in stubs.values():
+                assert predict(mesh, predictor_pb2_grpc.PredictorStub(channel)).version == 1
+                served += 1
+        a.restore()
+        back = wait_for(lambda: passing(mesh, c, "registry") == {a.address}, REJOIN_TIMEOUT_S, "the registry back")
+        mesh.registry.stub.SetAlias(rpb.SetAliasRequest(model_name=mesh.model, alias="production", version=2))
+        caught_up = wait_for(
+            lambda: all(
+                predict(mesh, predictor_pb2_grpc.PredictorStub(channel)).version == 2 for channel in stubs.values()
+            ),
+            60,
+            "both predictors serving the moved alias",
+        )
+    finally:
+        for channel in stubs.values():
+            channel.close()
+    print(f"\ncut a: {served} direct predictions while cut, none failed; registry back {back:.1f}s after the link, ")
+    print(f"predictors on the moved alias {caught_up:.1f}s after the move")
+    wait_for(lambda: cluster_whole(mesh), REJOIN_TIMEOUT_S, "a voting again in the Consul cluster")
+
+
+def test_a_dead_consul_server_host_keeps_the_cluster_serving(mesh):
+    a, b, c = mesh.a, mesh.b, mesh.c
+    wait_for(lambda: cluster_whole(mesh), REJOIN_TIMEOUT_S, "three voting servers before one dies")
+    c.die()
+    started = time.monotonic()
+    wait_for(lambda: consul_get(mesh, a, "/v1/status/leader") != "", 30, "a leader among a and b")
+    wait_routes(mesh, {b.address}, 30, "c's predictor leaving the routing table")
+    for service, where in (("registry", {a.address}), ("gateway", {a.address}), ("trainer", {b.address})):
+        assert passing(mesh, a, service) == where, service
+    assert all(predict(mesh).version == 2 for _ in range(10))
+    print(f"\nc dead: a and b kept a leader; routes without c after {time.monotonic() - started:.1f}s")
+    # The host comes back: its agent rejoins and `modelgrid-host up` starts its services again.
+    c.restore()
+    runner = host_up(c, mesh.paths["c"])
+    assert runner.wait(300) == 0, (c.log_dir / "modelgrid-host.log").read_text()[-4000:]
+    wait_routes(mesh, {b.address, c.address}, 120, "c's predictor back in the routing table")
