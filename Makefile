@@ -14,7 +14,7 @@ DEBIAN_STAMP := .tools/.debian-packages-$(shell echo '$(DEBIAN_PACKAGES)' | sha2
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: help setup protos web up down status test test-fast lint format clean lock demo bench-registry bench-predictor bench-trainer bench-gateway
+.PHONY: help setup protos web up down status test test-fast lint format clean lock demo bench-registry bench-predictor bench-trainer bench-gateway bench-large
 
 help:
 	@echo "make up              install what is missing, start Consul, Redis and the services locally"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench-predictor predictor throughput/latency: in-process limit, batching off/on, Flask baseline"
 	@echo "make bench-trainer   a training run bare vs through the trainer; recovery after kill -9 of a worker"
 	@echo "make bench-gateway   predictor throughput and latency directly and through the gateway"
+	@echo "make bench-large     push, pull and load a 2.25 GiB SavedModel: time and peak RSS of each process, bounded"
 	@echo "                     (BENCH_ARGS=--quick for a short run of any bench)"
 	@echo "make lint            ruff check and format check"
 	@echo "make protos          regenerate Python code from protos/ into gen/"
@@ -116,6 +117,9 @@ bench-trainer: setup
 
 bench-gateway: setup
 	$(PY) bench/gateway_bench.py $(BENCH_ARGS)
+
+bench-large: setup
+	$(PY) bench/large_bench.py $(BENCH_ARGS)
 
 # Re-pins constraints.txt to what the venv has now (after changing pyproject.toml dependencies).
 lock: $(VENV)/.installed
