@@ -10,7 +10,8 @@ What one run does (`make bench-trainer`: about 2 minutes on a quiet 2-core host,
 * --repeat times (default 2), in ABBA order so drift and neighbours hit both alike:
     bare     two `python -m services.trainer.worker --spec` processes launched by this script with a hand-built
              TF_CONFIG on free ports and the agents' worker environment; the spec is the one the trainer would
-             send (services.trainer.specs.worker_spec of the same JobSpec). Timed from the launch;
+             send (services.trainer.specs.worker_spec of the same JobSpec) with each worker's own paths, as an
+             agent sets them. Timed from the launch;
     trainer  SubmitJob of that JobSpec (digits MLP, --epochs, batch 32 per worker, seed 1, checkpoint every
              --checkpoint-every steps, report every 5, registered into the registry), followed to SUCCEEDED.
              Timed from just before the SubmitJob call;
@@ -56,10 +57,11 @@ from rich.console import Console
 
 from modelgrid.trainer.v1 import trainer_pb2 as pb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
-from services.kit.localinfra import free_ports
 
 # The trainer's internals this bench relies on: where the agents put a worker's files, the worker environment,
 # and the worker spec the trainer derives from a JobSpec (which the bare runs get too).
+from services.clients.agent import WorkerSpec
+from services.kit.localinfra import free_ports
 from services.trainer.agent.settings import DEFAULT_WORKER_ENV
 from services.trainer.agent.supervisor import LOG_FILE, PROGRESS_FILE, PROGRESS_FILE_ENV, SPEC_FILE
 from services.trainer.converters import spec_from_pb
@@ -74,11 +76,19 @@ FINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 RESTART_BACKOFF_S = 1.0  # the trainer's default, stated so the report can name it
 
 
-def expected_worker_spec(job_id: str, spec: pb.JobSpec, settings: TrainerSettings) -> dict:
-    """The worker spec the trainer sends for `spec` (the path a local data set resolves to, as locate_dataset), as
-    the JSON object in its spec file."""
-    job = Job(id=job_id, spec=spec_from_pb(spec), dataset_path=str(DIGITS_NPZ.resolve()))
-    return json.loads(worker_spec(job, settings).to_json())
+PATH_FIELDS = ("checkpoint_dir", "export_dir", "recipes_dir", "recipe_source")
+"""What an agent sets in the trainer's worker spec (with the data set's path): its own directories."""
+
+
+def expected_worker_spec(job_id: str, spec: pb.JobSpec, settings: TrainerSettings) -> WorkerSpec:
+    """The worker spec the trainer sends for `spec` on its first attempt: no path (an agent sets its own)."""
+    return worker_spec(Job(id=job_id, spec=spec_from_pb(spec), attempt=1), settings)
+
+
+def without_paths(spec: dict) -> dict:
+    """A worker spec's JSON object without what differs per host (the paths an agent sets)."""
+    spec = {k: v for k, v in spec.items() if k not in PATH_FIELDS}
+    return {**spec, "dataset": {k: v for k, v in spec["dataset"].items() if k != "paths"}}
 
 
 @dataclass
@@ -160,14 +170,16 @@ def worker_timeline(task_dirs: list[Path]) -> dict[str, float]:
 def bare_run(workdir: Path, spec: pb.JobSpec, settings: TrainerSettings) -> dict[str, float]:
     """Launches the two workers directly and waits for both to exit; returns times relative to the launch."""
     run_id = f"bare-{uuid.uuid4().hex[:8]}"
-    settings = settings.model_copy(update={"shared_dir": workdir / "bare"})  # checkpoints under bare/jobs/<id>
-    spec_text = json.dumps(expected_worker_spec(run_id, spec, settings))
+    template = expected_worker_spec(run_id, spec, settings)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     task_dirs = [workdir / "bare" / run_id / f"task-{i}" for i in range(2)]
     processes: list[subprocess.Popen] = []
-    for directory in task_dirs:
+    for directory in task_dirs:  # each worker's own directories, as its agent gives them
         directory.mkdir(parents=True)
-        (directory / SPEC_FILE).write_text(spec_text)
+        local = template.with_paths(
+            str(DIGITS_NPZ.resolve()), str(directory / "checkpoints"), str(directory / "export"), None
+        )
+        (directory / SPEC_FILE).write_text(local.to_json())
     launch = time.time()
     try:
         for index, directory in enumerate(task_dirs):
@@ -241,7 +253,8 @@ def trainer_run(stack: Stack, spec: pb.JobSpec) -> dict[str, float]:
     job = stack.stub.SubmitJob(pb.SubmitJobRequest(spec=spec, request_id=f"bench-{uuid.uuid4().hex}"), timeout=30)
     job, events = follow(stack, job.id)
     dirs = attempt_dirs(stack, job.id, 1)
-    if json.loads((dirs[0] / SPEC_FILE).read_text()) != expected_worker_spec(job.id, spec, stack.settings):
+    expected = without_paths(json.loads(expected_worker_spec(job.id, spec, stack.settings).to_json()))
+    if without_paths(json.loads((dirs[0] / SPEC_FILE).read_text())) != expected:
         raise RuntimeError("the trainer sent a worker spec that differs from the one the bare runs get")
     times = worker_timeline(dirs)
     states = (pb.JOB_STATE_STARTING, pb.JOB_STATE_FINALIZING, pb.JOB_STATE_SUCCEEDED)
@@ -345,10 +358,10 @@ def trainer_stack(workdir: Path) -> Iterator[Stack]:
             worker_logs = {"LOG_LEVEL": "INFO", "LOG_FORMAT": "text"}
             mesh.start("agent", directory.name, SLOTS="1", WORK_DIR=str(directory), **worker_logs)
         (workdir / "recipes").mkdir()
-        settings = TrainerSettings(shared_dir=workdir / "shared", recipes_dir=workdir / "recipes")
+        settings = TrainerSettings(scratch_dir=workdir / "scratch", recipes_dir=workdir / "recipes")
         trainer = mesh.start(
             "trainer",
-            SHARED_DIR=str(settings.shared_dir),
+            SCRATCH_DIR=str(settings.scratch_dir),
             RECIPES_DIR=str(settings.recipes_dir),
             RESTART_BACKOFF_SECONDS=str(RESTART_BACKOFF_S),
         )

@@ -74,8 +74,8 @@ def mesh(state_dir: Path) -> list[LocalService]:
             )
             for i in (1, 2)
         ),
-        # Last: it needs the registry (to register models) and finds the agents in Consul. Its shared dir holds
-        # checkpoints and exports under absolute paths that the agents' workers use as they are: one filesystem.
+        # Last: it needs the registry (to register models) and finds the agents in Consul. Data sets, checkpoints
+        # and exports move between it and the agents as registry blobs; its scratch dir is its own.
         LocalService(
             "trainer",
             "services.trainer",
@@ -83,7 +83,7 @@ def mesh(state_dir: Path) -> list[LocalService]:
             50081,
             {
                 "MODELGRID_TRAINER_PORT": "50081",
-                "MODELGRID_TRAINER_SHARED_DIR": str(state_dir / "trainer" / "shared"),
+                "MODELGRID_TRAINER_SCRATCH_DIR": str(state_dir / "trainer" / "scratch"),
                 "MODELGRID_TRAINER_RECIPES_DIR": str(REPO_ROOT / "services" / "trainer" / "recipes"),
             },
         ),

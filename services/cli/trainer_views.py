@@ -151,6 +151,7 @@ def job_detail(job: pb.Job) -> Table:
                 f"{job.restarts} (budget {spec.max_restarts or 'the default'}), {job.preemptions} preemptions",
             ),
             ("progress", f"epoch {job.epoch}/{_epochs(spec)}, step {job.step}"),
+            ("checkpoint", _checkpoint_text(job)),
             ("metrics", metrics_text(job.metrics)),
             ("failure", failure_text(job.failure)),
             ("register", register),
@@ -160,6 +161,14 @@ def job_detail(job: pb.Job) -> Table:
             ("updated", timestamp_text(job.updated_at)),
         ]
     )
+
+
+def _checkpoint_text(job: pb.Job) -> str:
+    """The newest checkpoint in the registry, which a restart resumes from ("" before the first)."""
+    if not job.HasField("checkpoint"):
+        return ""
+    checkpoint = job.checkpoint
+    return f"step {checkpoint.step} (attempt {checkpoint.attempt}), blob {checkpoint.digest[:12]}"
 
 
 def workers_table(workers: Iterable[pb.Worker]) -> Table:

@@ -138,7 +138,7 @@ class HostRunner:
             "predictor": {"CACHE_DIR": str(state / "predictor" / "cache")},
             "agent": {"WORK_DIR": str(state / "agent")},
             "trainer": {
-                "SHARED_DIR": str(state / "trainer"),
+                "SCRATCH_DIR": str(state / "trainer"),
                 "RECIPES_DIR": str(REPO_ROOT / "services" / "trainer" / "recipes"),
             },
             "gateway": {"WEB_DIR": str(REPO_ROOT / "web" / "dist")},

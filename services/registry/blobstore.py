@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from services.kit.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
 
@@ -65,6 +66,10 @@ class BlobStore(abc.ABC):
     @abc.abstractmethod
     def read(self, digest: str, offset: int, chunk_bytes: int) -> Iterator[bytes]:
         """The blob's bytes from `offset`, in chunks."""
+
+    @abc.abstractmethod
+    def open(self, digest: str) -> BinaryIO:
+        """A stored blob as a seekable binary file (for inspection); NotFound when absent."""
 
 
 def check_digest(digest: str) -> str:
@@ -193,6 +198,12 @@ class LocalBlobStore(BlobStore):
             f.seek(offset)
             while chunk := f.read(chunk_bytes):
                 yield chunk
+
+    def open(self, digest: str) -> BinaryIO:
+        try:
+            return self.blob_path(digest).open("rb")
+        except FileNotFoundError:
+            raise NotFound(f"no blob {digest}") from None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -18,4 +18,5 @@ def new_version_from_pb(meta: pb.VersionMetadata) -> NewVersion:
         tags=dict(meta.tags),
         lineage=lineage_from_pb(meta.lineage),
         request_id=meta.request_id,
+        from_blob=meta.from_blob,
     )

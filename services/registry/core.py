@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from services.clients.registry.types import (
     Alias,
@@ -46,6 +46,8 @@ class NewVersion:
     tags: dict[str, str] = field(default_factory=dict)
     lineage: Lineage = field(default_factory=Lineage)
     request_id: str = ""
+    from_blob: bool = False
+    """The artifact is the blob already stored under artifact_digest (no bytes follow)."""
 
 
 @dataclass
@@ -137,7 +139,9 @@ class ModelRegistry:
     async def create_version(self, meta: NewVersion, chunks: AsyncIterator[bytes], actor: str) -> ModelVersion:
         """Streams the artifact into the blob store while hashing, verifies the declared digest, reads the
         SavedModel signature, then commits the version with the next number. Any failure leaves nothing behind:
-        the staged bytes are dropped and no number is consumed."""
+        the staged bytes are dropped and no number is consumed. With `meta.from_blob` the artifact is a blob
+        uploaded before (UploadBlob, e.g. by a trainer's worker agent): no bytes move, the blob is inspected where
+        it is."""
         check_model_name(meta.model_name)
         check_digest(meta.artifact_digest)
         _check_tags(meta.tags)
@@ -145,7 +149,10 @@ class ModelRegistry:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
         await self._store.get_model(meta.model_name)  # NotFound before any byte is stored
         inspect = read_signatures if meta.artifact_format == ArtifactFormat.SAVEDMODEL_TAR else None
-        digest, size, signatures = await self._receive(meta.artifact_digest, meta.artifact_size, chunks, inspect)
+        if meta.from_blob:
+            digest, size, signatures = await self._adopt(meta.artifact_digest, meta.artifact_size, chunks, inspect)
+        else:
+            digest, size, signatures = await self._receive(meta.artifact_digest, meta.artifact_size, chunks, inspect)
         version = ModelVersion(
             model_name=meta.model_name,
             version=0,
@@ -188,6 +195,31 @@ class ModelRegistry:
             writer.abort()
             raise
         return committed, writer.size, inspected
+
+    async def _adopt(
+        self, digest: str, declared_size: int, chunks: AsyncIterator[bytes], inspect: Callable[[BinaryIO], T] | None
+    ) -> tuple[str, int, T | None]:
+        """A stored blob as a version's artifact: its size checked against the declared one and the limit, and
+        `inspect(blob file)` run. Blobs are immutable and named by their digest, so the bytes are verified already."""
+        async for _ in chunks:
+            raise InvalidArgument("a version created from a blob (from_blob) takes no artifact bytes")
+        size = await self.stat_blob(digest)
+        limit = self._settings.max_artifact_bytes
+        if size > limit:
+            raise ResourceExhausted(
+                f"blob {digest} of {size} bytes is larger than the registry's artifact limit of {limit} bytes "
+                "(setting MODELGRID_REGISTRY_MAX_ARTIFACT_BYTES)"
+            )
+        if declared_size and declared_size != size:
+            raise InvalidArgument(f"size mismatch: declared {declared_size} bytes, blob {digest} has {size}")
+        if inspect is None:
+            return digest, size, None
+
+        def inspect_blob() -> T:
+            with self._blobs.open(digest) as blob:
+                return inspect(blob)
+
+        return digest, size, await asyncio.to_thread(inspect_blob)
 
     # -- blobs -------------------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 from services.clients.registry.types import Signature, TensorSpec
 from services.kit.errors import InvalidArgument
@@ -10,8 +11,9 @@ from services.kit.tensors import BY_TF
 _MAX_GRAPH_BYTES = 512 * 1024 * 1024
 
 
-def read_signatures(tar_path: str | Path) -> list[Signature]:
-    """The signature defs of the "serve" meta graph of a SavedModel tar, sorted by name.
+def read_signatures(tar: str | Path | BinaryIO) -> list[Signature]:
+    """The signature defs of the "serve" meta graph of a SavedModel tar (a path or a seekable binary file), sorted
+    by name.
 
     Raises InvalidArgument when the tar is not a SavedModel. Imports TensorFlow's protobuf definitions on first
     use (a few seconds, once per process).
@@ -19,13 +21,14 @@ def read_signatures(tar_path: str | Path) -> list[Signature]:
     from tensorflow.core.protobuf import saved_model_pb2  # heavy: only when a SavedModel arrives
 
     try:
-        with tarfile.open(tar_path, mode="r:") as tar:
-            member = next((m for m in tar.getmembers() if m.name.lstrip("./") == "saved_model.pb"), None)
+        opened = tarfile.open(tar, mode="r:") if isinstance(tar, str | Path) else tarfile.open(fileobj=tar, mode="r:")
+        with opened as archive:
+            member = next((m for m in archive.getmembers() if m.name.lstrip("./") == "saved_model.pb"), None)
             if member is None or not member.isfile():
                 raise InvalidArgument("artifact declared as a SavedModel tar has no saved_model.pb at its root")
             if member.size > _MAX_GRAPH_BYTES:
                 raise InvalidArgument("saved_model.pb is larger than 512 MiB")
-            data = tar.extractfile(member).read()
+            data = archive.extractfile(member).read()
     except tarfile.TarError as exc:
         raise InvalidArgument(f"artifact declared as a SavedModel tar is not a readable tar: {exc}") from None
     saved_model = saved_model_pb2.SavedModel()

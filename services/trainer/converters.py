@@ -5,7 +5,7 @@ from google.protobuf import json_format
 
 from modelgrid.trainer.v1 import trainer_pb2 as pb
 from services.kit.convert import timestamp
-from services.trainer.domain import Failure, Job, JobEvent, JobState, WorkerView
+from services.trainer.domain import Failure, Job, JobCheckpoint, JobEvent, JobState, WorkerView
 from services.trainer.jobspec import Dataset, HyperParameters, JobSpec
 
 
@@ -122,7 +122,14 @@ def job_to_pb(job: Job) -> pb.Job:
         updated_at=timestamp(job.updated_at),
         dataset_digest=job.dataset_digest,
         message=job.message,
+        checkpoint=checkpoint_to_pb(job.checkpoint),
     )
+
+
+def checkpoint_to_pb(checkpoint: JobCheckpoint | None) -> pb.JobCheckpoint | None:
+    if checkpoint is None:
+        return None
+    return pb.JobCheckpoint(digest=checkpoint.digest, step=checkpoint.step, attempt=checkpoint.attempt)
 
 
 def event_to_pb(event: JobEvent) -> pb.JobEvent:

@@ -8,9 +8,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-from services.clients.agent import AgentClient
+from services.clients.agent import AgentClient, Export
 from services.clients.registry import AsyncRegistryClient, Lineage
 from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound
 from services.trainer import VERSION
@@ -72,13 +71,12 @@ class TrainerCore:
         if len(request_id) > 128:
             raise InvalidArgument("request_id is longer than 128 characters")
         check_shape(spec, self._settings)
-        path, digest = await locate_dataset(spec, self._settings, self._registry)
+        digest = await locate_dataset(spec, self._settings, self._registry)
         job = Job(
             id=uuid.uuid4().hex[:12],
             spec=spec,
             request_id=request_id,
             dataset_digest=digest,
-            dataset_path=str(path),
             message="waiting to be scheduled",
         )
         event = JobEvent(EventType.STATE, JobState.PENDING, 0, time.time(), message="submitted")
@@ -256,17 +254,17 @@ class TrainerCore:
 
     # -- registration ------------------------------------------------------------------------------------------
 
-    async def register(self, job: Job, export_dir: Path, metrics: dict[str, float]) -> int:
-        """Pushes a finished job's SavedModel to the registry with its metrics, parameters and lineage, and points
-        its aliases at the new version; returns the version number. A trainer that registers the same job again
-        (after a restart) gets the same version."""
+    async def register(self, job: Job, export: Export, metrics: dict[str, float]) -> int:
+        """Creates a finished job's model version from the SavedModel blob its chief's agent uploaded (no bytes
+        move), with its metrics, parameters and lineage, and points its aliases at it; returns the version number.
+        A trainer that registers the same job again (after a restart) gets the same version."""
         spec, name = job.spec, job.spec.register_model
         params = {k: str(v) for k, v in dataclasses.asdict(spec.hyper_parameters).items() if v}
         params.update(recipe=spec.recipe, workers=str(job.workers), recipe_params=str(spec.recipe_params or None))
         await self._registry.ensure_model(name)
-        version = await self._registry.push_savedmodel(
+        version = await self._registry.create_version_from_blob(
             name,
-            export_dir,
+            export.digest,
             request_id=f"trainer-job-{job.id}",
             description=f"trained by job {job.id} ({spec.name or spec.recipe})",
             metrics=metrics,

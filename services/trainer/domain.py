@@ -90,6 +90,17 @@ class Failure:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class JobCheckpoint:
+    """The newest checkpoint of a job in the registry (a blob: the tar of the chief's checkpoint files), which a
+    restarted group resumes from on whichever hosts it lands."""
+
+    digest: str
+    step: int
+    attempt: int
+    """The attempt whose chief wrote it."""
+
+
 @dataclass
 class Job:
     """A training job."""
@@ -110,9 +121,13 @@ class Job:
     created_at: float = 0.0
     updated_at: float = 0.0
     dataset_digest: str = ""
-    dataset_path: str = ""
+    """sha256 of the data set blob in the registry: all the agents ever get of the data set."""
     message: str = ""
     cancel_requested: bool = False
+    checkpoint: JobCheckpoint | None = None
+    failed_at: float = 0.0
+    """When the failure the job is recovering from happened (0: none): the next step is its RESUMED event, even
+    after waiting PENDING for slots or a trainer restart in between."""
 
     @property
     def workers(self) -> int:
@@ -133,7 +148,9 @@ class Job:
     @classmethod
     def from_json(cls, text: str) -> "Job":
         data = json.loads(text)
+        data.pop("dataset_path", None)  # jobs stored before data sets travelled as blobs only
         data["spec"] = spec_from_dict(data["spec"])
+        data["checkpoint"] = JobCheckpoint(**data["checkpoint"]) if data.get("checkpoint") else None
         data["state"] = JobState(data["state"])
         data["placements"] = [Placement(**p) for p in data["placements"]]
         data["failure"] = Failure(**data["failure"])

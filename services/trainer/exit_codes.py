@@ -16,6 +16,9 @@ class ExitCode(enum.IntEnum):
     """The spec, recipe or data set is unusable; restarting will not help."""
     INJECTED_CRASH = 3
     """The `crash_at_step` testing aid fired."""
+    NO_DATA = 4
+    """Set by the agent, not a worker: it could not fetch the replica's data set or checkpoint from the registry
+    (unavailable for longer than it waits), so the worker never started; restart the group."""
     PREEMPTED = 42
     """SIGTERM: the group agreed on a step, saved a backup there and stopped; relaunch to resume at that step (a
     preemption does not spend the restart budget)."""

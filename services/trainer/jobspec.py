@@ -20,7 +20,8 @@ class Dataset:
     blob_digest: str = ""
     """sha256 of a blob in the registry's blob store; or else:"""
     local_path: str = ""
-    """a path the agents can read (shared storage)."""
+    """a file on the trainer's own host (single-host setups): the trainer uploads it to the registry at submit, and
+    the agents only ever get its digest."""
     feature_columns: tuple[str, ...] = ()
     """CSV: feature columns (empty: every column but the label)."""
     label_column: str = ""

@@ -37,7 +37,7 @@ async def start_trainer(settings: TrainerSettings) -> GrpcService:
         consul, settings.registry_service, targets=targets, options=grpc_options(settings), hold_seconds=hold
     )
     agent_pool = InstancePool(consul, settings.agent_service, hold_seconds=hold)
-    settings.shared_dir.mkdir(parents=True, exist_ok=True)
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     registry = AsyncRegistryClient(registry_pool, client_id="trainer")
     core = TrainerCore(JobStore(redis, settings.redis_key_prefix), AgentClient(agent_pool), registry, settings)
     servicer = TrainerServicer(core)

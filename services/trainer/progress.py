@@ -9,8 +9,10 @@ order a worker writes them:
              steps_per_epoch, epochs
   step       step (global, after the step), epoch (1-based), metrics (loss, accuracy)
   epoch      epoch, metrics (loss, accuracy, val_loss, val_accuracy)
+  checkpoint step, path (a snapshot of the backup saved at that step, for the agent to upload)  (chief only, every
+             snapshot_checkpoint_every-th backup and the preemption's)
   preempted  task, step (the global step saved; null outside fit: resume from the last backup), then exit 42
-  exported   path, metrics (loss, accuracy, val_loss, val_accuracy, steps)  (chief only)
+  exported   path, metrics (loss, accuracy, val_loss, val_accuracy, steps)  (chief only; the agent uploads it)
   finished   task, step
 """
 
@@ -99,6 +101,16 @@ class Epoch(ProgressEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
+class CheckpointSaved(ProgressEvent):
+    """The chief saved a backup at `step` and copied it into `path` (in its checkpoint dir's `snapshots/`): its agent
+    uploads that copy to the registry, then removes it."""
+
+    KIND: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Preempted(ProgressEvent):
     """SIGTERM: the group saved at `step` and the worker exits 42."""
 
@@ -127,7 +139,7 @@ class Finished(ProgressEvent):
 
 
 _KINDS: dict[Any, type[ProgressEvent]] = {
-    k.KIND: k for k in (Shard, Started, Step, Epoch, Preempted, Exported, Finished)
+    k.KIND: k for k in (Shard, Started, Step, Epoch, CheckpointSaved, Preempted, Exported, Finished)
 }
 
 

@@ -3,9 +3,15 @@ when a worker fails, hangs or is lost, and finish by registering the model.
 
 MultiWorkerMirroredStrategy cannot go on short-handed: when any worker dies the others die too, of
 UnavailableError, seconds later. So the first worker to exit non-zero is the root cause, the rest of the group
-is killed at once, and the whole group starts again on the same host:port list; the workers resume from the
-checkpoint (BackupAndRestore) at the step it holds. Exit 42 is a preemption: it does not spend the restart
-budget. Exit 2 is an unusable spec or data set: restarting cannot help, the job fails at once.
+is killed at once, and the whole group starts again on the same host:port list (or on new agents, when one was
+lost); the workers resume from the checkpoint (BackupAndRestore) at the step it holds. Exit 42 is a preemption: it
+does not spend the restart budget. Exit 2 is an unusable spec or data set: restarting cannot help, the job fails
+at once.
+
+No file crosses a host: the chief's agent uploads the checkpoints the chief saves (every `upload_checkpoint_every`)
+to the registry and reports each on the chief's replica; the newest is recorded in the job, and every replica of
+the next attempt gets it (ReplicaData.restore) for its agent to unpack before the worker starts. The agent uploads
+the chief's SavedModel the same way, and the model version is created from that blob.
 """
 
 import asyncio
@@ -15,17 +21,23 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from services.clients.agent import AgentClient
-from services.clients.agent.types import ReplicaEvent, ReplicaKey, ReplicaState
-from services.kit.errors import Aborted, DeadlineExceeded, ModelgridError, ResourceExhausted, Unavailable
+from services.clients.agent.types import Export, ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
+from services.kit.errors import (
+    Aborted,
+    DeadlineExceeded,
+    InvalidArgument,
+    ModelgridError,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.kit.streams import Backoff
-from services.trainer.domain import EventType, Failure, Job, JobEvent, JobState
+from services.trainer.domain import EventType, Failure, Job, JobCheckpoint, JobEvent, JobState
 from services.trainer.exit_codes import ExitCode, describe_exit
 from services.trainer.progress import Epoch, Exported, Preempted, ProgressEvent, Started, Step
 from services.trainer.settings import TrainerSettings
-from services.trainer.specs import job_dir, worker_spec
+from services.trainer.specs import replica_data, worker_spec
 from services.trainer.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -59,8 +71,8 @@ class Outcome:
     failure: Failure | None = None
 
 
-Register = Callable[[Job, Path, dict[str, float]], Awaitable[int]]
-"""Pushes the exported SavedModel to the registry; returns the version number."""
+Register = Callable[[Job, Export, dict[str, float]], Awaitable[int]]
+"""Creates the model version from the SavedModel blob the chief's agent uploaded; returns the version number."""
 
 
 class JobRunner:
@@ -83,12 +95,14 @@ class JobRunner:
         self._register = register
         self._replace = replace  # finds new agents for a job that lost one; False: it must wait (PENDING)
         self.cancel = asyncio.Event()
-        self._failed_at = 0.0
         self._preempted_step = 0
         self._resume_step = 0
         self._started_at = time.monotonic()
         self._last_progress = time.monotonic()
-        self._export: tuple[Path, dict[str, float]] | None = None
+        self._export: Export | None = None
+        """The SavedModel blob the chief's agent uploaded (the current attempt's)."""
+        self._export_metrics: dict[str, float] | None = None
+        self._upload_error = ""
 
     # -- the loop ----------------------------------------------------------------------------------------------
 
@@ -125,7 +139,7 @@ class JobRunner:
                 return
             else:
                 job.restarts += 1
-            self._failed_at = self._failed_at or time.time()
+            job.failed_at = job.failed_at or time.time()
             preempted = outcome.kind == OutcomeKind.PREEMPTED
             await self._transition(
                 JobState.RESTARTING,
@@ -159,11 +173,20 @@ class JobRunner:
         agents = sorted({p.agent for p in job.placements})
         await self._transition(JobState.STARTING, EventType.STATE, f"starting attempt {job.attempt} on {agents}")
         self._started_at = time.monotonic()
-        spec = worker_spec(job, self._settings)
+        self._export, self._export_metrics, self._upload_error = None, None, ""
+        self._resume_step = job.checkpoint.step if job.checkpoint is not None else 0  # until the chief says
+        try:
+            spec = worker_spec(job, self._settings)
+        except InvalidArgument as exc:  # a file recipe that went away since the submit
+            return Outcome(OutcomeKind.INVALID, Failure(reason=str(exc)))
+        data = replica_data(job)
+        if data.restore is not None:
+            logger.info("job %s attempt %d resumes from checkpoint %s", job.id, job.attempt, job.checkpoint)
         for placement in job.placements:
             key = ReplicaKey(job.id, job.attempt, placement.task_index)
+            tf_config = self._tf_config(placement.task_index)
             try:
-                await self._agents.start_replica(placement.agent, key, self._tf_config(placement.task_index), spec)
+                await self._agents.start_replica(placement.agent, key, tf_config, spec, data)
             except ModelgridError as exc:
                 reason = f"could not start worker {placement.task_index} on {placement.agent}: {exc}"
                 logger.warning("job %s: %s", job.id, reason)
@@ -191,6 +214,7 @@ class JobRunner:
         if known == 0:
             return None
         logger.info("job %s: re-attached to attempt %d", job.id, job.attempt)
+        job.failed_at = 0.0  # the step it resumed at is not known here: no RESUMED event for this attempt
         self._started_at = time.monotonic()
         return await self._follow()
 
@@ -261,6 +285,7 @@ class JobRunner:
         job, replica = self.job, event.replica
         if replica.key.attempt != job.attempt:
             return None  # a late word from an earlier attempt
+        await self._note_uploads(replica)
         task = replica.key.task_index
         if event.progress:
             try:
@@ -278,8 +303,10 @@ class JobRunner:
                 return Outcome(OutcomeKind.SUCCEEDED)
             return None
         reason = f"worker {task} on {agent} exited with {describe_exit(replica.exit_code)}"
+        if replica.error:
+            reason += f" ({replica.error})"
         failure = Failure(task, agent, replica.exit_code, reason)
-        self._failed_at = time.time()
+        job.failed_at = time.time()
         logger.warning("job %s attempt %d: %s", job.id, job.attempt, failure.reason)
         if replica.exit_code == ExitCode.PREEMPTED:
             return Outcome(OutcomeKind.PREEMPTED, failure)
@@ -308,9 +335,9 @@ class JobRunner:
                 job.metrics.update(_only(progress.metrics, ("loss", "accuracy")))
                 if job.state == JobState.STARTING:
                     await self._transition(JobState.RUNNING, EventType.STATE, f"attempt {job.attempt}: training")
-                if self._failed_at:
-                    recovery = time.time() - self._failed_at
-                    self._failed_at = 0.0
+                if job.failed_at:  # the first step after a restart (of this runner's, or before it)
+                    recovery = time.time() - job.failed_at
+                    job.failed_at = 0.0
                     message = f"training again at step {self._resume_step} after {recovery:.1f}s"
                     resumed = self._event(EventType.RESUMED, message, step=self._resume_step, recovery_seconds=recovery)
                     await self._save(resumed)
@@ -323,7 +350,23 @@ class JobRunner:
                 epoch = self._event(EventType.EPOCH, message, step=job.step, epoch=job.epoch, metrics=dict(job.metrics))
                 await self._save(epoch)
             case Exported():
-                self._export = (Path(progress.path), dict(progress.metrics))
+                self._export_metrics = dict(progress.metrics)  # its path is the chief's host's: the agent uploads it
+
+    async def _note_uploads(self, replica: ReplicaStatus) -> None:
+        """Takes in what the chief's agent uploaded: the newest checkpoint goes into the job (saved: a group
+        restarted on any host resumes from it), the SavedModel is kept for registration."""
+        job = self.job
+        if replica.key.task_index != CHIEF or replica.key.attempt != job.attempt:
+            return
+        if replica.export is not None:
+            self._export = replica.export
+        if replica.error:
+            self._upload_error = replica.error
+        uploaded = replica.checkpoint
+        if uploaded is not None and (job.checkpoint is None or uploaded.step > job.checkpoint.step):
+            job.checkpoint = JobCheckpoint(uploaded.digest, uploaded.step, job.attempt)
+            logger.info("job %s: checkpoint at step %d is in the registry (%s)", job.id, uploaded.step, uploaded.digest)
+            await self._store.save_patiently(job)
 
     async def _stop_group(self, kill: bool, wait_seconds: float = 20.0) -> None:
         """Signals every running worker of the job (of any attempt: one an unreachable agent kept running must go
@@ -336,6 +379,8 @@ class JobRunner:
             while time.monotonic() < deadline:
                 try:
                     replicas = await self._agents.list_replicas(agent, job.id)
+                    for replica in replicas:
+                        await self._note_uploads(replica)  # a checkpoint uploaded as the chief went down
                     running = [r for r in replicas if r.state == ReplicaState.RUNNING]
                     for replica in running:
                         if replica.key not in signalled:
@@ -352,14 +397,15 @@ class JobRunner:
     async def _finalize(self) -> None:
         job = self.job
         await self._transition(JobState.FINALIZING, EventType.STATE, "all workers finished; registering")
-        path, metrics = self._export or (job_dir(self._settings, job) / "export", dict(job.metrics))
+        metrics = self._export_metrics if self._export_metrics is not None else dict(job.metrics)
         if job.spec.register_model:
-            if not (path / "saved_model.pb").exists():
-                job.failure = Failure(CHIEF, reason=f"the chief exported no SavedModel at {path}")
+            if self._export is None:
+                why = self._upload_error or "it announced none"
+                job.failure = Failure(CHIEF, reason=f"the chief's agent uploaded no SavedModel to the registry: {why}")
                 await self._end(JobState.FAILED, job.failure.reason)
                 return
             try:
-                version = await self._register_patiently(path, {**job.metrics, **metrics})
+                version = await self._register_patiently(self._export, {**job.metrics, **metrics})
             except (ModelgridError, OSError) as exc:
                 job.failure = Failure(reason=f"registering the model failed: {exc}")
                 await self._end(JobState.FAILED, job.failure.reason)
@@ -374,7 +420,7 @@ class JobRunner:
         job.metrics.update(metrics)
         await self._end(JobState.SUCCEEDED, "done")
 
-    async def _register_patiently(self, path: Path, metrics: dict[str, float]) -> int | None:
+    async def _register_patiently(self, export: Export, metrics: dict[str, float]) -> int | None:
         """Registers the export; while the registry is unavailable (or times out, or a concurrent change aborts
         the call) tries again with backoff for up to `register_retry_seconds`, the job FINALIZING with a message
         saying it waits. Each try reuses the job's request id, so one whose answer was lost does not create a
@@ -386,7 +432,7 @@ class JobRunner:
         while True:
             tries += 1
             try:
-                return await self._register(job, path, metrics)
+                return await self._register(job, export, metrics)
             except (Unavailable, DeadlineExceeded, Aborted) as exc:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from services.kit.settings import ServiceSettings
@@ -15,11 +15,16 @@ class TrainerSettings(ServiceSettings):
 
     port: int = 50081
     """gRPC port (0: any free port)."""
-    shared_dir: Path = Path(".run/trainer/shared")
-    """Storage every agent and the trainer reach (a shared volume in deployments): data sets, checkpoints,
-    exported models, under jobs/<id>/."""
+    scratch_dir: Path = Field(
+        default=Path(".run/trainer/scratch"),
+        validation_alias=AliasChoices("scratch_dir", "MODELGRID_TRAINER_SCRATCH_DIR", "MODELGRID_TRAINER_SHARED_DIR"),
+    )
+    """The trainer's own scratch, shared with no other host: data set blobs it downloads to check their columns
+    (datasets/<digest>). Data sets, checkpoints and exports reach the agents and come back through the registry
+    only. (MODELGRID_TRAINER_SHARED_DIR, its former name, still sets it.)"""
     recipes_dir: Path = Path("services/trainer/recipes")
-    """The only directory user recipe modules ("file:<path>") are loaded from."""
+    """The only directory user recipe modules ("file:<path>") are loaded from; a recipe's source travels in the
+    worker spec (at most 1 MiB)."""
     registry_target: str = ""
     """host:port of the registry; empty: discover it in Consul."""
     registry_service: str = "registry"
@@ -30,6 +35,9 @@ class TrainerSettings(ServiceSettings):
     """Most worker processes one job may ask for."""
     default_checkpoint_every_steps: int = Field(default=50, ge=1)
     """Checkpoint interval when a job does not say."""
+    upload_checkpoint_every: int = Field(default=1, ge=0)
+    """The chief's agent uploads every Nth checkpoint the chief saves (and the one it saves when preempted) to the
+    registry; a group restarted on any host resumes from the newest uploaded one. 0: none (a restart starts over)."""
     default_report_every_steps: int = Field(default=10, ge=1)
     """Progress interval when a job does not say."""
     default_max_restarts: int = Field(default=3, ge=0)

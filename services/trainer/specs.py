@@ -1,11 +1,27 @@
-"""Job specs: the checks a spec must pass before anything is queued, and the worker spec each replica gets."""
+"""Job specs: the checks a spec must pass before anything is queued, and what each replica gets: a worker spec that
+names no path of the trainer's host, and its data as registry blobs.
+
+Nothing here reads or writes a path another host produced. A job's data set reaches the agents as a registry blob
+only: a `local_path` (single-host setups: a file on the trainer's own host) is uploaded to the registry once, at
+submit, and the job keeps its digest; a `blob_digest` is downloaded into the trainer's own scratch (to check its
+columns). Checkpoints and the SavedModel come back from the chief's agent as blobs too (see runner.py).
+"""
 
 import asyncio
 import csv
+import uuid
 import zipfile
 from pathlib import Path
+from typing import NoReturn
 
-from services.clients.agent.worker_spec import DATASET_FORMATS, OPTIMIZERS, DatasetSpec, WorkerSpec
+from services.clients.agent.types import Checkpoint, ReplicaData
+from services.clients.agent.worker_spec import (
+    DATASET_FORMATS,
+    MAX_RECIPE_SOURCE_BYTES,
+    OPTIMIZERS,
+    DatasetSpec,
+    WorkerSpec,
+)
 from services.clients.registry import AsyncRegistryClient
 from services.kit.artifacts import file_digest
 from services.kit.errors import InvalidArgument, NotFound
@@ -16,17 +32,14 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.worker import BUILTIN_RECIPE_NAMES, FILE_PREFIX, resolve_recipe_file
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise InvalidArgument(f"invalid job spec: {message}")
 
 
 def check_shape(spec: JobSpec, settings: TrainerSettings) -> None:
     """Checks everything that needs no I/O beyond the recipes directory."""
     if spec.recipe.startswith(FILE_PREFIX):
-        try:
-            resolve_recipe_file(spec.recipe[len(FILE_PREFIX) :], settings.recipes_dir)
-        except ValueError as exc:
-            _fail(str(exc))
+        recipe_source(spec, settings)
     elif spec.recipe not in BUILTIN_RECIPE_NAMES:
         _fail(f"unknown recipe {spec.recipe!r}; built-in recipes are {sorted(BUILTIN_RECIPE_NAMES)}, or file:<path>")
     if not 1 <= spec.workers <= settings.max_workers:
@@ -57,29 +70,57 @@ def check_shape(spec: JobSpec, settings: TrainerSettings) -> None:
         _fail("dataset needs blob_digest or local_path")
 
 
-async def locate_dataset(spec: JobSpec, settings: TrainerSettings, registry: AsyncRegistryClient) -> tuple[Path, str]:
-    """The data set as a local file the agents can read, and its sha256. A registry blob is downloaded into the
-    shared directory once."""
+def recipe_source(spec: JobSpec, settings: TrainerSettings) -> str:
+    """The source of a file recipe, read from the trainer's own recipes directory (it travels in the worker spec);
+    "" for a built-in recipe. InvalidArgument when it is not a .py file inside the directory or is too large."""
+    if not spec.recipe.startswith(FILE_PREFIX):
+        return ""
+    try:
+        path = resolve_recipe_file(spec.recipe[len(FILE_PREFIX) :], settings.recipes_dir)
+        data = path.read_bytes()
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    if len(data) > MAX_RECIPE_SOURCE_BYTES:
+        _fail(f"recipe {spec.recipe} is larger than {MAX_RECIPE_SOURCE_BYTES} bytes")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        _fail(f"recipe {spec.recipe} is not UTF-8 text")
+
+
+async def locate_dataset(spec: JobSpec, settings: TrainerSettings, registry: AsyncRegistryClient) -> str:
+    """The sha256 of the job's data set as a registry blob, its columns checked. A local file (single-host setups)
+    is uploaded unless the registry holds those bytes already; a blob is downloaded into the trainer's scratch once
+    (to read its columns)."""
     dataset = spec.dataset
     if digest := dataset.blob_digest:
-        path = settings.shared_dir.resolve() / "datasets" / f"{digest}.{dataset.format}"
+        path = settings.scratch_dir.resolve() / "datasets" / digest
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
+            partial = path.with_name(f"{digest}.{uuid.uuid4().hex[:8]}.partial")
             try:
                 await registry.download_blob(digest, partial)
+                partial.rename(path)
             except NotFound:
                 _fail(f"dataset blob {digest} is not in the registry (upload it with UploadBlob)")
             except InvalidArgument as exc:
                 _fail(f"dataset blob digest: {exc}")
-            partial.rename(path)
-    else:
-        path = Path(dataset.local_path).resolve()
-        if not path.is_file():
-            _fail(f"dataset file {dataset.local_path!r} does not exist (or is not a file)")
-        digest = await asyncio.to_thread(file_digest, path)
+            finally:
+                partial.unlink(missing_ok=True)
+        await asyncio.to_thread(_check_columns, path, dataset)
+        return digest
+    path = Path(dataset.local_path).resolve()
+    if not path.is_file():
+        _fail(f"dataset file {dataset.local_path!r} does not exist (or is not a file)")
     await asyncio.to_thread(_check_columns, path, dataset)
-    return path, digest
+    digest = await asyncio.to_thread(file_digest, path)
+    try:
+        await registry.stat_blob(digest)
+    except NotFound:
+        blob = await registry.upload_blob(path)
+        if blob.digest != digest:
+            raise InvalidArgument(f"dataset file {dataset.local_path!r} changed while it was uploaded") from None
+    return digest
 
 
 def _check_columns(path: Path, dataset: Dataset) -> None:
@@ -102,14 +143,10 @@ def _check_columns(path: Path, dataset: Dataset) -> None:
                 _fail(f"dataset {path.name} has no array {key!r}; it has {sorted(arrays)}")
 
 
-def job_dir(settings: TrainerSettings, job: Job) -> Path:
-    return settings.shared_dir.resolve() / "jobs" / job.id
-
-
 def worker_spec(job: Job, settings: TrainerSettings) -> WorkerSpec:
-    """The spec every replica of `job` runs: the job's spec with the defaults filled in and its paths."""
+    """The spec every replica of `job`'s current attempt runs, with the defaults filled in and no path: each
+    replica's agent sets the paths to its own directories (WorkerSpec.with_paths)."""
     spec, hp, dataset = job.spec, job.spec.hyper_parameters.or_defaults(), job.spec.dataset
-    base = job_dir(settings, job)
     optional = {
         "label_column": dataset.label_column,
         "features_key": dataset.features_key,
@@ -118,16 +155,13 @@ def worker_spec(job: Job, settings: TrainerSettings) -> WorkerSpec:
     return WorkerSpec(
         recipe=spec.recipe,
         recipe_params=spec.recipe_params,
-        recipes_dir=str(settings.recipes_dir.resolve()),
+        recipe_source=recipe_source(spec, settings),
         dataset=DatasetSpec(
             format=dataset.format,
-            paths=(job.dataset_path,),
             feature_columns=dataset.feature_columns or None,
             num_classes=dataset.num_classes or None,
             **{name: value for name, value in optional.items() if value},
         ),
-        checkpoint_dir=str(base / "checkpoints"),
-        export_dir=str(base / "export"),
         epochs=hp.epochs,
         batch_size=hp.batch_size,
         learning_rate=hp.learning_rate,
@@ -138,4 +172,14 @@ def worker_spec(job: Job, settings: TrainerSettings) -> WorkerSpec:
         report_every_steps=spec.report_every_steps or settings.default_report_every_steps,
         step_delay_ms=spec.step_delay_ms,
         record_shard_ids=settings.record_shard_ids,
+        attempt=job.attempt,
+        snapshot_checkpoint_every=settings.upload_checkpoint_every,
     )
+
+
+def replica_data(job: Job) -> ReplicaData:
+    """The registry blobs every replica of `job`'s current attempt works on: its data set, and the newest uploaded
+    checkpoint to resume from."""
+    checkpoint = job.checkpoint
+    restore = Checkpoint(checkpoint.digest, checkpoint.step) if checkpoint is not None else None
+    return ReplicaData(dataset_digest=job.dataset_digest, restore=restore)

@@ -223,26 +223,29 @@ def test_dockerfile_installs_pinned_dependencies_and_generates_protos() -> None:
                 assert (REPO_ROOT / source).exists(), f"Dockerfile copies {source}, which the repo lacks"
 
 
-def test_trainer_and_agents_mount_the_shared_dir_at_the_same_path(
+def test_the_trainer_keeps_its_dirs_on_its_own_volume_and_shares_none_with_the_agents(
     our_services: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Worker specs carry absolute paths under the trainer's shared dir (checkpoints, exports, data sets, recipes):
-    every agent must see the same volume at the same path."""
+    """No shared filesystem: data sets, checkpoints and exports move between the trainer and the agents through the
+    registry, and a recipe's source travels in the worker spec. The trainer's scratch and recipes are on a named
+    volume of its own (absolute paths), and no agent mounts it."""
     by_module = {_module_of(name, service): (name, service) for name, service in our_services.items()}
     trainer_name, trainer = by_module["services.trainer"]
     agent_name, agent = by_module["services.trainer.agent"]
     settings = _settings_of(trainer_name, trainer, monkeypatch)
-    assert settings.shared_dir.is_absolute(), f"{trainer_name}: shared_dir {settings.shared_dir} is relative"
-    assert settings.recipes_dir.is_absolute(), f"{trainer_name}: recipes_dir {settings.recipes_dir} is relative"
 
-    def named_volume_holding(service: dict, path: Path) -> tuple[str, str]:
+    def named_volumes(service: dict) -> dict[str, str]:
+        mounts = {}
         for volume in service.get("volumes", []):
             source, target = (volume["source"], volume["target"]) if isinstance(volume, dict) else volume.split(":")[:2]
-            if path.is_relative_to(target) and not source.startswith(("/", ".")):
-                return source, target
-        raise AssertionError(f"no named volume holds {path}")
+            if not source.startswith(("/", ".")):
+                mounts[source] = target
+        return mounts
 
-    for path in (settings.shared_dir, settings.recipes_dir):
-        mount = named_volume_holding(trainer, path)
-        assert named_volume_holding(agent, path) == mount, f"{agent_name} does not mount {mount} like the trainer"
+    trainer_volumes = named_volumes(trainer)
+    for path in (settings.scratch_dir, settings.recipes_dir):
+        assert path.is_absolute(), f"{trainer_name}: {path} is relative"
+        assert any(path.is_relative_to(t) for t in trainer_volumes.values()), f"{trainer_name}: {path} on no volume"
+    shared = set(trainer_volumes) & set(named_volumes(agent))
+    assert not shared, f"{agent_name} mounts the trainer's volume(s) {shared}: nothing may be shared"
     assert _replicas(agent) * _settings_of(agent_name, agent, monkeypatch).slots >= 2, "too few worker slots"

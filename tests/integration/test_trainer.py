@@ -89,6 +89,7 @@ def _worker_pid(ns, job: pb.Job, task_index: int) -> int:
     placement = next(p for p in job.placements if p.task_index == task_index)
     replicas = _agent_stub(ns, placement.agent).ListReplicas(agent_pb2.ListReplicasRequest(job_id=job.id)).replicas
     (replica,) = [r for r in replicas if r.task_index == task_index and r.attempt == job.attempt]
+    assert replica.pid > 0, replica  # 0: not started yet (os.kill(0, ...) would signal this test's own group)
     return replica.pid
 
 
@@ -154,8 +155,10 @@ def test_two_worker_job_trains_registers_and_the_model_predicts(cluster, digits_
     accuracy = float(np.mean(np.argmax(serve(x=tf.constant(x))["probabilities"].numpy(), axis=1) == y))
     assert accuracy >= 0.85
 
-    shard_dir = cluster.tmp / "shared" / "jobs" / job.id / "checkpoints" / "shards"
-    shards = [json.loads(p.read_text()) for p in sorted(shard_dir.glob("task-*.json"))]
+    # Each worker recorded its shard in its own checkpoint dir, in its own agent's work dir: nothing is shared.
+    records = sorted(cluster.tmp.glob(f"agent-*/{job.id}/1/task-*/checkpoints/shards/task-*.json"))
+    assert len({p.parents[5] for p in records}) == 2, records
+    shards = [json.loads(p.read_text()) for p in sorted(records, key=lambda p: p.name)]
     assert len(shards) == 2
     ids = [set(s["ids"]) for s in shards]
     assert ids[0] and ids[1] and not ids[0] & ids[1], "the two workers read overlapping examples"

@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 from modelgrid.agent.v1 import agent_pb2 as pb
 from modelgrid.agent.v1 import agent_pb2_grpc
-from services.clients.agent.types import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
+from services.clients.agent.types import (
+    Checkpoint,
+    Export,
+    ReplicaData,
+    ReplicaEvent,
+    ReplicaKey,
+    ReplicaState,
+    ReplicaStatus,
+)
 from services.clients.agent.worker_spec import WorkerSpec
 from services.kit.channels import InstancePool
 from services.kit.consul import Instance
@@ -74,9 +82,13 @@ class AgentClient:
         with rpc_errors(SERVICE):
             await stub.ReleasePorts(pb.ReleasePortsRequest(job_id=job_id), timeout=TIMEOUT)
 
-    async def start_replica(self, agent_id: str, key: ReplicaKey, tf_config: str, spec: WorkerSpec) -> ReplicaStatus:
+    async def start_replica(
+        self, agent_id: str, key: ReplicaKey, tf_config: str, spec: WorkerSpec, data: ReplicaData | None = None
+    ) -> ReplicaStatus:
         """Starts the worker process of `key` with TF_CONFIG `tf_config` (JSON) and `spec`, or returns the one
-        started before; ResourceExhausted when all the agent's slots are taken."""
+        started before; ResourceExhausted when all the agent's slots are taken. With `data` (a trainer job's
+        replica), `spec` names no path: the agent fetches the data from the registry into its own directories
+        first, and sets the spec's paths to them."""
         request = pb.StartReplicaRequest(
             job_id=key.job_id,
             attempt=key.attempt,
@@ -84,6 +96,8 @@ class AgentClient:
             tf_config=tf_config,
             worker_spec=spec.to_json(),
         )
+        if data is not None:
+            request.data.CopyFrom(data_to_pb(data))
         stub = self._stub(agent_id, healthy_only=True)
         with rpc_errors(SERVICE):
             reply = await stub.StartReplica(request, timeout=START_TIMEOUT)
@@ -132,7 +146,30 @@ def replica_from_pb(replica: pb.Replica) -> ReplicaStatus:
         pid=replica.pid,
         exit_code=replica.exit_code,
         agent=replica.agent,
+        checkpoint=checkpoint_from_pb(replica.checkpoint) if replica.HasField("checkpoint") else None,
+        export=Export(replica.export.digest, replica.export.size_bytes) if replica.HasField("export") else None,
+        error=replica.error,
     )
+
+
+def checkpoint_to_pb(checkpoint: Checkpoint) -> pb.Checkpoint:
+    return pb.Checkpoint(digest=checkpoint.digest, step=checkpoint.step, size_bytes=checkpoint.size_bytes)
+
+
+def checkpoint_from_pb(message: pb.Checkpoint) -> Checkpoint:
+    return Checkpoint(message.digest, message.step, message.size_bytes)
+
+
+def data_to_pb(data: ReplicaData) -> pb.ReplicaData:
+    message = pb.ReplicaData(dataset_digest=data.dataset_digest)
+    if data.restore is not None:
+        message.restore.CopyFrom(checkpoint_to_pb(data.restore))
+    return message
+
+
+def data_from_pb(message: pb.ReplicaData) -> ReplicaData:
+    restore = checkpoint_from_pb(message.restore) if message.HasField("restore") else None
+    return ReplicaData(message.dataset_digest, restore)
 
 
 def _agent(instance: Instance) -> Agent:

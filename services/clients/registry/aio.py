@@ -18,6 +18,7 @@ from modelgrid.registry.v1 import registry_pb2_grpc
 from services.clients.registry import convert
 from services.clients.registry.types import (
     Alias,
+    ArtifactFormat,
     Blob,
     Download,
     Lineage,
@@ -28,13 +29,14 @@ from services.clients.registry.types import (
 from services.kit.artifacts import CHUNK_BYTES, file_digest, pack_to_file, read_chunks
 from services.kit.channels import InstancePool
 from services.kit.convert import ref_to_pb
-from services.kit.errors import AlreadyExists, DataLoss
+from services.kit.errors import AlreadyExists, DataLoss, ResourceExhausted
 from services.kit.modelref import ModelRef
 from services.kit.rpc_errors import rpc_errors
 
 CLIENT_ID_HEADER = "x-modelgrid-client"
 SERVICE = "registry"
 TIMEOUT = 10.0  # seconds, for every metadata call
+FROM_BLOB_TIMEOUT = 60.0  # a version from a blob: the registry reads its signatures (TensorFlow's protos on first use)
 
 
 class AsyncRegistryClient:
@@ -118,6 +120,58 @@ class AsyncRegistryClient:
         with rpc_errors(SERVICE):
             reply = await self._stub().UploadBlob(messages(), metadata=self._metadata)
         return convert.blob_from_pb(reply)
+
+    async def upload_directory(
+        self, directory: str | os.PathLike, *, scratch_dir: str | os.PathLike | None = None, max_bytes: int = 0
+    ) -> Blob:
+        """Packs a directory as a deterministic tar (the format of a SavedModel artifact: the same directory always
+        gives the same digest) and stores it as a blob; a version can then be created from it
+        (`create_version_from_blob`). The tar is staged in `scratch_dir` (default: the system's temporary
+        directory) and removed afterwards. ResourceExhausted, before any byte is sent, when the tar is larger
+        than `max_bytes` (0: no limit of the client's)."""
+        with tempfile.TemporaryDirectory(prefix="modelgrid-upload-", dir=scratch_dir) as tmp:
+            tar_path = Path(tmp) / "directory.tar"
+            await asyncio.to_thread(pack_to_file, directory, tar_path)
+            size = tar_path.stat().st_size
+            if max_bytes and size > max_bytes:
+                raise ResourceExhausted(f"{Path(directory).name} packs to {size} bytes, over the limit of {max_bytes}")
+            return await self.upload_blob(tar_path)
+
+    async def create_version_from_blob(
+        self,
+        name: str,
+        digest: str,
+        *,
+        request_id: str,
+        artifact_format: ArtifactFormat = ArtifactFormat.SAVEDMODEL_TAR,
+        description: str = "",
+        metrics: dict[str, float] | None = None,
+        params: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+        lineage: Lineage | None = None,
+    ) -> ModelVersion:
+        """A new version whose artifact is a blob uploaded before (`upload_directory` of a SavedModel): no bytes
+        move. NotFound when the registry holds no such blob; `request_id` makes a retry return the version created
+        the first time."""
+        meta = pb.VersionMetadata(
+            model_name=name,
+            artifact_digest=digest,
+            artifact_format=convert.format_to_pb(artifact_format),
+            request_id=request_id,
+            description=description,
+            metrics=metrics or {},
+            params=params or {},
+            tags=tags or {},
+            lineage=convert.lineage_to_pb(lineage or Lineage()),
+            from_blob=True,
+        )
+
+        async def messages() -> AsyncIterator[pb.CreateVersionRequest]:
+            yield pb.CreateVersionRequest(metadata=meta)
+
+        with rpc_errors(SERVICE):
+            reply = await self._stub().CreateVersion(messages(), metadata=self._metadata, timeout=FROM_BLOB_TIMEOUT)
+        return convert.version_from_pb(reply)
 
     async def ensure_model(self, name: str, description: str = "") -> None:
         """Creates the model unless it exists."""

@@ -5,9 +5,12 @@ import logging
 import socket
 from pathlib import Path
 
+from services.clients.registry import AsyncRegistryClient
+from services.kit.channels import InstancePool
+from services.kit.consul import ConsulClient
 from services.kit.hostaddr import resolve_addresses
 from services.kit.logs import configure_logging
-from services.kit.server import GrpcService, ServiceSpec
+from services.kit.server import GrpcService, ServiceSpec, grpc_options
 from services.kit.telemetry import setup_tracing
 from services.trainer import VERSION
 from services.trainer.agent.servicer import PROTO_SERVICE, WorkerAgentServicer
@@ -22,7 +25,17 @@ async def start_agent(settings: AgentSettings) -> GrpcService:
     service stops the agent's workers."""
     await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(settings.service_name, VERSION, settings)
-    supervisor = ReplicaSupervisor(settings)
+    # Data sets, checkpoints and exports move through the registry: the agent reads no other host's files.
+    consul = ConsulClient(settings.consul_url)
+    registry_pool = InstancePool(
+        consul,
+        settings.registry_service,
+        targets=[settings.registry_target] if settings.registry_target else [],
+        options=grpc_options(settings),
+        hold_seconds=settings.discovery_hold_seconds,
+    )
+    registry = AsyncRegistryClient(registry_pool, client_id=f"{settings.service_name}@{socket.gethostname()}")
+    supervisor = ReplicaSupervisor(settings, registry)
     servicer = WorkerAgentServicer(supervisor)
     spec = ServiceSpec(
         name=settings.service_name,
@@ -34,8 +47,15 @@ async def start_agent(settings: AgentSettings) -> GrpcService:
     service = GrpcService(spec, settings, tracer_provider)
     # WatchReplicas streams never end by themselves: they end when shutdown begins, so the server need not wait.
     service.on_stopping(supervisor.end_watches)
+    service.add_cleanup(consul.close)
+    service.add_cleanup(registry_pool.close)
     # Runs after server.stop (the standard order): no call can start a worker any more.
     service.add_cleanup(lambda: supervisor.close(settings.worker_stop_grace_seconds))
+    try:
+        await registry_pool.start()
+    except BaseException:
+        await service.stop()
+        raise
     await service.start()
     try:
         await supervisor.open(settings.work_dir or Path(f".run/agent-{service.port}"), service.instance_id)

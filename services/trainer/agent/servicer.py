@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator
 
 from modelgrid.agent.v1 import agent_pb2 as pb
 from modelgrid.agent.v1 import agent_pb2_grpc
+from services.clients.agent.client import checkpoint_to_pb, data_from_pb
 from services.clients.agent.types import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
 from services.trainer.agent.supervisor import ReplicaSupervisor
 
@@ -28,12 +29,14 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         return pb.ReservePortsResponse(ports=self._supervisor.reserve_ports(request.job_id, request.count))
 
     async def ReleasePorts(self, request: pb.ReleasePortsRequest, context) -> pb.ReleasePortsResponse:
-        self._supervisor.release_ports(request.job_id)
+        await self._supervisor.release_ports(request.job_id)
         return pb.ReleasePortsResponse()
 
     async def StartReplica(self, request: pb.StartReplicaRequest, context) -> pb.Replica:
         key = ReplicaKey(request.job_id, request.attempt, request.task_index)
-        return replica_to_pb(await self._supervisor.start_replica(key, request.tf_config, request.worker_spec))
+        data = data_from_pb(request.data) if request.HasField("data") else None
+        status = await self._supervisor.start_replica(key, request.tf_config, request.worker_spec, data)
+        return replica_to_pb(status)
 
     async def StopReplica(self, request: pb.StopReplicaRequest, context) -> pb.Replica:
         key = ReplicaKey(request.job_id, request.attempt, request.task_index)
@@ -53,7 +56,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
 
 
 def replica_to_pb(replica: ReplicaStatus) -> pb.Replica:
-    return pb.Replica(
+    message = pb.Replica(
         job_id=replica.key.job_id,
         attempt=replica.key.attempt,
         task_index=replica.key.task_index,
@@ -61,7 +64,13 @@ def replica_to_pb(replica: ReplicaStatus) -> pb.Replica:
         exit_code=replica.exit_code,
         pid=replica.pid,
         agent=replica.agent,
+        error=replica.error,
     )
+    if replica.checkpoint is not None:
+        message.checkpoint.CopyFrom(checkpoint_to_pb(replica.checkpoint))
+    if replica.export is not None:
+        message.export.CopyFrom(pb.Export(digest=replica.export.digest, size_bytes=replica.export.size_bytes))
+    return message
 
 
 def event_to_pb(event: ReplicaEvent) -> pb.ReplicaEvent:

@@ -7,7 +7,7 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.kit.settings import ServiceSettings
+from services.kit.settings import MiB, ServiceSettings
 
 # tf-keras (Keras 3's fit fails under MultiWorkerMirroredStrategy), quiet TensorFlow logs, and few compute threads
 # per worker since several workers share one host. Two inter-op threads, as the worker itself defaults to: the
@@ -37,7 +37,19 @@ class AgentSettings(ServiceSettings):
     slots: int = Field(default=2, ge=1)
     """Worker processes this agent runs at once; StartReplica beyond it fails with RESOURCE_EXHAUSTED."""
     work_dir: Path | None = None
-    """Port reservations, and per replica its spec, log and progress file; empty: .run/agent-<bound port>."""
+    """Port reservations, the cache of registry blobs (`cache/sha256/<digest>`), and per replica its spec, log,
+    progress file, checkpoints and export; empty: .run/agent-<bound port>. Nothing in it is shared with another
+    host: data sets, checkpoints and exports come from and go to the registry."""
+    registry_target: str = ""
+    """host:port of the registry; empty: discover it in Consul."""
+    registry_service: str = "registry"
+    """Consul service name of the registry."""
+    max_upload_bytes: int = Field(default=4096 * MiB, ge=1)
+    """Largest checkpoint or SavedModel (as its tar) the agent uploads to the registry; a larger one is not
+    uploaded and the replica reports why (a restarted group then resumes from an earlier checkpoint)."""
+    registry_retry_seconds: float = Field(default=120.0, ge=0)
+    """How long a download or upload keeps trying while the registry is unavailable (backoff 0.5 s doubling to
+    10 s). A worker's exit is reported once the uploads of what it announced are done or given up."""
     worker_command: list[str] = Field(
         default_factory=lambda: [sys.executable, "-m", "services.trainer.worker"], min_length=1
     )

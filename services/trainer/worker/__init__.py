@@ -3,7 +3,9 @@
 The trainer's agents spawn `python -m services.trainer.worker --spec spec.json` once per task, with TF_CONFIG
 naming the group's host:port list and this task's index, and MODELGRID_PROGRESS_FILE naming a JSON-lines file
 that receives the progress events (services.trainer.progress). It exits with a services.trainer.exit_codes code.
-The trainer writes the spec with `WorkerSpec.to_json` and the worker reads it with `WorkerSpec.from_json`.
+The trainer sends the spec without paths; the agent sets them to its own directories (its cached copy of the data
+set, the replica's checkpoint and export dirs) and writes it with `WorkerSpec.to_json`; the worker reads it with
+`WorkerSpec.from_json`. Every path a worker sees is on its own host.
 """
 
 from pathlib import Path

@@ -3,9 +3,11 @@
 Progress goes as JSON lines (services.trainer.progress: shard, started, step, epoch, preempted, exported,
 finished) to the file named by MODELGRID_PROGRESS_FILE.
 
-Layout of the job's checkpoint_dir (shared by the group): `backup/` (BackupAndRestore: the chief writes
-`backup/chief`, every other worker writes its own `backup/workertemp_<i>` and removes it; all restore from the
-chief's; the chief removes it after exporting), `shards/task-<i>.json`, `attempts/task-<i>`.
+Layout of a worker's checkpoint_dir (its own, on its host: nothing is shared between the workers of a group):
+`backup/` (BackupAndRestore: the chief writes `backup/chief`, every other worker writes its own
+`backup/workertemp_<i>` and removes it; every worker restores from `backup/chief`, which its agent unpacked from the
+checkpoint the group resumes from; the chief removes it after exporting), `snapshots/step-<n>` (the chief's copies
+of the backups it announces for its agent to upload to the registry), `shards/task-<i>.json`, `attempts/task-<i>`.
 """
 
 import hashlib
@@ -25,7 +27,17 @@ import tf_keras as keras
 
 from services.clients.agent.worker_spec import WorkerSpec
 from services.trainer.exit_codes import ExitCode
-from services.trainer.progress import Epoch, Exported, Finished, Preempted, ProgressEvent, Shard, Started, Step
+from services.trainer.progress import (
+    CheckpointSaved,
+    Epoch,
+    Exported,
+    Finished,
+    Preempted,
+    ProgressEvent,
+    Shard,
+    Started,
+    Step,
+)
 from services.trainer.worker import InvalidJob
 from services.trainer.worker.data import TrainingData, make_training_data
 from services.trainer.worker.recipes import build_model
@@ -77,9 +89,11 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
     (a regular backup at that step) and exit_fn on every worker.
     """
 
-    def __init__(self, backup_dir: str, save_freq: int, on_preempted) -> None:
+    def __init__(self, backup_dir: str, save_freq: int, on_preempted, on_saved=None) -> None:
         super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=False)
         self._on_preempted = on_preempted
+        self._on_saved = on_saved  # on_saved(preempting): after each backup (the chief's snapshots)
+        self._preempting = False
         self._handler = None
 
     def on_train_begin(self, logs=None):
@@ -95,7 +109,13 @@ class PreemptibleBackup(keras.callbacks.BackupAndRestore):
         self._handler.save_checkpoint_if_preempted()
 
     def _save_now(self):
+        self._preempting = True
         self._backup(epoch=self._current_epoch)
+
+    def _backup(self, epoch, batch=0):
+        super()._backup(epoch, batch)
+        if self._on_saved is not None:
+            self._on_saved(self._preempting)
 
 
 class ProgressReporter(keras.callbacks.Callback):
@@ -198,6 +218,49 @@ def record_shard(strategy, spec: WorkerSpec, task: int, workers: int, progress: 
     )
 
 
+class Snapshots:
+    """The chief's copies of its backups for its agent to upload: every `every`-th backup and the preemption's are
+    hard-linked (copied across file systems) from `backup/chief` into `snapshots/step-<step>`, then announced with a
+    `checkpoint` progress event. The agent removes each once it is uploaded."""
+
+    def __init__(self, checkpoint_dir: Path, every: int, progress: ProgressLog, step) -> None:
+        self._source = checkpoint_dir / "backup" / "chief"
+        self._target = checkpoint_dir / "snapshots"
+        self._every = every
+        self._progress = progress
+        self._step = step  # () -> the global step
+        self._saves = 0
+        self._last = -1
+
+    def on_saved(self, preempting: bool) -> None:
+        self._saves += 1
+        if preempting or self._saves % self._every == 0:  # the preemption's: the step the group resumes from
+            self.take()
+
+    def take(self) -> None:
+        step = self._step()
+        if step == self._last:
+            return  # announced already (a preemption right at a regular backup)
+        if not self._source.is_dir():
+            logger.warning("no backup at %s to snapshot at step %d", self._source, step)
+            return
+        self._last = step
+        target = self._target / f"step-{step}"
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(self._source, partial, copy_function=_link_or_copy)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        self._progress.emit(CheckpointSaved(step=step, path=str(target)))
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)  # the backup's files are replaced, never rewritten in place: a link is a copy
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def export(model: keras.Model, input_shape: tuple[int, ...], export_dir: str, scratch: Path, chief: bool) -> str:
     """SavedModel with signature serving_default(x) -> {"probabilities"}; every worker saves, the chief's counts."""
     module = tf.Module()
@@ -234,7 +297,7 @@ def run(spec: WorkerSpec) -> int:
     chief = task == 0
     checkpoint_dir = Path(spec.checkpoint_dir)
     progress = ProgressLog(os.environ.get(PROGRESS_FILE_ENV), task)
-    attempt = next_attempt(checkpoint_dir, task)
+    attempt = spec.attempt or next_attempt(checkpoint_dir, task)
 
     def preempted(step: int | None = None) -> None:
         progress.emit(Preempted(task=task, step=step))
@@ -267,10 +330,15 @@ def run(spec: WorkerSpec) -> int:
             metrics=["accuracy"],
         )
         model.distribute_reduction_method = "sum"
+    snapshots = None
+    if chief and spec.snapshot_checkpoint_every:
+        global_step = lambda: int(model.optimizer.iterations.numpy())  # noqa: E731
+        snapshots = Snapshots(checkpoint_dir, spec.snapshot_checkpoint_every, progress, global_step)
     backup = PreemptibleBackup(
         str(checkpoint_dir / "backup"),
         spec.checkpoint_every_steps,
         on_preempted=lambda: preempted(int(model.optimizer.iterations.numpy())),
+        on_saved=snapshots.on_saved if snapshots else None,
     )
     reporter = ProgressReporter(progress, spec, workers, attempt, data.steps_per_epoch)
     model.fit(

@@ -4,8 +4,10 @@ verified transfers, the event stream; and the kit's InstancePool finding the reg
 import asyncio
 import uuid
 
+import grpc
 import pytest
 
+from modelgrid.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.clients.registry import (
     AsyncRegistryClient,
     EventType,
@@ -15,7 +17,7 @@ from services.clients.registry import (
 )
 from services.kit.channels import InstancePool, fewest_in_flight
 from services.kit.consul import ConsulClient
-from services.kit.errors import FailedPrecondition, NotFound, Unavailable
+from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.registry.main import start_registry
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -79,6 +81,49 @@ async def test_blobs_and_versions_download_verified(registry_client, saved_model
     version = await _push(registry_client, name, saved_model)
     got = await registry_client.download_version(name, version.version, tmp_path / "model.tar")
     assert (got.model_name, got.version, got.artifact) == (name, 1, version.artifact)
+
+
+async def test_a_version_is_created_from_an_uploaded_blob_idempotently(
+    registry, registry_client, saved_model, unique, tmp_path
+):
+    """What the trainer does with the SavedModel its chief's agent uploaded: no artifact bytes move again."""
+    name = unique()
+    await registry_client.ensure_model(name)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    blob = await registry_client.upload_directory(saved_model, scratch_dir=scratch, max_bytes=1 << 30)
+    assert not list(scratch.iterdir()), "the staged tar was left behind"
+    pushed = await _push(registry_client, unique(), saved_model)
+    assert blob.digest == pushed.artifact.digest, "the blob is not the SavedModel tar a push makes"
+
+    version = await registry_client.create_version_from_blob(
+        name, blob.digest, request_id="job-1", metrics={"accuracy": 0.5}, lineage=Lineage(training_job_id="job-1")
+    )
+    again = await registry_client.create_version_from_blob(name, blob.digest, request_id="job-1")
+
+    assert version.version == again.version == 1 and version.artifact == pushed.artifact
+    assert version.signatures == pushed.signatures and version.metrics == {"accuracy": pytest.approx(0.5)}
+    assert version.lineage.training_job_id == "job-1"
+    assert [v.version for v in await registry_client.list_versions(name)] == [1]
+    got = await registry_client.download_version(name, 1, tmp_path / "model.tar")
+    assert got.artifact.digest == blob.digest
+    with pytest.raises(NotFound):
+        await registry_client.create_version_from_blob(name, "0" * 64, request_id="job-2")
+    with pytest.raises(ResourceExhausted):
+        await registry_client.upload_directory(saved_model, max_bytes=1000)
+    not_a_model = tmp_path / "rows.bin"
+    not_a_model.write_bytes(b"rows" * 1000)
+    raw = await registry_client.upload_blob(not_a_model)
+    with pytest.raises(InvalidArgument, match="not a readable tar"):
+        await registry_client.create_version_from_blob(name, raw.digest, request_id="job-3")
+
+    meta = registry_pb2.VersionMetadata(model_name=name, artifact_digest=blob.digest, from_blob=True)
+    messages = [registry_pb2.CreateVersionRequest(metadata=meta), registry_pb2.CreateVersionRequest(chunk=b"x")]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{registry.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await registry_pb2_grpc.ModelRegistryStub(channel).CreateVersion(iter(messages), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "takes no artifact bytes" in err.value.details()
+    assert (await registry_client.get_model(name)).latest_version == 1
 
 
 async def test_watch_starts_at_once_and_yields_typed_events(registry_client, saved_model, unique):

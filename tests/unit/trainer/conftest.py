@@ -1,10 +1,11 @@
 """In-process fixtures of the trainer's unit tests: worker agents started in this process on port 0 and registered
-in the session's real Consul (under a service name of their own per test), running a small stand-in worker program;
-the typed agent client over a real InstancePool; and TrainerCore on the session's real Redis.
+in the session's real Consul (under a service name of their own per test), each with a work dir of its own (no path
+is shared: data sets, checkpoints and exports move through the in-process registry), running a small stand-in worker
+program; the typed agent client over a real InstancePool; and TrainerCore on the session's real Redis.
 
-The stand-in worker speaks the real contracts: it reads its WorkerSpec with `WorkerSpec.from_json`, writes
-`services.trainer.progress` events and exits with `ExitCode`s, in a fraction of a second instead of the seconds a
-TensorFlow worker needs to start. Its behaviour comes from the spec's recipe_params (see FAKE_WORKER).
+The stand-in worker speaks the real contracts: it reads the WorkerSpec its agent wrote with `WorkerSpec.from_json`,
+writes `services.trainer.progress` events and exits with `ExitCode`s, in a fraction of a second instead of the
+seconds a TensorFlow worker needs to start. Its behaviour comes from the spec's recipe_params (see FAKE_WORKER).
 """
 
 import sys
@@ -29,21 +30,25 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.store import JobStore
 
 # recipe_params it understands: steps_per_epoch (4); exit_code, exit_task (0), exit_at_step, exit_attempts ([1]):
-# that task exits with that code at that step on those attempts. The workers of an attempt wait for each other
-# before they start; the chief "checkpoints" the step every checkpoint_every_steps steps into checkpoint_dir, and a
-# restarted group starts from there.
+# that task exits with that code at that step on those attempts. The workers of an attempt join like a real group
+# (each listens on its TF_CONFIG address until it reached every peer and every peer reached it). The chief saves
+# the step into checkpoint_dir/backup/chief every checkpoint_every_steps steps and, every snapshot_checkpoint_every
+# saves, copies it into snapshots/step-<n> and announces it for its agent to upload; a restarted group starts from
+# backup/chief, which its agent restored from the registry.
 FAKE_WORKER = r"""
-import json, os, signal, sys, time
+import json, os, signal, socket, sys, time
 from pathlib import Path
 
 from services.trainer.exit_codes import ExitCode
-from services.trainer.progress import Epoch, Exported, Finished, Preempted, Started, Step
+from services.trainer.progress import CheckpointSaved, Epoch, Exported, Finished, Preempted, Started, Step
 from services.clients.agent.worker_spec import WorkerSpec
 
 spec = WorkerSpec.from_json(Path(sys.argv[sys.argv.index("--spec") + 1]).read_text())
 config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-task, workers = config["task"]["index"], len(config["cluster"]["worker"])
+addresses = config["cluster"]["worker"]
+task, workers, attempt = config["task"]["index"], len(addresses), spec.attempt
 progress = open(os.environ["MODELGRID_PROGRESS_FILE"], "a")
+assert all(Path(p).is_file() for p in spec.dataset.paths), spec.dataset.paths
 
 
 def emit(event):
@@ -51,23 +56,65 @@ def emit(event):
     progress.flush()
 
 
+def join_group():
+    host, port = addresses[task].rsplit(":", 1)
+    for _ in range(100):
+        try:
+            server = socket.create_server((host, int(port)))
+            break
+        except OSError:
+            time.sleep(0.05)
+    server.settimeout(0.02)
+    peers = set(range(workers)) - {task}
+    reached, reached_by = set(), set()
+    while reached != peers or reached_by != peers:
+        for peer in peers - reached:
+            peer_host, peer_port = addresses[peer].rsplit(":", 1)
+            try:
+                with socket.create_connection((peer_host, int(peer_port)), timeout=0.2) as conn:
+                    conn.sendall(f"{attempt} {task}\n".encode())
+                reached.add(peer)
+            except OSError:
+                pass
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            continue
+        with conn:
+            conn.settimeout(1)
+            hello = conn.recv(64).decode().split()
+        if len(hello) == 2 and int(hello[0]) == attempt:
+            reached_by.add(int(hello[1]))
+    return server  # kept open to the end: a peer still joining reaches it
+
+
 checkpoints = Path(spec.checkpoint_dir)
-checkpoints.mkdir(parents=True, exist_ok=True)
-counter = checkpoints / f"attempts-{task}"
-attempt = int(counter.read_text()) + 1 if counter.exists() else 1
-counter.write_text(str(attempt))
-saved = checkpoints / "step"
-current = initial = int(saved.read_text() or 0) if saved.exists() else 0
-# Like a real group, the workers of an attempt start training together.
-(checkpoints / f"joined-{attempt}-{task}").touch()
-while len(list(checkpoints.glob(f"joined-{attempt}-*"))) < workers:
-    time.sleep(0.01)
+backup = checkpoints / "backup" / "chief"
+current = initial = int((backup / "step").read_text()) if (backup / "step").exists() else 0
+group = join_group()
 params = spec.recipe_params
 per_epoch = int(params.get("steps_per_epoch", 4))
 total = spec.epochs * per_epoch
+saves = 0
+
+
+def save(step):
+    backup.mkdir(parents=True, exist_ok=True)
+    (backup / "step.partial").write_text(str(step))
+    (backup / "step.partial").rename(backup / "step")
+
+
+def snapshot(step):
+    target = checkpoints / "snapshots" / f"step-{step}"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "step").write_text(str(step))
+    emit(CheckpointSaved(step=step, path=str(target)))
 
 
 def preempted(*_):
+    if task == 0 and spec.snapshot_checkpoint_every:
+        save(current)
+        snapshot(current)
     emit(Preempted(task=task, step=current))
     os._exit(ExitCode.PREEMPTED)
 
@@ -79,8 +126,10 @@ for step in range(initial + 1, total + 1):
     time.sleep(spec.step_delay_ms / 1000)
     current = step
     if task == 0 and step % spec.checkpoint_every_steps == 0:
-        (checkpoints / "step.partial").write_text(str(step))
-        (checkpoints / "step.partial").rename(saved)
+        save(step)
+        saves += 1
+        if spec.snapshot_checkpoint_every and saves % spec.snapshot_checkpoint_every == 0:
+            snapshot(step)
     if (step == params.get("exit_at_step") and task == params.get("exit_task", 0)
             and attempt in params.get("exit_attempts", [1])):
         os._exit(int(params["exit_code"]))
@@ -113,23 +162,28 @@ def agent_service() -> str:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def agents(consul, tmp_path, agent_service, fake_worker) -> AsyncIterator[Callable[..., Awaitable[GrpcService]]]:
-    """`await agents(slots=2, worker=None)`: starts one more agent in this process (the stand-in worker unless
-    `worker` names another command); every agent still running is stopped after the test."""
+async def agents(
+    consul, tmp_path, agent_service, fake_worker, registry
+) -> AsyncIterator[Callable[..., Awaitable[GrpcService]]]:
+    """`await agents(slots=2, worker=None, work_dir=None)`: starts one more agent in this process (the stand-in worker
+    unless `worker` names another command), with a work dir of its own (`tmp_path/agent-<n>` unless given) and the
+    in-process registry; every agent still running is stopped after the test."""
     started: list[GrpcService] = []
 
-    async def start(slots: int = 2, worker: list[str] | None = None) -> GrpcService:
+    async def start(slots: int = 2, worker: list[str] | None = None, work_dir: Path | None = None) -> GrpcService:
         settings = AgentSettings(
             port=0,
             consul_url=consul.http_url,
             consul_check_interval="1s",
             service_name=agent_service,
             slots=slots,
-            work_dir=tmp_path / f"agent-{len(started)}",
+            work_dir=work_dir or tmp_path / f"agent-{len(started)}",
             worker_command=worker or fake_worker,
             worker_env={"PYTHONPATH": str(REPO_ROOT), "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"},
             worker_stop_grace_seconds=1,
             shutdown_grace_seconds=0.2,
+            registry_target=f"127.0.0.1:{registry.port}",
+            registry_retry_seconds=5,
         )
         started.append(await start_agent(settings))
         return started[-1]
@@ -152,14 +206,14 @@ async def agent_client(consul, agent_service) -> AsyncIterator[AgentClient]:
 
 @pytest.fixture
 def trainer_settings(redis_server, tmp_path, agent_service) -> TrainerSettings:
-    """Trainer settings for this test: its own Redis keys, shared and recipes directories, and agents; short
+    """Trainer settings for this test: its own Redis keys, scratch and recipes directories, and agents; short
     pauses so that restarts take tenths of a second."""
     (tmp_path / "recipes").mkdir()
     return TrainerSettings(
         port=0,
         consul_enabled=False,
         redis_url=redis_server.url,
-        shared_dir=tmp_path / "shared",
+        scratch_dir=tmp_path / "trainer-scratch",
         recipes_dir=tmp_path / "recipes",
         agent_service=agent_service,
         redis_key_prefix=f"mg:unit-trainer:{uuid.uuid4().hex[:8]}:",
@@ -169,21 +223,19 @@ def trainer_settings(redis_server, tmp_path, agent_service) -> TrainerSettings:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def cores(trainer_settings, agent_client) -> AsyncIterator[Callable[..., Awaitable[TrainerCore]]]:
+async def cores(
+    trainer_settings, agent_client, registry_client
+) -> AsyncIterator[Callable[..., Awaitable[TrainerCore]]]:
     """`await cores(registry=None)`: a started TrainerCore on this test's Redis keys and agents (several share the
     store, as trainers restarted one after the other do); every core is stopped after the test. Without a registry
-    client the core gets one that is never called (jobs with a local data set and no register_model)."""
+    client the core gets the in-process registry's, the one the agents use."""
     redis = create_redis(trainer_settings.redis_url)
-    pools: list[InstancePool] = []
     started: list[TrainerCore] = []
 
     async def start(registry: AsyncRegistryClient | None = None) -> TrainerCore:
-        if registry is None:
-            pools.append(InstancePool(None, "registry", targets=["127.0.0.1:9"]))
-            await pools[-1].start()
-            registry = AsyncRegistryClient(pools[-1])
-        trainer_settings.shared_dir.mkdir(parents=True, exist_ok=True)
-        core = TrainerCore(JobStore(redis, trainer_settings.redis_key_prefix), agent_client, registry, trainer_settings)
+        trainer_settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+        store = JobStore(redis, trainer_settings.redis_key_prefix)
+        core = TrainerCore(store, agent_client, registry or registry_client, trainer_settings)
         await core.start()
         started.append(core)
         return core
@@ -191,8 +243,6 @@ async def cores(trainer_settings, agent_client) -> AsyncIterator[Callable[..., A
     yield start
     for core in started:
         await core.stop()
-    for pool in pools:
-        await pool.close()
     await redis.aclose()
 
 

@@ -7,14 +7,16 @@ from pathlib import Path
 import pytest
 
 from modelgrid.trainer.v1 import trainer_pb2 as pb
+from services.clients.agent.types import Checkpoint, ReplicaData
 from services.clients.agent.worker_spec import DatasetSpec, WorkerSpec
 from services.kit.errors import FailedPrecondition
 from services.trainer.converters import job_to_pb, spec_from_pb, spec_to_pb
-from services.trainer.domain import Job, JobState, Placement
+from services.trainer.domain import Job, JobCheckpoint, JobState, Placement
 from services.trainer.exit_codes import ExitCode, describe_exit
 from services.trainer.jobspec import DEFAULT_HYPER_PARAMETERS, Dataset, HyperParameters, JobSpec, spec_from_dict
 from services.trainer.placement import place
 from services.trainer.progress import (
+    CheckpointSaved,
     Epoch,
     Exported,
     Finished,
@@ -25,7 +27,7 @@ from services.trainer.progress import (
     Step,
 )
 from services.trainer.settings import TrainerSettings
-from services.trainer.specs import worker_spec
+from services.trainer.specs import replica_data, worker_spec
 
 
 def full_pb() -> pb.JobSpec:
@@ -89,6 +91,12 @@ def test_unset_fields_stay_unset_and_take_defaults_where_used():
 def test_a_job_stores_its_spec_as_json_and_reads_the_old_protobuf_json_format():
     job = Job(id="j1", spec=spec_from_pb(full_pb()), placements=[Placement(0, "a", "h:1")], metrics={"loss": 0.5})
     assert Job.from_json(job.to_json()) == job
+    job.checkpoint = JobCheckpoint("ab" * 32, 40, 2)
+    assert Job.from_json(job.to_json()) == job
+    assert job_to_pb(job).checkpoint == pb.JobCheckpoint(digest="ab" * 32, step=40, attempt=2)
+    older = {**json.loads(job.to_json()), "dataset_path": "/shared/datasets/x.npz"}  # before data sets were blobs
+    del older["checkpoint"]
+    assert Job.from_json(json.dumps(older)) == Job(**{**vars(job), "checkpoint": None})
 
     # Jobs written before JobSpec: the protobuf JSON mapping (proto field names, unset fields left out).
     old = {
@@ -120,31 +128,29 @@ def test_the_job_as_returned_carries_the_spec_as_submitted():
 # -- WorkerSpec ----------------------------------------------------------------------------------------------------
 
 
-def test_worker_spec_is_the_job_with_defaults_and_paths_and_survives_json(tmp_path: Path):
-    settings = TrainerSettings(shared_dir=tmp_path / "shared", recipes_dir=tmp_path / "recipes", record_shard_ids=True)
+def test_worker_spec_is_the_job_with_defaults_and_no_path_until_an_agent_sets_its_own(tmp_path: Path):
+    settings = TrainerSettings(
+        scratch_dir=tmp_path / "scratch", recipes_dir=tmp_path / "recipes", record_shard_ids=True
+    )
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "mine.py").write_text("def build_model(input_shape, num_classes):\n    pass\n")
     spec = JobSpec(
-        recipe="mlp",
+        recipe="file:mine.py",
         recipe_params={"hidden_units": [8]},
         dataset=Dataset(format="csv", local_path="/ignored.csv", label_column="digit", feature_columns=("a",)),
         hyper_parameters=HyperParameters(epochs=2, learning_rate=0.1),
         workers=2,
         step_delay_ms=3,
     )
-    job = Job(id="job-1", spec=spec, dataset_path="/shared/datasets/abc.csv")
+    job = Job(id="job-1", spec=spec, attempt=3, dataset_digest="ab" * 32, checkpoint=JobCheckpoint("cd" * 32, 40, 2))
 
-    worker = worker_spec(job, settings)
+    template = worker_spec(job, settings)
 
-    assert isinstance(worker, WorkerSpec)
-    base = tmp_path.resolve() / "shared" / "jobs" / "job-1"
-    assert worker == WorkerSpec(
-        recipe="mlp",
+    assert template == WorkerSpec(
+        recipe="file:mine.py",
         recipe_params={"hidden_units": [8]},
-        recipes_dir=str(tmp_path.resolve() / "recipes"),
-        dataset=DatasetSpec(
-            format="csv", paths=("/shared/datasets/abc.csv",), feature_columns=("a",), label_column="digit"
-        ),
-        checkpoint_dir=str(base / "checkpoints"),
-        export_dir=str(base / "export"),
+        recipe_source="def build_model(input_shape, num_classes):\n    pass\n",
+        dataset=DatasetSpec(format="csv", feature_columns=("a",), label_column="digit"),
         epochs=2,
         batch_size=32,
         learning_rate=0.1,
@@ -155,8 +161,25 @@ def test_worker_spec_is_the_job_with_defaults_and_paths_and_survives_json(tmp_pa
         report_every_steps=settings.default_report_every_steps,
         step_delay_ms=3,
         record_shard_ids=True,
+        attempt=3,
+        snapshot_checkpoint_every=1,
     )
-    worker.validate()
+    assert "/ignored.csv" not in template.to_json() and str(tmp_path) not in template.to_json()
+    assert replica_data(job) == ReplicaData(dataset_digest="ab" * 32, restore=Checkpoint("cd" * 32, 40))
+    assert WorkerSpec.from_json(template.to_json(), template=True) == template  # what the agent reads
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        WorkerSpec.from_json(template.to_json())  # not runnable until an agent sets its paths
+    for named in ({"checkpoint_dir": "/shared/x"}, {"dataset": {"format": "csv", "path": "/shared/d.csv"}}):
+        with pytest.raises(ValueError, match="names no path"):
+            WorkerSpec.from_dict({**json.loads(template.to_json()), **named}, template=True)
+
+    worker = template.with_paths("/agent/cache/sha256/ab", "/agent/j/3/task-0/checkpoints", "/agent/x", "/agent/r")
+    assert worker.dataset.paths == ("/agent/cache/sha256/ab",) and worker.recipe_source == ""
+    assert (worker.checkpoint_dir, worker.export_dir, worker.recipes_dir) == (
+        "/agent/j/3/task-0/checkpoints",
+        "/agent/x",
+        "/agent/r",
+    )
     assert WorkerSpec.from_json(worker.to_json()) == worker  # what the agent writes is what the worker reads
 
 
@@ -170,6 +193,7 @@ def test_worker_spec_is_the_job_with_defaults_and_paths_and_survives_json(tmp_pa
         Started(task=0, workers=2, attempt=3, initial_step=40, steps_per_epoch=23, epochs=8),
         Step(step=45, epoch=2, metrics={"loss": 0.5, "accuracy": 0.75}),
         Epoch(epoch=2, metrics={"loss": 0.5, "val_accuracy": 0.9}),
+        CheckpointSaved(step=40, path="/w/checkpoints/snapshots/step-40"),
         Preempted(task=1, step=None),
         Preempted(task=1, step=12),
         Exported(path="/x/export", metrics={"val_accuracy": 0.9, "steps": 46.0}),

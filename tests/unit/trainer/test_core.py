@@ -1,28 +1,35 @@
-"""TrainerCore in process: real agents (in this process, in the session's Consul) running the stand-in worker, jobs
-in the session's Redis. Scheduling and placement, the state machine as events, a failed worker restarting its
-group, the restart budget, preemption, cancelling, re-attaching after a trainer restart, and registration."""
+"""TrainerCore in process: real agents (in this process, in the session's Consul, each with a work dir of its own)
+running the stand-in worker, jobs in the session's Redis, data sets, checkpoints and exports in the in-process
+registry. Scheduling and placement, the state machine as events, a failed worker restarting its group from the
+checkpoint its chief's agent uploaded (on other agents when the chief's agent is lost), the restart budget,
+preemption, cancelling, re-attaching after a trainer restart, and registration from the uploaded SavedModel."""
 
 import asyncio
+import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
-from services.clients.agent import AgentClient
+from services.clients.agent import AgentClient, Export, WorkerSpec
 from services.clients.agent.types import ReplicaState
-from services.clients.registry import AsyncRegistryClient
+from services.clients.registry import ArtifactFormat, AsyncRegistryClient
+from services.kit.artifacts import file_digest
 from services.kit.channels import InstancePool
 from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.kit.localinfra import free_port
+from services.kit.server import GrpcService
 from services.registry.main import start_registry
+from services.registry.settings import RegistrySettings
 from services.trainer.core import TrainerCore
 from services.trainer.domain import EventType, Job, JobEvent, JobState
 from services.trainer.exit_codes import ExitCode
 from services.trainer.jobspec import Dataset, HyperParameters, JobSpec
-from services.trainer.specs import job_dir
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -80,6 +87,7 @@ async def worker_pid(agent_client: AgentClient, job: Job, task: int) -> int:
     placement = next(p for p in job.placements if p.task_index == task)
     replicas = await agent_client.list_replicas(placement.agent, job.id)
     (replica,) = [r for r in replicas if r.key.task_index == task and r.key.attempt == job.attempt]
+    assert replica.pid > 0, replica  # 0: not started yet (os.kill(0, ...) would signal this test's own group)
     return replica.pid
 
 
@@ -161,6 +169,52 @@ async def test_a_failed_worker_restarts_the_group_from_its_checkpoint(agents, ag
         "SUCCEEDED",
     ]
     assert (done.attempt, done.restarts, done.preemptions) == (2, 1, 0)
+
+
+async def test_a_group_whose_chiefs_agent_is_lost_resumes_elsewhere_from_the_uploaded_checkpoint(
+    agents, agent_client, cores, digits_npz, tmp_path
+):
+    """Two one-slot agents run the job; the chief's agent is stopped (its host is gone: its work dir is deleted too)
+    and a third agent with a work dir of its own joins. The group restarts on the survivor and the newcomer from the
+    checkpoint the lost agent had uploaded to the registry: no path is shared between them."""
+    services = {}
+    for name in ("a", "b"):
+        service = await agents(slots=1, work_dir=tmp_path / f"host-{name}")
+        services[service.instance_id] = (service, tmp_path / f"host-{name}")
+    await ready(agent_client, 2)
+    core = await cores()
+    spec = spec_of(digits_npz, recipe_params={"steps_per_epoch": 10}, step_delay_ms=100)
+
+    job = await core.submit(spec, request_id="")
+    uploaded = await until(core, job.id, lambda j: j.checkpoint is not None and j.checkpoint.step >= 4)
+    assert uploaded.checkpoint.attempt == 1 and uploaded.dataset_digest == file_digest(digits_npz)
+    chief_agent = next(p.agent for p in uploaded.placements if p.task_index == 0)
+    lost, lost_dir = services.pop(chief_agent)
+    await lost.stop()
+    shutil.rmtree(lost_dir)  # nothing of the lost host may be needed any more
+    waiting = await until(core, job.id, lambda j: j.state == JobState.PENDING, timeout=30)
+    resume_from = waiting.checkpoint
+    assert resume_from is not None and resume_from.step >= uploaded.checkpoint.step
+
+    newcomer = await agents(slots=1, work_dir=tmp_path / "host-c")
+    services[newcomer.instance_id] = (newcomer, tmp_path / "host-c")
+    done, events = await until_final(core, job.id, timeout=60)
+
+    assert done.state == JobState.SUCCEEDED, done
+    assert chief_agent not in {p.agent for p in done.placements}
+    (restart,) = [e for e in events if e.type == EventType.RESTART]
+    assert restart.failure.agent == chief_agent
+    (resumed,) = [e for e in events if e.type == EventType.RESUMED]
+    assert resumed.step == resume_from.step, "the group did not resume from the uploaded checkpoint"
+    assert done.step == 20 and done.attempt == 2
+    assert not lost_dir.exists()
+    for placement in done.placements:  # each replica of attempt 2 worked in its own agent's directories only
+        work_dir = services[placement.agent][1]
+        spec_path = work_dir / job.id / "2" / f"task-{placement.task_index}" / "spec.json"
+        worker = WorkerSpec.from_json(spec_path.read_text())
+        assert Path(worker.checkpoint_dir).is_relative_to(work_dir.resolve()), worker.checkpoint_dir
+        assert worker.dataset.paths == (str(work_dir.resolve() / "cache" / "sha256" / done.dataset_digest),)
+        assert json.loads(spec_path.read_text())["attempt"] == 2
 
 
 async def test_kill_9_of_a_worker_is_a_failure_with_its_signal(agents, agent_client, cores, digits_npz):
@@ -303,8 +357,11 @@ async def test_a_finished_job_is_registered_with_its_lineage_and_aliases(
     assert version.lineage.source.startswith("modelgrid-trainer")
     assert version.metrics["val_accuracy"] == 0.75
     assert version.params["workers"] == "2" and version.params["epochs"] == "2" and version.params["recipe"] == "mlp"
+    # The version was created from the blob the chief's agent uploaded: the registry holds it as a blob too.
+    assert version.artifact.format == ArtifactFormat.SAVEDMODEL_TAR
+    assert (await registry_client.stat_blob(version.artifact.digest)).size_bytes == version.artifact.size_bytes
     # A trainer registering the same job again (after a restart) gets the same version.
-    assert await core.register(done, job_dir(trainer_settings, done) / "export", {}) == 1
+    assert await core.register(done, Export(version.artifact.digest), {}) == 1
 
 
 FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
@@ -319,48 +376,82 @@ def registering_messages(events: list[JobEvent]) -> list[str]:
     ]
 
 
+class TrainersRegistry:
+    """A second registry process on the in-process registry's state (its Redis keys and blob dir) at a port of its
+    own, for the trainer only: stopping it is a registry outage for the trainer, while the agents go on fetching and
+    uploading through the first."""
+
+    def __init__(self, settings: RegistrySettings) -> None:
+        self.settings = settings.model_copy(update={"port": free_port()})
+        self.service: GrpcService | None = None
+
+    async def start(self, client: AsyncRegistryClient | None = None) -> None:
+        """Starts it; with `client`, returns once the client reaches it again (its channel reconnects)."""
+        self.service = await start_registry(self.settings)
+        deadline = time.monotonic() + 10
+        while client is not None:
+            try:
+                await client.stat_blob("0" * 64)
+            except NotFound:
+                return
+            except Unavailable:
+                assert time.monotonic() < deadline, "the trainer's client does not reach the registry again"
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+            self.service = None
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def trainers_registry(registry_settings, registry):
+    door = TrainersRegistry(registry_settings)
+    await door.start()
+    pool = InstancePool(None, "registry", targets=[f"127.0.0.1:{door.settings.port}"], options=FAST_RECONNECT)
+    await pool.start()
+    yield door, AsyncRegistryClient(pool, client_id="pytest-trainer")
+    await door.stop()
+    await pool.close()
+
+
 async def test_registration_waits_out_a_registry_outage_then_registers_once(
-    agents, agent_client, cores, digits_npz, registry_settings, unique
+    agents, agent_client, cores, digits_npz, trainers_registry, unique
 ):
     await agents(slots=2)
     await ready(agent_client, 1)
-    port = free_port()  # nothing listens here until the registry starts
-    pool = InstancePool(None, "registry", targets=[f"127.0.0.1:{port}"], options=FAST_RECONNECT)
-    await pool.start()
-    client = AsyncRegistryClient(pool, client_id="pytest")
+    door, client = trainers_registry
     core = await cores(client)
     model = unique("fake")
-    service = None
-    try:
-        job = await core.submit(spec_of(digits_npz, register_model=model, register_aliases=("production",)), "")
-        waiting = await until(core, job.id, lambda j: j.message.startswith("registering: try"))
-        assert waiting.state == JobState.FINALIZING and "registry is unavailable" in waiting.message
 
-        service = await start_registry(registry_settings.model_copy(update={"port": port}))
-        done, events = await until_final(core, job.id, timeout=60)
+    spec = spec_of(digits_npz, register_model=model, register_aliases=("production",), step_delay_ms=100)
+    job = await core.submit(spec, "")
+    await until(core, job.id, lambda j: j.state == JobState.RUNNING)
+    await door.stop()
+    waiting = await until(core, job.id, lambda j: j.message.startswith("registering: try"))
+    assert waiting.state == JobState.FINALIZING and "registry is unavailable" in waiting.message
 
-        assert done.state == JobState.SUCCEEDED and done.registered_version == 1, done
-        assert registering_messages(events), "the job did not say that it waits for the registry"
-        (registered,) = [e for e in events if e.type == EventType.REGISTERED]
-        assert registered.version == 1
-        assert [v.version for v in await client.list_versions(model)] == [1]
-        version = await client.resolve(f"{model}@production")
-        assert version.version == 1 and version.lineage.training_job_id == job.id
-    finally:
-        if service is not None:
-            await service.stop()
-        await pool.close()
+    await door.start()
+    done, events = await until_final(core, job.id, timeout=60)
+
+    assert done.state == JobState.SUCCEEDED and done.registered_version == 1, done
+    assert registering_messages(events), "the job did not say that it waits for the registry"
+    (registered,) = [e for e in events if e.type == EventType.REGISTERED]
+    assert registered.version == 1
+    assert [v.version for v in await client.list_versions(model)] == [1]
+    version = await client.resolve(f"{model}@production")
+    assert version.version == 1 and version.lineage.training_job_id == job.id
 
 
 class LosesTheFirstPushAnswer(AsyncRegistryClient):
-    """The real client, except that the answer to its first push is lost after the registry committed the version
-    (as when the connection drops right then): the caller sees Unavailable."""
+    """The real client, except that the answer to its first version creation is lost after the registry committed
+    the version (as when the connection drops right then): the caller sees Unavailable."""
 
     pushes = 0
 
-    async def push_savedmodel(self, *args, **kwargs):
+    async def create_version_from_blob(self, *args, **kwargs):
         self.pushes += 1
-        version = await super().push_savedmodel(*args, **kwargs)
+        version = await super().create_version_from_blob(*args, **kwargs)
         if self.pushes == 1:
             raise Unavailable("registry failed (UNAVAILABLE)")
         return version
@@ -389,21 +480,27 @@ async def test_a_registration_whose_answer_was_lost_is_retried_without_a_second_
 
 
 async def test_registration_gives_up_after_its_time_and_a_cancel_ends_the_wait(
-    agents, agent_client, cores, digits_npz, trainer_settings, unique
+    agents, agent_client, cores, digits_npz, trainer_settings, trainers_registry, unique
 ):
     await agents(slots=2)
     await ready(agent_client, 1)
     trainer_settings.register_retry_seconds = 1.5
-    core = await cores()  # its registry client reaches nothing
+    door, client = trainers_registry
+    core = await cores(client)
 
-    job = await core.submit(spec_of(digits_npz, register_model=unique("fake")), "")
+    job = await core.submit(spec_of(digits_npz, register_model=unique("fake"), step_delay_ms=100), "")
+    await until(core, job.id, lambda j: j.state == JobState.RUNNING)
+    await door.stop()  # the trainer's registry is gone for good
     done, events = await until_final(core, job.id)
     assert done.state == JobState.FAILED, done
     assert done.failure.reason.startswith("registering the model failed: registry is unavailable")
     assert "gave up after" in done.failure.reason and registering_messages(events)
 
     trainer_settings.register_retry_seconds = 600
-    job = await core.submit(spec_of(digits_npz, register_model=unique("fake")), "")
+    await door.start(client)
+    job = await core.submit(spec_of(digits_npz, register_model=unique("fake"), step_delay_ms=100), "")
+    await until(core, job.id, lambda j: j.state == JobState.RUNNING)
+    await door.stop()
     await until(core, job.id, lambda j: j.message.startswith("registering: try"))
     await core.cancel(job.id)
     done, events = await until_final(core, job.id)

@@ -40,12 +40,16 @@ def own_redis(tmp_path_factory) -> Iterator[RedisServer]:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
-async def trainer(consul, own_redis, trainer_settings, agents) -> AsyncIterator[tuple[object, str]]:
+async def trainer(consul, own_redis, trainer_settings, agents, registry) -> AsyncIterator[tuple[object, str]]:
     """Two one-slot agents and a trainer on this module's Redis; yields (Trainer stub, key prefix)."""
     await agents(slots=1)
     await agents(slots=1)
     settings = trainer_settings.model_copy(
-        update={"redis_url": own_redis.url, "consul_url": consul.http_url, "registry_target": "127.0.0.1:9"}
+        update={
+            "redis_url": own_redis.url,
+            "consul_url": consul.http_url,
+            "registry_target": f"127.0.0.1:{registry.port}",
+        }
     )
     service = await start_trainer(settings)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")

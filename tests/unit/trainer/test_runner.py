@@ -1,8 +1,10 @@
 """JobRunner in process, without the scheduler: a job placed by hand on real agents (in this process, in the
-session's Consul) running the stand-in worker, its state in the session's Redis. The runner hands the export to
-its register callback, and asks its replace callback for new agents when one is lost."""
+session's Consul) running the stand-in worker, its state in the session's Redis, its data set in the in-process
+registry. The runner hands the SavedModel blob the chief's agent uploaded to its register callback, and asks its
+replace callback for new agents when one is lost."""
 
 import asyncio
+import tarfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,7 +13,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from services.clients.agent import AgentClient
+from services.clients.agent import AgentClient, Export
+from services.clients.registry import AsyncRegistryClient
 from services.kit.redis_client import create_redis
 from services.trainer.domain import EventType, Job, JobState, Placement
 from services.trainer.jobspec import Dataset, HyperParameters, JobSpec
@@ -30,8 +33,11 @@ async def healthy(agent_client: AgentClient, count: int, timeout: float = 20) ->
     return sorted(agent_client.agents)
 
 
-async def placed_job(agent_client: AgentClient, agents: list[str], digits_npz: Path, **fields) -> Job:
-    """A job scheduled by hand: one replica per agent given, ports reserved, SCHEDULING (as the core leaves it)."""
+async def placed_job(
+    agent_client: AgentClient, agents: list[str], registry: AsyncRegistryClient, digits_npz: Path, **fields
+) -> Job:
+    """A job scheduled by hand: one replica per agent given, ports reserved, its data set a registry blob,
+    SCHEDULING (as the core leaves it)."""
     spec = JobSpec(
         recipe="mlp",
         recipe_params={"steps_per_epoch": 4},
@@ -42,7 +48,8 @@ async def placed_job(agent_client: AgentClient, agents: list[str], digits_npz: P
         report_every_steps=2,
         **fields,
     )
-    job = Job(id=uuid.uuid4().hex[:12], spec=spec, dataset_path=str(digits_npz), state=JobState.SCHEDULING)
+    blob = await registry.upload_blob(digits_npz)
+    job = Job(id=uuid.uuid4().hex[:12], spec=spec, dataset_digest=blob.digest, state=JobState.SCHEDULING)
     for task, agent in enumerate(agents):
         (port,) = await agent_client.reserve_ports(agent, job.id, 1)
         job.placements.append(Placement(task, agent, f"{agent_client.agents[agent].host}:{port}"))
@@ -57,15 +64,16 @@ async def store(trainer_settings: TrainerSettings) -> AsyncIterator[JobStore]:
 
 
 async def test_a_runner_finishes_its_job_and_hands_the_export_to_register(
-    agents, agent_client, store, trainer_settings, digits_npz
+    agents, agent_client, store, trainer_settings, digits_npz, registry_client, tmp_path
 ):
     await agents(slots=1)
     await agents(slots=1)
-    job = await placed_job(agent_client, await healthy(agent_client, 2), digits_npz, register_model="m")
-    registered: list[tuple[str, Path, dict[str, float]]] = []
+    names = await healthy(agent_client, 2)
+    job = await placed_job(agent_client, names, registry_client, digits_npz, register_model="m")
+    registered: list[tuple[str, Export, dict[str, float]]] = []
 
-    async def register(job: Job, export_dir: Path, metrics: dict[str, float]) -> int:
-        registered.append((job.id, export_dir, metrics))
+    async def register(job: Job, export: Export, metrics: dict[str, float]) -> int:
+        registered.append((job.id, export, metrics))
         return 7
 
     async def replace(job: Job) -> bool:
@@ -75,8 +83,12 @@ async def test_a_runner_finishes_its_job_and_hands_the_export_to_register(
     await asyncio.wait_for(runner.run(), 30)
 
     assert job.state == JobState.SUCCEEDED and job.registered_version == 7
-    ((job_id, export_dir, metrics),) = registered
-    assert job_id == job.id and (export_dir / "saved_model.pb").exists()
+    ((job_id, export, metrics),) = registered
+    assert job_id == job.id and export.size_bytes > 0
+    await registry_client.download_blob(export.digest, tmp_path / "export.tar")  # what the chief's agent uploaded
+    with tarfile.open(tmp_path / "export.tar") as tar:
+        assert tar.getnames() == ["saved_model.pb"]
+    assert job.checkpoint is not None and job.checkpoint.step == 8 and job.checkpoint.attempt == 1
     assert metrics["val_accuracy"] == 0.75 and metrics["steps"] == 8 and metrics["loss"] == 1 / 8
     stored = await store.get(job.id)
     assert stored.state == JobState.SUCCEEDED and stored.registered_version == 7 and stored.spec == job.spec
@@ -86,15 +98,15 @@ async def test_a_runner_finishes_its_job_and_hands_the_export_to_register(
 
 
 async def test_a_lost_agent_sends_the_job_back_for_new_agents(
-    agents, agent_client, store, trainer_settings, digits_npz
+    agents, agent_client, store, trainer_settings, digits_npz, registry_client
 ):
     await agents(slots=1)
     doomed = await agents(slots=1)
     names = await healthy(agent_client, 2)
-    job = await placed_job(agent_client, names, digits_npz, step_delay_ms=200)
+    job = await placed_job(agent_client, names, registry_client, digits_npz, step_delay_ms=200)
     asked: list[JobState] = []
 
-    async def register(job: Job, export_dir: Path, metrics: dict[str, float]) -> int:
+    async def register(job: Job, export: Export, metrics: dict[str, float]) -> int:
         raise AssertionError("the job cannot finish")
 
     async def replace(job: Job) -> bool:
