@@ -131,8 +131,8 @@ class JobRunner:
                 return
             if outcome.kind == OutcomeKind.PREEMPTED:
                 job.preemptions += 1
-            elif outcome.kind == OutcomeKind.BLOCKED:
-                pass
+            elif outcome.kind in (OutcomeKind.BLOCKED, OutcomeKind.LOST):
+                pass  # a slot still held, or a host lost (its agent critical in Consul): not the job's fault
             elif job.restarts >= self._max_restarts:
                 spent = f"restart budget of {self._max_restarts} spent; last cause: {job.failure.reason}"
                 await self._end(JobState.FAILED, spent)
@@ -141,11 +141,15 @@ class JobRunner:
                 job.restarts += 1
             job.failed_at = job.failed_at or time.time()
             preempted = outcome.kind == OutcomeKind.PREEMPTED
+            uncounted = {
+                OutcomeKind.PREEMPTED: " (preemption, not counted)",
+                OutcomeKind.LOST: " (lost host, not counted)",
+            }
             await self._transition(
                 JobState.RESTARTING,
                 EventType.RESTART,
                 f"{outcome.kind}: {job.failure.reason}; restart {job.restarts}/{self._max_restarts}"
-                f"{' (preemption, not counted)' if preempted else ''}",
+                f"{uncounted.get(outcome.kind, '')}",
                 failure=job.failure,
                 step=self._preempted_step if preempted and self._preempted_step else job.step,
             )

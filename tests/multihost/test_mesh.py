@@ -25,6 +25,8 @@ from modelgrid.gateway.v1 import gateway_pb2_grpc
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
+from modelgrid.trainer.v1 import trainer_pb2 as tpb
+from modelgrid.trainer.v1 import trainer_pb2_grpc
 from services.kit.convert import ref_to_pb
 from services.kit.processes import REPO_ROOT
 from services.kit.tensors import array_to_tensor
@@ -49,6 +51,8 @@ LAYOUT = {
         }
     },
 }
+DIGITS_NPZ = REPO_ROOT / "data" / "digits" / "digits.npz"
+FINAL_JOB_STATES = {tpb.JOB_STATE_SUCCEEDED, tpb.JOB_STATE_FAILED, tpb.JOB_STATE_CANCELLED}
 REJOIN_TIMEOUT_S = 120.0  # a host whose link comes back: Serf takes it back on a 30 s reconnect round
 
 
@@ -116,6 +120,7 @@ def mesh(hosts_lib, lab, tmp_path_factory, client_for, unique, build_saved_model
         model=model,
         predictor=predictor_pb2_grpc.PredictorStub(gateway),
         admin=gateway_pb2_grpc.GatewayAdminStub(gateway),
+        trainer=trainer_pb2_grpc.TrainerStub(gateway),
     )
     wait_for(lambda: predictor_hosts(ns) == {b.address, c.address}, 120, "predictors on b and c in the gateway")
     try:
@@ -153,14 +158,15 @@ def predict(ns, stub=None, alias: str = "production") -> pb.PredictResponse:
     return (stub or ns.predictor).Predict(request, timeout=15)
 
 
-def predictor_hosts(ns) -> set[str]:
-    """Addresses of the predictors the gateway routes the model to."""
+def predictor_hosts(ns, model: str = "") -> set[str]:
+    """Addresses of the predictors the gateway routes `model@production` to (default: the module's model)."""
     try:
         routes = ns.admin.GetRoutes(gpb.GetRoutesRequest(), timeout=5).routes
     except grpc.RpcError:
         return set()
     upstreams = [u for r in routes if r.service == "predictor" for u in r.upstreams]
-    return {u.target.rsplit(":", 1)[0] for u in upstreams if f"alias={ns.model}@production" in u.tags}
+    tag = f"alias={model or ns.model}@production"
+    return {u.target.rsplit(":", 1)[0] for u in upstreams if tag in u.tags}
 
 
 def consul_get(ns, host, path: str):
@@ -205,6 +211,54 @@ def test_services_advertise_their_hosts_and_serve_across_them(mesh):
     for host in (b, c):  # each predictor serves it, straight from its host too
         with grpc.insecure_channel(f"{host.address}:50061") as direct:
             assert predict(mesh, predictor_pb2_grpc.PredictorStub(direct)).version == 1
+
+
+def job_now(ns, job_id: str) -> tpb.Job:
+    return ns.trainer.GetJob(tpb.GetJobRequest(id=job_id), timeout=10)
+
+
+def test_a_job_on_b_and_c_trains_from_a_blob_checkpoints_through_the_registry_and_survives_a_cut(
+    mesh, digits_spec, unique
+):
+    b, c = mesh.b, mesh.c
+    blob = mesh.registry.upload_blob(DIGITS_NPZ)  # the data set only exists in the registry: no host has the file
+    name = unique("hosts-digits")
+    every = 5
+    spec = digits_spec(workers=2, register_model=name, checkpoint_every_steps=every, step_delay_ms=40)
+    spec.register_aliases.append("production")
+    spec.dataset.CopyFrom(tpb.Dataset(blob_digest=blob.digest, format="npz", features_key="x", label_key="y"))
+    job = mesh.trainer.SubmitJob(tpb.SubmitJobRequest(spec=spec), timeout=30)
+    wait_for(lambda: job_now(mesh, job.id).checkpoint.step >= 2 * every, 240, "a checkpoint uploaded by the chief")
+    running = job_now(mesh, job.id)
+    assert {p.address.rsplit(":", 1)[0] for p in running.placements} == {b.address, c.address}
+
+    c.cut()  # c's worker, agent (and predictor) vanish mid-training
+    cut_at, uploaded_at_cut = job_now(mesh, job.id).step, job_now(mesh, job.id).checkpoint.step
+    wait_for(lambda: job_now(mesh, job.id).state != tpb.JOB_STATE_RUNNING, 60, "the job noticing the lost host")
+    c.restore()
+    wait_for(lambda: job_now(mesh, job.id).state in FINAL_JOB_STATES, 420, "the job finishing")
+    done = job_now(mesh, job.id)
+    assert tpb.JobState.Name(done.state) == "JOB_STATE_SUCCEEDED", done.message
+    assert done.attempt >= 2 and done.registered_version == 1
+    events = list(mesh.trainer.WatchJob(tpb.WatchJobRequest(id=job.id), timeout=60))
+    resumed = [e for e in events if e.type == tpb.JOB_EVENT_TYPE_RESUMED]
+    assert resumed, [tpb.JobEventType.Name(e.type) for e in events]
+    lost = cut_at - resumed[0].step
+    print(f"\ncut c mid-training at step {cut_at} (checkpoint {uploaded_at_cut} uploaded): resumed at step ")
+    print(f"{resumed[0].step} after {resumed[0].recovery_seconds:.1f}s, {lost} steps lost (interval {every})")
+    assert resumed[0].step >= uploaded_at_cut and lost <= every + spec.report_every_steps
+
+    # The registered model is served by the predictors on b and c, through the gateway on a.
+    wait_routes_of(mesh, name, {b.address, c.address})
+    request = pb.PredictRequest(
+        model=ref_to_pb(f"{name}@production"), inputs={"x": array_to_tensor(np.zeros((1, 64), np.float32))}
+    )
+    assert mesh.predictor.Predict(request, timeout=15).version == 1
+    wait_for(lambda: cluster_whole(mesh), REJOIN_TIMEOUT_S, "c voting again in the Consul cluster")
+
+
+def wait_routes_of(ns, model: str, hosts: set[str]) -> None:
+    wait_for(lambda: predictor_hosts(ns, model) == hosts, 120, f"{model}@production on {sorted(hosts)}")
 
 
 def test_a_cut_predictor_host_costs_no_call_and_comes_back(mesh, prediction_loop):
