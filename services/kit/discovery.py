@@ -76,9 +76,9 @@ class ServiceResolver:
                 )
             except (httpx.HTTPError, ValueError) as exc:
                 failing_since = failing_since or time.monotonic()
-                if isinstance(exc, httpx.TransportError):
+                if isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.TimeoutException):
                     self._start_blink()  # the agent is gone: it may come back empty (a restart)
-                # else it answers but cannot (no cluster leader): the servers keep the catalog, nothing to hold
+                # else it is slow, or answers but cannot (no cluster leader): the catalog is kept, nothing to hold
                 delay = backoff.next()
                 logger.warning("watching %s in Consul failed (%s); retrying in %.1fs", self.service, exc, delay)
                 await asyncio.sleep(delay)

@@ -53,7 +53,9 @@ LAYOUT = {
 }
 DIGITS_NPZ = REPO_ROOT / "data" / "digits" / "digits.npz"
 FINAL_JOB_STATES = {tpb.JOB_STATE_SUCCEEDED, tpb.JOB_STATE_FAILED, tpb.JOB_STATE_CANCELLED}
-REJOIN_TIMEOUT_S = 120.0  # a host whose link comes back: Serf takes it back on a 30 s reconnect round
+REJOIN_TIMEOUT_S = 180.0
+# Serf notices a cut host in seconds; a loaded machine (the whole suite on 2 cores) can take much longer.
+LEAVE_TIMEOUT_S = 90.0  # a host whose link comes back: Serf takes it back on a 30 s reconnect round
 
 
 def description(hosts_lib, lab, host) -> str:
@@ -266,9 +268,11 @@ def test_a_cut_predictor_host_costs_no_call_and_comes_back(mesh, prediction_loop
     with prediction_loop(lambda: predict(mesh)) as loop:
         time.sleep(1)
         b.cut()
-        left = wait_routes(mesh, {c.address}, 30, "b leaving the routing table")
-        time.sleep(2)
-        b.restore()
+        try:
+            left = wait_routes(mesh, {c.address}, LEAVE_TIMEOUT_S, "b leaving the routing table")
+            time.sleep(2)
+        finally:
+            b.restore()  # also when the test fails: the next tests need b
         back = wait_routes(mesh, {b.address, c.address}, REJOIN_TIMEOUT_S, "b back in the routing table")
         time.sleep(1)
     print(f"\ncut b: left the routing table after {left:.1f}s, back {back:.1f}s after its link returned; ", end="")
@@ -300,6 +304,7 @@ def test_a_cut_registry_host_leaves_predictors_serving_and_they_catch_up(mesh):
             "both predictors serving the moved alias",
         )
     finally:
+        a.restore()  # (again) also when the test fails: the next test needs a
         for channel in stubs.values():
             channel.close()
     print(f"\ncut a: {served} direct predictions while cut, none failed; registry back {back:.1f}s after the link, ")
@@ -313,7 +318,7 @@ def test_a_dead_consul_server_host_keeps_the_cluster_serving(mesh):
     c.die()
     started = time.monotonic()
     wait_for(lambda: consul_get(mesh, a, "/v1/status/leader") != "", 30, "a leader among a and b")
-    wait_routes(mesh, {b.address}, 30, "c's predictor leaving the routing table")
+    wait_routes(mesh, {b.address}, LEAVE_TIMEOUT_S, "c's predictor leaving the routing table")
     for service, where in (("registry", {a.address}), ("gateway", {a.address}), ("trainer", {b.address})):
         assert passing(mesh, a, service) == where, service
     assert all(predict(mesh).version == 2 for _ in range(10))
