@@ -153,18 +153,8 @@ class AsyncRegistryClient:
         """A new version whose artifact is a blob uploaded before (`upload_directory` of a SavedModel): no bytes
         move. NotFound when the registry holds no such blob; `request_id` makes a retry return the version created
         the first time."""
-        meta = pb.VersionMetadata(
-            model_name=name,
-            artifact_digest=digest,
-            artifact_format=convert.format_to_pb(artifact_format),
-            request_id=request_id,
-            description=description,
-            metrics=metrics or {},
-            params=params or {},
-            tags=tags or {},
-            lineage=convert.lineage_to_pb(lineage or Lineage()),
-            from_blob=True,
-        )
+        meta = _version_metadata(name, digest, request_id, description, metrics, params, tags, lineage)
+        meta.artifact_format, meta.from_blob = convert.format_to_pb(artifact_format), True
 
         async def messages() -> AsyncIterator[pb.CreateVersionRequest]:
             yield pb.CreateVersionRequest(metadata=meta)
@@ -199,18 +189,8 @@ class AsyncRegistryClient:
         with tempfile.TemporaryDirectory(prefix="modelgrid-push-") as tmp:
             tar_path = Path(tmp) / "model.tar"
             digest = await asyncio.to_thread(pack_to_file, directory, tar_path)
-            meta = pb.VersionMetadata(
-                model_name=name,
-                artifact_digest=digest,
-                artifact_size=tar_path.stat().st_size,
-                artifact_format=pb.ARTIFACT_FORMAT_SAVEDMODEL_TAR,
-                request_id=request_id,
-                description=description,
-                metrics=metrics or {},
-                params=params or {},
-                tags=tags or {},
-                lineage=convert.lineage_to_pb(lineage or Lineage()),
-            )
+            meta = _version_metadata(name, digest, request_id, description, metrics, params, tags, lineage)
+            meta.artifact_size, meta.artifact_format = tar_path.stat().st_size, pb.ARTIFACT_FORMAT_SAVEDMODEL_TAR
 
             async def messages() -> AsyncIterator[pb.CreateVersionRequest]:
                 yield pb.CreateVersionRequest(metadata=meta)
@@ -256,6 +236,29 @@ async def _chunks_of(path: str | os.PathLike) -> AsyncIterator[bytes]:
     done = object()
     while (chunk := await asyncio.to_thread(next, chunks, done)) is not done:
         yield chunk
+
+
+def _version_metadata(
+    name: str,
+    digest: str,
+    request_id: str,
+    description: str,
+    metrics: dict[str, float] | None,
+    params: dict[str, str] | None,
+    tags: dict[str, str] | None,
+    lineage: Lineage | None,
+) -> pb.VersionMetadata:
+    """The metadata every new version carries, whether its bytes follow or are a blob already stored."""
+    return pb.VersionMetadata(
+        model_name=name,
+        artifact_digest=digest,
+        request_id=request_id,
+        description=description,
+        metrics=metrics or {},
+        params=params or {},
+        tags=tags or {},
+        lineage=convert.lineage_to_pb(lineage or Lineage()),
+    )
 
 
 async def _receive(open_stream: Callable[[], grpc.aio.UnaryStreamCall], dest: Path) -> Download:
