@@ -5,6 +5,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 
+import httpx
 import pytest
 import pytest_asyncio
 from opentelemetry.sdk.trace import TracerProvider
@@ -164,14 +165,14 @@ async def test_a_deregistered_instance_leaves_at_once_outside_a_blink(consul, st
 async def _has(consul: ConsulClient, name: str, tags: set[str]) -> bool:
     try:
         return any(set(i.tags) == tags for i in await passing(consul, name))
-    except Exception:  # noqa: BLE001 - the agent is still starting
+    except httpx.HTTPError:  # the agent is still starting
         return False
 
 
 async def _count(consul: ConsulClient, name: str, count: int) -> bool:
     try:
         return len(await passing(consul, name)) == count
-    except Exception:  # noqa: BLE001 - the agent is still starting
+    except httpx.HTTPError:  # the agent is still starting
         return False
 
 
