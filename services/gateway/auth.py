@@ -33,6 +33,7 @@ ALL_SCOPES = frozenset(Scope)
 # Explicit needs; a method not listed needs READ when its name reads (Get, List, Watch...), ADMIN otherwise.
 _NEEDS: dict[str, frozenset[Scope]] = {
     "/modelgrid.registry.v1.ModelRegistry/UploadBlob": frozenset({Scope.PREDICT, Scope.TRAIN}),
+    "/modelgrid.registry.v1.ModelRegistry/StatUpload": frozenset({Scope.PREDICT, Scope.TRAIN}),
     "/modelgrid.predictor.v1.Predictor/Predict": frozenset({Scope.PREDICT}),
     "/modelgrid.predictor.v1.Predictor/PredictStream": frozenset({Scope.PREDICT}),
     "/modelgrid.predictor.v1.Predictor/BatchPredict": frozenset({Scope.PREDICT}),

@@ -2,7 +2,8 @@
 
 Entries are directories named by artifact digest, so two versions with the same bytes share one entry and a
 replica restart finds what it downloaded before. Entries in use are pinned; when the cache is over its size
-bound, the least recently used unpinned entries are removed.
+bound, the least recently used unpinned entries are removed. A download cut short keeps its bytes (`.partial-<digest>`)
+and the next try, in this process or after a restart, resumes from them; they count towards the bound like entries.
 """
 
 import asyncio
@@ -18,7 +19,8 @@ from services.kit.artifacts import unpack
 
 logger = logging.getLogger(__name__)
 
-Fetch = Callable[[Path], Awaitable[None]]  # downloads the artifact (verified) into the given file
+Fetch = Callable[[Path], Awaitable[None]]  # downloads the artifact (verified) into the given file, resuming
+PARTIAL = ".partial-"
 
 
 def _tree_size(path: Path) -> int:
@@ -60,25 +62,35 @@ class ArtifactCache:
     async def _fill(self, entry: Path, fetch: Fetch) -> None:
         staging = self.root / f".tmp-{uuid.uuid4().hex}"
         staging.mkdir()
+        blob = self.root / f"{PARTIAL}{entry.name}"  # kept when the download is cut short: the next try resumes
         try:
             started = time.monotonic()
-            blob = staging / "artifact.tar"
             await fetch(blob)
             await asyncio.to_thread(unpack, blob, staging / "unpacked")
             os.replace(staging / "unpacked", entry)
+            blob.unlink()
             logger.info("cached %s in %.2fs", entry.name[:12], time.monotonic() - started)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _evict(self) -> None:
+        """Least recently used first: unpinned entries, and downloads cut short that no fill is resuming now."""
         entries = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")]
-        sizes = {p: _tree_size(p) for p in entries}
+        entries += [p for p in self.root.glob(f"{PARTIAL}*") if not self._filling(p.name.removeprefix(PARTIAL))]
+        sizes = {p: _tree_size(p) if p.is_dir() else p.stat().st_size for p in entries}
         total = sum(sizes.values())
         for path in sorted(entries, key=lambda p: p.stat().st_mtime):
             if total <= self.max_bytes:
                 break
             if self._pins.get(path.name):
                 continue
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             total -= sizes[path]
             logger.info("evicted %s from the artifact cache", path.name[:12])
+
+    def _filling(self, digest: str) -> bool:
+        lock = self._locks.get(digest)
+        return lock is not None and lock.locked()

@@ -2,23 +2,29 @@
 
 A blob is written to a temporary file while it is hashed, verified against the digest the client declared, then
 committed with an atomic rename. Identical bytes are stored once. Temporary files left by a crash are removed when
-the store opens. A full disk or quota (ENOSPC, EDQUOT) on any step of an upload drops the staged bytes and raises
-ResourceExhausted; what is stored already stays readable. `BlobStore` is the interface an object-store backend would
-implement.
+the store opens. Uploads by digest (UploadBlob) are resumable: one cut short keeps its bytes under uploads/, locked
+while a writer holds them, and the next upload of that digest continues from an offset up to their size; kept
+bytes nobody resumes are removed after `resume_ttl_seconds`. A full disk or quota (ENOSPC, EDQUOT) on any step
+of an upload drops the staged bytes and raises ResourceExhausted; what is stored already stays readable.
+`BlobStore` is the interface an object-store backend would implement.
 """
 
 import abc
 import errno
+import fcntl
 import hashlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from services.kit.errors import DataLoss, InvalidArgument, NotFound, ResourceExhausted
+from services.kit.errors import Aborted, DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+CHUNK = 1 << 20
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +33,8 @@ class BlobWriter(abc.ABC):
     """An upload in progress."""
 
     size: int
+    resumable: bool = False
+    """Whether `suspend` keeps the bytes for a later upload of the same digest."""
 
     @abc.abstractmethod
     def write(self, data: bytes) -> None:
@@ -47,6 +55,11 @@ class BlobWriter(abc.ABC):
     def abort(self) -> None:
         """Drops the upload; safe to call more than once."""
 
+    def suspend(self) -> None:
+        """The upload was cut short (the client went away): a resumable writer keeps the bytes received for the
+        next upload of the same digest; any other aborts."""
+        self.abort()
+
 
 class BlobStore(abc.ABC):
     """Where artifact bytes live."""
@@ -54,6 +67,16 @@ class BlobStore(abc.ABC):
     @abc.abstractmethod
     def writer(self, max_bytes: int) -> BlobWriter:
         """Starts an upload of at most `max_bytes`."""
+
+    @abc.abstractmethod
+    def resumable_writer(self, digest: str, offset: int, max_bytes: int) -> BlobWriter:
+        """Starts or resumes the upload of a blob whose digest is known, its chunks starting at `offset` (at most
+        `received(digest)`); FailedPrecondition past what was received, Aborted while another upload of the
+        digest runs."""
+
+    @abc.abstractmethod
+    def received(self, digest: str) -> int:
+        """Bytes an interrupted upload of this digest left to resume from (0 if none)."""
 
     @abc.abstractmethod
     def exists(self, digest: str) -> bool:
@@ -83,16 +106,39 @@ _NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "its disk quota is 
 
 
 class LocalBlobWriter(BlobWriter):
-    """Writes into <root>/tmp, renames into <root>/sha256/<ab>/<digest> on commit."""
+    """Writes into <root>/tmp (or <root>/uploads/<digest>.part, resumable), renames into <root>/sha256/<ab>/<digest>
+    on commit."""
 
-    def __init__(self, store: "LocalBlobStore", max_bytes: int) -> None:
+    def __init__(self, store: "LocalBlobStore", max_bytes: int, resume: tuple[str, int] | None = None) -> None:
         self._store = store
         self._max_bytes = max_bytes
-        self._path = store.tmp_dir / f"{uuid.uuid4().hex}.part"
         self._hash = hashlib.sha256()
         self.size = 0
-        with self._space_errors():
-            self._file = self._path.open("wb")
+        self.resumable = resume is not None
+        if resume is None:
+            self._path = store.tmp_dir / f"{uuid.uuid4().hex}.part"
+            with self._space_errors():
+                self._file = self._path.open("wb")
+            return
+        digest, offset = resume
+        self._path = store.upload_path(digest)
+        self._file = _open_locked(self._path)
+        try:
+            held = os.fstat(self._file.fileno()).st_size
+            if not 0 <= offset <= held:
+                raise FailedPrecondition(
+                    f"cannot resume the upload of blob {digest} at byte {offset}: the registry holds {held} bytes "
+                    "of it (StatUpload); upload from there or from 0"
+                )
+            if offset > max_bytes:
+                raise ResourceExhausted(f"offset {offset} is past the registry's limit of {max_bytes} bytes")
+            self._file.truncate(offset)
+            while offset - self.size and (data := self._file.read(min(CHUNK, offset - self.size))):
+                self._hash.update(data)  # the bytes kept from before, hashed again
+                self.size += len(data)
+        except BaseException:
+            self._file.close()
+            raise
 
     @contextmanager
     def _space_errors(self) -> Iterator[None]:
@@ -140,15 +186,25 @@ class LocalBlobWriter(BlobWriter):
         with self._space_errors():
             self._file.flush()
             os.fsync(self._file.fileno())
-            self._file.close()
             final = self._store.blob_path(actual)
             if final.exists():
                 self._path.unlink()  # identical bytes are already stored
             else:
                 final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(self._path, final)
+                os.replace(self._path, final)  # before close: a resumable upload's lock is held until it is moved
                 _fsync_dir(final.parent)
+            self._file.close()
         return actual
+
+    def suspend(self) -> None:
+        if not self.resumable:
+            self.abort()
+            return
+        try:
+            self._file.close()  # flushes; the lock goes with the file
+        except OSError as exc:
+            logger.warning("keeping an interrupted upload failed (%s); it starts again from 0", exc)
+            self._path.unlink(missing_ok=True)
 
     def abort(self) -> None:
         file = getattr(self, "_file", None)
@@ -163,16 +219,52 @@ class LocalBlobWriter(BlobWriter):
 class LocalBlobStore(BlobStore):
     """Blobs in a local directory (a shared volume in deployments)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, resume_ttl_seconds: float = 24 * 3600) -> None:
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
+        self.uploads_dir = self.root / "uploads"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.uploads_dir.mkdir(exist_ok=True)
         (self.root / "sha256").mkdir(exist_ok=True)
+        self._resume_ttl = resume_ttl_seconds
         stale = list(self.tmp_dir.iterdir())
         for path in stale:
             path.unlink()
         if stale:
             logger.info("removed %d unfinished uploads left by an earlier process", len(stale))
+        self.sweep_uploads()
+
+    def upload_path(self, digest: str) -> Path:
+        """Where the bytes of a resumable upload of this digest are kept."""
+        return self.uploads_dir / f"{check_digest(digest)}.part"
+
+    def sweep_uploads(self) -> int:
+        """Removes interrupted uploads untouched for longer than the resume TTL (none that a writer holds)."""
+        cutoff = time.time() - self._resume_ttl
+        removed = 0
+        for path in self.uploads_dir.glob("*.part"):
+            try:
+                if path.stat().st_mtime >= cutoff:
+                    continue
+                file = _open_locked(path)
+            except (FileNotFoundError, Aborted):
+                continue
+            with file:
+                path.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            logger.info("removed %d interrupted uploads older than %.0f s", removed, self._resume_ttl)
+        return removed
+
+    def resumable_writer(self, digest: str, offset: int, max_bytes: int) -> LocalBlobWriter:
+        self.sweep_uploads()
+        return LocalBlobWriter(self, max_bytes, resume=(digest, offset))
+
+    def received(self, digest: str) -> int:
+        try:
+            return self.upload_path(digest).stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def blob_path(self, digest: str) -> Path:
         """Where a blob with this digest lives."""
@@ -204,6 +296,29 @@ class LocalBlobStore(BlobStore):
             return self.blob_path(digest).open("rb")
         except FileNotFoundError:
             raise NotFound(f"no blob {digest}") from None
+
+
+def _open_locked(path: Path) -> BinaryIO:
+    """Opens (creating) a resumable upload's file for reading and writing with an exclusive lock held; Aborted when
+    another writer holds it. A file moved away (committed) while this one waited is not taken: the path is opened
+    again."""
+    while True:
+        file = open(path, "a+b")  # noqa: SIM115 - the caller owns the open file and its lock
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.close()
+            raise Aborted(
+                f"another upload of blob {path.stem} is in progress; try again once it ends (StatUpload shows it)"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(file.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            file.seek(0)
+            return file
+        file.close()
 
 
 def _fsync_dir(path: Path) -> None:

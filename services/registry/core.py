@@ -20,7 +20,7 @@ from services.clients.registry.types import (
 )
 from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.kit.modelref import ModelRef, check_alias, check_model_name
-from services.registry.blobstore import BlobStore, check_digest
+from services.registry.blobstore import BlobStore, BlobWriter, check_digest
 from services.registry.settings import RegistrySettings
 from services.registry.signatures import read_signatures
 from services.registry.store import RegistryStore
@@ -28,6 +28,13 @@ from services.registry.store import RegistryStore
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+U = TypeVar("U")
+
+
+class _EndedEarly(InvalidArgument):
+    """An upload stream that ended before its declared size."""
+
+
 MAX_REQUEST_ID = 128
 _MAX_TAGS = 256
 
@@ -177,20 +184,51 @@ class ModelRegistry:
         """Streams bytes into the blob store while hashing, checks the declared size and digest, runs
         `inspect(staged file)` before committing, and commits. Any failure drops the staged bytes."""
         check_digest(digest)
+        self._check_declared_size(declared_size)
+        writer = self._blobs.writer(self._settings.max_artifact_bytes)
+        return await self._write(writer, digest, declared_size, chunks, inspect)
+
+    def _check_declared_size(self, declared_size: int) -> None:
         limit = self._settings.max_artifact_bytes
         if declared_size > limit:
             raise ResourceExhausted(
                 f"artifact of {declared_size} bytes is larger than the registry's limit of {limit} bytes "
                 "(setting MODELGRID_REGISTRY_MAX_ARTIFACT_BYTES)"
             )
-        writer = self._blobs.writer(limit)
+
+    async def _write(
+        self,
+        writer: BlobWriter,
+        digest: str,
+        declared_size: int,
+        chunks: AsyncIterator[bytes],
+        inspect: Callable[[Path], T] | None,
+    ) -> tuple[str, int, T | None]:
+        """Writes the chunks, checks size and digest, inspects, commits. A call cut short (the client went away:
+        the call is cancelled, or the stream ends before the declared size) suspends the writer, which keeps a
+        resumable upload's bytes; any other failure drops them."""
+        step: asyncio.Future | None = None
+
+        async def in_thread(fn: Callable[..., U], *args) -> U:
+            nonlocal step
+            step = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+            return await asyncio.shield(step)  # a cancelled call does not leave the thread using the file
+
         try:
             async for chunk in chunks:
-                await asyncio.to_thread(writer.write, chunk)
+                await in_thread(writer.write, chunk)
+            if declared_size and writer.size < declared_size:  # the client went away, or stopped early
+                kept = f"; they are kept: upload from offset {writer.size} to finish" if writer.resumable else ""
+                raise _EndedEarly(f"the upload ended after {writer.size} of its {declared_size} bytes{kept}")
             if declared_size and writer.size != declared_size:
                 raise InvalidArgument(f"size mismatch: declared {declared_size} bytes, received {writer.size}")
-            inspected = await asyncio.to_thread(inspect, writer.staged_path) if inspect else None
-            committed = await asyncio.to_thread(writer.commit, digest)
+            inspected = await in_thread(inspect, writer.staged_path) if inspect else None
+            committed = await in_thread(writer.commit, digest)
+        except (asyncio.CancelledError, _EndedEarly):
+            if step is not None:
+                await asyncio.wait([step])  # the step under way in its thread ends before the file is closed
+            writer.suspend()
+            raise
         except BaseException:
             writer.abort()
             raise
@@ -223,10 +261,27 @@ class ModelRegistry:
 
     # -- blobs -------------------------------------------------------------------------------------------------
 
-    async def upload_blob(self, digest: str, declared_size: int, chunks: AsyncIterator[bytes]) -> tuple[str, int]:
-        """Stores bytes that are not a model version (data sets, batch results); returns (digest, size)."""
-        digest, size, _ = await self._receive(digest, declared_size, chunks, None)
+    async def upload_blob(
+        self, digest: str, declared_size: int, chunks: AsyncIterator[bytes], offset: int = 0
+    ) -> tuple[str, int]:
+        """Stores bytes by their digest (data sets, batch results, SavedModels pushed before their version);
+        returns (digest, size). The chunks start at `offset`, which resumes an upload cut short (`stat_upload`)."""
+        check_digest(digest)
+        self._check_declared_size(declared_size)
+        if offset < 0 or (declared_size and offset > declared_size):
+            raise InvalidArgument(f"offset {offset} is outside the blob (0..{declared_size})")
+        writer = await asyncio.to_thread(
+            self._blobs.resumable_writer, digest, offset, self._settings.max_artifact_bytes
+        )
+        digest, size, _ = await self._write(writer, digest, declared_size, chunks, None)
         return digest, size
+
+    async def stat_upload(self, digest: str) -> tuple[bool, int]:
+        """(True, size) when the blob is stored, else (False, bytes an interrupted upload left to resume from)."""
+        check_digest(digest)
+        if await asyncio.to_thread(self._blobs.exists, digest):
+            return True, await asyncio.to_thread(self._blobs.size, digest)
+        return False, await asyncio.to_thread(self._blobs.received, digest)
 
     async def stat_blob(self, digest: str) -> int:
         """Size of a stored blob; NotFound when absent."""

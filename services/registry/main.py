@@ -29,7 +29,7 @@ async def start_registry(settings: RegistrySettings) -> GrpcService:
     redis = create_redis(settings.redis_url, max_connections=256)
     await redis.ping()
     store = RegistryStore(redis, settings.redis_key_prefix, settings.events_max_length)
-    blobs = LocalBlobStore(settings.blob_dir)
+    blobs = LocalBlobStore(settings.blob_dir, settings.upload_resume_ttl_seconds)
     registry = ModelRegistry(store, blobs, settings)
     spec = ServiceSpec(
         name=SERVICE_NAME,

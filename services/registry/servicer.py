@@ -134,10 +134,15 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("payload") != "metadata":
             raise InvalidArgument("the first UploadBlob message must carry metadata")
+        meta = first.metadata
         digest, size = await self._registry.upload_blob(
-            first.metadata.digest, first.metadata.size_bytes, _chunks_of(request_iterator, "UploadBlob")
+            meta.digest, meta.size_bytes, _chunks_of(request_iterator, "UploadBlob"), meta.offset
         )
         return pb.BlobInfo(digest=digest, size_bytes=size)
+
+    async def StatUpload(self, request: pb.StatUploadRequest, context) -> pb.UploadStatus:
+        stored, received = await self._registry.stat_upload(request.digest)
+        return pb.UploadStatus(digest=request.digest, stored=stored, received_bytes=received)
 
     async def StatBlob(self, request: pb.StatBlobRequest, context) -> pb.BlobInfo:
         size = await self._registry.stat_blob(request.digest)

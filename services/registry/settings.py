@@ -19,6 +19,8 @@ class RegistrySettings(ServiceSettings):
     """Directory of the content-addressed artifact store."""
     max_artifact_bytes: int = Field(default=4096 * MiB, ge=1)
     """Largest artifact a version may carry; larger uploads fail with RESOURCE_EXHAUSTED."""
+    upload_resume_ttl_seconds: float = Field(default=24 * 3600, ge=0)
+    """How long the bytes of an upload cut short are kept for a client to resume it (UploadBlob from an offset)."""
     download_chunk_bytes: int = Field(default=1 * MiB, ge=4096, le=16 * MiB)
     """Size of each chunk DownloadArtifact sends."""
     default_page_size: int = Field(default=50, ge=1)

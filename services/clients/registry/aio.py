@@ -29,7 +29,7 @@ from services.clients.registry.types import (
 from services.kit.artifacts import CHUNK_BYTES, file_digest, pack_to_file, read_chunks
 from services.kit.channels import InstancePool
 from services.kit.convert import ref_to_pb
-from services.kit.errors import AlreadyExists, DataLoss, ResourceExhausted
+from services.kit.errors import AlreadyExists, DataLoss, InvalidArgument, ResourceExhausted
 from services.kit.modelref import ModelRef
 from services.kit.rpc_errors import rpc_errors
 
@@ -90,14 +90,24 @@ class AsyncRegistryClient:
                 return versions
 
     async def download_version(self, name: str, version: int, dest: Path) -> Download:
-        """Downloads one version's artifact into `dest`, verified against its digest (DataLoss if not)."""
-        request = pb.DownloadArtifactRequest(ref=ref_to_pb(ModelRef(name, version=version)))
-        return await _receive(lambda: self._stub().DownloadArtifact(request, metadata=self._metadata), dest)
+        """Downloads one version's artifact into `dest`, resuming from what `dest` holds already (a download cut
+        short), verified against its digest over the whole file (DataLoss, and `dest` removed, if not)."""
+        ref = ref_to_pb(ModelRef(name, version=version))
+        return await _receive(
+            lambda offset: self._stub().DownloadArtifact(
+                pb.DownloadArtifactRequest(ref=ref, offset=offset), metadata=self._metadata
+            ),
+            dest,
+        )
 
     async def download_blob(self, digest: str, dest: Path) -> Download:
-        """Downloads a blob into `dest`, verified against its digest (DataLoss if not)."""
-        request = pb.DownloadBlobRequest(digest=digest)
-        return await _receive(lambda: self._stub().DownloadBlob(request, metadata=self._metadata), dest)
+        """Downloads a blob into `dest`, resuming and verified like `download_version`."""
+        return await _receive(
+            lambda offset: self._stub().DownloadBlob(
+                pb.DownloadBlobRequest(digest=digest, offset=offset), metadata=self._metadata
+            ),
+            dest,
+        )
 
     async def stat_blob(self, digest: str) -> Blob:
         """A stored blob's size; NotFound when it is absent."""
@@ -108,13 +118,22 @@ class AsyncRegistryClient:
         return convert.blob_from_pb(reply)
 
     async def upload_blob(self, path: str | os.PathLike) -> Blob:
-        """Stores a file by digest (a data set, batch prediction results)."""
+        """Stores a file by digest (a data set, batch prediction results, a SavedModel). Resumable: only what the
+        registry does not hold yet of the blob (an earlier upload cut short) is sent, so a caller that tries again
+        after UNAVAILABLE (or ABORTED, while the registry still holds the cut upload) continues where it stopped."""
         digest = await asyncio.to_thread(file_digest, path)
         size = Path(path).stat().st_size
+        with rpc_errors(SERVICE):
+            status = await self._stub().StatUpload(
+                pb.StatUploadRequest(digest=digest), metadata=self._metadata, timeout=TIMEOUT
+            )
+        if status.stored:
+            return Blob(digest, status.received_bytes)
+        offset = status.received_bytes if status.received_bytes <= size else 0
 
         async def messages() -> AsyncIterator[pb.UploadBlobRequest]:
-            yield pb.UploadBlobRequest(metadata=pb.BlobMetadata(digest=digest, size_bytes=size))
-            async for chunk in _chunks_of(path):
+            yield pb.UploadBlobRequest(metadata=pb.BlobMetadata(digest=digest, size_bytes=size, offset=offset))
+            async for chunk in _chunks_of(path, offset):
                 yield pb.UploadBlobRequest(chunk=chunk)
 
         with rpc_errors(SERVICE):
@@ -184,22 +203,20 @@ class AsyncRegistryClient:
         tags: dict[str, str] | None = None,
         lineage: Lineage | None = None,
     ) -> ModelVersion:
-        """Packs a SavedModel directory (deterministic tar) and uploads it as a new version; `request_id` makes
-        a retry (e.g. by a restarted trainer) return the version created the first time."""
-        with tempfile.TemporaryDirectory(prefix="modelgrid-push-") as tmp:
-            tar_path = Path(tmp) / "model.tar"
-            digest = await asyncio.to_thread(pack_to_file, directory, tar_path)
-            meta = _version_metadata(name, digest, request_id, description, metrics, params, tags, lineage)
-            meta.artifact_size, meta.artifact_format = tar_path.stat().st_size, pb.ARTIFACT_FORMAT_SAVEDMODEL_TAR
-
-            async def messages() -> AsyncIterator[pb.CreateVersionRequest]:
-                yield pb.CreateVersionRequest(metadata=meta)
-                async for chunk in _chunks_of(tar_path):
-                    yield pb.CreateVersionRequest(chunk=chunk)
-
-            with rpc_errors(SERVICE):
-                reply = await self._stub().CreateVersion(messages(), metadata=self._metadata)
-        return convert.version_from_pb(reply)
+        """Packs a SavedModel directory (deterministic tar), uploads it as a blob (resumable) and creates a new
+        version from it; `request_id` makes a retry (e.g. by a restarted trainer) return the version created the
+        first time."""
+        blob = await self.upload_directory(directory)
+        return await self.create_version_from_blob(
+            name,
+            blob.digest,
+            request_id=request_id,
+            description=description,
+            metrics=metrics,
+            params=params,
+            tags=tags,
+            lineage=lineage,
+        )
 
     async def set_alias(self, name: str, alias: str, version: int, *, expected_version: int | None = None) -> Alias:
         """Points an alias at a version; with `expected_version` only if it points there now (0: unset), else
@@ -230,9 +247,9 @@ class AsyncRegistryClient:
         return events()
 
 
-async def _chunks_of(path: str | os.PathLike) -> AsyncIterator[bytes]:
-    """A file's bytes in chunks, read in a thread."""
-    chunks = read_chunks(path, CHUNK_BYTES)
+async def _chunks_of(path: str | os.PathLike, offset: int = 0) -> AsyncIterator[bytes]:
+    """A file's bytes from `offset` in chunks, read in a thread."""
+    chunks = read_chunks(path, CHUNK_BYTES, offset)
     done = object()
     while (chunk := await asyncio.to_thread(next, chunks, done)) is not done:
         yield chunk
@@ -261,18 +278,39 @@ def _version_metadata(
     )
 
 
-async def _receive(open_stream: Callable[[], grpc.aio.UnaryStreamCall], dest: Path) -> Download:
-    """Writes a DownloadArtifact-style stream into `dest` while hashing; DataLoss on a digest mismatch."""
-    header = None
+async def _receive(open_stream: Callable[[int], grpc.aio.UnaryStreamCall], dest: Path) -> Download:
+    """Writes a DownloadArtifact-style stream opened at an offset into `dest`, from the end of what `dest` holds
+    (a download cut short keeps its bytes for the next try), hashing the whole file; DataLoss, and `dest` removed,
+    when it does not match the digest."""
     digest = hashlib.sha256()
-    with rpc_errors(SERVICE), dest.open("wb") as out:
-        async for message in open_stream():
-            if message.WhichOneof("payload") == "header":
-                header = message.header
-                continue
-            digest.update(message.chunk)
-            await asyncio.to_thread(out.write, message.chunk)
+    offset = await asyncio.to_thread(_hash_into, digest, dest)
+    header = None
+    try:
+        with rpc_errors(SERVICE), dest.open("ab") as out:
+            async for message in open_stream(offset):
+                if message.WhichOneof("payload") == "header":
+                    header = message.header
+                    continue
+                digest.update(message.chunk)
+                await asyncio.to_thread(out.write, message.chunk)
+    except InvalidArgument:
+        if not offset:
+            raise
+        dest.unlink(missing_ok=True)  # `dest` holds more than the artifact has: not a prefix of it
+        return await _receive(open_stream, dest)
     if header is None or digest.hexdigest() != header.artifact.digest:
         dest.unlink(missing_ok=True)
         raise DataLoss(f"download into {dest} does not match the registry's digest")
     return Download(header.model_name, header.version, convert.artifact_from_pb(header.artifact), header.offset)
+
+
+def _hash_into(digest: "hashlib._Hash", path: Path) -> int:
+    """Feeds what `path` holds (nothing if it does not exist) into `digest`; returns its size."""
+    size = 0
+    try:
+        for chunk in read_chunks(path, CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    except FileNotFoundError:
+        pass
+    return size

@@ -10,6 +10,7 @@ with grpc.insecure_channel("127.0.0.1:50051") as channel:
 
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,12 +23,16 @@ from services.clients.registry import convert
 from services.clients.registry.types import ArtifactFormat, Blob, Download, Lineage, ModelVersion, RegisteredModel
 from services.kit.artifacts import CHUNK_BYTES, file_digest, pack_to_file, read_chunks, unpack
 from services.kit.convert import ref_to_pb
-from services.kit.errors import AlreadyExists, DataLoss
+from services.kit.errors import Aborted, AlreadyExists, DataLoss, Unavailable
 from services.kit.modelref import ModelRef
 from services.kit.rpc_errors import rpc_errors
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 SERVICE = "registry"
+UPLOAD_ATTEMPTS = 4
+"""Tries of one upload when the connection is lost (each resumes where the registry got to)."""
+UPLOAD_BACKOFF_SECONDS = 0.5
+"""Wait before the second try; doubled for each later one (at most 10 s)."""
 
 
 class RegistryClient:
@@ -66,14 +71,18 @@ class RegistryClient:
         tags: dict[str, str] | None = None,
         lineage: Lineage | None = None,
     ) -> ModelVersion:
-        """Uploads a file as a new version of `name` (the model must exist). A request id makes retries
-        idempotent; one is generated when none is given."""
-        size = Path(path).stat().st_size
+        """Uploads a file as a new version of `name` (the model must exist): the bytes go up as a blob, resumably
+        (`upload_blob`), then the version is created from it. A request id makes retries idempotent; one is
+        generated when none is given. `timeout` bounds each call."""
+        with rpc_errors(SERVICE):  # NotFound before any byte moves
+            self.stub.GetModel(pb.GetModelRequest(name=name), metadata=self.metadata, timeout=timeout)
+        blob = self.upload_blob(path, digest=digest, progress=progress, timeout=timeout)
         meta = pb.VersionMetadata(
             model_name=name,
-            artifact_digest=digest or file_digest(path),
-            artifact_size=size,
+            artifact_digest=blob.digest,
+            artifact_size=blob.size_bytes,
             artifact_format=convert.format_to_pb(artifact_format),
+            from_blob=True,
             request_id=request_id or uuid.uuid4().hex,
             description=description,
             metrics=metrics or {},
@@ -81,18 +90,10 @@ class RegistryClient:
             tags=tags or {},
             lineage=convert.lineage_to_pb(lineage or Lineage()),
         )
-
-        def messages() -> Iterator[pb.CreateVersionRequest]:
-            yield pb.CreateVersionRequest(metadata=meta)
-            done = 0
-            for chunk in read_chunks(path, self._chunk_bytes):
-                done += len(chunk)
-                yield pb.CreateVersionRequest(chunk=chunk)
-                if progress:
-                    progress(done, size)
-
         with rpc_errors(SERVICE):
-            reply = self.stub.CreateVersion(messages(), metadata=self.metadata, timeout=timeout)
+            reply = self.stub.CreateVersion(
+                iter([pb.CreateVersionRequest(metadata=meta)]), metadata=self.metadata, timeout=timeout
+            )
         return convert.version_from_pb(reply)
 
     def push_savedmodel(self, name: str, directory: str | os.PathLike, **kwargs) -> ModelVersion:
@@ -116,17 +117,52 @@ class RegistryClient:
             progress,
         )
 
-    def upload_blob(self, path: str | os.PathLike, *, digest: str = "") -> Blob:
-        """Stores a file that is not a model version (a data set) and returns its digest and size."""
+    def upload_blob(
+        self,
+        path: str | os.PathLike,
+        *,
+        digest: str = "",
+        progress: Progress | None = None,
+        timeout: float | None = None,
+        attempts: int = UPLOAD_ATTEMPTS,
+    ) -> Blob:
+        """Stores a file by its digest and returns the digest and size. Resumable: the registry says how much of
+        the blob it holds already (an earlier upload cut short) and only the rest is sent; a connection lost on
+        the way (UNAVAILABLE, or ABORTED while the registry still holds the cut upload) is tried again up to
+        `attempts` times in all, each time from where the registry got to."""
         size = Path(path).stat().st_size
+        digest = digest or file_digest(path)
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._upload_rest(path, digest, size, progress, timeout)
+            except (Unavailable, Aborted):
+                if attempt == attempts:
+                    raise
+                time.sleep(min(UPLOAD_BACKOFF_SECONDS * 2 ** (attempt - 1), 10.0))
+        raise AssertionError("unreachable")
+
+    def _upload_rest(
+        self, path: str | os.PathLike, digest: str, size: int, progress: Progress | None, timeout: float | None
+    ) -> Blob:
+        with rpc_errors(SERVICE):
+            status = self.stub.StatUpload(pb.StatUploadRequest(digest=digest), metadata=self.metadata, timeout=timeout)
+        offset = size if status.stored else status.received_bytes if status.received_bytes <= size else 0
+        if progress:
+            progress(offset, size)  # where it starts: all done when stored, or what an upload cut short left
+        if status.stored:
+            return Blob(digest, status.received_bytes)
 
         def messages() -> Iterator[pb.UploadBlobRequest]:
-            yield pb.UploadBlobRequest(metadata=pb.BlobMetadata(digest=digest or file_digest(path), size_bytes=size))
-            for chunk in read_chunks(path, self._chunk_bytes):
+            yield pb.UploadBlobRequest(metadata=pb.BlobMetadata(digest=digest, size_bytes=size, offset=offset))
+            done = offset
+            for chunk in read_chunks(path, self._chunk_bytes, offset):
                 yield pb.UploadBlobRequest(chunk=chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, size)
 
         with rpc_errors(SERVICE):
-            return convert.blob_from_pb(self.stub.UploadBlob(messages(), metadata=self.metadata))
+            return convert.blob_from_pb(self.stub.UploadBlob(messages(), metadata=self.metadata, timeout=timeout))
 
     def download_blob(self, digest: str, dest: str | os.PathLike, *, progress: Progress | None = None) -> Download:
         """Downloads a blob by digest into `dest` (resuming), verified like `download`."""

@@ -23,14 +23,15 @@ from typing import TypeVar
 from services.clients.agent.types import Checkpoint, Export
 from services.clients.registry import AsyncRegistryClient
 from services.kit.artifacts import file_digest, unpack
-from services.kit.errors import DataLoss, DeadlineExceeded, InvalidArgument, ModelgridError, Unavailable
+from services.kit.errors import Aborted, DataLoss, DeadlineExceeded, InvalidArgument, ModelgridError, Unavailable
 from services.kit.streams import Backoff
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-RETRYABLE = (Unavailable, DeadlineExceeded, DataLoss)
-"""Transfer failures that another try can cure: the registry down or restarting, a stream cut, corrupted bytes."""
+RETRYABLE = (Unavailable, DeadlineExceeded, DataLoss, Aborted)
+"""Transfer failures that another try can cure: the registry down or restarting, a stream cut, corrupted bytes, an
+upload cut short that the registry still holds (ABORTED until it notices)."""
 
 
 def check_digest(digest: str) -> str:
@@ -115,12 +116,9 @@ class BlobCache:
         return False
 
     async def _download(self, digest: str, path: Path) -> None:
-        partial = self._tmp / f"{digest}.{uuid.uuid4().hex[:8]}.partial"
-        try:
-            await self._registry.download_blob(digest, partial)  # DataLoss unless the bytes hash to the digest
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        partial = self._tmp / f"{digest}.partial"  # kept when the stream is cut: the next try resumes from it
+        await self._registry.download_blob(digest, partial)  # DataLoss (partial removed) unless the digest matches
+        os.replace(partial, path)
         stat = path.stat()
         self._verified[digest] = (stat.st_size, stat.st_mtime_ns)
         self.downloads += 1

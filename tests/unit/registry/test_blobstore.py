@@ -1,14 +1,15 @@
 """The local blob store when the disk or a quota runs out on the steps a small tmpfs cannot make fail (fsync,
 rename; tests/integration/test_registry_disk_full.py fills a real one): ResourceExhausted without a server path,
-and nothing left behind."""
+and nothing left behind; and uploads by digest kept for a bounded time when they are cut short."""
 
 import errno
 import hashlib
 import os
+import time
 
 import pytest
 
-from services.kit.errors import ResourceExhausted
+from services.kit.errors import Aborted, FailedPrecondition, ResourceExhausted
 from services.registry.blobstore import LocalBlobStore
 
 
@@ -63,3 +64,36 @@ def test_other_os_errors_are_not_mistaken_for_a_full_disk(tmp_path, monkeypatch)
     monkeypatch.undo()
     writer.abort()
     assert list(store.tmp_dir.iterdir()) == []
+
+
+KiB = 1024
+MiB = 1024 * KiB
+PIECE = 256 * KiB
+
+
+def test_the_store_keeps_cut_uploads_for_a_bounded_time(tmp_path):
+    data = os.urandom(3 * PIECE)
+    digest = hashlib.sha256(data).hexdigest()
+    store = LocalBlobStore(tmp_path / "blobs", resume_ttl_seconds=3600)
+    writer = store.resumable_writer(digest, 0, 10 * MiB)
+    writer.write(data[:PIECE])
+    with pytest.raises(Aborted):
+        store.resumable_writer(digest, 0, 10 * MiB)
+    writer.suspend()
+    with pytest.raises(FailedPrecondition):
+        store.resumable_writer(digest, PIECE + 1, 10 * MiB)
+
+    reopened = LocalBlobStore(tmp_path / "blobs", resume_ttl_seconds=3600)  # a restarted registry keeps it
+    assert reopened.received(digest) == PIECE
+    resumed = reopened.resumable_writer(digest, PIECE, 10 * MiB)
+    resumed.write(data[PIECE:])
+    assert resumed.commit(digest) == digest and reopened.exists(digest) and reopened.received(digest) == 0
+
+    other = os.urandom(PIECE)
+    other_digest = hashlib.sha256(other).hexdigest()
+    writer = reopened.resumable_writer(other_digest, 0, 10 * MiB)
+    writer.write(other[:KiB])
+    writer.suspend()
+    old = time.time() - 7200
+    os.utime(reopened.upload_path(other_digest), (old, old))
+    assert reopened.sweep_uploads() == 1 and reopened.received(other_digest) == 0
