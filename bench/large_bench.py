@@ -15,8 +15,9 @@ What one run does (`make bench-large`, about 2 minutes on 2 cores; --quick, a 30
   (the registry imports TensorFlow's protobufs for its first SavedModel; the predictor's TensorFlow runtime
   initialises on its first load) are in every baseline and not counted as growth caused by the large artifact;
 * push: RegistryClient.push_savedmodel, phases: the client packs the directory into a tar on disk and hashes it;
-  the transfer (1 MiB chunks; the registry hashes and writes as they come); the registry's commit (reads the
-  signature from the staged tar, fsyncs, renames, records the version in Redis);
+  the transfer (a resumable UploadBlob in 1 MiB chunks; the registry hashes and writes as they come); the
+  registry's commit (fsyncs and renames the blob; then CreateVersion from the blob reads the signature from the
+  stored tar and records the version in Redis);
 * pull: RegistryClient.download into a file, phases: the transfer; the client's sha256 of the whole file against
   the registry's digest (`download` removes the file and raises DataLoss on a mismatch); the digest and size are
   also compared with what the push returned;
