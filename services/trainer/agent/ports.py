@@ -1,4 +1,8 @@
-"""Ports reserved per job on an agent's host, the same ones for the job's whole life (and across agent restarts)."""
+"""Ports reserved per job on an agent's host, the same ones for the job's whole life (and across agent restarts).
+
+The trainer puts them into TF_CONFIG with the agent's advertised address (its Consul registration), which is where
+the other workers connect. A port is checked free on every address of the host (bound to 0.0.0.0), because that is
+where TensorFlow's gRPC server listens; a port free there is free on the advertised address too."""
 
 import contextlib
 import itertools
