@@ -6,11 +6,13 @@
 
 Every service binds and advertises its host's address and registers with the Consul agent of its own host. The
 test process reaches the hosts through the lab's client link (198.18.<k>.254). The tests run in file order and
-share the module's mesh: serving across hosts, then one fault at a time (a cut link, a cut registry host, a dead
-Consul server host), each measured and healed before the next.
+share the module's mesh: serving across hosts, then one fault at a time (a cut link, a cut registry host, an upload
+cut with its host, a dead Consul server host), each measured and healed before the next.
 """
 
+import hashlib
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +35,7 @@ from services.kit.tensors import array_to_tensor
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow]
 
+MiB = 1 << 20
 X = np.array([[0.5, -1.0, 2.0, 0.1]], dtype=np.float32)
 CONSUL_HTTP_PORT = 8500
 LAYOUT = {
@@ -310,6 +313,69 @@ def test_a_cut_registry_host_leaves_predictors_serving_and_they_catch_up(mesh):
     print(f"\ncut a: {served} direct predictions while cut, none failed; registry back {back:.1f}s after the link, ")
     print(f"predictors on the moved alias {caught_up:.1f}s after the move")
     wait_for(lambda: cluster_whole(mesh), REJOIN_TIMEOUT_S, "a voting again in the Consul cluster")
+
+
+UPLOAD_SCRIPT = """
+import json, sys, grpc
+from services.clients.registry import RegistryClient
+from services.kit.channels import CHANNEL_DEFAULTS
+
+path, target = sys.argv[1:3]
+done = []  # every progress call: an attempt starts where the registry got to (not above the bytes sent before)
+with grpc.insecure_channel(target, options=CHANNEL_DEFAULTS) as channel:
+    blob = RegistryClient(channel).upload_blob(path, progress=lambda sent, total: done.append(sent))
+starts = [i for i, value in enumerate(done) if i == 0 or value <= done[i - 1]]
+spans = [done[end - 1] - done[start] for start, end in zip(starts, starts[1:] + [len(done)])]
+print(json.dumps({"digest": blob.digest, "starts": [done[i] for i in starts], "sent": sum(spans)}))
+"""
+UPLOAD_MIB = 48
+THROTTLE = "32mbit"  # about 4 MiB/s out of c: the upload takes some 12 s, long enough to cut it in the middle
+CUT_SECONDS = 20.0  # longer than the registry's keepalive (10 s + 5 s) takes to drop the vanished client's call
+
+
+def test_an_upload_cut_with_its_host_resumes_from_what_the_registry_holds(mesh, tmp_path):
+    a, c = mesh.a, mesh.c
+    data = np.random.default_rng(9).bytes(UPLOAD_MIB << 20)
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    log = c.log_dir / "resumable-upload.log"
+    c.run(["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", THROTTLE, "burst", "64kb", "latency", "1s"])
+    try:
+        upload = c.spawn([sys.executable, "-c", UPLOAD_SCRIPT, str(path), f"{a.address}:50051"], log_path=log)
+
+        def held() -> int:
+            return mesh.registry.stub.StatUpload(rpb.StatUploadRequest(digest=digest), timeout=5).received_bytes
+
+        wait_for(lambda: held() >= (UPLOAD_MIB << 20) // 4, 60, "a quarter of the upload at the registry")
+        c.cut()
+        try:
+            time.sleep(CUT_SECONDS)
+            at_cut = held()
+        finally:
+            c.restore()
+        try:
+            code = upload.wait(180)
+        except subprocess.TimeoutExpired:
+            upload.kill()
+            raise
+    finally:
+        c.run(["tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
+    out = log.read_text()
+    assert code == 0, out[-4000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    status = mesh.registry.stub.StatUpload(rpb.StatUploadRequest(digest=digest), timeout=5)
+    assert result["digest"] == digest and (status.stored, status.received_bytes) == (True, len(data))
+    starts = result["starts"]
+    assert len(starts) >= 2 and starts[0] == 0, starts
+    assert starts[-1] >= at_cut > 0, f"resumed at {starts[-1]} bytes, the registry held {at_cut} after the cut"
+    resent = result["sent"] - len(data)
+    assert resent < len(data) // 4, f"{resent} bytes sent twice"
+    print(
+        f"\nupload from c cut at {at_cut / MiB:.1f} of {UPLOAD_MIB} MiB for {CUT_SECONDS:.0f}s: resumed at "
+        f"{starts[-1] / MiB:.1f} MiB ({len(starts) - 1} new tries), {resent / MiB:.2f} MiB sent twice"
+    )
+    wait_for(lambda: cluster_whole(mesh), REJOIN_TIMEOUT_S, "c voting again in the Consul cluster")
 
 
 def test_a_dead_consul_server_host_keeps_the_cluster_serving(mesh):

@@ -29,10 +29,11 @@ from services.kit.rpc_errors import rpc_errors
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 SERVICE = "registry"
-UPLOAD_ATTEMPTS = 4
-"""Tries of one upload when the connection is lost (each resumes where the registry got to)."""
-UPLOAD_BACKOFF_SECONDS = 0.5
-"""Wait before the second try; doubled for each later one (at most 10 s)."""
+RESUME_SECONDS = 120.0
+"""How long an upload that lost its connection keeps trying to resume (a registry that notices a vanished client
+only by its keepalive holds the cut upload for some 15 s: ABORTED until then)."""
+RESUME_BACKOFF_SECONDS = 0.5
+"""Wait before the first new try; doubled for each later one (at most 5 s)."""
 
 
 class RegistryClient:
@@ -124,28 +125,41 @@ class RegistryClient:
         digest: str = "",
         progress: Progress | None = None,
         timeout: float | None = None,
-        attempts: int = UPLOAD_ATTEMPTS,
+        resume_seconds: float = RESUME_SECONDS,
     ) -> Blob:
         """Stores a file by its digest and returns the digest and size. Resumable: the registry says how much of
-        the blob it holds already (an earlier upload cut short) and only the rest is sent; a connection lost on
-        the way (UNAVAILABLE, or ABORTED while the registry still holds the cut upload) is tried again up to
-        `attempts` times in all, each time from where the registry got to."""
+        the blob it holds already (an earlier upload cut short) and only the rest is sent. Once the registry has
+        answered, a connection lost on the way (UNAVAILABLE, or ABORTED while the registry still holds the cut
+        upload) is tried again for up to `resume_seconds`, each time from where the registry got to; a registry
+        that cannot be reached at all fails at once."""
         size = Path(path).stat().st_size
         digest = digest or file_digest(path)
-        for attempt in range(1, attempts + 1):
+        reached: list[bool] = []  # non-empty once the registry answered StatUpload
+        deadline, delay = 0.0, RESUME_BACKOFF_SECONDS
+        while True:
             try:
-                return self._upload_rest(path, digest, size, progress, timeout)
+                return self._upload_rest(path, digest, size, progress, timeout, reached)
             except (Unavailable, Aborted):
-                if attempt == attempts:
+                if not reached:
                     raise
-                time.sleep(min(UPLOAD_BACKOFF_SECONDS * 2 ** (attempt - 1), 10.0))
-        raise AssertionError("unreachable")
+                deadline = deadline or time.monotonic() + resume_seconds
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _upload_rest(
-        self, path: str | os.PathLike, digest: str, size: int, progress: Progress | None, timeout: float | None
+        self,
+        path: str | os.PathLike,
+        digest: str,
+        size: int,
+        progress: Progress | None,
+        timeout: float | None,
+        reached: list[bool],
     ) -> Blob:
         with rpc_errors(SERVICE):
             status = self.stub.StatUpload(pb.StatUploadRequest(digest=digest), metadata=self.metadata, timeout=timeout)
+        reached.append(True)
         offset = size if status.stored else status.received_bytes if status.received_bytes <= size else 0
         if progress:
             progress(offset, size)  # where it starts: all done when stored, or what an upload cut short left
