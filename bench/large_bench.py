@@ -12,8 +12,8 @@ What one run does (`make bench-large`, about 2 minutes on 2 cores; --quick, a 30
 * starts its own Consul dev agent, Redis server, registry (MAX_ARTIFACT_BYTES raised when the default is too
   small for the artifact, for this registry only) and a predictor serving no model, on free loopback ports;
 * warm-up: pushes and pulls the tiny model and has the predictor load and answer it, so that one-time costs
-  (the registry imports TensorFlow's protobufs for its first SavedModel; the predictor's TensorFlow runtime
-  initialises on its first load) are in every baseline and not counted as growth caused by the large artifact;
+  (the predictor's TensorFlow runtime initialises on its first load) are in every baseline and not counted as
+  growth caused by the large artifact;
 * push: RegistryClient.push_savedmodel, phases: the client packs the directory into a tar on disk and hashes it;
   the transfer (a resumable UploadBlob in 1 MiB chunks; the registry hashes and writes as they come); the
   registry's commit (fsyncs and renames the blob; then CreateVersion from the blob reads the signature from the

@@ -4,6 +4,7 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
+from modelgrid.savedmodel.v1 import savedmodel_pb2
 from services.clients.registry.types import Signature, TensorSpec
 from services.kit.errors import InvalidArgument
 from services.kit.tensors import BY_TF
@@ -15,11 +16,9 @@ def read_signatures(tar: str | Path | BinaryIO) -> list[Signature]:
     """The signature defs of the "serve" meta graph of a SavedModel tar (a path or a seekable binary file), sorted
     by name.
 
-    Raises InvalidArgument when the tar is not a SavedModel. Imports TensorFlow's protobuf definitions on first
-    use (a few seconds, once per process).
+    Raises InvalidArgument when the tar is not a SavedModel. Parses with the project's subset of TensorFlow's
+    SavedModel messages (protos/modelgrid/savedmodel/v1): no TensorFlow import.
     """
-    from tensorflow.core.protobuf import saved_model_pb2  # heavy: only when a SavedModel arrives
-
     try:
         opened = tarfile.open(tar, mode="r:") if isinstance(tar, str | Path) else tarfile.open(fileobj=tar, mode="r:")
         with opened as archive:
@@ -31,7 +30,7 @@ def read_signatures(tar: str | Path | BinaryIO) -> list[Signature]:
             data = archive.extractfile(member).read()
     except tarfile.TarError as exc:
         raise InvalidArgument(f"artifact declared as a SavedModel tar is not a readable tar: {exc}") from None
-    saved_model = saved_model_pb2.SavedModel()
+    saved_model = savedmodel_pb2.SavedModel()
     try:
         saved_model.ParseFromString(data)
     except Exception:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeError depending on the backend

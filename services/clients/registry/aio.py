@@ -36,7 +36,7 @@ from services.kit.rpc_errors import rpc_errors
 CLIENT_ID_HEADER = "x-modelgrid-client"
 SERVICE = "registry"
 TIMEOUT = 10.0  # seconds, for every metadata call
-FROM_BLOB_TIMEOUT = 60.0  # a version from a blob: the registry reads its signatures (TensorFlow's protos on first use)
+FROM_BLOB_TIMEOUT = 60.0  # a version from a blob: the registry reads its signatures from the stored tar
 
 
 class AsyncRegistryClient:
