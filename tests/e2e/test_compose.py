@@ -1,32 +1,53 @@
-"""deploy/docker-compose.yml is valid for docker-compose and starts only what the local mesh also runs and tests.
+"""deploy/docker-compose.yml is valid for docker-compose and starts only what the local mesh also runs and tests,
+with Consul deployed as on real hosts: one server, and a client agent in every service container.
 
 No Docker engine runs here, so the file is checked statically: `docker-compose config` must accept it, each
-service built from deploy/Dockerfile must run a module that `make up` (scripts/mesh.py) runs too, and each
-MODELGRID_<SERVICE>_* variable it sets must be a field of that service's settings class.
+service built from deploy/Dockerfile must run a module that `make up` (scripts/mesh.py) runs too, through the
+entrypoint that starts the container's own Consul agent, and each MODELGRID_<SERVICE>_* variable it sets must be a
+field of that service's settings class. The entrypoint itself (deploy/consul-agent.sh) is run here for real: against
+a real Consul server on loopback, wrapping a small Python command in place of a service.
 """
 
 import importlib
 import importlib.util
+import json
 import os
+import re
 import shlex
 import shutil
-import socket
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from services.kit.localinfra import ConsulAgent, InfraError, consul_binary, free_ports, pid_alive
 from services.kit.settings import ServiceSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "deploy" / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
+ENTRYPOINT_SCRIPT = REPO_ROOT / "deploy" / "consul-agent.sh"
 MESH_SCRIPT = REPO_ROOT / "scripts" / "mesh.py"
 ENV_PREFIX = "MODELGRID_"
+CONSUL_SERVICE = "consul"
+"""The compose service that is the Consul server."""
+LOCAL_AGENT_URL = "http://127.0.0.1:8500"
+"""Where a service finds the Consul agent of its own container (consul-agent.sh's default HTTP port)."""
+DEREGISTER_ALLOWANCE_S = 2.0
+"""Time a stopping service may take to deregister from its local agent, on top of its grace periods."""
+LEAVE_ALLOWANCE_S = 8.0
+"""Time `consul leave` and the agent's exit may take after the service has stopped (about 5 s measured here; the
+behaviour test below fails if it takes longer)."""
 WITHOUT_REDIS = {"services.trainer.agent"}
 """Modules that keep no state in Redis: their containers need not wait for it (they do need Consul)."""
 INTERNAL_ONLY = {"services.trainer.agent"}
@@ -180,14 +201,15 @@ def test_settings_make_each_service_reachable_on_the_compose_network(
         module = _module_of(name, service)
         settings = _settings_of(name, service, monkeypatch)
         assert settings.host in ("0.0.0.0", "::"), f"{name}: binds {settings.host}, unreachable from other containers"
-        if _replicas(service) == 1:
-            assert settings.advertise_host == name, f"{name}: advertises {settings.advertise_host}, not {name}"
-        else:  # replicas share the service name: each must advertise its own container address
-            own_address = socket.gethostbyname(socket.gethostname())  # what it resolves to inside its container
-            assert settings.advertise_host == own_address, f"{name}: replicas advertise {settings.advertise_host!r}"
+        # "auto" with a loopback agent: the address the container's own agent reports for its node, which is the
+        # container's own (replicas share the service name, so each must advertise its own address).
+        assert settings.advertise_host == "auto", f"{name}: advertises {settings.advertise_host!r}, not auto"
         dependencies = service.get("depends_on", {})
-        for url in (settings.consul_url,) if module in WITHOUT_REDIS else (settings.consul_url, settings.redis_url):
-            assert urlsplit(url).hostname in dependencies, f"{name}: {url} is no dependency of it"
+        if module not in WITHOUT_REDIS:
+            redis_host = urlsplit(settings.redis_url).hostname
+            assert redis_host in dependencies, f"{name}: {settings.redis_url} is no dependency of it"
+        # Consul through the container's own agent, whose server must be up first.
+        assert CONSUL_SERVICE in dependencies, f"{name}: does not wait for the Consul server"
         ports = _ports(service)
         if module in INTERNAL_ONLY:
             assert not ports, f"{name}: only other containers call it, yet it publishes {ports}"
@@ -249,3 +271,489 @@ def test_the_trainer_keeps_its_dirs_on_its_own_volume_and_shares_none_with_the_a
     shared = set(trainer_volumes) & set(named_volumes(agent))
     assert not shared, f"{agent_name} mounts the trainer's volume(s) {shared}: nothing may be shared"
     assert _replicas(agent) * _settings_of(agent_name, agent, monkeypatch).slots >= 2, "too few worker slots"
+
+
+# -- Consul as on real hosts: one server, a client agent in every service container ----------------------------
+
+DOCKER_PATH_DIRS = {"/usr/local/bin", "/usr/bin", "/bin"}
+"""Directories on the PATH of the runtime image (python:3.11-slim-bookworm), where `consul` must be found."""
+BOOLEAN_CONSUL_FLAGS = {"server", "ui", "dev", "bootstrap"}
+
+
+def _argv(value: str | list | None) -> list[str]:
+    if value is None:
+        return []
+    return shlex.split(value) if isinstance(value, str) else [str(part) for part in value]
+
+
+def _consul_flags(argv: list[str]) -> dict[str, list[str]]:
+    """Consul's command-line flags (`-flag=value`, `-flag value`, or a bare boolean `-flag`), each with its values."""
+    flags: dict[str, list[str]] = {}
+    arguments = iter(argv)
+    for argument in arguments:
+        assert argument.startswith("-"), f"consul agent: unexpected argument {argument!r} in {argv}"
+        name, has_value, value = argument.lstrip("-").partition("=")
+        if not has_value and name not in BOOLEAN_CONSUL_FLAGS:
+            value = next(arguments, "")
+        flags.setdefault(name, []).append(value)
+    return flags
+
+
+def _named_volumes(service: dict, compose: dict) -> dict[str, str]:
+    """{volume name: mount point} of the service's named volumes (not bind mounts)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = (volume["source"], volume["target"]) if isinstance(volume, dict) else volume.split(":")[:2]
+        if source in (compose.get("volumes") or {}):
+            mounts[source] = target
+    return mounts
+
+
+def _published_host_ips(service: dict) -> list[str]:
+    """The host address each `ports` entry publishes on ("" for every address)."""
+    addresses = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            addresses.append(str(port.get("host_ip") or ""))
+        else:
+            parts = str(port).split("/")[0].split(":")
+            addresses.append(parts[0] if len(parts) == 3 else "")
+    return addresses
+
+
+def _seconds(duration: str | int | float) -> float:
+    """A compose duration ("20s", "1m30s", "500ms") in seconds."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 0.000001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"cannot read the duration {duration!r}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def _script_default(variable: str) -> str:
+    """The default consul-agent.sh uses for an environment variable: the `word` of its `${VARIABLE:-word}`."""
+    defaults = set(re.findall(r"\$\{" + variable + r":-([^}]*)\}", ENTRYPOINT_SCRIPT.read_text()))
+    assert len(defaults) == 1, f"{ENTRYPOINT_SCRIPT.name}: expected one default for ${variable}, found {defaults}"
+    return defaults.pop()
+
+
+def _dockerfile() -> tuple[list[str], dict[str, str]]:
+    """The Dockerfile's instructions (continuation lines joined) and its stages {name: image} (ARGs expanded)."""
+    instructions = [line.strip() for line in DOCKERFILE.read_text().replace("\\\n", " ").splitlines()]
+    instructions = [line for line in instructions if line and not line.startswith("#")]
+    arguments: dict[str, str] = {}
+    stages: dict[str, str] = {}
+    for line in instructions:
+        words = line.split()
+        if words[0] == "ARG" and "=" in words[1]:
+            name, value = words[1].split("=", 1)
+            arguments.setdefault(name, value)
+        elif words[0] == "FROM":
+            image = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: arguments[m[1] or m[2]], words[1])
+            if len(words) >= 4 and words[2].upper() == "AS":
+                stages[words[3]] = image
+    return instructions, stages
+
+
+def _copies(instructions: list[str]) -> list[tuple[str | None, list[str], str]]:
+    """(--from value or None, sources, destination) of each COPY."""
+    copies = []
+    for line in instructions:
+        words = line.split()
+        if words[0] != "COPY":
+            continue
+        options = [word for word in words[1:] if word.startswith("--")]
+        paths = [word for word in words[1:] if not word.startswith("--")]
+        origin = next((option.split("=", 1)[1] for option in options if option.startswith("--from=")), None)
+        copies.append((origin, paths[:-1], paths[-1]))
+    return copies
+
+
+def _entrypoint_in_image() -> str:
+    """Where the Dockerfile puts deploy/consul-agent.sh in the image."""
+    instructions, _ = _dockerfile()
+    targets = [
+        destination
+        for origin, sources, destination in _copies(instructions)
+        if origin is None and sources == [str(ENTRYPOINT_SCRIPT.relative_to(REPO_ROOT))]
+    ]
+    assert len(targets) == 1, f"{DOCKERFILE} should copy {ENTRYPOINT_SCRIPT.name} into the image once: {targets}"
+    return targets[0]
+
+
+def test_consul_is_one_server_that_keeps_its_state_on_a_named_volume(compose: dict) -> None:
+    consul = compose["services"][CONSUL_SERVICE]
+    assert consul["image"].startswith("consul:"), f"{CONSUL_SERVICE}: image {consul['image']}"
+    argv = _argv(consul.get("command"))
+    assert argv[:1] == ["agent"], f"{CONSUL_SERVICE}: command {argv} does not run `consul agent`"
+    flags = _consul_flags(argv[1:])
+    assert "dev" not in flags, f"{CONSUL_SERVICE}: a -dev agent keeps everything in memory and is no real server"
+    assert "server" in flags, f"{CONSUL_SERVICE}: not a server ({argv})"
+    assert flags.get("bootstrap-expect") == ["1"], f"{CONSUL_SERVICE}: a single server must expect 1 ({argv})"
+    assert "ui" in flags, f"{CONSUL_SERVICE}: no UI"
+    assert flags.get("client") == ["0.0.0.0"], f"{CONSUL_SERVICE}: API not reachable through its published port"
+    data_dir = (flags.get("data-dir") or [""])[-1]
+    assert data_dir.startswith("/"), f"{CONSUL_SERVICE}: no absolute -data-dir ({argv})"
+    assert data_dir in _named_volumes(consul, compose).values(), f"{CONSUL_SERVICE}: {data_dir} is on no named volume"
+    addresses = _published_host_ips(consul)
+    assert addresses and set(addresses) == {"127.0.0.1"}, f"{CONSUL_SERVICE}: publishes beyond loopback: {addresses}"
+    assert "/v1/status/leader" in " ".join(consul["healthcheck"]["test"]), f"{CONSUL_SERVICE}: no wait for a leader"
+
+
+def test_every_service_runs_through_the_entrypoint_that_starts_its_own_consul_agent(
+    compose: dict, our_services: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entrypoint = _entrypoint_in_image()
+    assert LOCAL_AGENT_URL == f"http://127.0.0.1:{_script_default('CONSUL_AGENT_HTTP_PORT')}"
+    for name, service in our_services.items():
+        assert _argv(service.get("entrypoint")) == [entrypoint], f"{name}: entrypoint is not {entrypoint}"
+        assert _module_of(name, service)  # the command is still the service (python -m ...), the script's arguments
+        assert service.get("init") is True, f"{name}: no init to pass SIGTERM on to the entrypoint and reap orphans"
+        settings = _settings_of(name, service, monkeypatch)
+        assert settings.consul_enabled, f"{name}: does not register in Consul"
+        assert settings.consul_url.rstrip("/") == LOCAL_AGENT_URL, f"{name}: Consul at {settings.consul_url}"
+        environment = _environment(service)
+        for server in (environment.get("CONSUL_AGENT_JOIN") or _script_default("CONSUL_AGENT_JOIN")).split():
+            host = server.rsplit(":", 1)[0] if server.count(":") == 1 else server
+            assert host == CONSUL_SERVICE, f"{name}: its agent joins {server}, not the {CONSUL_SERVICE} server"
+            assert host in (service.get("depends_on") or {}), f"{name}: starts before the Consul server"
+        for variable, value in _modelgrid_variables(service).items():
+            if variable.endswith("_ADVERTISE_HOST"):
+                assert value != "", f"{name}: {variable} is empty (the old own-hostname trick); use auto"
+
+
+def test_dockerfile_puts_the_consul_binary_and_the_entrypoint_into_the_image(compose: dict) -> None:
+    instructions, stages = _dockerfile()
+    binaries = [
+        (origin, destination)
+        for origin, sources, destination in _copies(instructions)
+        if origin is not None and Path(destination).name == "consul" and any(s.endswith("/consul") for s in sources)
+    ]
+    assert len(binaries) == 1, f"{DOCKERFILE} should copy one consul binary from the official image: {binaries}"
+    origin, destination = binaries[0]
+    image = stages.get(origin, origin)
+    assert image == compose["services"][CONSUL_SERVICE]["image"], (
+        f"the agents' consul comes from {image}, the server runs {compose['services'][CONSUL_SERVICE]['image']}"
+    )
+    assert str(Path(destination).parent) in DOCKER_PATH_DIRS, f"consul goes to {destination}, not on the PATH"
+    assert _script_default("CONSUL_AGENT_BIN") == "consul", "the entrypoint does not run the consul on the PATH"
+    entrypoint = _entrypoint_in_image()
+    runs = [line for line in instructions if line.startswith("RUN ")]
+    assert any("chmod" in run and entrypoint in run for run in runs), f"{entrypoint} is not made executable"
+
+
+def test_entrypoint_script_is_valid_bash() -> None:
+    assert ENTRYPOINT_SCRIPT.read_text().startswith("#!/bin/bash\n"), "the image has bash at /bin/bash"
+    result = subprocess.run(["bash", "-n", str(ENTRYPOINT_SCRIPT)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_stop_grace_periods_cover_the_ordered_stop_and_the_leave(
+    our_services: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, service in our_services.items():
+        settings = _settings_of(name, service, monkeypatch)
+        needed = (
+            settings.shutdown_grace_seconds
+            + getattr(settings, "worker_stop_grace_seconds", 0.0)  # an agent's workers save a checkpoint
+            + DEREGISTER_ALLOWANCE_S
+            + LEAVE_ALLOWANCE_S
+        )
+        grace = _seconds(service.get("stop_grace_period", "10s"))
+        assert grace >= needed, f"{name}: stop_grace_period {grace:.0f}s < {needed:.0f}s: SIGKILL cuts the stop"
+
+
+# -- deploy/consul-agent.sh run for real: a client agent joined to a real Consul server on loopback ------------
+
+CLIENT_BIND = "127.0.0.2"
+"""The test client agent's gossip address: loopback, yet not the server's (127.0.0.1) nor hostaddr's fallback."""
+ALIVE, LEFT = 1, 3  # serf member status, as /v1/agent/members reports it
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+# Stands in for a service: registers with the local agent, records what it sees, and on SIGTERM deregisters (as a
+# service's ordered stop does; the agent must still answer) and exits with the given code. In "exit" mode it exits
+# by itself once <record>.exit exists.
+PROBE = r"""
+import asyncio, json, os, signal, sys, time, urllib.request
+from services.kit.hostaddr import host_address
+
+agent_url, record_path, exit_code, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+record = {}
+
+def call(path, method="GET", body=None):
+    data = None if body is None else json.dumps(body).encode()
+    with http.open(urllib.request.Request(agent_url + path, data=data, method=method), timeout=5) as response:
+        return json.loads(response.read() or b"null")
+
+def save():
+    with open(record_path + ".tmp", "w") as out:
+        json.dump(record, out)
+    os.replace(record_path + ".tmp", record_path)
+
+def stop(*_):
+    try:
+        call("/v1/agent/service/deregister/compose-probe-1", "PUT")
+        record["deregistered_from"] = call("/v1/agent/self")["Config"]["NodeName"]
+    except OSError as exc:
+        record["stop_error"] = repr(exc)
+    record["stopped_at"] = time.time()
+    save()
+    sys.exit(exit_code)
+
+signal.signal(signal.SIGTERM, stop)
+call("/v1/agent/service/register", "PUT", {"ID": "compose-probe-1", "Name": "compose-probe", "Port": 1})
+record["node"] = call("/v1/agent/self")["Config"]["NodeName"]
+record["advertise_host"] = asyncio.run(host_address(agent_url))  # what ADVERTISE_HOST=auto resolves to
+save()
+while not (mode == "exit" and os.path.exists(record_path + ".exit")):
+    time.sleep(0.05)
+record["exited_at"] = time.time()
+save()
+sys.exit(exit_code)
+"""
+
+
+class EntrypointRun:
+    """deploy/consul-agent.sh running in a process group of its own, with its client agent on free loopback ports."""
+
+    popen: subprocess.Popen
+
+    def __init__(self, node: str, agent_url: str, log: Path) -> None:
+        self.node, self.agent_url, self.log = node, agent_url, log
+
+    def probe(self, record: Path, exit_code: int, mode: str = "term") -> list[str]:
+        return [sys.executable, "-c", PROBE, self.agent_url, str(record), str(exit_code), mode]
+
+    def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = 30.0, running: bool = True) -> Any:
+        """The first truthy value of `condition()`; fails after `timeout` or, if `running`, when the script exits."""
+        deadline = time.monotonic() + timeout
+        while not (value := condition()):
+            if running:
+                assert self.popen.poll() is None, f"the entrypoint exited ({self.popen.returncode}):\n{self.log_text()}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}; entrypoint log:\n{self.log_text()}"
+            time.sleep(0.1)
+        return value
+
+    def group(self) -> list[int]:
+        """Live processes of the entrypoint's process group (the script, its agent, the wrapped command)."""
+        return _group_pids(self.popen.pid)
+
+    def agent_pid(self) -> int:
+        def find() -> int | None:
+            for pid in self.group():
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if Path(argv[0].decode()).name == "consul" and argv[1:2] == [b"agent"]:
+                    return pid
+            return None
+
+        return self.wait_for(find, "the client agent's process")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def _group_pids(pgid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def consul_server(tmp_path_factory) -> Iterator[ConsulAgent]:
+    """A real Consul server (a dev agent is one) on free loopback ports, for the client agents to join."""
+    try:
+        consul_binary()
+    except InfraError as exc:
+        pytest.skip(str(exc))
+    with ConsulAgent(tmp_path_factory.mktemp("consul-server")) as server:
+        yield server
+
+
+@pytest.fixture
+def entrypoint(consul_server: ConsulAgent, tmp_path: Path) -> Iterator[Callable[..., EntrypointRun]]:
+    """`entrypoint(command_of, **env)`: runs consul-agent.sh around `command_of(run)` (a command list); every
+    process it left behind is killed by pid when the test ends."""
+    runs: list[EntrypointRun] = []
+
+    def start(command_of: Callable[[EntrypointRun], list[str]], **env: str) -> EntrypointRun:
+        http_port, serf_port = free_ports(2)
+        node = f"compose-test-{uuid.uuid4().hex[:8]}"
+        environment = {
+            **os.environ,
+            "CONSUL_AGENT_BIN": consul_binary(),
+            "CONSUL_AGENT_JOIN": f"127.0.0.1:{consul_server.serf_lan_port}",
+            "CONSUL_AGENT_BIND": CLIENT_BIND,
+            "CONSUL_AGENT_HTTP_PORT": str(http_port),
+            "CONSUL_AGENT_SERF_PORT": str(serf_port),
+            "CONSUL_AGENT_NODE": node,
+            "CONSUL_AGENT_DATA_DIR": str(tmp_path / f"{node}-data"),
+            "CONSUL_AGENT_LOG_LEVEL": "info",
+            **env,
+        }
+        run = EntrypointRun(node, f"http://127.0.0.1:{http_port}", tmp_path / f"{node}.log")
+        with run.log.open("wb") as out:
+            run.popen = subprocess.Popen(
+                ["bash", str(ENTRYPOINT_SCRIPT), *command_of(run)],
+                cwd=REPO_ROOT,
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: what it leaves behind is found by pgid
+            )
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        for pid in run.group():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            run.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _server_get(server: ConsulAgent, path: str) -> Any:
+    with _NO_PROXY.open(f"{server.http_url}{path}", timeout=5) as response:
+        return json.load(response)
+
+
+def _member_status(server: ConsulAgent, node: str) -> int | None:
+    return next((m["Status"] for m in _server_get(server, "/v1/agent/members") if m["Name"] == node), None)
+
+
+def _catalog_nodes(server: ConsulAgent) -> set[str]:
+    return {n["Node"] for n in _server_get(server, "/v1/catalog/nodes")}
+
+
+def _node_checks(server: ConsulAgent, node: str) -> set[str]:
+    return {check["CheckID"] for check in _server_get(server, f"/v1/health/node/{node}")}
+
+
+def _probe_nodes(server: ConsulAgent) -> list[str]:
+    return [entry["Node"] for entry in _server_get(server, "/v1/catalog/service/compose-probe")]
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _assert_left(server: ConsulAgent, run: EntrypointRun, agent_pid: int) -> None:
+    """The client agent is gone, nothing of the run is left, and the server saw the node leave (not fail)."""
+    assert not pid_alive(agent_pid), "the client agent still runs after the entrypoint exited"
+    assert not run.group(), f"processes left behind: {run.group()}"
+    assert _member_status(server, run.node) == LEFT, f"{run.node} did not leave:\n{run.log_text()}"
+
+    # The server deregistered the left member: its serfHealth check is gone. (Not asserted: that the node's catalog
+    # entry is gone. Consul 1.8's anti-entropy may sync the node's info once more while the agent leaves, and the
+    # leader drops that entry again only at its next reconcile, within a minute.)
+    def deregistered() -> bool:
+        return "serfHealth" not in _node_checks(server, run.node)
+
+    run.wait_for(deregistered, "the server to deregister the node", 15, running=False)
+
+
+def test_entrypoint_joins_the_server_then_on_sigterm_stops_the_service_before_the_agent_leaves(
+    consul_server: ConsulAgent, entrypoint: Callable[..., EntrypointRun], tmp_path: Path
+) -> None:
+    record = tmp_path / "record.json"
+    run = entrypoint(lambda r: r.probe(record, exit_code=7))
+    started = run.wait_for(lambda: _read_record(record), "the wrapped command to start", 60)
+    assert started["node"] == run.node
+    # The address a service with ADVERTISE_HOST=auto advertises is the agent's gossip address (the container's).
+    assert started["advertise_host"] == CLIENT_BIND
+    run.wait_for(lambda: _member_status(consul_server, run.node) == ALIVE, "the server to see the client alive")
+    assert run.node in _catalog_nodes(consul_server)
+    run.wait_for(lambda: _probe_nodes(consul_server) == [run.node], "the registration to reach the server")
+    agent_pid = run.agent_pid()
+
+    os.kill(run.popen.pid, signal.SIGTERM)
+    status = run.popen.wait(timeout=30)
+    exited_at = time.time()
+
+    assert status == 7, f"exit status {status} is not the wrapped command's:\n{run.log_text()}"
+    stopped = _read_record(record)
+    assert stopped and "stopped_at" in stopped, f"the wrapped command got no SIGTERM:\n{run.log_text()}"
+    # The agent still answered during the service's stop: deregistration reached it before the leave.
+    assert stopped.get("deregistered_from") == run.node, stopped
+    leave_seconds = exited_at - stopped["stopped_at"]
+    assert leave_seconds < LEAVE_ALLOWANCE_S, f"the leave took {leave_seconds:.1f}s; stop_grace_period assumes less"
+    _assert_left(consul_server, run, agent_pid)
+    assert _probe_nodes(consul_server) == []
+
+
+def test_entrypoint_leaves_and_exits_with_the_status_of_a_service_that_stops_by_itself(
+    consul_server: ConsulAgent, entrypoint: Callable[..., EntrypointRun], tmp_path: Path
+) -> None:
+    record = tmp_path / "record.json"
+    run = entrypoint(lambda r: r.probe(record, exit_code=3, mode="exit"))
+    run.wait_for(lambda: _read_record(record), "the wrapped command to start", 60)
+    run.wait_for(lambda: _member_status(consul_server, run.node) == ALIVE, "the server to see the client alive")
+    agent_pid = run.agent_pid()
+
+    Path(f"{record}.exit").touch()
+    status = run.popen.wait(timeout=30)
+
+    assert status == 3, f"exit status {status} is not the wrapped command's:\n{run.log_text()}"
+    assert "exited_at" in (_read_record(record) or {})
+    _assert_left(consul_server, run, agent_pid)
+
+
+def test_entrypoint_stops_the_service_when_its_agent_dies(
+    consul_server: ConsulAgent, entrypoint: Callable[..., EntrypointRun], tmp_path: Path
+) -> None:
+    record = tmp_path / "record.json"
+    run = entrypoint(lambda r: r.probe(record, exit_code=0))
+    run.wait_for(lambda: _read_record(record), "the wrapped command to start", 60)
+
+    os.kill(run.agent_pid(), signal.SIGKILL)
+    status = run.popen.wait(timeout=30)
+
+    stopped = _read_record(record) or {}
+    assert "stopped_at" in stopped, f"the wrapped command was not stopped:\n{run.log_text()}"
+    # The service exited 0, but the container must not look cleanly stopped: the restart policy brings both back.
+    assert status == 1, f"exit status {status}:\n{run.log_text()}"
+    assert "the Consul agent exited" in run.log_text()
+    assert not run.group(), f"processes left behind: {run.group()}"
+
+
+def test_entrypoint_gives_up_when_the_agent_never_answers(
+    entrypoint: Callable[..., EntrypointRun], tmp_path: Path
+) -> None:
+    fake = tmp_path / "consul"  # a consul whose agent runs but never answers; `consul info` and `leave` fail
+    fake.write_text('#!/bin/sh\n[ "$1" = agent ] && exec sleep 60\nexit 1\n')
+    fake.chmod(0o755)
+    marker = tmp_path / "service-ran"
+    run = entrypoint(
+        lambda r: [sys.executable, "-c", f"open({str(marker)!r}, 'w')"],
+        CONSUL_AGENT_BIN=str(fake),
+        CONSUL_AGENT_WAIT_SECONDS="1",
+    )
+    started = time.monotonic()
+    status = run.popen.wait(timeout=30)
+
+    assert status == 1, f"exit status {status}:\n{run.log_text()}"
+    assert time.monotonic() - started < 15, "the wait for the agent is not bounded"
+    assert "did not answer" in run.log_text(), run.log_text()
+    assert not marker.exists(), "the service ran without a Consul agent"
+    assert not run.group(), f"processes left behind (the agent that never answered?): {run.group()}"
