@@ -364,6 +364,7 @@ def trainer_stack(workdir: Path) -> Iterator[Stack]:
             SCRATCH_DIR=str(settings.scratch_dir),
             RECIPES_DIR=str(settings.recipes_dir),
             RESTART_BACKOFF_SECONDS=str(RESTART_BACKOFF_S),
+            DATASET_ROOTS=json.dumps([str(DIGITS_NPZ.parent)]),  # the job names the shipped data set by its path
         )
         with grpc.insecure_channel(trainer.target) as channel:
             stub = trainer_pb2_grpc.TrainerStub(channel)

@@ -18,16 +18,20 @@ from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelgrid.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.clients.registry import RegistryClient
 from services.kit.tensors import array_to_tensor, tensor_to_array
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
 
 
-def job_spec(path: Path, model: str) -> trainer_pb2.JobSpec:
-    """The example spec, registering into `model` as its "candidate" (the demo promotes it)."""
+def job_spec(channel: grpc.Channel, path: Path, model: str) -> trainer_pb2.JobSpec:
+    """The example spec, registering into `model` as its "candidate" (the demo promotes it). Its data set, a file
+    of ours, goes to the registry as a blob first (the trainer reads no path of ours), as `modelgrid jobs submit`
+    does."""
     raw = yaml.safe_load(path.read_text())
-    raw["dataset"]["local_path"] = str((path.parent / raw["dataset"]["local_path"]).resolve())
+    data = path.parent / raw["dataset"].pop("local_path")
+    raw["dataset"]["blob_digest"] = RegistryClient(channel).upload_blob(data).digest
     raw["register_model"], raw["register_aliases"] = model, ["candidate"]
     return json_format.ParseDict(raw, trainer_pb2.JobSpec())
 
@@ -93,7 +97,7 @@ def main() -> None:
     parser.add_argument("--model", default="digits")
     args = parser.parse_args()
     with grpc.insecure_channel(args.gateway) as channel:
-        job = train(channel, job_spec(args.spec, args.model))
+        job = train(channel, job_spec(channel, args.spec, args.model))
         promote(channel, args.model, job.registered_version)
         predict(channel, args.model, job.registered_version)
 

@@ -293,6 +293,7 @@ class ServiceLauncher:
             "REDIS_URL": redis_url,
             "SHARED_DIR": str(data_dir / "shared"),
             "RECIPES_DIR": str(data_dir / "recipes"),
+            "DATASET_ROOTS": json.dumps([str(DIGITS_NPZ.parent)]),  # digits_spec names the shipped data by path
             "REDIS_KEY_PREFIX": prefix,
             "RECORD_SHARD_IDS": "true",
             "RESTART_BACKOFF_SECONDS": "0.2",

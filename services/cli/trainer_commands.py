@@ -1,15 +1,14 @@
 """The trainer commands: jobs (submit, list, show, watch, cancel, logs) and workers.
 
-They talk to the trainer (`--trainer`); `jobs submit` with `dataset.upload` in its spec also uses the registry
+They talk to the trainer (`--trainer`); `jobs submit` with `dataset.local_path` in its spec also uses the registry
 (`--target`), whose blob store then holds the data set. Like the other commands, each is a function
 `(session, args) -> None` that raises grpc.RpcError, CommandError, UsageError or OSError for `services.cli.main`.
 
 A job spec is a YAML file whose keys are the JobSpec fields of protos/modelgrid/trainer/v1/trainer.proto (snake_case
-or the JSON camelCase names); see examples/digits-mlp.yaml. Two things differ from the proto, both in `dataset`:
-a relative `local_path` is taken relative to the YAML file's directory (the trainer gets the absolute path, which
-its agents must be able to read), and `upload: PATH` (relative the same way) makes the CLI upload that file to the
-registry's blob store and send its digest as `blob_digest` instead (for a trainer that cannot see your files,
-e.g. under docker compose).
+or the JSON camelCase names); see examples/digits-mlp.yaml. One thing differs from the proto: `dataset.local_path`
+(or its older name `upload`) is a file on *your* machine, relative to the YAML file's directory; the CLI uploads it
+to the registry's blob store (resumably; nothing moves when the registry holds those bytes already) and sends its
+digest as `blob_digest`. The trainer may run on another machine and reads no path of yours.
 """
 
 import argparse
@@ -99,7 +98,7 @@ def _beside(spec_file: Path, value: object, key: str) -> str:
 
 
 def load_spec(path: Path) -> tuple[pb.JobSpec, Path | None]:
-    """The JobSpec of a YAML file, and the file to upload for `dataset.upload` (None without it).
+    """The JobSpec of a YAML file, and the file to upload for `dataset.local_path` (None without it).
 
     Bad YAML, a key that is no JobSpec field or a value of the wrong type is a UsageError (exit code 2)."""
     try:
@@ -116,14 +115,11 @@ def load_spec(path: Path) -> tuple[pb.JobSpec, Path | None]:
     if isinstance(data.get("dataset"), dict):
         dataset: dict[str, Any] = dict(data["dataset"])
         data = {**data, "dataset": dataset}
-        if "upload" in dataset:
-            sources = [k for k in ("local_path", "localPath", "blob_digest", "blobDigest") if k in dataset]
-            if sources:
-                raise UsageError(f"{path}: dataset has both upload and {sources[0]}; give one")
-            upload = Path(_beside(path, dataset.pop("upload"), "upload"))
-        for key in ("local_path", "localPath"):
-            if key in dataset:
-                dataset[key] = _beside(path, dataset[key], key)
+        sources = [k for k in ("upload", "local_path", "localPath", "blob_digest", "blobDigest") if k in dataset]
+        if len(sources) > 1:
+            raise UsageError(f"{path}: dataset has both {sources[0]} and {sources[1]}; give one")
+        if sources and sources[0] in ("upload", "local_path", "localPath"):
+            upload = Path(_beside(path, dataset.pop(sources[0]), sources[0]))
     _check_fields(data, pb.JobSpec.DESCRIPTOR, "")
     try:
         spec = json_format.ParseDict(data, pb.JobSpec())
@@ -195,10 +191,9 @@ def jobs_submit(session: TrainerSession, args: argparse.Namespace) -> None:
     out = session.out
     if upload is not None:
         if not upload.is_file():
-            raise CommandError(f"{args.spec}: dataset.upload {upload} is not a file")
+            raise CommandError(f"{args.spec}: dataset.local_path {upload} is not a file")
         with out.transfer(f"upload {upload.name}") as progress:
-            blob = session.registry.client.upload_blob(upload)
-            progress(blob.size_bytes, blob.size_bytes)
+            blob = session.registry.client.upload_blob(upload, progress=progress)
         spec.dataset.blob_digest = blob.digest
     job = session.call(session.stub.SubmitJob, pb.SubmitJobRequest(spec=spec, request_id=args.request_id))
     if out.json_mode and args.watch:  # then JobEvent lines follow: one JSON object per line
@@ -301,8 +296,8 @@ def add_parsers(commands: argparse._SubParsersAction, common: argparse.ArgumentP
         "spec",
         type=Path,
         metavar="SPEC.yaml",
-        help="JobSpec fields in YAML (see examples/digits-mlp.yaml); a relative dataset.local_path "
-        "or dataset.upload is relative to this file",
+        help="JobSpec fields in YAML (see examples/digits-mlp.yaml); dataset.local_path, a file of yours "
+        "(relative to this YAML file), is uploaded to the registry and sent as its blob_digest",
     )
     parser.add_argument("--watch", action="store_true", help="follow the job to its end; exit 1 unless it succeeds")
     parser.add_argument("--request-id", default="", metavar="ID", help="retrying with the same ID submits once")

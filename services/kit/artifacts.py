@@ -8,7 +8,17 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from services.kit.errors import InvalidArgument
+
 CHUNK_BYTES = 1024 * 1024
+
+
+def check_digest(digest: str) -> str:
+    """A lower-case sha256 hex digest, or InvalidArgument. Checked before a digest names anything on disk (a blob,
+    a cache entry): nothing else may."""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise InvalidArgument(f"a digest must be 64 lower-case hex characters (sha256), got {digest[:80]!r}")
+    return digest
 
 
 def _tar_info(path: Path, arcname: str) -> tarfile.TarInfo:

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from services.kit.artifacts import check_digest
 from services.kit.errors import Aborted, DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 CHUNK = 1 << 20
@@ -93,13 +94,6 @@ class BlobStore(abc.ABC):
     @abc.abstractmethod
     def open(self, digest: str) -> BinaryIO:
         """A stored blob as a seekable binary file (for inspection); NotFound when absent."""
-
-
-def check_digest(digest: str) -> str:
-    """Returns a lower-case sha256 hex digest or raises InvalidArgument."""
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise InvalidArgument(f"artifact digest must be 64 lower-case hex characters (sha256), got {digest!r}")
-    return digest
 
 
 _NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "its disk quota is exceeded"}

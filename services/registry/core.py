@@ -18,9 +18,10 @@ from services.clients.registry.types import (
     RegistryEvent,
     VersionStatus,
 )
+from services.kit.artifacts import check_digest
 from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.kit.modelref import ModelRef, check_alias, check_model_name
-from services.registry.blobstore import BlobStore, BlobWriter, check_digest
+from services.registry.blobstore import BlobStore, BlobWriter
 from services.registry.settings import RegistrySettings
 from services.registry.signatures import read_signatures
 from services.registry.store import RegistryStore

@@ -31,6 +31,10 @@ class TrainerSettings(ServiceSettings):
     """Consul service name of the registry."""
     agent_service: str = "trainer-agent"
     """Consul service name of the worker agents."""
+    dataset_roots: list[Path] = Field(default_factory=list)
+    """Directories on the trainer's host that a job's `dataset.local_path` may name: the path, with symlinks and
+    `..` resolved, must lie inside one. Empty (the default): local paths are refused and data sets come only as
+    registry blobs (`modelgrid jobs submit` uploads the file a spec names and sends its digest)."""
     max_workers: int = Field(default=16, ge=1)
     """Most worker processes one job may ask for."""
     default_checkpoint_every_steps: int = Field(default=50, ge=1)

@@ -2,9 +2,10 @@
 names no path of the trainer's host, and its data as registry blobs.
 
 Nothing here reads or writes a path another host produced. A job's data set reaches the agents as a registry blob
-only: a `local_path` (single-host setups: a file on the trainer's own host) is uploaded to the registry once, at
-submit, and the job keeps its digest; a `blob_digest` is downloaded into the trainer's own scratch (to check its
-columns). Checkpoints and the SavedModel come back from the chief's agent as blobs too (see runner.py).
+only: a `local_path` (a file on the trainer's own host, inside a directory the operator lists in `dataset_roots`)
+is uploaded to the registry once, at submit, and the job keeps its digest; a `blob_digest` is downloaded into the
+trainer's own scratch (to check its columns). Checkpoints and the SavedModel come back from the chief's agent as
+blobs too (see runner.py).
 """
 
 import asyncio
@@ -23,7 +24,7 @@ from services.clients.agent.worker_spec import (
     WorkerSpec,
 )
 from services.clients.registry import AsyncRegistryClient
-from services.kit.artifacts import file_digest
+from services.kit.artifacts import check_digest, file_digest
 from services.kit.errors import InvalidArgument, NotFound
 from services.kit.modelref import check_alias, check_model_name
 from services.trainer.domain import Job
@@ -89,11 +90,13 @@ def recipe_source(spec: JobSpec, settings: TrainerSettings) -> str:
 
 
 async def locate_dataset(spec: JobSpec, settings: TrainerSettings, registry: AsyncRegistryClient) -> str:
-    """The sha256 of the job's data set as a registry blob, its columns checked. A local file (single-host setups)
-    is uploaded unless the registry holds those bytes already; a blob is downloaded into the trainer's scratch once
-    (to read its columns)."""
+    """The sha256 of the job's data set as a registry blob, its columns checked. A local file (inside one of the
+    operator's `dataset_roots`) is uploaded unless the registry holds those bytes already; a blob is downloaded into
+    the trainer's scratch once (to read its columns). No error tells anything of a file the caller could not
+    read already: not whether a path outside the roots exists, nor any of a file's content."""
     dataset = spec.dataset
     if digest := dataset.blob_digest:
+        check_digest(digest)  # before the digest names anything on disk
         path = settings.scratch_dir.resolve() / "datasets" / digest
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,15 +106,13 @@ async def locate_dataset(spec: JobSpec, settings: TrainerSettings, registry: Asy
                 partial.rename(path)
             except NotFound:
                 _fail(f"dataset blob {digest} is not in the registry (upload it with UploadBlob)")
-            except InvalidArgument as exc:
-                _fail(f"dataset blob digest: {exc}")
             finally:
                 partial.unlink(missing_ok=True)
         await asyncio.to_thread(_check_columns, path, dataset)
         return digest
-    path = Path(dataset.local_path).resolve()
+    path = confined_path(dataset.local_path, settings.dataset_roots)
     if not path.is_file():
-        _fail(f"dataset file {dataset.local_path!r} does not exist (or is not a file)")
+        _fail("dataset.local_path is not a file inside the trainer's data set roots")
     await asyncio.to_thread(_check_columns, path, dataset)
     digest = await asyncio.to_thread(file_digest, path)
     try:
@@ -119,28 +120,50 @@ async def locate_dataset(spec: JobSpec, settings: TrainerSettings, registry: Asy
     except NotFound:
         blob = await registry.upload_blob(path)
         if blob.digest != digest:
-            raise InvalidArgument(f"dataset file {dataset.local_path!r} changed while it was uploaded") from None
+            raise InvalidArgument("dataset.local_path changed while it was uploaded") from None
     return digest
 
 
+def confined_path(local_path: str, roots: list[Path]) -> Path:
+    """`local_path` resolved (symlinks, `..`), when it lies inside one of `roots`; else InvalidArgument, the same
+    whether or not the path exists."""
+    if not roots:
+        _fail(
+            "this trainer takes no local data set paths: upload the file to the registry and give its blob_digest "
+            "(`modelgrid jobs submit` does this for dataset.local_path), or have the operator list its directory "
+            "in MODELGRID_TRAINER_DATASET_ROOTS"
+        )
+    path = Path(local_path)
+    if not path.is_absolute() or "\x00" in local_path:
+        _fail("dataset.local_path must be an absolute path")
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+        _fail("dataset.local_path is not a file inside the trainer's data set roots")
+    return resolved
+
+
 def _check_columns(path: Path, dataset: Dataset) -> None:
-    """The label and feature columns (CSV) or arrays (NPZ) named in the spec exist."""
+    """The label and feature columns (CSV) or arrays (NPZ) named in the spec exist. The errors name only what the
+    spec asked for, never what the file holds."""
     if dataset.format == "csv":
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
+        try:
+            with path.open(newline="") as f:
+                header = next(csv.reader(f), [])
+        except (UnicodeDecodeError, csv.Error):
+            _fail("the data set is not a UTF-8 CSV file with a header line")
         label = dataset.label_column or "label"
         missing = [c for c in [label, *dataset.feature_columns] if c not in header]
         if missing:
-            _fail(f"dataset {path.name} has no column(s) {missing}; its columns are {header[:10]}...")
+            _fail(f"the data set's header has no column(s) {missing}")
     elif dataset.format == "npz":
         try:
             with zipfile.ZipFile(path) as archive:
                 arrays = {name.removesuffix(".npy") for name in archive.namelist()}
         except zipfile.BadZipFile:
-            _fail(f"dataset {path.name} is not an NPZ file")
+            _fail("the data set is not an NPZ file")
         for key in (dataset.features_key or "x", dataset.label_key or "y"):
             if key not in arrays:
-                _fail(f"dataset {path.name} has no array {key!r}; it has {sorted(arrays)}")
+                _fail(f"the data set has no array {key!r}")
 
 
 def worker_spec(job: Job, settings: TrainerSettings) -> WorkerSpec:

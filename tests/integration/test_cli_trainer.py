@@ -84,8 +84,11 @@ def trained(mesh, unique):
     return SimpleNamespace(code=code, out=out, err=stderr.getvalue(), job_id=out.splitlines()[0], model=model)
 
 
-def test_submit_watch_trains_registers_and_exits_0(trained):
+def test_submit_watch_trains_registers_and_exits_0(mesh, trained, capsys):
     assert trained.code == 0, trained.out + trained.err
+    assert cli(mesh, "--json", "jobs", "show", trained.job_id) == 0
+    dataset = json.loads(capsys.readouterr().out)["spec"]["dataset"]
+    assert dataset.get("blobDigest") == file_digest(DIGITS_NPZ) and "localPath" not in dataset, dataset
     lines = trained.out.splitlines()
     assert re.fullmatch(r"[0-9a-f]{12}", trained.job_id), lines[0]
     assert re.search(r" PENDING \(attempt 0\): submitted$", trained.out, re.MULTILINE)
@@ -124,7 +127,8 @@ def test_list_and_show(mesh, trained, capsys):
     assert cli(mesh, "jobs", "show", trained.job_id) == 0
     shown = capsys.readouterr().out
     assert re.search(r"^state\s+SUCCEEDED$", shown, re.MULTILINE)
-    assert re.search(rf"^dataset\s+{re.escape(str(DIGITS_NPZ))} \(npz: x, y, 10 classes\)$", shown, re.MULTILINE)
+    blob = f"blob {file_digest(DIGITS_NPZ)}"  # the CLI uploaded the spec's local_path
+    assert re.search(rf"^dataset\s+{blob} \(npz: x, y, 10 classes\)$", shown, re.MULTILINE)
     assert re.search(r"^training\s+epochs 8, batch 32, lr 0.01, adam, validation 0.2, seed 1$", shown, re.MULTILINE)
     placements = re.findall(r"task (\d): (\S+) \(127\.0\.0\.1:\d+\)", shown)
     assert [task for task, _ in placements] == ["0", "1"] and len({agent for _, agent in placements}) == 2
@@ -168,8 +172,8 @@ def test_workers(mesh, trained, capsys):
 
 
 def test_upload_sends_the_dataset_to_the_registry_then_cancel(mesh, tmp_path, capsys, unique):
-    """dataset.upload: the trainer gets a blob digest. Three workers never fit on two slots, so the job waits
-    (PENDING) until it is cancelled, and nothing trains."""
+    """dataset.upload (the older name of local_path): the trainer gets a blob digest. Three workers never fit on two
+    slots, so the job waits (PENDING) until it is cancelled, and nothing trains."""
     spec = yaml.safe_load(EXAMPLE.read_text())
     spec["dataset"] = {**spec["dataset"], "upload": str(DIGITS_NPZ)}
     del spec["dataset"]["local_path"]
@@ -218,16 +222,16 @@ def test_spec_errors_exit_2_before_any_call(mesh, tmp_path, capsys):
 def test_server_side_failures_exit_1_with_the_status_code(mesh, tmp_path, capsys):
     unknown_recipe = write_spec(tmp_path, recipe="transformer")
     assert cli(mesh, "jobs", "submit", str(unknown_recipe)) == 1
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()[-1]  # after the data set's upload line
     assert err.startswith("error: INVALID_ARGUMENT: ") and "transformer" in err
 
     missing = write_spec(tmp_path)
     spec = yaml.safe_load(missing.read_text())
     spec["dataset"]["local_path"] = "no-such-file.npz"
     missing.write_text(yaml.safe_dump(spec))
-    assert cli(mesh, "jobs", "submit", str(missing)) == 1
+    assert cli(mesh, "jobs", "submit", str(missing)) == 1  # a file of the user's: checked before any call
     err = capsys.readouterr().err
-    assert err.startswith("error: INVALID_ARGUMENT: ") and str(tmp_path / "no-such-file.npz") in err
+    assert err.startswith("error: ") and f"local_path {tmp_path / 'no-such-file.npz'} is not a file" in err
 
     for command in ("cancel", "show", "watch", "logs"):
         assert cli(mesh, "jobs", command, "no-such-job") == 1

@@ -22,8 +22,8 @@ from typing import TypeVar
 
 from services.clients.agent.types import Checkpoint, Export
 from services.clients.registry import AsyncRegistryClient
-from services.kit.artifacts import file_digest, unpack
-from services.kit.errors import Aborted, DataLoss, DeadlineExceeded, InvalidArgument, ModelgridError, Unavailable
+from services.kit.artifacts import check_digest, file_digest, unpack
+from services.kit.errors import Aborted, DataLoss, DeadlineExceeded, ModelgridError, Unavailable
 from services.kit.streams import Backoff
 
 logger = logging.getLogger(__name__)
@@ -32,13 +32,6 @@ T = TypeVar("T")
 RETRYABLE = (Unavailable, DeadlineExceeded, DataLoss, Aborted)
 """Transfer failures that another try can cure: the registry down or restarting, a stream cut, corrupted bytes, an
 upload cut short that the registry still holds (ABORTED until it notices)."""
-
-
-def check_digest(digest: str) -> str:
-    """A lower-case sha256 hex digest, or InvalidArgument (a digest names a file in the cache: nothing else may)."""
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise InvalidArgument(f"a blob digest must be 64 lower-case hex characters (sha256), got {digest!r}")
-    return digest
 
 
 async def with_retries(what: str, call: Callable[[], Awaitable[T]], seconds: float) -> T:

@@ -36,6 +36,7 @@ from pathlib import Path
 from services.clients.agent.types import ReplicaData, ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
 from services.clients.agent.worker_spec import MAX_RECIPE_SOURCE_BYTES, WorkerSpec
 from services.clients.registry import AsyncRegistryClient
+from services.kit.artifacts import check_digest
 from services.kit.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -47,7 +48,7 @@ from services.kit.errors import (
 from services.trainer.agent.ports import PortReservations
 from services.trainer.agent.progress import ProgressTail
 from services.trainer.agent.settings import AgentSettings
-from services.trainer.agent.storage import BlobCache, OutputUploads, check_digest, restore_checkpoint
+from services.trainer.agent.storage import BlobCache, OutputUploads, restore_checkpoint
 from services.trainer.exit_codes import ExitCode
 from services.trainer.progress import CheckpointSaved, Exported, ProgressEvent
 from services.trainer.worker import FILE_PREFIX

@@ -209,12 +209,14 @@ def trainer_settings(redis_server, tmp_path, agent_service) -> TrainerSettings:
     """Trainer settings for this test: its own Redis keys, scratch and recipes directories, and agents; short
     pauses so that restarts take tenths of a second."""
     (tmp_path / "recipes").mkdir()
+    (tmp_path / "data").mkdir()
     return TrainerSettings(
         port=0,
         consul_enabled=False,
         redis_url=redis_server.url,
         scratch_dir=tmp_path / "trainer-scratch",
         recipes_dir=tmp_path / "recipes",
+        dataset_roots=[REPO_ROOT / "data", tmp_path / "data"],
         agent_service=agent_service,
         redis_key_prefix=f"mg:unit-trainer:{uuid.uuid4().hex[:8]}:",
         restart_backoff_seconds=0.1,

@@ -296,21 +296,36 @@ async def test_bad_requests_queue_nothing(agents, agent_client, cores, digits_np
     await agents(slots=1)
     await ready(agent_client, 1)
     core = await cores()
-    csv = tmp_path / "data.csv"
+    csv = tmp_path / "data" / "data.csv"  # inside the data set roots (trainer_settings)
     csv.write_text("a,b,label\n1,2,0\n")
+    secret = tmp_path / "data" / "secret.csv"
+    secret.write_text("root:$y$j9T$hash-of-a-password:19000:0:99999:7:::\n")
+    escape = tmp_path / "data" / "escape.csv"
+    escape.symlink_to(secret.parent.parent / "outside.csv")
+    (tmp_path / "outside.csv").write_text("label,a\n0,1\n")
     bad = [
         (spec_of(digits_npz, recipe="transformer"), "unknown recipe"),
         (spec_of(digits_npz, recipe="file:../x.py"), "recipe"),
         (spec_of(digits_npz, workers=0), "workers must be between"),
         (spec_of(digits_npz, hyper_parameters=HyperParameters(learning_rate=-1)), "learning_rate"),
         (spec_of(digits_npz, register_aliases=("prod",)), "needs register_model"),
-        (spec_of(digits_npz, dataset=Dataset(format="npz", local_path="/nope.npz")), "does not exist"),
         (spec_of(digits_npz, dataset=Dataset(format="npz", local_path=str(digits_npz), label_key="z")), "no array"),
         (spec_of(digits_npz, dataset=Dataset(format="csv", local_path=str(csv), label_column="y")), "no column"),
+        # Outside the roots: the same answer whether the file exists or not, and nothing of it.
+        (spec_of(digits_npz, dataset=Dataset(format="npz", local_path="/nope.npz")), "inside the trainer's data"),
+        (spec_of(digits_npz, dataset=Dataset(format="csv", local_path="/etc/passwd")), "inside the trainer's data"),
+        (spec_of(digits_npz, dataset=Dataset(format="csv", local_path=str(csv.parent / "../../x"))), "inside"),
+        (spec_of(digits_npz, dataset=Dataset(format="csv", local_path=str(escape))), "inside the trainer's data"),
+        (spec_of(digits_npz, dataset=Dataset(format="csv", local_path="data/data.csv")), "absolute"),
+        # Inside: an error names what the spec asked for, never what the file holds.
+        (spec_of(digits_npz, dataset=Dataset(format="csv", local_path=str(secret))), r"no column\(s\) \['label'\]$"),
+        (spec_of(digits_npz, dataset=Dataset(format="npz", blob_digest="../../etc/passwd")), "64 lower-case hex"),
     ]
     for spec, fragment in bad:
-        with pytest.raises(InvalidArgument, match=fragment):
+        with pytest.raises(InvalidArgument, match=fragment) as caught:
             await core.submit(spec, request_id="")
+        assert "root:" not in str(caught.value) and "hash-of" not in str(caught.value)
+    assert not (tmp_path / "trainer-scratch" / "datasets").exists(), "a bad digest named a directory"
     assert (await core.list_jobs(None, 50, ""))[0] == []
     with pytest.raises(NotFound):
         await core.get("nope")
