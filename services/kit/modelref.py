@@ -11,13 +11,18 @@ _MODEL_NAME = re.compile(MODEL_NAME_RULE)
 _ALIAS = re.compile(ALIAS_RULE)
 
 
+def shown(value: str, limit: int = 64) -> str:
+    """A caller's value quoted for an error message, cut to `limit` characters."""
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
 def check_model_name(name: str) -> str:
     """Returns `name` if it is a valid model name, else raises InvalidArgument saying what is allowed."""
     if not name:
         raise InvalidArgument("model name is empty")
-    if not _MODEL_NAME.match(name) or ".." in name:
+    if not _MODEL_NAME.fullmatch(name) or ".." in name:  # fullmatch: "$" would let a trailing newline in
         raise InvalidArgument(
-            f"invalid model name {name!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or "
+            f"invalid model name {shown(name)}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or "
             "digit, without '..'"
         )
     return name
@@ -25,9 +30,9 @@ def check_model_name(name: str) -> str:
 
 def check_alias(alias: str) -> str:
     """Returns `alias` if it is a valid alias name, else raises InvalidArgument."""
-    if not _ALIAS.match(alias or ""):
+    if not _ALIAS.fullmatch(alias or ""):
         raise InvalidArgument(
-            f"invalid alias {alias!r}: use 1-63 lower-case letters, digits, '_' or '-', starting with a letter"
+            f"invalid alias {shown(alias)}: use 1-63 lower-case letters, digits, '_' or '-', starting with a letter"
         )
     return alias
 

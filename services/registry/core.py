@@ -3,6 +3,7 @@ and keeps metadata consistent through RegistryStore."""
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from services.clients.registry.types import (
 )
 from services.kit.artifacts import check_digest
 from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from services.kit.modelref import ModelRef, check_alias, check_model_name
+from services.kit.modelref import ModelRef, check_alias, check_model_name, shown
 from services.registry.blobstore import BlobStore, BlobWriter
 from services.registry.settings import RegistrySettings
 from services.registry.signatures import read_signatures
@@ -37,7 +38,7 @@ class _EndedEarly(InvalidArgument):
 
 
 MAX_REQUEST_ID = 128
-_MAX_TAGS = 256
+MAX_KEY_CHARS = 128
 
 
 @dataclass
@@ -66,12 +67,37 @@ class Page:
     next_token: str = ""
 
 
-def _check_tags(tags: dict[str, str]) -> None:
-    if len(tags) > _MAX_TAGS:
-        raise InvalidArgument(f"at most {_MAX_TAGS} tags")
-    for key in tags:
-        if not key or len(key) > 128:
-            raise InvalidArgument(f"tag key {key!r} must be 1-128 characters")
+def check_metadata(
+    limits: RegistrySettings,
+    *,
+    description: str | None = None,
+    tags: dict[str, str] | None = None,
+    metrics: dict[str, float] | None = None,
+    params: dict[str, str] | None = None,
+) -> None:
+    """Descriptions, tags, metrics and parameters within the registry's limits (settings), keys 1-128 characters
+    without control characters, metric values finite; InvalidArgument saying which limit, echoing no more than the
+    start of a key."""
+    if description is not None and len(description) > limits.max_description_chars:
+        raise InvalidArgument(
+            f"description is longer than {limits.max_description_chars} characters "
+            "(setting MODELGRID_REGISTRY_MAX_DESCRIPTION_CHARS)"
+        )
+    for what, entries in (("tags", tags), ("metrics", metrics), ("params", params)):
+        if not entries:
+            continue
+        if len(entries) > limits.max_entries:
+            raise InvalidArgument(f"at most {limits.max_entries} {what} (setting MODELGRID_REGISTRY_MAX_ENTRIES)")
+        for key, value in entries.items():
+            if not 1 <= len(key) <= MAX_KEY_CHARS or not key.isprintable():
+                raise InvalidArgument(f"{what} key {shown(key)} must be 1-{MAX_KEY_CHARS} printable characters")
+            if isinstance(value, str) and len(value) > limits.max_value_chars:
+                raise InvalidArgument(
+                    f"the value of {what} key {shown(key)} is longer than {limits.max_value_chars} characters "
+                    "(setting MODELGRID_REGISTRY_MAX_VALUE_CHARS)"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidArgument(f"metric {shown(key)} must be a finite number")
 
 
 class ModelRegistry:
@@ -91,7 +117,7 @@ class ModelRegistry:
 
     async def create_model(self, name: str, description: str, tags: dict[str, str], actor: str) -> RegisteredModel:
         check_model_name(name)
-        _check_tags(tags)
+        check_metadata(self._settings, description=description, tags=tags)
         return await self._store.create_model(RegisteredModel(name, description, dict(tags)), actor)
 
     async def get_model(self, name: str) -> RegisteredModel:
@@ -123,7 +149,7 @@ class ModelRegistry:
         self, name: str, description: str | None, set_tags: dict[str, str], remove_tags: list[str], actor: str
     ) -> RegisteredModel:
         check_model_name(name)
-        _check_tags(set_tags)
+        check_metadata(self._settings, description=description, tags=set_tags)
 
         def change(model: RegisteredModel) -> dict[str, str]:
             changed = []
@@ -135,6 +161,7 @@ class ModelRegistry:
                 for tag_key in remove_tags:
                     model.tags.pop(tag_key, None)
                 changed.append("tags")
+            check_metadata(self._settings, tags=model.tags)  # the whole set stays within the limit
             return {"fields": ",".join(changed)}
 
         return await self._store.update_model(name, change, actor)
@@ -152,7 +179,9 @@ class ModelRegistry:
         it is."""
         check_model_name(meta.model_name)
         check_digest(meta.artifact_digest)
-        _check_tags(meta.tags)
+        check_metadata(
+            self._settings, description=meta.description, tags=meta.tags, metrics=meta.metrics, params=meta.params
+        )
         if len(meta.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
         await self._store.get_model(meta.model_name)  # NotFound before any byte is stored
@@ -331,7 +360,7 @@ class ModelRegistry:
         actor: str,
     ) -> ModelVersion:
         await self.get_version(name, number)
-        _check_tags(set_tags)
+        check_metadata(self._settings, description=description, tags=set_tags, metrics=set_metrics)
         if status not in (None, VersionStatus.READY, VersionStatus.ARCHIVED):
             raise InvalidArgument("status can only be set to ARCHIVED, or to READY to unarchive")
 
@@ -358,6 +387,7 @@ class ModelRegistry:
                 for tag_key in remove_tags:
                     version.tags.pop(tag_key, None)
                 changed["tags"] = "changed"
+            check_metadata(self._settings, tags=version.tags, metrics=version.metrics)  # the whole sets
             return changed
 
         return await self._store.update_version(name, number, change, actor)

@@ -23,6 +23,12 @@ class RegistrySettings(ServiceSettings):
     """How long the bytes of an upload cut short are kept for a client to resume it (UploadBlob from an offset)."""
     download_chunk_bytes: int = Field(default=1 * MiB, ge=4096, le=16 * MiB)
     """Size of each chunk DownloadArtifact sends."""
+    max_description_chars: int = Field(default=16_384, ge=0)
+    """Longest description of a model or version."""
+    max_entries: int = Field(default=256, ge=0)
+    """Most tags, metrics or params one model or version carries (each counted on its own)."""
+    max_value_chars: int = Field(default=4096, ge=1)
+    """Longest tag or param value."""
     default_page_size: int = Field(default=50, ge=1)
     """Items per page when a list call does not say."""
     max_page_size: int = Field(default=1000, ge=1)

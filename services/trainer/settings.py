@@ -37,6 +37,20 @@ class TrainerSettings(ServiceSettings):
     registry blobs (`modelgrid jobs submit` uploads the file a spec names and sends its digest)."""
     max_workers: int = Field(default=16, ge=1)
     """Most worker processes one job may ask for."""
+    max_epochs: int = Field(default=10_000, ge=1)
+    """Most epochs one job may ask for."""
+    max_batch_size: int = Field(default=65_536, ge=1)
+    """Largest batch size (per replica) one job may ask for."""
+    max_num_classes: int = Field(default=100_000, ge=2)
+    """Most classes a data set may declare."""
+    max_layer_units: int = Field(default=65_536, ge=1)
+    """Largest layer (units, filters) a built-in recipe's parameters may ask for."""
+    max_recipe_params_bytes: int = Field(default=65_536, ge=2)
+    """Largest recipe_params, as JSON."""
+    max_steps_interval: int = Field(default=10_000_000, ge=1)
+    """Largest checkpoint or report interval, in steps."""
+    max_restarts_limit: int = Field(default=100, ge=0)
+    """Largest restart budget one job may ask for."""
     default_checkpoint_every_steps: int = Field(default=50, ge=1)
     """Checkpoint interval when a job does not say."""
     upload_checkpoint_every: int = Field(default=1, ge=0)

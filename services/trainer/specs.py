@@ -26,11 +26,19 @@ from services.clients.agent.worker_spec import (
 from services.clients.registry import AsyncRegistryClient
 from services.kit.artifacts import check_digest, file_digest
 from services.kit.errors import InvalidArgument, NotFound
-from services.kit.modelref import check_alias, check_model_name
+from services.kit.modelref import check_alias, check_model_name, shown
 from services.trainer.domain import Job
 from services.trainer.jobspec import Dataset, JobSpec
+from services.trainer.limits import check_number, check_recipe_params
 from services.trainer.settings import TrainerSettings
 from services.trainer.worker import BUILTIN_RECIPE_NAMES, FILE_PREFIX, resolve_recipe_file
+
+SETTING = "MODELGRID_TRAINER_"
+MAX_NAME_CHARS = 256
+"""Longest job name, column name or array key."""
+MAX_PATH_CHARS = 4096
+MAX_COLUMNS = 100_000
+MAX_ALIASES = 16
 
 
 def _fail(message: str) -> NoReturn:
@@ -38,37 +46,62 @@ def _fail(message: str) -> NoReturn:
 
 
 def check_shape(spec: JobSpec, settings: TrainerSettings) -> None:
-    """Checks everything that needs no I/O beyond the recipes directory."""
+    """Checks everything that needs no I/O beyond the recipes directory: every number within the trainer's limits,
+    names and sizes bounded, recipe parameters as the recipe declares them."""
+    source = ""
     if spec.recipe.startswith(FILE_PREFIX):
-        recipe_source(spec, settings)
+        source = recipe_source(spec, settings)
     elif spec.recipe not in BUILTIN_RECIPE_NAMES:
-        _fail(f"unknown recipe {spec.recipe!r}; built-in recipes are {sorted(BUILTIN_RECIPE_NAMES)}, or file:<path>")
+        _fail(
+            f"unknown recipe {shown(spec.recipe)}; built-in recipes are {sorted(BUILTIN_RECIPE_NAMES)}, or file:<path>"
+        )
+    if len(spec.name) > MAX_NAME_CHARS:
+        _fail(f"name is longer than {MAX_NAME_CHARS} characters")
     if not 1 <= spec.workers <= settings.max_workers:
         _fail(f"workers must be between 1 and {settings.max_workers}, got {spec.workers}")
     hp = spec.hyper_parameters.or_defaults()
-    if hp.epochs < 1 or hp.batch_size < 1:
-        _fail("epochs and batch_size must be at least 1")
-    if hp.learning_rate <= 0:
-        _fail("learning_rate must be positive")
+    check_number("epochs", hp.epochs, 1, settings.max_epochs, f"{SETTING}MAX_EPOCHS")
+    check_number("batch_size", hp.batch_size, 1, settings.max_batch_size, f"{SETTING}MAX_BATCH_SIZE")
+    check_number("learning_rate", hp.learning_rate, 1e-12, 10.0)
     if hp.optimizer not in OPTIMIZERS:
         _fail(f"optimizer must be one of {list(OPTIMIZERS)}")
-    if not 0 <= hp.validation_split < 1:
-        _fail("validation_split must be in [0, 1)")
-    if spec.max_restarts is not None and spec.max_restarts < 0:
-        _fail("max_restarts must not be negative")
-    for name in ("checkpoint_every_steps", "report_every_steps", "step_delay_ms", "hang_timeout_seconds"):
-        if getattr(spec, name) < 0:
-            _fail(f"{name} must not be negative")
+    check_number("validation_split", hp.validation_split, 0, 0.99)
+    check_number("seed", hp.seed, 0, 2**31 - 1)
+    if spec.max_restarts is not None:
+        check_number("max_restarts", spec.max_restarts, 0, settings.max_restarts_limit, f"{SETTING}MAX_RESTARTS_LIMIT")
+    for name in ("checkpoint_every_steps", "report_every_steps"):
+        check_number(name, getattr(spec, name), 0, settings.max_steps_interval, f"{SETTING}MAX_STEPS_INTERVAL")
+    check_number("step_delay_ms", spec.step_delay_ms, 0, 60_000)
+    check_number("hang_timeout_seconds", spec.hang_timeout_seconds, 0, 7 * 24 * 3600)
     if spec.register_model:
         check_model_name(spec.register_model)
+    if len(spec.register_aliases) > MAX_ALIASES:
+        _fail(f"at most {MAX_ALIASES} register_aliases")
     for alias in spec.register_aliases:
         check_alias(alias)
     if spec.register_aliases and not spec.register_model:
         _fail("register_aliases needs register_model")
-    if spec.dataset.format not in DATASET_FORMATS:
+    _check_dataset_fields(spec.dataset, settings)
+    check_recipe_params(
+        spec.recipe, spec.recipe_params, source, settings.max_layer_units, settings.max_recipe_params_bytes
+    )
+
+
+def _check_dataset_fields(dataset: Dataset, settings: TrainerSettings) -> None:
+    if dataset.format not in DATASET_FORMATS:
         _fail(f"dataset format must be one of {list(DATASET_FORMATS)}")
-    if not spec.dataset.blob_digest and not spec.dataset.local_path:
+    if not dataset.blob_digest and not dataset.local_path:
         _fail("dataset needs blob_digest or local_path")
+    if len(dataset.local_path) > MAX_PATH_CHARS:
+        _fail(f"dataset.local_path is longer than {MAX_PATH_CHARS} characters")
+    check_number("dataset.num_classes", dataset.num_classes, 0, settings.max_num_classes, f"{SETTING}MAX_NUM_CLASSES")
+    if dataset.num_classes == 1:
+        _fail("dataset.num_classes must be at least 2 (or 0: derived from the labels)")
+    if len(dataset.feature_columns) > MAX_COLUMNS:
+        _fail(f"at most {MAX_COLUMNS} feature_columns")
+    names = [*dataset.feature_columns, dataset.label_column, dataset.features_key, dataset.label_key]
+    if any(len(name) > MAX_NAME_CHARS for name in names):
+        _fail(f"column and key names are at most {MAX_NAME_CHARS} characters")
 
 
 def recipe_source(spec: JobSpec, settings: TrainerSettings) -> str:

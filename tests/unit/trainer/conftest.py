@@ -204,11 +204,19 @@ async def agent_client(consul, agent_service) -> AsyncIterator[AgentClient]:
     await consul_client.close()
 
 
+FAKE_RECIPE = "fake.py"
+FAKE_RECIPE_SOURCE = """def build_model(input_shape, num_classes, **params):
+    raise NotImplementedError("the fake worker builds no model: its recipe_params say what it does")
+"""
+"""The recipe of the jobs the fake workers run: it takes any parameter (the fake worker's instructions)."""
+
+
 @pytest.fixture
 def trainer_settings(redis_server, tmp_path, agent_service) -> TrainerSettings:
     """Trainer settings for this test: its own Redis keys, scratch and recipes directories, and agents; short
     pauses so that restarts take tenths of a second."""
     (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / FAKE_RECIPE).write_text(FAKE_RECIPE_SOURCE)
     (tmp_path / "data").mkdir()
     return TrainerSettings(
         port=0,

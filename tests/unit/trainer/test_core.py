@@ -39,7 +39,7 @@ def spec_of(digits_npz: Path, **fields) -> JobSpec:
     params = {"steps_per_epoch": 4, **fields.pop("recipe_params", {})}
     values = {
         "name": "fake",
-        "recipe": "mlp",
+        "recipe": "file:fake.py",  # takes any recipe_params: the fake worker's instructions (conftest)
         "recipe_params": params,
         "dataset": Dataset(format="npz", local_path=str(digits_npz)),
         "hyper_parameters": HyperParameters(epochs=2),
@@ -371,7 +371,8 @@ async def test_a_finished_job_is_registered_with_its_lineage_and_aliases(
     assert version.lineage.training_job_id == job.id and version.lineage.dataset_digest == done.dataset_digest
     assert version.lineage.source.startswith("modelgrid-trainer")
     assert version.metrics["val_accuracy"] == 0.75
-    assert version.params["workers"] == "2" and version.params["epochs"] == "2" and version.params["recipe"] == "mlp"
+    assert version.params["workers"] == "2" and version.params["epochs"] == "2"
+    assert version.params["recipe"] == "file:fake.py"
     # The version was created from the blob the chief's agent uploaded: the registry holds it as a blob too.
     assert version.artifact.format == ArtifactFormat.SAVEDMODEL_TAR
     assert (await registry_client.stat_blob(version.artifact.digest)).size_bytes == version.artifact.size_bytes
