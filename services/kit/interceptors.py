@@ -1,4 +1,6 @@
-"""The one server interceptor that turns domain errors into gRPC status codes."""
+"""The one server interceptor that turns domain errors into gRPC status codes, and bytes that do not parse as the
+method's request message into INVALID_ARGUMENT (gRPC itself would answer INTERNAL or UNKNOWN): on a unary call at
+once, on a stream when the malformed message is read, which ends the stream."""
 
 import logging
 import uuid
@@ -81,26 +83,65 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        parse = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer
+                _wrap_unary(handler.unary_unary, method), parse, handler.response_serializer
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer
+                _wrap_unary(handler.stream_unary, method, streamed=True), parse, handler.response_serializer
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer
+                _wrap_stream(handler.unary_stream, method), parse, handler.response_serializer
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer
+            _wrap_stream(handler.stream_stream, method, streamed=True), parse, handler.response_serializer
         )
 
 
-def _wrap_unary(behavior: Callable, method: str) -> Callable:
+class _Malformed:
+    """What a request that does not parse becomes (instead of an exception inside gRPC)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def error(self) -> errors.InvalidArgument:
+        return errors.InvalidArgument(
+            f"the request message ({self.size} bytes) does not parse as this method's protobuf request type"
+        )
+
+
+def _tolerant(parse: Callable | None) -> Callable | None:
+    """The method's request deserializer, returning _Malformed instead of raising (None stays None: raw bytes)."""
+    if parse is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception:  # noqa: BLE001 - DecodeError, or RuntimeError from some protobuf backends
+            return _Malformed(len(data))
+
+    return deserialize
+
+
+async def _checked(requests: AsyncIterator) -> AsyncIterator:
+    """A request stream that raises InvalidArgument at the first message that did not parse."""
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            raise request.error()
+        yield request
+
+
+def _wrap_unary(behavior: Callable, method: str, streamed: bool = False) -> Callable:
     async def wrapper(request, context: grpc.aio.ServicerContext):
         try:
+            if streamed:
+                request = _checked(request)
+            elif isinstance(request, _Malformed):
+                raise request.error()
             return await behavior(request, context)
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise
@@ -110,9 +151,13 @@ def _wrap_unary(behavior: Callable, method: str) -> Callable:
     return wrapper
 
 
-def _wrap_stream(behavior: Callable, method: str) -> Callable:
+def _wrap_stream(behavior: Callable, method: str, streamed: bool = False) -> Callable:
     async def wrapper(request, context: grpc.aio.ServicerContext) -> AsyncIterator:
         try:
+            if streamed:
+                request = _checked(request)
+            elif isinstance(request, _Malformed):
+                raise request.error()
             async for response in behavior(request, context):
                 yield response
         except (grpc.aio.AbortError, grpc.aio.UsageError):

@@ -12,13 +12,21 @@ STREAM_CONCURRENCY = 64
 """Requests of one stream in flight at once; reading the stream pauses beyond it."""
 
 
+class _Failed:
+    """The request stream failed: the consumer raises this error."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
 async def answer_concurrently(
     requests: AsyncIterator[Request],
     answer: Callable[[Request], Awaitable[Answer]],
     limit: int = STREAM_CONCURRENCY,
 ) -> AsyncIterator[Answer]:
     """Yields answer(request) for every request, in the order they finish. `answer` must turn its own failures
-    into an answer (a stream goes on after one failed request). Cancelling the consumer cancels the rest."""
+    into an answer (a stream goes on after one failed request); a failure to read the requests (a malformed
+    message) is raised to the consumer at once. Cancelling the consumer cancels the rest."""
     answers: asyncio.Queue = asyncio.Queue()
     slots = asyncio.Semaphore(limit)
     running: set[asyncio.Task] = set()
@@ -31,17 +39,23 @@ async def answer_concurrently(
             slots.release()
 
     async def read() -> None:
-        async for request in requests:
-            await slots.acquire()
-            task = asyncio.create_task(run(request))
-            running.add(task)
-            task.add_done_callback(running.discard)
-        await asyncio.gather(*running)
+        try:
+            async for request in requests:
+                await slots.acquire()
+                task = asyncio.create_task(run(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            await asyncio.gather(*running)
+        except Exception as exc:  # noqa: BLE001 - e.g. a malformed message: raised to the consumer, ending the stream
+            await answers.put(_Failed(exc))
+            return
         await answers.put(done)
 
     reader = asyncio.create_task(read())
     try:
         while (item := await answers.get()) is not done:
+            if isinstance(item, _Failed):
+                raise item.error
             yield item
         await reader
     finally:
