@@ -41,7 +41,11 @@ async def start_gateway(settings: GatewaySettings) -> GrpcService:
     (unless metrics_port is -1). Returns the running service (its bound port is `.port`)."""
     await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(SERVICE_NAME, VERSION, settings)  # before any channel: they take its interceptors
-    redis = create_redis(settings.redis_url)
+    redis = create_redis(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        pool_timeout=settings.redis_pool_timeout_seconds,
+    )
     await redis.ping()
     consul = ConsulClient(settings.consul_url)
     metrics = GatewayMetrics()

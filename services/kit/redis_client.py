@@ -9,13 +9,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.kit.errors import Unavailable
 
+POOL_EXHAUSTED = "No connection available"
+"""What BlockingConnectionPool raises (a ConnectionError) when no connection frees up within its timeout."""
 
-def create_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
-    """An asyncio Redis client that decodes replies to str and retries briefly when the server restarts."""
-    return aioredis.Redis.from_url(
+
+def create_redis(url: str, *, max_connections: int = 64, pool_timeout: float = 5.0) -> aioredis.Redis:
+    """An asyncio Redis client that decodes replies to str and retries briefly when the server restarts. Its pool
+    holds at most `max_connections`; a call that finds them all busy waits up to `pool_timeout` seconds for one."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
-        decode_responses=True,
         max_connections=max_connections,
+        timeout=pool_timeout,
+        decode_responses=True,
         health_check_interval=15,
         socket_connect_timeout=5,
         # Longer than any blocking read the services make (XREAD BLOCK up to 5 s), or those would time out.
@@ -23,6 +28,7 @@ def create_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -39,6 +45,8 @@ def outage_error(exc: BaseException, service: str = "") -> Unavailable:
     owner = f"the {service}'s" if service else "this service's"
     if isinstance(exc, BusyLoadingError):
         state = "is loading its data after a restart"
+    elif POOL_EXHAUSTED in str(exc):
+        return Unavailable(f"{owner} connections to its state store (Redis) are all busy; retry in a few seconds")
     elif isinstance(exc, RedisTimeoutError):
         state = "does not answer"
     else:

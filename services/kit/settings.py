@@ -49,6 +49,14 @@ class ServiceSettings(BaseSettings):
     in use while they register again; instances whose health check fails still leave at once."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis holding the service's state."""
+    redis_max_connections: int = Field(default=64, ge=4)
+    """Size of the service's Redis connection pool. A call that finds every connection busy waits for one (see
+    redis_pool_timeout_seconds) instead of failing at once."""
+    redis_pool_timeout_seconds: float = Field(default=5.0, gt=0)
+    """How long a call waits for a free Redis connection before it fails with UNAVAILABLE."""
+    max_watch_streams: int = Field(default=24, ge=0)
+    """Most watch streams (WatchEvents, WatchJob) open at once; each holds a Redis connection, so this stays well
+    below redis_max_connections. More are refused with RESOURCE_EXHAUSTED."""
     max_receive_message_bytes: int = Field(default=64 * MiB, ge=1024)
     """Largest gRPC message the server accepts (streams send many messages)."""
     max_send_message_bytes: int = Field(default=64 * MiB, ge=1024)

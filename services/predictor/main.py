@@ -83,7 +83,11 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
     configure_tensorflow(settings.tf_threads)
     await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(SERVICE_NAME, VERSION, settings)  # before any channel: they take its interceptors
-    redis = create_redis(settings.redis_url)
+    redis = create_redis(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        pool_timeout=settings.redis_pool_timeout_seconds,
+    )
     await redis.ping()
     pool, consul = _registry_pool(settings)
     await pool.start()

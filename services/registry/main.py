@@ -9,6 +9,7 @@ from services.kit.logs import configure_logging
 from services.kit.redis_client import create_redis
 from services.kit.server import GrpcService, ServiceSpec
 from services.kit.telemetry import setup_tracing
+from services.kit.watch_limits import WatchLimits
 from services.registry.blobstore import LocalBlobStore
 from services.registry.core import ModelRegistry
 from services.registry.servicer import ModelRegistryServicer
@@ -26,7 +27,11 @@ async def start_registry(settings: RegistrySettings) -> GrpcService:
     """Builds and starts the registry; returns the running service (its bound port is `.port`)."""
     await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(SERVICE_NAME, VERSION, settings)
-    redis = create_redis(settings.redis_url, max_connections=256)
+    redis = create_redis(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        pool_timeout=settings.redis_pool_timeout_seconds,
+    )
     await redis.ping()
     store = RegistryStore(redis, settings.redis_key_prefix, settings.events_max_length)
     blobs = LocalBlobStore(settings.blob_dir, settings.upload_resume_ttl_seconds)
@@ -36,7 +41,7 @@ async def start_registry(settings: RegistrySettings) -> GrpcService:
         version=VERSION,
         proto_services=[PROTO_SERVICE],
         add_servicers=lambda server: registry_pb2_grpc.add_ModelRegistryServicer_to_server(
-            ModelRegistryServicer(registry), server
+            ModelRegistryServicer(registry, WatchLimits(settings.max_watch_streams, "MODELGRID_REGISTRY_")), server
         ),
     )
     service = GrpcService(spec, settings, tracer_provider)

@@ -3,26 +3,15 @@
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
-import grpc
-
 from modelgrid.common.v1 import common_pb2
 from modelgrid.registry.v1 import registry_pb2 as pb
 from modelgrid.registry.v1 import registry_pb2_grpc
 from services.clients.registry import convert as api
 from services.kit.convert import ref_from_pb
 from services.kit.errors import InvalidArgument
+from services.kit.watch_limits import WatchLimits, client_id
 from services.registry.converters import new_version_from_pb
 from services.registry.core import ModelRegistry
-
-CLIENT_ID_HEADER = "x-modelgrid-client"
-
-
-def actor_of(context: grpc.aio.ServicerContext) -> str:
-    """The client identity for the audit trail: the x-modelgrid-client metadata, else the peer address."""
-    for key, value in context.invocation_metadata() or ():
-        if key == CLIENT_ID_HEADER and value:
-            return str(value)[:200]
-    return context.peer() or "unknown"
 
 
 def _page(token: str) -> common_pb2.PageResponse:
@@ -32,12 +21,13 @@ def _page(token: str) -> common_pb2.PageResponse:
 class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     """Adapts gRPC calls to ModelRegistry."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, watches: WatchLimits) -> None:
         self._registry = registry
+        self._watches = watches
 
     async def CreateModel(self, request: pb.CreateModelRequest, context) -> pb.RegisteredModel:
         model = await self._registry.create_model(
-            request.name, request.description, dict(request.tags), actor_of(context)
+            request.name, request.description, dict(request.tags), client_id(context)
         )
         return api.model_to_pb(model)
 
@@ -53,12 +43,12 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def UpdateModel(self, request: pb.UpdateModelRequest, context) -> pb.RegisteredModel:
         description = request.description if request.HasField("description") else None
         model = await self._registry.update_model(
-            request.name, description, dict(request.set_tags), list(request.remove_tags), actor_of(context)
+            request.name, description, dict(request.set_tags), list(request.remove_tags), client_id(context)
         )
         return api.model_to_pb(model)
 
     async def DeleteModel(self, request: pb.DeleteModelRequest, context) -> pb.DeleteModelResponse:
-        count = await self._registry.delete_model(request.name, request.force, actor_of(context))
+        count = await self._registry.delete_model(request.name, request.force, client_id(context))
         return pb.DeleteModelResponse(deleted_versions=count)
 
     async def CreateVersion(self, request_iterator: AsyncIterator[pb.CreateVersionRequest], context) -> pb.ModelVersion:
@@ -68,7 +58,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
 
         meta = new_version_from_pb(first.metadata)
         chunks = _chunks_of(request_iterator, "CreateVersion")
-        version = await self._registry.create_version(meta, chunks, actor_of(context))
+        version = await self._registry.create_version(meta, chunks, client_id(context))
         return api.version_to_pb(version)
 
     async def GetVersion(self, request: pb.GetVersionRequest, context) -> pb.ModelVersion:
@@ -89,7 +79,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
             dict(request.set_tags),
             list(request.remove_tags),
             api.status_from_pb(request.status),
-            actor_of(context),
+            client_id(context),
         )
         return api.version_to_pb(version)
 
@@ -109,20 +99,21 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
     async def SetAlias(self, request: pb.SetAliasRequest, context) -> pb.Alias:
         expected = request.expected_version if request.HasField("expected_version") else None
         alias = await self._registry.set_alias(
-            request.model_name, request.alias, request.version, expected, actor_of(context)
+            request.model_name, request.alias, request.version, expected, client_id(context)
         )
         return api.alias_to_pb(alias)
 
     async def DeleteAlias(self, request: pb.DeleteAliasRequest, context) -> pb.DeleteAliasResponse:
-        previous = await self._registry.delete_alias(request.model_name, request.alias, actor_of(context))
+        previous = await self._registry.delete_alias(request.model_name, request.alias, client_id(context))
         return pb.DeleteAliasResponse(previous_version=previous)
 
     async def Resolve(self, request: pb.ResolveRequest, context) -> pb.ModelVersion:
         return api.version_to_pb(await self._registry.resolve(ref_from_pb(request.ref)))
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context):
-        async for event in self._registry.watch(request.cursor, request.model_name):
-            yield api.event_to_pb(event)
+        with self._watches.hold():
+            async for event in self._registry.watch(request.cursor, request.model_name):
+                yield api.event_to_pb(event)
 
     async def GetHistory(self, request: pb.GetHistoryRequest, context) -> pb.GetHistoryResponse:
         page = await self._registry.history(

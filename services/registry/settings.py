@@ -15,6 +15,11 @@ class RegistrySettings(ServiceSettings):
 
     port: int = 50051
     """gRPC port (0: any free port)."""
+    redis_max_connections: int = Field(default=256, ge=4)
+    """Size of the Redis connection pool: larger than other services', as every predictor replica and console
+    keeps a WatchEvents stream open here."""
+    max_watch_streams: int = Field(default=128, ge=0)
+    """Most WatchEvents streams open at once (each holds a Redis connection); more get RESOURCE_EXHAUSTED."""
     blob_dir: Path = Path(".run/registry/blobs")
     """Directory of the content-addressed artifact store."""
     max_artifact_bytes: int = Field(default=4096 * MiB, ge=1)

@@ -13,6 +13,7 @@ from services.kit.logs import configure_logging
 from services.kit.redis_client import create_redis
 from services.kit.server import GrpcService, ServiceSpec, grpc_options
 from services.kit.telemetry import setup_tracing
+from services.kit.watch_limits import WatchLimits
 from services.trainer import VERSION
 from services.trainer.core import TrainerCore
 from services.trainer.servicer import PROTO_SERVICE, TrainerServicer
@@ -28,7 +29,11 @@ async def start_trainer(settings: TrainerSettings) -> GrpcService:
     """Builds and starts the trainer; returns the running service (its bound port is `.port`)."""
     await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(SERVICE_NAME, VERSION, settings)
-    redis = create_redis(settings.redis_url)
+    redis = create_redis(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        pool_timeout=settings.redis_pool_timeout_seconds,
+    )
     await redis.ping()
     consul = ConsulClient(settings.consul_url)
     targets = [settings.registry_target] if settings.registry_target else []
@@ -40,7 +45,7 @@ async def start_trainer(settings: TrainerSettings) -> GrpcService:
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     registry = AsyncRegistryClient(registry_pool, client_id="trainer")
     core = TrainerCore(JobStore(redis, settings.redis_key_prefix), AgentClient(agent_pool), registry, settings)
-    servicer = TrainerServicer(core)
+    servicer = TrainerServicer(core, WatchLimits(settings.max_watch_streams, "MODELGRID_TRAINER_"))
     spec = ServiceSpec(SERVICE_NAME, VERSION, [PROTO_SERVICE], servicer.add_to)
     service = GrpcService(spec, settings, tracer_provider)
     service.add_cleanup(redis.aclose)

@@ -2,6 +2,7 @@
 
 from modelgrid.trainer.v1 import trainer_pb2 as pb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
+from services.kit.watch_limits import WatchLimits
 from services.trainer import converters as conv
 from services.trainer.core import TrainerCore
 
@@ -12,8 +13,9 @@ PROTO_SERVICE = pb.DESCRIPTOR.services_by_name["Trainer"].full_name
 class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
     """Adapts gRPC calls to TrainerCore."""
 
-    def __init__(self, core: TrainerCore) -> None:
+    def __init__(self, core: TrainerCore, watches: WatchLimits) -> None:
         self._core = core
+        self._watches = watches
 
     def add_to(self, server) -> None:
         """Serves this servicer on `server`."""
@@ -35,8 +37,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         return conv.job_to_pb(await self._core.cancel(request.id))
 
     async def WatchJob(self, request: pb.WatchJobRequest, context):
-        async for event in self._core.watch(request.id, request.cursor):
-            yield conv.event_to_pb(event)
+        with self._watches.hold():
+            async for event in self._core.watch(request.id, request.cursor):
+                yield conv.event_to_pb(event)
 
     async def GetJobLogs(self, request: pb.GetJobLogsRequest, context) -> pb.GetJobLogsResponse:
         logs = await self._core.logs(request.id, request.task_index, request.tail_lines)

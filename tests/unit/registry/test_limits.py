@@ -2,6 +2,7 @@
 newline in a name or alias, and descriptions, tags and metrics past its limits, with INVALID_ARGUMENT naming the
 limit, and keeps what it held."""
 
+import asyncio
 import math
 
 import grpc
@@ -63,3 +64,37 @@ async def test_descriptions_tags_and_metrics_are_bounded(stub, unique):
         lambda r, timeout: stub.CreateVersion(iter([r]), timeout=timeout), pb.CreateVersionRequest(metadata=meta)
     )
     assert "finite" in details
+
+
+async def test_watch_streams_are_bounded_and_leave_redis_for_other_calls(registry_settings, unique):
+    """Each WatchEvents stream holds a Redis connection in a blocking read: past max_watch_streams a stream is
+    refused at once, and the other calls still find a connection in a pool barely larger."""
+    settings = registry_settings.model_copy(update={"redis_max_connections": 6, "max_watch_streams": 4})
+    service = await start_registry(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = registry_pb2_grpc.ModelRegistryStub(channel)
+            name = unique()
+            await stub.CreateModel(pb.CreateModelRequest(name=name), timeout=10)
+            watches = [stub.WatchEvents(pb.WatchEventsRequest(cursor="0", model_name=name)) for _ in range(4)]
+            for watch in watches:
+                assert (await watch.read()).model_name == name  # open, and reading Redis
+            extra = stub.WatchEvents(pb.WatchEventsRequest(cursor="0"))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await extra.read()
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "MODELGRID_REGISTRY_MAX_WATCH_STREAMS" in err.value.details()
+
+            replies = await asyncio.gather(
+                *(stub.GetModel(pb.GetModelRequest(name=name), timeout=10) for _ in range(30))
+            )
+            assert {r.name for r in replies} == {name}
+
+            watches[0].cancel()
+            await asyncio.sleep(0.2)
+            again = stub.WatchEvents(pb.WatchEventsRequest(cursor="0", model_name=name))
+            assert (await again.read()).model_name == name  # a closed stream frees its place
+            for watch in [*watches[1:], again]:
+                watch.cancel()
+    finally:
+        await service.stop()

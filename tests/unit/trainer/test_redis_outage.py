@@ -108,6 +108,7 @@ async def test_a_job_trains_through_a_redis_kill_and_its_watcher_resumes_after_i
     stub, prefix = trainer
     spec = digits_spec(step_delay_ms=100, report_every_steps=REPORT_EVERY, checkpoint_every_steps=10)
     spec.hyper_parameters.epochs = EPOCHS
+    spec.recipe = "file:fake.py"  # written by trainer_settings: takes the fake worker's instructions as parameters
     spec.recipe_params.update({"steps_per_epoch": STEPS_PER_EPOCH})
     job = await stub.SubmitJob(pb.SubmitJobRequest(spec=spec, request_id=uuid.uuid4().hex))
     events: list[pb.JobEvent] = []
@@ -175,6 +176,7 @@ async def test_a_job_scheduled_while_redis_is_down_starts_when_it_is_back(traine
     stub, _ = trainer
     spec = digits_spec(workers=3, report_every_steps=5)
     spec.hyper_parameters.epochs = 1
+    spec.recipe = "file:fake.py"
     spec.recipe_params.update({"steps_per_epoch": 10})
     job = await stub.SubmitJob(pb.SubmitJobRequest(spec=spec, request_id=uuid.uuid4().hex))
     assert (await stub.GetJob(pb.GetJobRequest(id=job.id))).state == pb.JOB_STATE_PENDING  # two slots of three
