@@ -8,9 +8,12 @@ import enum
 import io
 import json
 import logging
+import math
 import tempfile
 import time
 import uuid
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridEr
 from services.kit.modelref import ModelRef
 from services.predictor.control import ModelControl
 from services.predictor.inference import Inference
+from services.predictor.settings import DEFAULT_MAX_BULK_INPUT_BYTES, MAX_BULK_INPUT_BYTES_SETTING
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ class BatchJobs:
         instance: str = "",
         default_batch_size: int,
         max_records: int,
+        max_input_bytes: int = DEFAULT_MAX_BULK_INPUT_BYTES,
         key_prefix: str = "mg:predictor:",
     ) -> None:
         self._redis = redis
@@ -80,6 +85,7 @@ class BatchJobs:
         self.instance = instance  # this replica's Consul id (known once the server is bound): whose jobs are whose
         self._default_batch_size = default_batch_size
         self._max_records = max_records
+        self._max_input_bytes = max_input_bytes
         self._prefix = f"{key_prefix}jobs"
         self._tasks: dict[str, asyncio.Task] = {}
 
@@ -186,7 +192,7 @@ class BatchJobs:
         with tempfile.TemporaryDirectory(prefix="modelgrid-batch-") as tmp:
             source = Path(tmp) / "input.npz"
             await self._registry.download_blob(job.input_digest, source)
-            inputs = await asyncio.to_thread(_load_npz, source)
+            inputs = await asyncio.to_thread(_load_npz, source, self._max_input_bytes)
             job.total_records = _record_count(inputs, self._max_records)
             await self._save(job)
             results: dict[str, list[np.ndarray]] = {}
@@ -207,12 +213,75 @@ class BatchJobs:
             logger.info("batch job %s: %d records on %s", job.id, job.total_records, pinned)
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
+NPY_SUFFIX = ".npy"
+MAX_MEMBER_NAME_CHARS = 64
+
+
+def _member_label(name: str) -> str:
+    """A zip member's name for error messages, cut short when long."""
+    short = name[:MAX_MEMBER_NAME_CHARS] + ("..." if len(name) > MAX_MEMBER_NAME_CHARS else "")
+    return f"array {short!r}"
+
+
+def _npy_header(member, label: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header of an .npy stream; reads (and so decompresses) only its first bytes."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    else:
+        raise InvalidArgument(f"{label} uses .npy format version {version[0]}.{version[1]}; save it with np.savez")
+    return shape, dtype
+
+
+def check_npz(path: Path, max_bytes: int) -> None:
+    """Refuses, before anything is decompressed, an NPZ that would take more than `max_bytes` once loaded or that
+    is no plain NPZ: each member's uncompressed size comes from the zip directory and each array's shape and dtype
+    from its .npy header (the first bytes of its stream). ResourceExhausted over the limit, InvalidArgument for a
+    file numpy would not load safely (not a zip, a member that is no .npy array, object arrays, a header that
+    declares more data than its member holds: numpy would allocate the declared size before reading)."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise InvalidArgument("the input data set is not an NPZ file (a zip of .npy arrays, from np.savez)") from None
+    with archive:
+        infos = archive.infolist()
+        declared = sum(info.file_size for info in infos)
+        if declared > max_bytes:
+            raise ResourceExhausted(
+                f"the input data set unpacks to {declared} bytes, more than the limit of {max_bytes} bytes "
+                f"({MAX_BULK_INPUT_BYTES_SETTING}); split it into smaller jobs"
+            )
+        for info in infos:
+            label = _member_label(info.filename)
+            if info.is_dir() or not info.filename.endswith(NPY_SUFFIX):
+                raise InvalidArgument(f"the input data set holds {label}, which is no .npy array")
+            try:
+                with archive.open(info) as member:
+                    shape, dtype = _npy_header(member, label)
+            except (ValueError, OSError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error):
+                raise InvalidArgument(f"{label} in the input data set is not a readable .npy array") from None
+            if dtype.hasobject:
+                raise InvalidArgument(f"{label} holds Python objects; bulk inputs must be arrays of numbers")
+            if any(d < 0 for d in shape):
+                raise InvalidArgument(f"{label} declares a negative dimension")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes > info.file_size:
+                raise InvalidArgument(
+                    f"{label} declares {nbytes} bytes of data but its member holds {info.file_size}; the file is "
+                    "damaged or forged"
+                )
+
+
+def _load_npz(path: Path, max_bytes: int = DEFAULT_MAX_BULK_INPUT_BYTES) -> dict[str, np.ndarray]:
+    """The arrays of an NPZ data set, once `check_npz` has bounded what they take in memory."""
+    check_npz(path, max_bytes)
     try:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
-    except (ValueError, OSError) as exc:
-        raise InvalidArgument(f"the input data set is not a readable NPZ file: {exc}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # damaged data after sound headers
+        raise InvalidArgument(f"the input data set is not a readable NPZ file ({type(exc).__name__})") from None
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -1,6 +1,9 @@
 """Conversions between predictor protobuf messages and domain types."""
 
+import asyncio
 import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -10,9 +13,25 @@ from modelgrid.predictor.v1 import predictor_pb2 as pb
 from services.kit import convert
 from services.kit.errors import InvalidArgument
 from services.kit.modelref import ModelRef, check_model_name
-from services.kit.tensors import BY_NAME, array_to_tensor, tensor_to_array
+from services.kit.settings import MiB
+from services.kit.tensors import (
+    BY_NAME,
+    STRING_ELEMENT_BYTES,
+    SizeBudget,
+    array_to_tensor,
+    input_label,
+    tensor_to_array,
+)
 from services.predictor.domain import ModelStatus, VersionPolicy
 from services.predictor.runtime import IOSpec
+from services.predictor.settings import DEFAULT_MAX_REQUEST_BYTES, MAX_REQUEST_BYTES_SETTING
+
+T = TypeVar("T")
+
+OFF_LOOP_BYTES = MiB
+"""Conversions that build more than this element by element (string tensors, typed values) run in a thread, so
+the event loop keeps answering other calls and health checks; smaller ones run inline (a thread hop costs more
+than they do)."""
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -29,8 +48,30 @@ def ref_from_pb(ref: common_pb2.ModelRef) -> ModelRef:
     return convert.ref_from_pb(ref)
 
 
-def inputs_from_pb(inputs) -> dict[str, np.ndarray]:
-    return {name: tensor_to_array(tensor, f"input {name!r}") for name, tensor in inputs.items()}
+def request_budget(max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> SizeBudget:
+    """The size budget of one request's input tensors (MODELGRID_PREDICTOR_MAX_REQUEST_BYTES)."""
+    return SizeBudget(max_request_bytes, MAX_REQUEST_BYTES_SETTING)
+
+
+def inputs_from_pb(inputs, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> dict[str, np.ndarray]:
+    """A request's input tensors, each checked against its shape and all of them against `max_request_bytes`
+    before it is allocated."""
+    budget = request_budget(max_request_bytes)
+    return {name: tensor_to_array(tensor, input_label(name), budget) for name, tensor in inputs.items()}
+
+
+def string_work(arrays: Iterable[np.ndarray]) -> int:
+    """About how many bytes encoding `arrays` builds element by element (their string elements; numbers are
+    copied whole)."""
+    return sum(array.size for array in arrays if array.dtype.kind == "O") * STRING_ELEMENT_BYTES
+
+
+async def run_conversion(work: int, function: Callable[[], T]) -> T:
+    """`function()` inline when `work` (bytes built element by element) is below OFF_LOOP_BYTES, else in a
+    thread so a large string tensor does not stall the event loop."""
+    if work < OFF_LOOP_BYTES:
+        return function()
+    return await asyncio.to_thread(function)
 
 
 def outputs_to_pb(outputs: dict[str, np.ndarray]) -> dict[str, common_pb2.Tensor]:

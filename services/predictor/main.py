@@ -112,13 +112,14 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
         control,
         default_batch_size=settings.batch_job_batch_size,
         max_records=settings.max_batch_job_records,
+        max_input_bytes=settings.max_bulk_input_bytes,
     )
-    native = PredictorServicer(inference, control, jobs, settings.max_streamed_job_bytes)
+    native = PredictorServicer(inference, control, jobs, settings.max_streamed_job_bytes, settings.max_request_bytes)
     ready = asyncio.Event()
 
     def add_servicers(server: grpc.aio.Server) -> None:
         predictor_pb2_grpc.add_PredictorServicer_to_server(native, server)
-        add_protocol_servicers(server, inference, control, ready.is_set)
+        add_protocol_servicers(server, inference, control, ready.is_set, settings.max_request_bytes)
 
     spec = ServiceSpec(SERVICE_NAME, VERSION, [PROTO_SERVICE, *protocol_service_names()], add_servicers)
     service = GrpcService(spec, settings, tracer_provider)

@@ -11,23 +11,32 @@ from services.predictor import converters as conv
 from services.predictor.batch_jobs import BatchJob, BatchJobs
 from services.predictor.control import ModelControl
 from services.predictor.inference import Inference
+from services.predictor.settings import DEFAULT_MAX_REQUEST_BYTES
 from services.predictor.streams import answer_concurrently
 
 
 class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
     """Adapts gRPC calls to Inference, ModelControl and BatchJobs."""
 
-    def __init__(self, inference: Inference, control: ModelControl, jobs: BatchJobs, max_streamed_job_bytes: int):
+    def __init__(
+        self,
+        inference: Inference,
+        control: ModelControl,
+        jobs: BatchJobs,
+        max_streamed_job_bytes: int,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ):
         self._inference = inference
         self._control = control
         self._jobs = jobs
         self._max_streamed_job_bytes = max_streamed_job_bytes
+        self._max_request_bytes = max_request_bytes
         self.instance = ""  # this replica's Consul id, set once the server is bound
 
     async def _predict(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
         prediction = await self._inference.predict(
             conv.ref_from_pb(request.model),
-            conv.inputs_from_pb(request.inputs),
+            conv.inputs_from_pb(request.inputs, self._max_request_bytes),
             list(request.output_filter),
             deadline=deadline,
         )
@@ -84,7 +93,7 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
                     f"streamed records exceed {self._max_streamed_job_bytes} bytes "
                     "(MODELGRID_PREDICTOR_MAX_STREAMED_JOB_BYTES); upload the data set to the registry instead"
                 )
-            groups.append(conv.inputs_from_pb(message.records.inputs))
+            groups.append(conv.inputs_from_pb(message.records.inputs, self._max_request_bytes))
         return await self._jobs.store_records(groups)
 
     async def GetBatchJob(self, request: pb.GetBatchJobRequest, context) -> pb.BatchJob:

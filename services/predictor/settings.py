@@ -7,6 +7,11 @@ from pydantic_settings import SettingsConfigDict
 
 from services.kit.settings import MiB, ServiceSettings
 
+DEFAULT_MAX_REQUEST_BYTES = 256 * MiB
+DEFAULT_MAX_BULK_INPUT_BYTES = 1024 * MiB
+MAX_REQUEST_BYTES_SETTING = "MODELGRID_PREDICTOR_MAX_REQUEST_BYTES"
+MAX_BULK_INPUT_BYTES_SETTING = "MODELGRID_PREDICTOR_MAX_BULK_INPUT_BYTES"
+
 
 class ModelConfig(BaseModel):
     """A model to serve from start-up and its version policy (at most one of latest, versions, aliases)."""
@@ -58,6 +63,13 @@ class PredictorSettings(ServiceSettings):
     """Dynamic batching on; off executes each request alone."""
     max_request_rows: int = Field(default=4096, ge=1)
     """Largest first dimension one Predict request may carry."""
+    max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=MiB)
+    """Memory the input tensors of one request may take once decoded, all inputs together, in every protocol (a
+    string element counts 64 bytes for its Python object, plus its bytes when they arrive raw). Checked on the
+    declared shapes before anything is allocated; a request over it fails with RESOURCE_EXHAUSTED. It bounds what
+    a small message can ask for: TensorFlow Serving's rule that a few typed values fill a larger shape (the last
+    one repeated, or zeros) turns a few bytes into any size. Keep it above max_receive_message_bytes: raw tensors
+    take about their message size."""
     warmup_requests: int = Field(default=2, ge=0)
     """Synthetic requests run on a newly loaded version before it takes traffic."""
     follow_registry: bool = True
@@ -68,5 +80,9 @@ class PredictorSettings(ServiceSettings):
     """Largest number of records one bulk job may hold."""
     max_streamed_job_bytes: int = Field(default=512 * MiB, ge=MiB)
     """Largest input a client may stream into BatchPredict (larger data sets go to the registry first)."""
+    max_bulk_input_bytes: int = Field(default=DEFAULT_MAX_BULK_INPUT_BYTES, ge=MiB)
+    """Largest size a bulk job's input data set may have once unpacked (its arrays together; a job holds them in
+    memory). Read from the NPZ's zip directory and .npy headers before anything is decompressed, so a small
+    compressed file that would unpack to gigabytes fails its job with a clear error."""
     tf_threads: int = Field(default=0, ge=0)
     """TensorFlow intra- and inter-op threads (0: TensorFlow's default)."""

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from inference import grpc_service_pb2 as oip
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from services.kit.convert import ref_to_pb
@@ -78,6 +77,10 @@ def test_a_malformed_message_ends_a_bidirectional_stream_at_once(mesh, method):
             id="ok", request=pb.PredictRequest(model=ref_to_pb(mesh.model), inputs={"x": array_to_tensor(x)})
         ).SerializeToString()
     else:
+        # tritonclient's copy of the OIP messages: the project's own (`inference`) must not load in a test process
+        # that also uses tritonclient (the same proto file twice in one descriptor pool).
+        from tritonclient.grpc import service_pb2 as oip
+
         tensor = oip.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 4])
         tensor.contents.fp32_contents.extend(x.ravel().tolist())
         good = oip.ModelInferRequest(model_name=mesh.model, id="ok", inputs=[tensor]).SerializeToString()

@@ -5,6 +5,8 @@ import concurrent.futures
 import io
 import threading
 import time
+import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -87,6 +89,13 @@ def code_of(call, *args, **kwargs) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as err:
         call(*args, **kwargs)
     return err.value.code()
+
+
+def peak_rss_mib(process) -> int:
+    """The highest resident memory a service process has had (VmHWM), in MiB."""
+    status = Path(f"/proc/{process.process.pid}/status").read_text()
+    (line,) = [line for line in status.splitlines() if line.startswith("VmHWM:")]
+    return int(line.split()[1]) // 1024
 
 
 # -- own API -------------------------------------------------------------------------------------------------
@@ -173,6 +182,20 @@ def test_batch_job_over_a_registry_blob_and_its_errors(mesh, tmp_path):
     missing = pb.BatchJobSpec(model=common_pb2.ModelRef(name=mesh.latest), input_digest="0" * 64)
     assert code_of(mesh.stub.BatchPredict, iter([pb.BatchPredictRequest(spec=missing)])) == grpc.StatusCode.NOT_FOUND
     assert code_of(mesh.stub.GetBatchJob, pb.GetBatchJobRequest(id="nope")) == grpc.StatusCode.NOT_FOUND
+
+
+def write_zeros_npz(path: Path, records: int) -> Path:
+    """A compressed NPZ with x: float32[records, 4] of zeros, streamed to disk (never held in memory); it unpacks
+    to about 200 times its size."""
+    header = {"descr": "<f4", "fortran_order": False, "shape": (records, 4)}
+    left, chunk = records * 16, bytes(4 << 20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, header)
+            while left:
+                member.write(chunk[: min(left, len(chunk))])
+                left -= min(left, len(chunk))
+    return path
 
 
 # -- other protocols -----------------------------------------------------------------------------------------
@@ -369,6 +392,13 @@ def test_load_and_unload_model_at_run_time(mesh, unique):
             ),
             "do not match shape",
         ),
+        (
+            lambda m: pb.PredictRequest(
+                model=common_pb2.ModelRef(name=m),
+                inputs={"x": common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=[2**62, 4])},
+            ),
+            "more elements than any tensor can hold",
+        ),
     ],
 )
 def test_bad_inputs_are_invalid_argument_with_the_signature(mesh, make_request, fragment):
@@ -385,6 +415,67 @@ def test_unknown_model_version_alias_and_oversize_message(mesh):
     huge = np.zeros((900, 400), np.float32)  # 1.4 MB > the 1 MiB message limit set for this predictor
     request = pb.PredictRequest(model=common_pb2.ModelRef(name=mesh.latest), inputs={"x": array_to_tensor(huge)})
     assert code_of(mesh.stub.Predict, request) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_tensorflow_serving_tiny_requests_declaring_huge_tensors_are_refused_at_once(mesh):
+    """A few bytes of TensorProto may declare any shape (TF fills missing values with the last one, or zeros): the
+    predictor refuses from the shape, before allocating, and stays small."""
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    def request(shape: list[int], **values) -> predict_pb2.PredictRequest:
+        dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in shape]
+        tensor = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims), **values
+        )
+        message = predict_pb2.PredictRequest(inputs={"x": tensor})
+        message.model_spec.name = mesh.latest
+        return message
+
+    before = peak_rss_mib(mesh.predictor)
+    with grpc.insecure_channel(mesh.predictor.target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for shape, values, code in [
+            ([100_000_000], {"float_val": [1.0]}, grpc.StatusCode.RESOURCE_EXHAUSTED),  # 400 MB from 17 bytes
+            ([2**40], {}, grpc.StatusCode.RESOURCE_EXHAUSTED),
+            ([2**62, 4], {}, grpc.StatusCode.INVALID_ARGUMENT),  # more elements than int64 counts
+        ]:
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Predict(request(shape, **values), timeout=10)
+            assert time.monotonic() - started < 1.0
+            assert err.value.code() == code, err.value.details()
+            assert "MAX_REQUEST_BYTES" in err.value.details() or "more elements" in err.value.details()
+        broadcast = stub.Predict(request([3, 4], float_val=[0.5]), timeout=30)  # TF's fill rule still works
+        y = np.frombuffer(broadcast.outputs["y"].tensor_content, dtype="<f4").reshape(3, 3)
+        np.testing.assert_allclose(y, mesh.refs[2](np.full((3, 4), 0.5, np.float32)), rtol=1e-6)
+    assert peak_rss_mib(mesh.predictor) - before < 128, "the predictor allocated the declared tensor"
+
+
+def test_oip_shapes_that_overflow_or_do_not_match_their_contents_are_invalid_argument(mesh):
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    def request(shape: list[int], raw: bytes | None = None, values: list[float] = ()) -> service_pb2.ModelInferRequest:
+        message = service_pb2.ModelInferRequest(model_name=mesh.latest)
+        tensor = message.inputs.add(name="x", datatype="FP32", shape=shape)
+        if raw is None:
+            tensor.contents.fp32_contents.extend(values)
+        else:
+            message.raw_input_contents.append(raw)
+        return message
+
+    with grpc.insecure_channel(mesh.predictor.target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for message, fragment in [
+            (request([2**62, 4], raw=b""), "more elements than any tensor can hold"),
+            (request([2**40], raw=b"\0" * 16), "16 bytes do not match shape [1099511627776]"),
+            (request([2**40], values=[1.0]), "1 values in fp32_contents do not match shape [1099511627776]"),
+            (request([3, 4], values=[1.0, 2.0, 3.0]), "3 values in fp32_contents do not match shape [3, 4]"),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(message, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert fragment in err.value.details()
 
 
 # -- queue limits and deadlines (a slow model, a tiny queue) -------------------------------------------------
@@ -453,6 +544,22 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_executed(slow):
         time.sleep(0.1)
     executed = _histogram(httpx.get(slow.metrics_url).text, "modelgrid_predictor_batch_size", slow.name)[1]
     assert executed - executed_before == 1  # only the busy request ran
+
+
+def test_a_bulk_job_over_an_npz_bomb_fails_clearly_without_unpacking_it(slow, mesh, tmp_path):
+    """On the slow model's predictor: it keeps the default message limits (mesh's 1 MiB limit also bounds its
+    registry downloads) and the default MAX_BULK_INPUT_BYTES (1 GiB)."""
+    bomb = write_zeros_npz(tmp_path / "bomb.npz", (1024 + 64) * 2**20 // 16)  # 1.06 GiB unpacked, ~5 MB packed
+    assert bomb.stat().st_size < 16 * 2**20
+    digest = mesh.client.upload_blob(bomb).digest
+    before = peak_rss_mib(slow.predictor)
+    spec = pb.BatchJobSpec(model=common_pb2.ModelRef(name=slow.name), input_digest=digest)
+    failed = _wait_job(slow.stub, slow.stub.BatchPredict(iter([pb.BatchPredictRequest(spec=spec)])).id)
+    assert failed.state == pb.BATCH_JOB_STATE_FAILED
+    assert "unpacks to 1140850816 bytes" in failed.error and "MAX_BULK_INPUT_BYTES" in failed.error, failed.error
+    assert failed.total_records == 0
+    assert peak_rss_mib(slow.predictor) - before < 256, "the predictor unpacked the bomb"
+    slow.stub.Predict(predict_request(slow.name, X[:1]), timeout=30)  # the replica goes on serving
 
 
 def test_a_model_that_fails_to_load_reports_why_and_the_others_keep_serving(mesh, tmp_path, unique):

@@ -8,6 +8,7 @@ import grpc
 
 from services.predictor.control import ModelControl
 from services.predictor.inference import Inference
+from services.predictor.settings import DEFAULT_MAX_REQUEST_BYTES
 
 
 def protocol_service_names() -> list[str]:
@@ -18,10 +19,15 @@ def protocol_service_names() -> list[str]:
 
 
 def add_protocol_servicers(
-    server: grpc.aio.Server, inference: Inference, control: ModelControl, ready: Callable[[], bool]
+    server: grpc.aio.Server,
+    inference: Inference,
+    control: ModelControl,
+    ready: Callable[[], bool],
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> None:
-    """Adds the Open Inference Protocol and TensorFlow Serving servicers to `server`."""
+    """Adds the Open Inference Protocol and TensorFlow Serving servicers to `server`; `max_request_bytes` bounds
+    the decoded input tensors of one request (the predictor's max_request_bytes setting)."""
     from services.predictor.protocols import oip, tfserving
 
-    oip.add_to_server(server, inference, control, ready)
-    tfserving.add_to_server(server, inference, control)
+    oip.add_to_server(server, inference, control, ready, max_request_bytes)
+    tfserving.add_to_server(server, inference, control, max_request_bytes)

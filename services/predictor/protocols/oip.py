@@ -26,11 +26,12 @@ from services.kit.interceptors import status_of
 from services.kit.modelref import ModelRef, check_alias, check_model_name
 from services.kit.tensors import BY_NAME
 from services.predictor.control import ModelControl
-from services.predictor.converters import deadline_of
+from services.predictor.converters import deadline_of, request_budget, run_conversion, string_work
 from services.predictor.domain import ModelState, VersionState
 from services.predictor.inference import Inference
 from services.predictor.protocols import oip_tensors
 from services.predictor.runtime import IOSpec
+from services.predictor.settings import DEFAULT_MAX_REQUEST_BYTES
 from services.predictor.streams import answer_concurrently
 
 logger = logging.getLogger(__name__)
@@ -90,13 +91,31 @@ def _request_deadline(request: pb.ModelInferRequest, deadline: float | None) -> 
     return own if deadline is None else min(deadline, own)
 
 
+def _response(request: pb.ModelInferRequest, prediction) -> pb.ModelInferResponse:
+    """The response: the requested outputs (or all, by name) in raw_output_contents."""
+    response = pb.ModelInferResponse(model_name=prediction.model, model_version=str(prediction.version), id=request.id)
+    names = [o.name for o in request.outputs] or sorted(prediction.outputs)
+    for name in dict.fromkeys(names):
+        datatype, shape, raw = oip_tensors.raw_output(prediction.outputs[name])
+        response.outputs.add(name=name, datatype=datatype, shape=shape)
+        response.raw_output_contents.append(raw)
+    return response
+
+
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """Adapts OIP calls to Inference and ModelControl."""
 
-    def __init__(self, inference: Inference, control: ModelControl, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        inference: Inference,
+        control: ModelControl,
+        ready: Callable[[], bool],
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ) -> None:
         self._inference = inference
         self._control = control
         self._ready = ready
+        self._max_request_bytes = max_request_bytes
         try:
             self._version = importlib.metadata.version("modelgrid")
         except importlib.metadata.PackageNotFoundError:
@@ -134,22 +153,19 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         for output in request.outputs:
             if "classification" in output.parameters:
                 raise InvalidArgument(f"output {output.name!r}: the classification extension is not supported")
+        budget = request_budget(self._max_request_bytes)
+        inputs = await run_conversion(
+            oip_tensors.decode_work(request.inputs, request.raw_input_contents),
+            lambda: oip_tensors.arrays_from_inputs(request.inputs, request.raw_input_contents, budget),
+        )
         prediction = await self._inference.predict(
             ref,
-            oip_tensors.arrays_from_inputs(request.inputs, request.raw_input_contents),
+            inputs,
             [output.name for output in request.outputs],
             deadline=_request_deadline(request, deadline),
             protocol=PROTOCOL,
         )
-        response = pb.ModelInferResponse(
-            model_name=prediction.model, model_version=str(prediction.version), id=request.id
-        )
-        names = [o.name for o in request.outputs] or sorted(prediction.outputs)
-        for name in dict.fromkeys(names):
-            datatype, shape, raw = oip_tensors.raw_output(prediction.outputs[name])
-            response.outputs.add(name=name, datatype=datatype, shape=shape)
-            response.raw_output_contents.append(raw)
-        return response
+        return await run_conversion(string_work(prediction.outputs.values()), lambda: _response(request, prediction))
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         return await self._infer(request, deadline_of(context))
@@ -222,8 +238,13 @@ def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStream
 
 
 def add_to_server(
-    server: grpc.aio.Server, inference: Inference, control: ModelControl, ready: Callable[[], bool]
+    server: grpc.aio.Server,
+    inference: Inference,
+    control: ModelControl,
+    ready: Callable[[], bool],
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> None:
-    """Adds the OIP servicer; `ready()` answers ServerReady (True once the configured models had their first load)."""
-    servicer = InferenceServicer(inference, control, ready)
+    """Adds the OIP servicer; `ready()` answers ServerReady (True once the configured models had their first load),
+    `max_request_bytes` bounds the decoded inputs of one request (MODELGRID_PREDICTOR_MAX_REQUEST_BYTES)."""
+    servicer = InferenceServicer(inference, control, ready, max_request_bytes)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)

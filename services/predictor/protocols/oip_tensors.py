@@ -11,7 +11,18 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from services.kit.errors import InvalidArgument
-from services.kit.tensors import BY_OIP, ElementType, array_from_raw, element_type_of, raw_of
+from services.kit.tensors import (
+    BY_OIP,
+    STRING_ELEMENT_BYTES,
+    ElementType,
+    SizeBudget,
+    array_from_raw,
+    element_bytes,
+    element_count,
+    element_type_of,
+    input_label,
+    raw_of,
+)
 
 # The InferTensorContents member that carries each datatype's elements (FP16 and BF16 have none: raw only).
 CONTENTS_FIELD = {
@@ -52,16 +63,14 @@ def filled_fields(contents: object) -> list[str]:
     return [name for name in CONTENTS_FIELDS if len(_field(contents, name))]
 
 
-def _element_count(shape: tuple[int, ...], what: str) -> int:
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{what}: negative dimension in shape {list(shape)}")
-    return int(np.prod(shape, dtype=np.int64))
-
-
-def array_from_contents(datatype: str, shape: Sequence[int], contents: object, what: str) -> np.ndarray:
-    """A numpy array from typed contents (`contents.<type>_contents`, flattened row-major)."""
+def array_from_contents(
+    datatype: str, shape: Sequence[int], contents: object, what: str, budget: SizeBudget | None = None
+) -> np.ndarray:
+    """A numpy array from typed contents (`contents.<type>_contents`, flattened row-major). The shape is checked,
+    then the number of values against it, then the decoded size against `budget`, before anything is allocated."""
     element = element_of(datatype, what)
-    shape = tuple(int(d) for d in shape)
+    count = element_count(shape, what)
+    shape = tuple(shape)
     field = CONTENTS_FIELD.get(datatype)
     if field is None:
         raise InvalidArgument(f"{what}: {datatype} has no typed contents field; send it in raw_input_contents")
@@ -69,11 +78,12 @@ def array_from_contents(datatype: str, shape: Sequence[int], contents: object, w
     if wrong:
         raise InvalidArgument(f"{what}: a {datatype} tensor carries its elements in {field}, but {wrong} hold values")
     values = _field(contents, field)
-    count = _element_count(shape, what)
     if len(values) != count:
         raise InvalidArgument(
             f"{what}: {len(values)} values in {field} do not match shape {list(shape)} ({count} elements)"
         )
+    if budget is not None:
+        budget.charge_tensor(count, element, what)
     if element.name == "string":
         strings = np.empty(count, dtype=object)
         strings[:] = [bytes(v) for v in values]
@@ -87,17 +97,20 @@ def array_from_contents(datatype: str, shape: Sequence[int], contents: object, w
     return np.array(values, dtype=element.numpy).reshape(shape)
 
 
-def array_from_raw_contents(datatype: str, shape: Sequence[int], raw: bytes, what: str) -> np.ndarray:
-    """A numpy array from one entry of raw_input_contents (BYTES: 4-byte LE length + bytes per element)."""
-    element = element_of(datatype, what)
-    shape = tuple(int(d) for d in shape)
-    _element_count(shape, what)
-    return array_from_raw(raw, element, shape, what)
+def array_from_raw_contents(
+    datatype: str, shape: Sequence[int], raw: bytes, what: str, budget: SizeBudget | None = None
+) -> np.ndarray:
+    """A numpy array from one entry of raw_input_contents (BYTES: 4-byte LE length + bytes per element), checked
+    against its shape and `budget` before anything is allocated."""
+    return array_from_raw(raw, element_of(datatype, what), tuple(shape), what, budget)
 
 
-def arrays_from_inputs(inputs: Sequence, raw_input_contents: Sequence[bytes]) -> dict[str, np.ndarray]:
+def arrays_from_inputs(
+    inputs: Sequence, raw_input_contents: Sequence[bytes], budget: SizeBudget | None = None
+) -> dict[str, np.ndarray]:
     """The request's inputs by name. With raw_input_contents (one entry per input, in order) every input is raw;
-    without, every input reads its typed `contents`. Mixing both is an error."""
+    without, every input reads its typed `contents`. Mixing both is an error. All inputs together are charged to
+    `budget` (one per request)."""
     if raw_input_contents and len(raw_input_contents) != len(inputs):
         raise InvalidArgument(
             f"raw_input_contents has {len(raw_input_contents)} entries for {len(inputs)} inputs; "
@@ -105,7 +118,7 @@ def arrays_from_inputs(inputs: Sequence, raw_input_contents: Sequence[bytes]) ->
         )
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(inputs):
-        what = f"input {tensor.name!r}"
+        what = input_label(tensor.name)
         if not tensor.name:
             raise InvalidArgument(f"input #{i} has no name")
         if tensor.name in arrays:
@@ -116,10 +129,30 @@ def arrays_from_inputs(inputs: Sequence, raw_input_contents: Sequence[bytes]) ->
                     f"{what} has typed contents while the request uses raw_input_contents; use one or the other "
                     "for all inputs"
                 )
-            arrays[tensor.name] = array_from_raw_contents(tensor.datatype, tensor.shape, raw_input_contents[i], what)
+            arrays[tensor.name] = array_from_raw_contents(
+                tensor.datatype, tensor.shape, raw_input_contents[i], what, budget
+            )
         else:
-            arrays[tensor.name] = array_from_contents(tensor.datatype, tensor.shape, tensor.contents, what)
+            arrays[tensor.name] = array_from_contents(tensor.datatype, tensor.shape, tensor.contents, what, budget)
     return arrays
+
+
+def decode_work(inputs: Sequence, raw_input_contents: Sequence[bytes]) -> int:
+    """About how many bytes decoding the inputs builds element by element (raw numbers are a view of the
+    message: none). Cheap: lengths only, so a request can be sent to a thread before it is checked."""
+    work = 0
+    for i, tensor in enumerate(inputs):
+        element = BY_OIP.get(tensor.datatype)
+        if element is None:
+            continue
+        if raw_input_contents:
+            if element.name == "string" and i < len(raw_input_contents):
+                work += len(raw_input_contents[i]) // 4 * STRING_ELEMENT_BYTES  # at most one element per 4 bytes
+        else:
+            field = CONTENTS_FIELD.get(tensor.datatype)
+            if field is not None:
+                work += len(_field(tensor.contents, field)) * element_bytes(element)
+    return work
 
 
 def raw_output(array: np.ndarray) -> tuple[str, list[int], bytes]:

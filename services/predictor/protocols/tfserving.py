@@ -23,13 +23,19 @@ from tensorflow_serving.apis import status_pb2 as tfs_status_pb2
 
 from services.kit.errors import InvalidArgument
 from services.kit.modelref import ModelRef, check_alias, check_model_name
-from services.kit.tensors import BY_NAME
+from services.kit.tensors import BY_NAME, input_label
 from services.predictor.control import ModelControl
-from services.predictor.converters import deadline_of
+from services.predictor.converters import deadline_of, request_budget, run_conversion, string_work
 from services.predictor.domain import VersionState, VersionStatus
 from services.predictor.inference import Inference
-from services.predictor.protocols.tf_tensors import array_from_tensor_proto, shape_proto, tensor_proto_from_array
+from services.predictor.protocols.tf_tensors import (
+    array_from_tensor_proto,
+    decode_work,
+    shape_proto,
+    tensor_proto_from_array,
+)
 from services.predictor.runtime import IOSpec, ModelSignature
+from services.predictor.settings import DEFAULT_MAX_REQUEST_BYTES
 
 SERVICE_NAMES = [
     prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
@@ -69,6 +75,19 @@ def check_signature_name(requested: str, signature: ModelSignature, model: str) 
         )
 
 
+def inputs_of(request: predict_pb2.PredictRequest, max_request_bytes: int) -> dict:
+    """The request's input arrays, checked against their shapes and, together, against `max_request_bytes`."""
+    budget = request_budget(max_request_bytes)
+    return {name: array_from_tensor_proto(t, input_label(name), budget) for name, t in request.inputs.items()}
+
+
+def fill_outputs(response: predict_pb2.PredictResponse, outputs: dict) -> predict_pb2.PredictResponse:
+    """`response` with every output as a TensorProto."""
+    for name, array in outputs.items():
+        response.outputs[name].CopyFrom(tensor_proto_from_array(array))
+    return response
+
+
 def model_spec_of(version: VersionStatus) -> model_pb2.ModelSpec:
     return model_pb2.ModelSpec(
         name=version.model,
@@ -100,15 +119,19 @@ async def _unimplemented(context: grpc.aio.ServicerContext, method: str) -> None
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Adapts TF Serving's PredictionService to Inference and ModelControl."""
 
-    def __init__(self, inference: Inference, control: ModelControl) -> None:
+    def __init__(
+        self, inference: Inference, control: ModelControl, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    ) -> None:
         self._inference = inference
         self._control = control
+        self._max_request_bytes = max_request_bytes
 
     async def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         ref = ref_of(request.model_spec)
         signature = self._control.signature_of(ref)
         check_signature_name(request.model_spec.signature_name, signature, ref.name)
-        inputs = {name: array_from_tensor_proto(t, f"input {name!r}") for name, t in request.inputs.items()}
+        work = sum(decode_work(t) for t in request.inputs.values())
+        inputs = await run_conversion(work, lambda: inputs_of(request, self._max_request_bytes))
         prediction = await self._inference.predict(
             ref, inputs, list(request.output_filter), deadline=deadline_of(context), protocol=PROTOCOL
         )
@@ -119,9 +142,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 signature_name=signature.name,
             )
         )
-        for name, array in prediction.outputs.items():
-            response.outputs[name].CopyFrom(tensor_proto_from_array(array))
-        return response
+        outputs = prediction.outputs
+        return await run_conversion(string_work(outputs.values()), lambda: fill_outputs(response, outputs))
 
     async def GetModelMetadata(
         self, request: get_model_metadata_pb2.GetModelMetadataRequest, context
@@ -172,8 +194,13 @@ class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
         )
 
 
-def add_to_server(server: grpc.aio.Server, inference: Inference, control: ModelControl) -> None:
+def add_to_server(
+    server: grpc.aio.Server,
+    inference: Inference,
+    control: ModelControl,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> None:
     """Adds TF Serving's PredictionService and ModelService."""
-    prediction = PredictionServicer(inference, control)
+    prediction = PredictionServicer(inference, control, max_request_bytes)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(prediction, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusServicer(control), server)
