@@ -5,7 +5,7 @@ from modelgrid.gateway.v1 import gateway_pb2_grpc
 from services.gateway.auth import ApiKey, Authorizer, Scope
 from services.gateway.upstreams import Backends
 from services.kit.convert import timestamp
-from services.kit.errors import InvalidArgument
+from services.kit.errors import FailedPrecondition, InvalidArgument
 
 
 def _key_to_pb(key: ApiKey) -> pb.ApiKey:
@@ -26,6 +26,12 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
         self._routes = routes
 
     async def _admin(self, context, method: str) -> None:
+        """API keys are managed only where they are checked: with auth off, anyone could make an ADMIN key."""
+        if not self._auth.enabled:
+            raise FailedPrecondition(
+                "API keys are off on this gateway (MODELGRID_GATEWAY_AUTH_ENABLED=false): turn auth on and use its "
+                "admin key (MODELGRID_GATEWAY_ADMIN_KEY) to manage keys"
+            )
         await self._auth.check(f"/modelgrid.gateway.v1.GatewayAdmin/{method}", context.invocation_metadata() or ())
 
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context) -> pb.CreateApiKeyResponse:

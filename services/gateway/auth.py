@@ -49,12 +49,16 @@ _NEEDS: dict[str, frozenset[Scope]] = {
 }
 _READ_VERBS = tuple("Get List Watch Resolve Download Stat Server ModelReady ModelMetadata RepositoryIndex".split())
 _READ_LIKE = frozenset({Scope.READ, Scope.PREDICT, Scope.TRAIN})
+_KEY_ADMIN = tuple(f"/modelgrid.gateway.v1.GatewayAdmin/{m}" for m in ("CreateApiKey", "ListApiKeys", "RevokeApiKey"))
 
 
 def scopes_needed(method: str) -> frozenset[Scope]:
-    """Any one of these scopes (or ADMIN) allows the call."""
+    """Any one of these scopes (or ADMIN) allows the call. The gateway's own API keys are ADMIN's alone, listing
+    them included."""
     if method in _NEEDS:
         return _NEEDS[method]
+    if method.startswith(_KEY_ADMIN):
+        return frozenset({Scope.ADMIN})
     name = method.rsplit("/", 1)[-1]
     return _READ_LIKE if name.startswith(_READ_VERBS) else frozenset({Scope.ADMIN})
 

@@ -314,6 +314,18 @@ def _bearer(secret: str):
     return (("authorization", f"Bearer {secret}"),)
 
 
+def test_keys_cannot_be_managed_where_auth_is_off(mesh):
+    """Without auth every caller has every scope: making keys there would hand out ADMIN keys to anyone."""
+    for call, request in [
+        (mesh.admin.CreateApiKey, gpb.CreateApiKeyRequest(name="x", scopes=[gpb.SCOPE_ADMIN])),
+        (mesh.admin.ListApiKeys, gpb.ListApiKeysRequest()),
+        (mesh.admin.RevokeApiKey, gpb.RevokeApiKeyRequest(id="any")),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            call(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "AUTH_ENABLED" in err.value.details()
+
+
 def test_missing_bad_and_wrong_scope_keys(mesh, secured):
     predictor = predictor_pb2_grpc.PredictorStub(secured.channels[0])
     admin = gateway_pb2_grpc.GatewayAdminStub(secured.channels[0])
@@ -335,6 +347,9 @@ def test_missing_bad_and_wrong_scope_keys(mesh, secured):
     assert "PREDICT" in err.value.details()
     status = predictor.ListModels(pb.ListModelsRequest(), metadata=_bearer(reader.secret))
     assert mesh.model in [m.name for m in status.models]
+    with pytest.raises(grpc.RpcError) as err:  # "List" reads, but the keys are ADMIN's alone
+        admin.ListApiKeys(gpb.ListApiKeysRequest(), metadata=_bearer(reader.secret))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.RpcError) as err:
         admin.CreateApiKey(gpb.CreateApiKeyRequest(name="x", scopes=[gpb.SCOPE_ADMIN]), metadata=_bearer(reader.secret))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
