@@ -35,6 +35,10 @@ class FrameError(ValueError):
     """The request body is not a valid gRPC-Web frame sequence."""
 
 
+class FrameTooLarge(FrameError):
+    """A request frame announces more bytes than the limit (gRPC's RESOURCE_EXHAUSTED)."""
+
+
 @dataclass(frozen=True)
 class Frame:
     flags: int
@@ -81,7 +85,7 @@ class FrameDecoder:
         while len(self._buffer) >= HEADER.size:
             flags, length = HEADER.unpack_from(self._buffer)
             if length > self._max:
-                raise FrameError(f"a message of {length} bytes exceeds the limit of {self._max}")
+                raise FrameTooLarge(f"a message of {length} bytes exceeds the limit of {self._max}")
             if len(self._buffer) < HEADER.size + length:
                 break
             frames.append(Frame(flags, bytes(self._buffer[HEADER.size : HEADER.size + length])))

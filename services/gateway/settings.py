@@ -5,7 +5,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.kit.settings import ServiceSettings
+from services.kit.settings import MiB, ServiceSettings
 
 DEFAULT_ROUTES = {
     "modelgrid.registry.v1.": "registry",
@@ -61,6 +61,17 @@ class GatewaySettings(ServiceSettings):
     """Registry model tag holding the canary's share (0..1); set it with UpdateModel, 0 rolls back at once."""
     cors_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8081", "http://localhost:8081"])
     """Origins allowed to call gRPC-Web from a browser ("*": any)."""
+    web_allowed_hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"])
+    """Host header values the web port answers: a name or address (any port), or name:port (that port only);
+    "*": any (only behind a proxy that checks Host itself). The gateway's own advertise_host and bind host are
+    always allowed. Other hosts get 421 before anything else: a page on a name of its own that resolves to this
+    address (DNS rebinding) reaches nothing. Add the names browsers use for the console here."""
+    web_body_timeout_seconds: float = Field(default=30.0, gt=0)
+    """Longest wait on the web port for the next bytes of a request body that has not ended; a body that stalls
+    longer ends the call with DEADLINE_EXCEEDED and closes the connection (HTTP/1.1)."""
+    web_max_body_bytes: int = Field(default=1024 * MiB, ge=1024)
+    """Largest gRPC-Web request body (all its frames; a message is also held to max_receive_message_bytes):
+    a bigger one ends the call with RESOURCE_EXHAUSTED. Bigger uploads go through the native gRPC port."""
     web_dir: Path = Path("web/dist")
     """Built web console served at / on the web port (when the directory exists)."""
     tls_cert: Path | None = None

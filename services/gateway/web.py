@@ -5,15 +5,24 @@ POST /<package.Service>/<Method> with `application/grpc-web[+proto]` or `applica
 the body's frames become the call's messages, `grpc-timeout` its deadline; the answer's headers carry the call's
 response metadata, the body its messages and, always last, a trailer frame with grpc-status and grpc-message (also
 when the call fails before any response, so that every client reads the status from one place).
+
+What the port accepts: a request whose Host is not allow-listed (`web_allowed_hosts`, the gateway's own addresses)
+gets 421 before any routing, so that a page on another name resolving to this address (DNS rebinding) reaches
+nothing, and a browser's same-origin call is one whose Origin is exactly the allow-listed Host. A request body must
+keep coming (`web_body_timeout_seconds` between its bytes), stay under `web_max_body_bytes` and hold at least one
+whole message frame: otherwise the trailers say DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED or INVALID_ARGUMENT.
 """
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import mimetypes
+import re
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,39 +47,139 @@ ALLOWED_HEADERS = "x-grpc-web, content-type, authorization, x-api-key, x-user-ag
 EXPOSED_HEADERS = ["grpc-status", "grpc-message", "grpc-status-details-bin"]
 BODY_DRAIN_SECONDS = 10.0
 NOT_BUILT_PAGE = b"<!doctype html><title>modelgrid</title><p>The web console is not built: run <code>make web</code>."
+HOST_REFUSED = b"unknown host: the gateway answers only the hosts in MODELGRID_GATEWAY_WEB_ALLOWED_HOSTS\n"
+_NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
+_UNSPECIFIED = frozenset({"", "auto", "0.0.0.0", "::", "[::]"})
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """A Host header value (or allow-list entry) as (lower-case name or [IPv6], port or None); None if malformed.
+    A bare IPv6 address is taken as an address (allow-list entries), a trailing dot of a name is dropped."""
+    value = value.strip().lower()
+    port = ""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0 or (value[end + 1 :] and not value[end + 1 :].startswith(":")):
+            return None
+        name, port = value[1:end], value[end + 2 :]
+        try:
+            name = f"[{ipaddress.IPv6Address(name).compressed}]"
+        except ValueError:
+            return None
+    elif value.count(":") > 1:
+        try:
+            name = f"[{ipaddress.IPv6Address(value).compressed}]"
+        except ValueError:
+            return None
+    else:
+        name, _, port = value.partition(":")
+        name = name[:-1] if name.endswith(".") else name
+        if not _NAME.match(name):
+            return None
+    if port and not (port.isascii() and port.isdigit() and int(port) <= 65535):
+        return None
+    return name, int(port) if port else None
+
+
+class HostAllowList:
+    """The Host header values the web port answers (see GatewaySettings.web_allowed_hosts)."""
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        self.any = False
+        self._names: set[str] = set()  # any port
+        self._authorities: set[tuple[str, int]] = set()  # that port only
+        for entry in entries:
+            if entry.strip() == "*":
+                self.any = True
+                continue
+            if entry.strip().lower() in _UNSPECIFIED:
+                continue
+            parsed = split_host(entry)
+            if parsed is None:
+                raise ValueError(f"web_allowed_hosts: {entry!r} is not a host name, address or host:port")
+            name, port = parsed
+            if port is None:
+                self._names.add(name)
+            else:
+                self._authorities.add((name, port))
+
+    @classmethod
+    def of(cls, settings: GatewaySettings) -> "HostAllowList":
+        """The configured hosts and the gateway's own addresses (its advertise host and its bind host)."""
+        return cls([*settings.web_allowed_hosts, settings.advertise_host, settings.host])
+
+    def allows(self, host: str | None) -> bool:
+        if self.any:
+            return True
+        parsed = None if not host else split_host(host)
+        if parsed is None or (host.count(":") > 1 and not host.lstrip().startswith("[")):
+            return False  # a Host header carries an IPv6 address in brackets, always
+        return parsed[0] in self._names or parsed in self._authorities
+
+
+@dataclass(frozen=True, slots=True)
+class BodyFailure:
+    """Why a request body cannot make a call: the status the call ends with."""
+
+    code: grpc.StatusCode
+    message: str
 
 
 class _Body:
     """Owns `receive()`: turns the request body into messages (`messages()`), then watches for the client going
-    away. `aborted` completes with None on a disconnect or with a FrameError for a malformed body.
+    away. `aborted` completes with None on a disconnect or with a BodyFailure: a malformed, truncated or empty
+    body (INVALID_ARGUMENT), one too big (RESOURCE_EXHAUSTED) or one that stalled (DEADLINE_EXCEEDED).
 
     The body is always read to its end, also when the call no longer wants it: hypercorn 0.18's HTTP/2 drops the
     whole connection when DATA comes for a stream whose response has ended, so `finish()` waits for the end of the
-    body before the response's last bytes go out."""
+    body before the response's last bytes go out. Not so for a body that stalls or is too big: reading stops."""
 
-    def __init__(self, receive: Receive, text: bool) -> None:
+    def __init__(self, receive: Receive, text: bool, *, timeout: float, max_bytes: int, max_message_bytes: int) -> None:
         self._receive = receive
-        self._decoder = grpcweb.FrameDecoder(text=text)
+        self._decoder = grpcweb.FrameDecoder(text=text, max_message_bytes=max_message_bytes)
+        self._timeout = timeout
+        self._max_bytes = max_bytes
+        self._size = 0
+        self._frames = 0
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
         self._wanted = True
+        self.complete = False
+        """The body came to its end (`received` is also set when reading stopped early)."""
         self.received = asyncio.Event()
-        self.aborted: asyncio.Future[grpcweb.FrameError | None] = asyncio.get_running_loop().create_future()
+        self.aborted: asyncio.Future[BodyFailure | None] = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._pump())
 
     async def _pump(self) -> None:
         more, failed = True, False
         while more:
-            event = await self._receive()
+            try:
+                async with asyncio.timeout(self._timeout):  # between two pieces, not for the whole body
+                    event = await self._receive()
+            except TimeoutError:
+                self.received.set()  # nothing more is read: finish() does not wait for it
+                seconds = f"{self._timeout:g}"
+                return self._abort(
+                    BodyFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"the request body stalled: no data for {seconds} s")
+                )
             if event["type"] == "http.disconnect":
                 self.received.set()
                 return self._abort(None)
             more = event.get("more_body", False)
+            data = event.get("body", b"")
+            self._size += len(data)
+            if self._size > self._max_bytes:
+                self.received.set()
+                message = f"the request body exceeds the limit of {self._max_bytes} bytes"
+                return self._abort(BodyFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
             if not failed:
                 try:
-                    await self._take(event.get("body", b""), last=not more)
+                    await self._take(data, last=not more)
                 except grpcweb.FrameError as exc:
                     failed = True
-                    self._abort(exc)  # the message stream stays open: the call is cancelled, not truncated
+                    # the message stream stays open: the call is cancelled, not truncated
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, grpcweb.FrameTooLarge) else None
+                    self._abort(BodyFailure(code or grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+        self.complete = True
         self.received.set()
         while (await self._receive())["type"] != "http.disconnect":
             pass
@@ -80,14 +189,20 @@ class _Body:
         for frame in self._decoder.feed(data):
             if frame.flags != grpcweb.MESSAGE_FLAG:
                 raise grpcweb.FrameError(f"unsupported request frame flags 0x{frame.flags:02x}")
+            self._frames += 1
             if self._wanted:
                 await self._queue.put(frame.payload)
         if last:
             self._decoder.close()
+            if not self._frames:
+                raise grpcweb.FrameError(
+                    "the request body is empty: a gRPC-Web call sends its request message as a frame "
+                    "(5-byte header, then the message)"
+                )
             if self._wanted:
                 await self._queue.put(None)
 
-    def _abort(self, reason: grpcweb.FrameError | None) -> None:
+    def _abort(self, reason: BodyFailure | None) -> None:
         if not self.aborted.done():
             self.aborted.set_result(reason)
 
@@ -114,31 +229,39 @@ async def _chain(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterato
         yield message
 
 
-async def _drain(receive: Receive) -> None:
-    """Reads and drops what is left of a request body before an early answer (see _Body), a bounded time."""
+async def _drain(receive: Receive, seconds: float) -> bool:
+    """Reads and drops what is left of a request body before an early answer (see _Body), a bounded time; whether
+    the body came to its end (or the client left)."""
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(BODY_DRAIN_SECONDS):
+        async with asyncio.timeout(seconds):
             while (event := await receive())["type"] == "http.request" and event.get("more_body", False):
                 pass
+            return True
+    return False
 
 
 class _Reply:
     """Writes one gRPC-Web response: headers when the first frame comes, messages, then the trailer frame."""
 
-    def __init__(self, send: Send, body: _Body, content_type: str, text: bool, cors: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self, send: Send, body: _Body, content_type: str, text: bool, cors: list[tuple[bytes, bytes]], http1: bool
+    ) -> None:
         self._send = send
         self._body = body
         self._content_type = content_type
         self._text = text
         self._cors = cors
+        self._http1 = http1
         self.started = False
         self.ended = False
 
-    async def start(self, metadata=()) -> None:
+    async def start(self, metadata=(), *, close: bool = False) -> None:
         if self.started:
             return
         self.started = True
         headers = [(b"content-type", self._content_type.encode()), *self._cors]
+        if close and self._http1:
+            headers.append((b"connection", b"close"))
         for key, value in metadata:
             headers.append((key.encode(), grpcweb.header_value(key, value).encode("latin-1", "replace")))
         if self._cors:
@@ -155,6 +278,8 @@ class _Reply:
         if not self.ended:
             await self._body.finish()
             self.ended = True
+            # a body not read to its end (stalled, too big, still coming): the connection cannot serve another request
+            await self.start(close=not self._body.complete)
             await self.write(grpcweb.encode_trailers(code.value[0], details, trailers), last=True)
 
 
@@ -166,6 +291,11 @@ class GrpcWebApp:
         self._forwarder = forwarder
         self._authorizer = authorizer
         self._origins = set(settings.cors_origins)
+        self._hosts = HostAllowList.of(settings)
+        self._body_timeout = settings.web_body_timeout_seconds
+        self._drain_seconds = min(BODY_DRAIN_SECONDS, settings.web_body_timeout_seconds)
+        self._max_body = settings.web_max_body_bytes
+        self._max_message = settings.max_receive_message_bytes
         self._web_dir = Path(settings.web_dir).resolve()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -177,6 +307,10 @@ class GrpcWebApp:
                     return
         if scope["type"] != "http":
             return
+        hosts = [v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"host"]
+        if len(hosts) != 1 or not self._hosts.allows(hosts[0]):
+            logger.debug("refused a request for host %r", hosts)
+            return await self._early(scope, receive, send, 421, HOST_REFUSED)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         method, path = scope["method"], scope["path"]
         if method == "OPTIONS":
@@ -185,25 +319,33 @@ class GrpcWebApp:
             content_type = headers.get("content-type", "").split(";")[0].strip().lower()
             kind, _, codec = content_type.partition("+")
             if kind not in ("application/grpc-web", "application/grpc-web-text") or codec not in ("", "proto"):
-                await _drain(receive)
-                return await _plain(send, 415, b"expected application/grpc-web[+proto] or grpc-web-text[+proto]\n")
+                message = b"expected application/grpc-web[+proto] or grpc-web-text[+proto]\n"
+                return await self._early(scope, receive, send, 415, message)
             if path.count("/") != 2 or len(path) < 4:
-                await _drain(receive)
-                return await _plain(send, 404, b"not a gRPC method path\n")
+                return await self._early(scope, receive, send, 404, b"not a gRPC method path\n")
             origin = headers.get("origin")
             if origin is not None and not self._origin_allowed(origin, scope, headers):
-                await _drain(receive)
-                return await _plain(send, 403, b"origin not allowed\n")
+                return await self._early(scope, receive, send, 403, b"origin not allowed\n")
             return await self._call(scope, receive, send, headers, content_type, origin)
         if method in ("GET", "HEAD"):
             return await self._static(path, send)  # hypercorn leaves out the body of a HEAD answer
         await _plain(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD, POST, OPTIONS")])
 
+    async def _early(self, scope: Scope, receive: Receive, send: Send, status: int, message: bytes) -> None:
+        """A plain answer before the call: what is left of the body is read first (a bounded time, see _Body)."""
+        drained = await _drain(receive, self._drain_seconds)
+        close = [(b"connection", b"close")] if not drained and scope.get("http_version", "1.1").startswith("1") else []
+        await _plain(send, status, message, close)
+
     # -- CORS ------------------------------------------------------------------------------------------------
 
     def _origin_allowed(self, origin: str, scope: Scope, headers: dict[str, str]) -> bool:
-        same_origin = origin == f"{scope['scheme']}://{headers.get('host', '')}"
-        return same_origin or "*" in self._origins or origin in self._origins
+        """An origin in cors_origins ("*": any), or the same origin: the page came from the allow-listed host this
+        request is for (the Host header alone says nothing: a DNS rebinding page sends its own name in both)."""
+        if "*" in self._origins or origin in self._origins:
+            return True
+        host = headers.get("host", "")
+        return origin.lower() == f"{scope['scheme']}://{host}".lower() and self._hosts.allows(host)
 
     def _cors(self, origin: str | None) -> list[tuple[bytes, bytes]]:
         if origin is None:
@@ -230,8 +372,11 @@ class GrpcWebApp:
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, headers, content_type, origin) -> None:
         text = content_type.startswith("application/grpc-web-text")
-        body = _Body(receive, text)
-        reply = _Reply(send, body, content_type, text, self._cors(origin))
+        body = _Body(
+            receive, text, timeout=self._body_timeout, max_bytes=self._max_body, max_message_bytes=self._max_message
+        )
+        http1 = scope.get("http_version", "1.1").startswith("1")
+        reply = _Reply(send, body, content_type, text, self._cors(origin), http1)
         try:
             timeout = grpcweb.parse_timeout(headers.get("grpc-timeout"))
         except grpcweb.FrameError as exc:
@@ -247,8 +392,8 @@ class GrpcWebApp:
                 await relay
             if not done:
                 await reply.end(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-            elif body.aborted.result() is not None:
-                await reply.end(grpc.StatusCode.INVALID_ARGUMENT, str(body.aborted.result()))
+            elif (failure := body.aborted.result()) is not None:
+                await reply.end(failure.code, failure.message)
             # else: the client went away; cancelling the relay cancelled the upstream call
         finally:
             relay.cancel()

@@ -1,11 +1,14 @@
 """The gateway's gRPC-Web front end to end: a real gateway subprocess in front of a real registry (own Consul agent,
 the session's Redis), called with httpx over HTTP/1.1, h2c (prior knowledge) and TLS (ALPN h2), in binary and text
-modes: unary calls, server streaming, errors, deadlines, client disconnects, CORS, the console and /healthz."""
+modes: unary calls, server streaming, errors, deadlines, client disconnects, CORS, the console and /healthz; and the
+web port's limits: the Host allow-list (DNS rebinding), empty bodies, bodies that stall or are too big, and the
+bounded method label of the metrics."""
 
 import base64
 import hashlib
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import time
@@ -13,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import h11
 import httpx
 import pytest
 
@@ -316,11 +320,157 @@ async def test_console_not_built_page(tmp_path):
     """In-process (no server needed for the static part): without web/dist, / says how to build the console."""
     settings = GatewaySettings(web_dir=tmp_path / "absent", consul_enabled=False)
     app = GrpcWebApp(settings, forwarder=None, authorizer=None)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
         page = await client.get("/")
         assert page.status_code == 200 and "make web" in page.text
         assert (await client.get("/assets/app.js")).status_code == 404
         assert (await client.get("/healthz")).text == "ok\n"
+
+
+# -- the web port's limits -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_forged_host_and_dns_rebinding_are_refused(mesh, transport):
+    """A page on evil.example resolving to 127.0.0.1 sends Host and Origin of evil.example: refused (421) before
+    routing, whatever the request; the console's own hosts (127.0.0.1, localhost, with any port) are answered."""
+    port = mesh["env"]["WEB_PORT"]
+    url = f"{mesh['base']}{SERVICE}/GetModel"
+    body = grpcweb.encode_message(pb.GetModelRequest(name="x").SerializeToString())
+    with httpx.Client(**TRANSPORTS[transport]) as client:
+        for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.nip.example:{port}"):
+            evil = {"host": host, "origin": f"http://{host}"}
+            grpc_web = {**evil, "content-type": MODES["binary"]}
+            preflight = {**evil, "access-control-request-method": "POST"}
+            for response in (
+                client.post(url, content=body, headers=grpc_web),
+                client.options(url, headers=preflight),
+                client.get(f"{mesh['base']}/", headers=evil),
+                client.get(f"{mesh['base']}/healthz", headers={"host": host}),
+            ):
+                assert response.status_code == 421, (host, response.request.method, response.text)
+                assert "access-control-allow-origin" not in response.headers
+                assert "ALLOWED_HOSTS" in response.text
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+            same = {"host": host, "origin": f"http://{host}"}
+            response, _, trailers = call(client, mesh["base"], "GetModel", pb.GetModelRequest(name="n"), headers=same)
+            assert trailers["grpc-status"] == str(grpc.StatusCode.NOT_FOUND.value[0])
+            assert response.headers["access-control-allow-origin"] == f"http://{host}"
+
+
+def test_empty_body_is_invalid_argument(mesh, variant):
+    client, text, _ = variant
+    for method in ("GetModel", "UploadBlob", "WatchEvents"):  # unary, client and server streaming
+        response = client.post(
+            f"{mesh['base']}{SERVICE}/{method}",
+            content=b"",
+            headers={"content-type": MODES["text" if text else "binary"]},
+        )
+        assert response.status_code == 200
+        frames = grpcweb.decode_frames(response.content, text=text)
+        assert len(frames) == 1 and frames[0].is_trailers, frames
+        trailers = grpcweb.decode_trailers(frames[0].payload)
+        assert trailers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0]), (method, trailers)
+        assert "empty" in trailers["grpc-message"]
+
+
+def request_series(metrics_port: str) -> set[str]:
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    return {
+        line.rsplit(" ", 1)[0] for line in text.splitlines() if line.startswith("modelgrid_gateway_requests_total{")
+    }
+
+
+def test_made_up_methods_add_at_most_one_series(mesh):
+    """200 invented paths that the routes send to the trainer (none runs in this module: each call ends
+    UNAVAILABLE) are counted under one method label; a real method keeps its own."""
+    before = request_series(mesh["env"]["METRICS_PORT"])
+    body = grpcweb.encode_message(b"")
+    with httpx.Client() as client:
+        for n in range(200):
+            path = f"/modelgrid.trainer.v1.Trainer/Made{n}" if n % 2 else f"/modelgrid.trainer.v1.TrainerFake{n}/Call"
+            response = client.post(f"{mesh['base']}{path}", content=body, headers={"content-type": MODES["binary"]})
+            trailers = grpcweb.decode_trailers(grpcweb.decode_frames(response.content)[-1].payload)
+            assert trailers["grpc-status"] == str(grpc.StatusCode.UNAVAILABLE.value[0]), (path, trailers)
+        call(client, mesh["base"], "GetModel", pb.GetModelRequest(name="counted"))
+    after = request_series(mesh["env"]["METRICS_PORT"])
+    added = {series for series in after - before if 'service="trainer"' in series}
+    assert len(added) <= 1 and all('method="unknown"' in series for series in added), added
+    assert not any("Made" in series or "Fake" in series for series in after)
+    assert any(f'method="{SERVICE}/GetModel"' in series for series in after)
+
+
+def stalled_post(port: int, host: str, path: str, sent: bytes, declared: int, timeout: float = 30.0):
+    """A POST that declares `declared` body bytes, sends `sent` and then nothing; returns the response, its body,
+    the seconds until the answer had come and whether the gateway then closed the connection."""
+    client = h11.Connection(h11.CLIENT)
+    headers = [("host", host), ("content-type", MODES["binary"]), ("content-length", str(declared))]
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(client.send(h11.Request(method="POST", target=path, headers=headers)) + sent)
+        started = time.monotonic()
+        response, body = None, b""
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+        seconds = time.monotonic() - started
+        sock.settimeout(5)
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+    return response, body, seconds, closed
+
+
+def test_limits_on_a_gateway_with_low_ones(mesh, redis_server, tmp_path):
+    """A second gateway with a 1 s body read timeout, a 64 KiB body limit and its own allowed host: a body that
+    stalls is answered DEADLINE_EXCEEDED and its connection closed; a body too big RESOURCE_EXHAUSTED; the
+    configured host replaces the default names, the gateway's own address stays allowed."""
+    limits = {
+        "WEB_BODY_TIMEOUT_SECONDS": "1",
+        "WEB_MAX_BODY_BYTES": str(64 * 1024),
+        "WEB_ALLOWED_HOSTS": '["console.example"]',
+    }
+    env = gateway_env(mesh["consul"], redis_server.url, tmp_path, **limits)
+    gateway = ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", env, tmp_path / "gw.log")
+    gateway.start()
+    try:
+        port = int(env["WEB_PORT"])
+        base = f"http://127.0.0.1:{port}"
+        wait_routed(base)
+        body = grpcweb.encode_message(pb.GetModelRequest(name="x").SerializeToString())
+        for sent in (body[:10], b""):
+            response, answer, seconds, closed = stalled_post(
+                port, f"127.0.0.1:{port}", f"{SERVICE}/GetModel", sent, 100
+            )
+            assert response.status_code == 200
+            trailers = grpcweb.decode_trailers(grpcweb.decode_frames(answer)[-1].payload)
+            assert trailers["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0]), trailers
+            assert "stalled" in trailers["grpc-message"]
+            assert 0.9 <= seconds < 5, seconds
+            assert closed, "the connection of a stalled body is closed"
+        with httpx.Client() as client:
+            data = os.urandom(70 * 1024)
+            metadata = pb.BlobMetadata(digest=sha256_hex(data), size_bytes=len(data))
+            frames = [pb.UploadBlobRequest(metadata=metadata)]
+            frames += [pb.UploadBlobRequest(chunk=data[i : i + 1024]) for i in range(0, len(data), 1024)]
+            big = b"".join(grpcweb.encode_message(f.SerializeToString()) for f in frames)
+            response = client.post(
+                f"{base}{SERVICE}/UploadBlob", content=big, headers={"content-type": MODES["binary"]}
+            )
+            trailers = grpcweb.decode_trailers(grpcweb.decode_frames(response.content)[-1].payload)
+            assert trailers["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]), trailers
+            for host, status in (("console.example", 200), (f"console.example:{port}", 200), ("localhost", 421)):
+                assert client.get(f"{base}/healthz", headers={"host": host}).status_code == status, host
+            assert client.get(f"{base}/healthz").status_code == 200  # 127.0.0.1: the gateway's own address
+    finally:
+        gateway.stop()
 
 
 # -- TLS and API keys on a second gateway --------------------------------------------------------------------

@@ -52,7 +52,7 @@ async def web(new_gateway, authorizer) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client of the gRPC-Web front's ASGI app (auth on)."""
     gateway = new_gateway()
     app = GrpcWebApp(gateway.settings, gateway.forwarder, authorizer)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
         yield client
 
 

@@ -46,8 +46,9 @@ def test_truncated_body_is_an_error():
 
 def test_oversize_frame_refused_before_its_bytes():
     decoder = FrameDecoder(max_message_bytes=10)
-    with pytest.raises(FrameError, match="exceeds"):
+    with pytest.raises(grpcweb.FrameTooLarge, match="exceeds"):  # a FrameError the web front says is too big
         decoder.feed(struct.pack(">BI", 0, 11))
+    assert FrameDecoder(max_message_bytes=10).feed(struct.pack(">BI", 0, 10) + b"x" * 10)[0].payload == b"x" * 10
 
 
 @pytest.mark.parametrize("step", [1, 2, 3, 4, 5, 7, 13, 1000])
