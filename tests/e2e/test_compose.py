@@ -50,8 +50,9 @@ LEAVE_ALLOWANCE_S = 8.0
 behaviour test below fails if it takes longer)."""
 WITHOUT_REDIS = {"services.trainer.agent"}
 """Modules that keep no state in Redis: their containers need not wait for it (they do need Consul)."""
-INTERNAL_ONLY = {"services.trainer.agent"}
-"""Modules only other containers call (the trainer calls the agents): their port is exposed, not published."""
+INTERNAL_ONLY = {"services.registry", "services.predictor", "services.trainer", "services.trainer.agent"}
+"""Modules only other containers call (the gateway calls the registry, predictors and trainer; the trainer calls the
+agents): their port is exposed, not published. Only the gateway, with its auth and rate limits, is published."""
 
 
 @pytest.fixture(scope="module")
