@@ -18,6 +18,7 @@ from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelgrid.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from services.cli.channels import open_channel
 from services.clients.registry import RegistryClient
 from services.kit.tensors import array_to_tensor, tensor_to_array
 
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument("--spec", type=Path, default=REPO / "examples" / "digits-mlp.yaml")
     parser.add_argument("--model", default="digits")
     args = parser.parse_args()
-    with grpc.insecure_channel(args.gateway) as channel:
+    with open_channel(args.gateway, []) as channel:  # with the local gateway's admin key (made by `make up`)
         job = train(channel, job_spec(channel, args.spec, args.model))
         promote(channel, args.model, job.registered_version)
         predict(channel, args.model, job.registered_version)

@@ -98,6 +98,8 @@ def mesh(state_dir: Path) -> list[LocalService]:
                 "MODELGRID_GATEWAY_WEB_PORT": "8081",
                 "MODELGRID_GATEWAY_METRICS_PORT": "9180",
                 "MODELGRID_GATEWAY_WEB_DIR": str(REPO_ROOT / "web" / "dist"),
+                # Auth is on: the gateway makes its admin key here (mode 0600) on its first start.
+                "MODELGRID_GATEWAY_ADMIN_KEY_FILE": str(state_dir / "gateway" / "admin-key"),
             },
         ),
     ]
@@ -162,13 +164,17 @@ def up(state_dir: Path, timeout: float = 120.0) -> None:
         print(f"{service.name}: serving on 127.0.0.1:{service.port}, passing in Consul (pid {process.pid})")
 
 
-def print_addresses() -> None:
+def print_addresses(state_dir: Path) -> None:
+    key_file = state_dir / "gateway" / "admin-key"
     print(
-        "\nmodelgrid is up. The public door is the gateway:\n"
+        "\nmodelgrid is up. The public door is the gateway, which takes API keys only:\n"
         "  gRPC (programs, modelgrid CLI):  127.0.0.1:8080   e.g. .venv/bin/modelgrid models list\n"
         "  web console and gRPC-Web:        http://127.0.0.1:8081/\n"
         "  Consul UI:                       http://127.0.0.1:8500/ui\n"
         "  metrics:                         gateway :9180, predictors :9161 and :9162\n"
+        f"The admin API key is in {key_file} (mode 0600). The modelgrid CLI of this checkout uses it for\n"
+        "127.0.0.1:8080; programs send it as `authorization: Bearer <key>`; in the console, paste it into the key\n"
+        "field (kept for that tab only). Make keys with fewer rights with GatewayAdmin.CreateApiKey.\n"
         "Stop it with `make down`."
     )
 
@@ -209,7 +215,7 @@ def main() -> None:
     state_dir = args.state_dir.resolve()
     if args.command == "up":
         up(state_dir)
-        print_addresses()
+        print_addresses(state_dir)
     elif args.command == "down":
         down(state_dir)
     else:

@@ -303,8 +303,10 @@ class ServiceLauncher:
         (data_dir / "recipes").mkdir(parents=True, exist_ok=True)
         return self.start(ServiceProcess("services.trainer", "MODELGRID_TRAINER_", env, data_dir / "trainer.log"))
 
-    def gateway(self, consul_url: str, redis_url: str, data_dir: Path, **settings: str) -> ServiceProcess:
-        """A gateway without its web front (unless WEB_PORT is given), ejecting a failed upstream for 5 s."""
+    def gateway(self, consul_url: str, redis_url: str, data_dir: Path, **settings: str | None) -> ServiceProcess:
+        """A gateway without its web front (unless WEB_PORT is given), ejecting a failed upstream for 5 s. Auth is
+        off unless AUTH_ENABLED says otherwise (the tests of auth say so; None leaves a setting at its default);
+        its admin key file is in `data_dir`."""
         env = {
             "CONSUL_URL": consul_url,
             "REDIS_URL": redis_url,
@@ -312,8 +314,11 @@ class ServiceLauncher:
             "METRICS_PORT": "0",
             "EJECT_SECONDS": "5",
             "CONSUL_CHECK_INTERVAL": "1s",
+            "AUTH_ENABLED": "false",
+            "ADMIN_KEY_FILE": str(data_dir / f"admin-key-{uuid.uuid4().hex[:6]}"),
             **settings,
         }
+        env = {key: value for key, value in env.items() if value is not None}
         log = data_dir / f"gateway-{free_port()}.log"
         return self.start(ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", env, log))
 

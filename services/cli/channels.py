@@ -1,8 +1,11 @@
-"""Channels of the command line: plaintext gRPC, with the API key (when one is set) on every call."""
+"""Channels of the command line: plaintext gRPC, with the API key (when one is set, or the local gateway's admin
+key) on every call."""
 
 import collections
 
 import grpc
+
+from services.kit.processes import REPO_ROOT
 
 
 class _CallDetails(
@@ -44,7 +47,26 @@ class _ApiKey(
         return continuation(self._with_key(details), requests)
 
 
+LOCAL_ADMIN_KEY = REPO_ROOT / ".run" / "gateway" / "admin-key"
+"""The admin key the gateway of `make up` made (mode 0600): the CLI of this checkout uses it for that gateway."""
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+def local_admin_key(target: str) -> str:
+    """The key of `make up`'s gateway when `target` is on this machine's loopback and the file is readable; else
+    "" (a remote gateway never gets this machine's key)."""
+    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
+    if host not in LOOPBACK:
+        return ""
+    try:
+        return LOCAL_ADMIN_KEY.read_text().strip()
+    except OSError:
+        return ""
+
+
 def open_channel(target: str, options: list[tuple[str, int]], api_key: str = "") -> grpc.Channel:
-    """A channel to `target`; with an API key, every call carries it."""
+    """A channel to `target`; with an API key (else, on this machine's loopback, the local admin key), every call
+    carries it."""
+    api_key = api_key or local_admin_key(target)
     channel = grpc.insecure_channel(target, options=options)
     return grpc.intercept_channel(channel, _ApiKey(api_key)) if api_key else channel

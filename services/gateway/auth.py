@@ -9,16 +9,21 @@ import enum
 import hashlib
 import hmac
 import json
+import logging
+import os
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.kit.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from services.kit.redis_client import is_outage, outage_error
+
+logger = logging.getLogger(__name__)
 
 
 class Scope(enum.StrEnum):
@@ -210,3 +215,21 @@ class Authorizer:
         key.revoked = True
         await self._redis.set(f"{self._prefix}key:{key_id}", json.dumps(asdict(key)))
         return key
+
+
+def admin_key_from_file(path: Path) -> str:
+    """The admin key kept in `path`, made and written there first (mode 0600, directory 0700) when the file does
+    not exist: a gateway with auth on always has a key its operator can read, and nobody else."""
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        key = ""
+    if key:
+        return key
+    key = f"admin.{secrets.token_urlsafe(32)}"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(key + "\n")
+    logger.warning("made an admin API key and wrote it to %s (mode 0600): use it to create other keys", path)
+    return key

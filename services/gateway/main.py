@@ -15,7 +15,7 @@ import modelgrid.trainer.v1.trainer_pb2  # noqa: F401
 from modelgrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from services.clients.registry import AsyncRegistryClient
 from services.gateway.admin import GatewayAdminServicer
-from services.gateway.auth import Authorizer
+from services.gateway.auth import Authorizer, admin_key_from_file
 from services.gateway.canary import CanaryWeights
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.native import ProxyHandler
@@ -56,7 +56,7 @@ async def start_gateway(settings: GatewaySettings) -> GrpcService:
     authorizer = Authorizer(
         redis,
         enabled=settings.auth_enabled,
-        admin_key=settings.admin_key,
+        admin_key=settings.admin_key or (admin_key_from_file(settings.admin_key_file) if settings.auth_enabled else ""),
         default_rate=settings.default_rate_limit,
         burst_seconds=settings.rate_burst_seconds,
         prefix=settings.redis_key_prefix,

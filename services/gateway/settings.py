@@ -45,10 +45,15 @@ class GatewaySettings(ServiceSettings):
     """Calls that change state: never retried unless the caller sends an `idempotency-key` header."""
     eject_seconds: float = Field(default=10.0, ge=0)
     """An instance that failed UNAVAILABLE is left out of rotation this long (passive health)."""
-    auth_enabled: bool = False
-    """Require an API key (`authorization: Bearer <secret>` or `x-api-key`) on every call."""
+    auth_enabled: bool = True
+    """Require an API key (`authorization: Bearer <secret>` or `x-api-key`) on every call. Off only for a gateway
+    that nobody but its own host's programs can reach."""
     admin_key: str = ""
-    """A bootstrap secret with every scope (to create the first keys); empty: none."""
+    """A bootstrap secret with every scope (to create the first keys). Empty: the one in admin_key_file."""
+    admin_key_file: Path = Path(".run/gateway/admin-key")
+    """Where the admin key is kept when admin_key is empty: read at start, or, when the file does not exist and auth
+    is on, made (random, 256 bits) and written there with mode 0600 for the operator (`make up` prints where; the
+    `modelgrid` CLI run from this checkout reads it)."""
     default_rate_limit: float = Field(default=100.0, gt=0)
     """Requests per second per API key, shared by every gateway instance through Redis."""
     rate_burst_seconds: float = Field(default=1.0, gt=0)

@@ -141,7 +141,11 @@ class HostRunner:
                 "SCRATCH_DIR": str(state / "trainer"),
                 "RECIPES_DIR": str(REPO_ROOT / "services" / "trainer" / "recipes"),
             },
-            "gateway": {"WEB_DIR": str(REPO_ROOT / "web" / "dist")},
+            # Auth is on by default: the gateway makes its admin key in the host's state dir (mode 0600).
+            "gateway": {
+                "WEB_DIR": str(REPO_ROOT / "web" / "dist"),
+                "ADMIN_KEY_FILE": str(state / "gateway" / "admin-key"),
+            },
         }[service.kind]
         settings = {
             "PORT": str(service.port),

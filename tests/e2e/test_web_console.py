@@ -22,6 +22,7 @@ from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from modelgrid.trainer.v1 import trainer_pb2 as tpb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
+from services.cli.channels import open_channel
 from services.kit.localinfra import ConsulAgent, free_port
 from services.kit.processes import REPO_ROOT, ServiceProcess
 
@@ -31,6 +32,7 @@ CHROMIUM = "/usr/bin/chromium"
 WEB = REPO_ROOT / "web"
 SCRIPT = WEB / "tests" / "console.e2e.mjs"
 X = [[1.0, 2.0, 3.0, 4.0]]
+ADMIN_KEY = f"admin.console-e2e-{uuid.uuid4().hex}"
 
 
 def _require_browser() -> None:
@@ -91,6 +93,7 @@ def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved
                 "METRICS_PORT": "0",
                 "WEB_DIR": str(WEB / "dist"),
                 "CORS_ORIGINS": '["*"]',
+                "ADMIN_KEY": ADMIN_KEY,  # auth as by default: on
             }
             gateway = ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", gateway_settings, tmp / "gateway.log")
             with launch.together():
@@ -98,7 +101,7 @@ def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved
                 started += [launch.agent(consul.http_url, tmp) for _ in range(2)]
                 started.append(launch.trainer(consul.http_url, redis_server.url, tmp, prefix))
                 started.append(launch.start(gateway))
-            channel = grpc.insecure_channel(gateway.target)
+            channel = open_channel(gateway.target, [], ADMIN_KEY)
             ns = SimpleNamespace(
                 tmp=tmp,
                 model=model,
@@ -188,6 +191,7 @@ def test_console_in_chromium_lists_models_predicts_and_follows_a_training_job(me
     script = ConsoleScript(
         {
             "CONSOLE_URL": mesh.url,
+            "API_KEY": ADMIN_KEY,
             "MODEL_NAME": mesh.model,
             "EXPECTED_Y": json.dumps(expected),
             "SCREENSHOT_DIR": str(screenshots),
@@ -211,8 +215,8 @@ def test_console_in_chromium_lists_models_predicts_and_follows_a_training_job(me
     assert code == 0, f"console script failed:\n{output}\n{_log_tails(mesh)}"
     checkpoints = [line.split()[1] for line in script.lines if line.startswith("CHECKPOINT ")]
     expected_checkpoints = (
-        "models-listed promoted rolled-back predicted error-shown workers-listed ready-for-job job-progress "
-        "job-succeeded jobs-listed done"
+        "asked-for-key models-listed promoted rolled-back predicted error-shown workers-listed ready-for-job "
+        "job-progress job-succeeded jobs-listed done"
     )
     assert checkpoints == expected_checkpoints.split(), output
     assert "version=1" in output

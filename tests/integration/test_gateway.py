@@ -314,6 +314,30 @@ def _bearer(secret: str):
     return (("authorization", f"Bearer {secret}"),)
 
 
+def test_auth_is_on_by_default_with_an_admin_key_only_its_operator_can_read(mesh, launch, tmp_path):
+    key_file = tmp_path / "state" / "admin-key"
+    defaults = {"AUTH_ENABLED": None, "ADMIN_KEY_FILE": str(key_file)}  # auth as the gateway has it by default
+    gateway = launch.gateway(mesh.consul.http_url, mesh.redis_url, tmp_path, **defaults)
+    try:
+        assert key_file.stat().st_mode & 0o777 == 0o600 and key_file.parent.stat().st_mode & 0o077 == 0
+        secret = key_file.read_text().strip()
+        with grpc.insecure_channel(gateway.target) as channel:
+            models = predictor_pb2_grpc.PredictorStub(channel).ListModels
+            with pytest.raises(grpc.RpcError) as err:
+                models(pb.ListModelsRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert models(pb.ListModelsRequest(), metadata=_bearer(secret), timeout=10) is not None
+            made = gateway_pb2_grpc.GatewayAdminStub(channel).CreateApiKey(
+                gpb.CreateApiKeyRequest(name="reader", scopes=[gpb.SCOPE_READ]), metadata=_bearer(secret), timeout=10
+            )
+            assert models(pb.ListModelsRequest(), metadata=_bearer(made.secret), timeout=10) is not None
+    finally:
+        gateway.stop()
+    again = launch.gateway(mesh.consul.http_url, mesh.redis_url, tmp_path, **defaults)
+    again.stop()
+    assert key_file.read_text().strip() == secret, "a restart made a new admin key"
+
+
 def test_keys_cannot_be_managed_where_auth_is_off(mesh):
     """Without auth every caller has every scope: making keys there would hand out ADMIN keys to anyone."""
     for call, request in [

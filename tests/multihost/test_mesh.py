@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +30,7 @@ from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from modelgrid.trainer.v1 import trainer_pb2 as tpb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
+from services.cli.channels import open_channel
 from services.kit.convert import ref_to_pb
 from services.kit.processes import REPO_ROOT
 from services.kit.tensors import array_to_tensor
@@ -36,10 +38,15 @@ from services.kit.tensors import array_to_tensor
 pytestmark = [pytest.mark.multihost, pytest.mark.slow]
 
 MiB = 1 << 20
+ADMIN_KEY = f"admin.multihost-{uuid.uuid4().hex}"
+"""The gateway on a requires API keys, as by default; the tests call it with this one."""
 X = np.array([[0.5, -1.0, 2.0, 0.1]], dtype=np.float32)
 CONSUL_HTTP_PORT = 8500
 LAYOUT = {
-    "a": {"redis": {"port": 6379}, "services": {"registry": {}, "gateway": {"settings": {"WEB_PORT": "-1"}}}},
+    "a": {
+        "redis": {"port": 6379},
+        "services": {"registry": {}, "gateway": {"settings": {"WEB_PORT": "-1", "ADMIN_KEY": ADMIN_KEY}}},
+    },
     "b": {
         "services": {
             "predictor": {"settings": {"AUTO_LOAD": "true", "TF_THREADS": "1"}},
@@ -113,7 +120,7 @@ def mesh(hosts_lib, lab, tmp_path_factory, client_for, unique, build_saved_model
     for seed in (1, 2):
         registry.push_savedmodel(model, build_saved_model(tmp / f"m{seed}", seed=seed))
     registry.stub.SetAlias(rpb.SetAliasRequest(model_name=model, alias="production", version=1))
-    gateway = grpc.insecure_channel(f"{a.address}:8080")
+    gateway = open_channel(f"{a.address}:8080", [], ADMIN_KEY)
     ns = SimpleNamespace(
         hosts_lib=hosts_lib,
         lab=lab,

@@ -7,15 +7,16 @@ import { Trainer } from "./gen/modelgrid/trainer/v1/trainer_pb";
 
 const API_KEY_STORAGE = "modelgrid.apiKey";
 
-/** The API key the user entered (empty: none). */
+/** The API key the user entered in this tab (empty: none). */
 export function apiKey(): string {
-  return localStorage.getItem(API_KEY_STORAGE) ?? "";
+  return sessionStorage.getItem(API_KEY_STORAGE) ?? "";
 }
 
-/** Remembers the API key for later calls and later visits; an empty key removes it. */
+/** Keeps the API key for this tab's later calls (sessionStorage: gone when the tab closes, never shared with
+ * other tabs or kept on disk); an empty key removes it. */
 export function setApiKey(key: string): void {
-  if (key) localStorage.setItem(API_KEY_STORAGE, key);
-  else localStorage.removeItem(API_KEY_STORAGE);
+  if (key) sessionStorage.setItem(API_KEY_STORAGE, key);
+  else sessionStorage.removeItem(API_KEY_STORAGE);
 }
 
 /** Sends `authorization: Bearer <key>` on every call when a key is set. */

@@ -67,6 +67,12 @@ export function showError(err: unknown): void {
   box.dataset.code = codeName(error.code);
   document.getElementById("error-text")!.textContent = `${codeName(error.code)}: ${error.rawMessage}`;
   box.hidden = false;
+  if (error.code === Code.Unauthenticated) {
+    // The gateway takes API keys only: ask for one where it is entered (`make up` prints where its admin key is).
+    const input = document.getElementById("api-key") as HTMLInputElement;
+    input.placeholder = "enter an API key";
+    input.focus();
+  }
 }
 
 export function clearError(): void {

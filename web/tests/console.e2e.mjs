@@ -2,7 +2,8 @@
 // lists models, promotes and rolls back, predicts, shows an error, lists workers, follows a training job live and
 // finds it in the jobs list.
 //
-// Environment: CONSOLE_URL (the gateway's web front), MODEL_NAME (a model with versions 1 and 2, production -> 1),
+// Environment: CONSOLE_URL (the gateway's web front, which requires API keys), API_KEY (one with every scope),
+// MODEL_NAME (a model with versions 1 and 2, production -> 1),
 // EXPECTED_Y (JSON: what version 1 answers for [[1,2,3,4]]), SCREENSHOT_DIR, CHROMIUM (default /usr/bin/chromium).
 // When the page is ready for the job it prints "CHECKPOINT ready-for-job" and reads the job id from stdin.
 // Prints "CHECKPOINT <name> ..." lines as it goes; exits 1 with "FAILED: <why>" on the first failure.
@@ -18,6 +19,7 @@ const env = (name, fallback) => {
   return value;
 };
 const url = env("CONSOLE_URL").replace(/\/$/, "");
+const apiKey = env("API_KEY");
 const model = env("MODEL_NAME");
 const expectedY = JSON.parse(env("EXPECTED_Y"));
 const screenshots = env("SCREENSHOT_DIR");
@@ -43,6 +45,24 @@ async function readLine() {
 async function expectNoError(page, step) {
   const box = page.locator("#error");
   if (await box.isVisible()) fail(`${step}: error box shows "${await box.textContent()}"`);
+}
+
+/** Without a key the gateway refuses the first call: the console says so and asks for one, which it keeps for
+ * the tab (sessionStorage), so every page after this one sends it. */
+async function askedForKey(page) {
+  await page.goto(`${url}/#/models`);
+  const error = page.locator("#error");
+  await error.waitFor({ state: "visible", timeout: 15000 });
+  const code = await error.getAttribute("data-code");
+  if (code !== "UNAUTHENTICATED") fail(`a call without a key gave ${code}: ${await error.textContent()}`);
+  const focused = await page.evaluate(() => document.activeElement?.id);
+  if (focused !== "api-key") fail(`the key field is not focused after UNAUTHENTICATED (focus: ${focused})`);
+  await page.locator("#api-key").fill(apiKey);
+  await page.locator("#api-key").dispatchEvent("change");
+  const stored = await page.evaluate(() => [sessionStorage.length, localStorage.length]);
+  if (stored[0] !== 1 || stored[1] !== 0) fail(`the key is not kept for the tab only: ${stored}`);
+  await page.reload(); // the tab keeps its key across a reload
+  checkpoint("asked-for-key");
 }
 
 async function modelsPage(page) {
@@ -107,17 +127,13 @@ async function predict(page) {
 }
 
 async function workers(page) {
-  // The API key typed in the header goes out as a bearer token (this gateway does not require one).
-  await page.locator("#api-key").fill("console-test-key");
-  await page.locator("#api-key").dispatchEvent("change");
+  // The API key typed in the header goes out as a bearer token on every call.
   const call = page.waitForRequest((request) => request.url().endsWith("/modelgrid.trainer.v1.Trainer/ListWorkers"));
   await page.goto(`${url}/#/workers`);
   const headers = await (await call).allHeaders();
-  if (headers.authorization !== "Bearer console-test-key") fail(`authorization header: ${headers.authorization}`);
+  if (headers.authorization !== `Bearer ${apiKey}`) fail("the API key did not go out as the authorization header");
   if (headers["content-type"] !== "application/grpc-web+proto") fail(`content-type: ${headers["content-type"]}`);
   await page.locator('tr[data-testid="worker-row"]').nth(1).waitFor({ timeout: 15000 });
-  await page.locator("#api-key").fill("");
-  await page.locator("#api-key").dispatchEvent("change");
   checkpoint("workers-listed", String(await page.locator('tr[data-testid="worker-row"]').count()));
   await page.screenshot({ path: join(screenshots, "workers.png"), fullPage: true });
 }
@@ -187,6 +203,7 @@ async function main() {
   page.on("pageerror", (err) => problems.push(`page error: ${err.message}`));
   page.on("console", (msg) => msg.type() === "error" && problems.push(`console: ${msg.text()}`));
   try {
+    await askedForKey(page);
     await modelsPage(page);
     await page.screenshot({ path: join(screenshots, "models.png"), fullPage: true });
     await promoteAndRollBack(page);
