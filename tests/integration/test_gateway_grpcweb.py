@@ -51,6 +51,9 @@ def gateway_env(consul: ConsulAgent, redis_url: str, tmp: Path, **extra: str) ->
         "METRICS_PORT": str(free_port()),
         "CORS_ORIGINS": f'["{ALLOWED_ORIGIN}"]',
         "WEB_DIR": str(tmp / "dist"),
+        # Not about API keys (the TLS test turns them on): auth off, and no admin key file made in the checkout.
+        "AUTH_ENABLED": "false",
+        "ADMIN_KEY_FILE": str(tmp / "admin-key"),
         **extra,
     }
 
