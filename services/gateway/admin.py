@@ -4,7 +4,7 @@ from modelgrid.gateway.v1 import gateway_pb2 as pb
 from modelgrid.gateway.v1 import gateway_pb2_grpc
 from services.gateway.auth import ApiKey, Authorizer, Scope
 from services.gateway.upstreams import Backends
-from services.kit.convert import timestamp
+from services.kit.convert import enum_member, timestamp
 from services.kit.errors import FailedPrecondition, InvalidArgument
 
 
@@ -36,13 +36,14 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
 
     async def CreateApiKey(self, request: pb.CreateApiKeyRequest, context) -> pb.CreateApiKeyResponse:
         await self._admin(context, "CreateApiKey")
-        if not request.name or len(request.name) > 100:
-            raise InvalidArgument("a key needs a name of 1-100 characters")
+        if not 1 <= len(request.name) <= 100 or not (request.name.isascii() and request.name.isprintable()):
+            # the name travels as the x-modelgrid-client header, which takes printable ASCII only
+            raise InvalidArgument("a key needs a name of 1-100 printable ASCII characters")
         if not request.scopes or pb.SCOPE_UNSPECIFIED in request.scopes:
             raise InvalidArgument("a key needs at least one scope (READ, PREDICT, TRAIN, ADMIN)")
         if request.rate_limit < 0:
             raise InvalidArgument("rate_limit must not be negative")
-        scopes = [Scope(pb.Scope.Name(s).removeprefix("SCOPE_")) for s in request.scopes]
+        scopes = [Scope(enum_member(pb.Scope, s, "scope").removeprefix("SCOPE_")) for s in request.scopes]
         key, secret = await self._auth.create_key(request.name, scopes, request.rate_limit)
         return pb.CreateApiKeyResponse(key=_key_to_pb(key), secret=secret)
 

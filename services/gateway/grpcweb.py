@@ -23,6 +23,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
 _TIMEOUT_UNIT_SECONDS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _METADATA_KEY = re.compile(r"^[0-9a-z_.-]+$")
+_METADATA_VALUE = re.compile(r"[\x20-\x7e]*")
+"""What gRPC takes as an ASCII metadata value: printable ASCII and spaces."""
 # Request headers that belong to HTTP or the browser, not to the call: never passed on as gRPC metadata.
 HTTP_ONLY_HEADERS = frozenset(
     """host connection keep-alive proxy-connection transfer-encoding upgrade content-length http2-settings accept
@@ -174,7 +176,8 @@ def parse_timeout(value: str | None) -> float | None:
 
 def request_metadata(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str | bytes]]:
     """HTTP request headers as gRPC metadata: HTTP/browser-only headers (HTTP_ONLY_HEADERS, `sec-*`,
-    `access-control-*`) and names gRPC does not allow are left out; `-bin` values are base64-decoded to bytes."""
+    `access-control-*`) and names or values gRPC does not allow are left out; `-bin` values are base64-decoded to
+    bytes."""
     metadata: list[tuple[str, str | bytes]] = []
     for key, value in headers:
         key = key.lower()
@@ -183,8 +186,8 @@ def request_metadata(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str 
         if key.endswith("-bin"):
             try:
                 metadata.append((key, base64.b64decode(value + "=" * (-len(value) % 4))))
-            except binascii.Error:
+            except ValueError:  # binascii.Error, and non-ASCII text
                 continue
-        else:
-            metadata.append((key, value))
+        elif _METADATA_VALUE.fullmatch(value):
+            metadata.append((key, value))  # (gRPC refuses other values: they are left out, as illegal names are)
     return metadata

@@ -8,7 +8,9 @@ Any other call is a stream of frames, `Forwarder.stream`: Headers, then messages
 trailers); the gateway never needs to know a method's message types.
 """
 
+import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -83,6 +85,14 @@ def is_unary(method: str) -> bool:
     return not descriptor.client_streaming and not descriptor.server_streaming
 
 
+_METHOD_PATH = re.compile(r"/([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+)/([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _may_exist(method: str) -> bool:
+    """Whether a path can name a protobuf method at all ("/package.Service/Method", identifiers only)."""
+    return _METHOD_PATH.fullmatch(method) is not None
+
+
 @dataclass(slots=True)
 class Route:
     """Where a method goes: the Consul service, whether the method is unary, and the service's pool once known."""
@@ -119,6 +129,22 @@ class _Replay:
             yield message
 
 
+async def _send(call: grpc.aio.StreamStreamCall, messages: AsyncIterator[bytes]) -> None:
+    """Writes the request messages to the upstream call, then half-closes it. A backend may answer before it has
+    read them all (e.g. INVALID_ARGUMENT on the first): writing then stops quietly and the call's status says why.
+    (Handing gRPC the iterator instead turned that answer into INTERNAL "Internal error from Core" now and then.)
+    A caller whose own stream fails cancels the upstream call."""
+    try:
+        async for message in messages:
+            await call.write(message)
+        await call.done_writing()
+    except (asyncio.InvalidStateError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+        return
+    except Exception:
+        call.cancel()
+        raise
+
+
 class Forwarder:
     """Routes and forwards calls. Never raises for a backend's failure: it ends the call with the status."""
 
@@ -146,11 +172,15 @@ class Forwarder:
     # -- routing -----------------------------------------------------------------------------------------------
 
     def route(self, method: str) -> Route | None:
-        """Where a method path ("/pkg.Service/Method") goes, or None when the routes name no service for it."""
+        """Where a method path ("/pkg.Service/Method") goes, or None when the routes name no service for it or the
+        path cannot name a protobuf method (UNIMPLEMENTED here, without a call to a backend). A well-formed method
+        the gateway has no descriptor of is forwarded: a backend's new API needs no gateway change."""
         route = self._routes.get(method, False)
         if route is False:
             service_name = method.lstrip("/").split("/", 1)[0]
             service = next((s for prefix, s in self._prefixes if service_name.startswith(prefix)), None)
+            if service is not None and not _may_exist(method):
+                service = None
             route = None if service is None else Route(service, is_unary(method))
             if len(self._routes) < _MAX_CACHED:
                 self._routes[method] = route
@@ -318,7 +348,8 @@ class Forwarder:
                     if len(calls) < _MAX_CACHED:
                         calls[method] = callable_
                 remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
-                call = callable_(replay.stream(), metadata=metadata, timeout=remaining)
+                call = callable_(metadata=metadata, timeout=remaining)
+                sending = asyncio.create_task(_send(call, replay.stream()))
                 member.in_flight += 1
                 answered = False
                 try:
@@ -349,6 +380,7 @@ class Forwarder:
                         return
                 finally:
                     member.in_flight -= 1
+                    sending.cancel()
                     if not call.done():
                         call.cancel()  # the caller went away: cancel upstream too
         finally:

@@ -3,6 +3,7 @@
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from modelgrid.common.v1 import common_pb2
+from services.kit.errors import InvalidArgument
 from services.kit.modelref import ModelRef
 
 
@@ -36,3 +37,23 @@ def ref_from_pb(message: common_pb2.ModelRef) -> ModelRef:
     if selector == "alias":
         return ModelRef(message.name, alias=message.alias)
     return ModelRef(message.name)
+
+
+MAX_NUMBER_DIGITS = 18
+"""Longest decimal number a page token or a version string may be (below 2^63)."""
+
+
+def parse_number(text: str, what: str) -> int:
+    """A non-negative decimal number sent as text (a page token, an OIP version), or InvalidArgument: never a
+    ValueError (Python refuses to convert more than 4300 digits) and never a number larger than an int64."""
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_NUMBER_DIGITS:
+        raise InvalidArgument(f"invalid {what}: pass back the value a previous answer gave (at most 18 digits)")
+    return int(text)
+
+
+def enum_member(enum_type, value: int, what: str) -> str:
+    """The name of a protobuf enum value, or InvalidArgument for a number the enum does not define."""
+    try:
+        return enum_type.Name(value)
+    except ValueError:
+        raise InvalidArgument(f"unknown {what} {value}") from None

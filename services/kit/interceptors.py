@@ -52,10 +52,10 @@ _PASSED_ON = {
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(exc, errors.ModelgridError):
-        await context.abort(status_of(exc), str(exc))
+        await context.abort(status_of(exc), _bounded(str(exc)))
     if isinstance(exc, grpc.aio.AioRpcError):
         if exc.code() in _PASSED_ON:
-            await context.abort(exc.code(), exc.details() or exc.code().name)
+            await context.abort(exc.code(), _bounded(exc.details() or exc.code().name))
         logger.warning("a dependency of %s failed: %s %s", method, exc.code().name, exc.details())
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"a service this call depends on failed ({exc.code().name})")
     if is_outage(exc):  # Redis down, restarting or replaying its AOF: retryable, never INTERNAL
@@ -64,6 +64,19 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
     incident = uuid.uuid4().hex[:12]
     logger.error("unexpected error in %s (incident %s)", method, incident, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server log has details")
+
+
+MAX_DETAILS_BYTES = 1024
+"""Longest status message sent, in UTF-8 bytes (gRPC percent-encodes what is not ASCII, up to 3x more): one that
+quotes a huge request field would pass gRPC's limit on response metadata (8-16 KiB), and the client would see
+RESOURCE_EXHAUSTED "metadata size exceeds" instead of the real status."""
+
+
+def _bounded(details: str) -> str:
+    data = details.encode()
+    if len(data) <= MAX_DETAILS_BYTES:
+        return details
+    return data[: MAX_DETAILS_BYTES - 16].decode(errors="ignore") + "... (cut short)"
 
 
 def _service_of(method: str) -> str:

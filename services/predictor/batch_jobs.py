@@ -21,6 +21,7 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from services.clients.registry import AsyncRegistryClient
+from services.kit.convert import parse_number
 from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound, ResourceExhausted
 from services.kit.modelref import ModelRef
 from services.predictor.control import ModelControl
@@ -106,9 +107,8 @@ class BatchJobs:
 
     async def list_jobs(self, page_size: int, page_token: str) -> tuple[list[BatchJob], str]:
         """Jobs newest first; the token is the offset of the next page."""
-        if page_token and not page_token.isdigit():
-            raise InvalidArgument(f"invalid page_token {page_token!r}")
-        start, size = int(page_token or 0), min(page_size or 50, 1000)
+        start = parse_number(page_token, "page_token") if page_token else 0
+        size = min(page_size or 50, 1000)
         ids = await self._redis.zrevrange(self._prefix, start, start + size)
         jobs = []
         for job_id in ids[:size]:

@@ -20,6 +20,7 @@ from services.clients.registry.types import (
     VersionStatus,
 )
 from services.kit.artifacts import check_digest
+from services.kit.convert import parse_number
 from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.kit.modelref import ModelRef, check_alias, check_model_name, shown
 from services.registry.blobstore import BlobStore, BlobWriter
@@ -337,9 +338,7 @@ class ModelRegistry:
         """Versions newest first; the page token is the last version number of the previous page."""
         check_model_name(name)
         limit = self._page_size(page_size)
-        if page_token and not page_token.isdigit():
-            raise InvalidArgument(f"invalid page_token {page_token!r}")
-        below = int(page_token) if page_token else None
+        below = parse_number(page_token, "page_token") if page_token else None
         versions = [
             v
             for v in await self._store.list_versions(name)

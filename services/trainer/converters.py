@@ -4,9 +4,18 @@ the core's dataclasses."""
 from google.protobuf import json_format
 
 from modelgrid.trainer.v1 import trainer_pb2 as pb
-from services.kit.convert import timestamp
+from services.kit.convert import enum_member, timestamp
+from services.kit.errors import InvalidArgument
 from services.trainer.domain import Failure, Job, JobCheckpoint, JobEvent, JobState, WorkerView
 from services.trainer.jobspec import Dataset, HyperParameters, JobSpec
+
+
+def _recipe_params(params) -> dict:
+    """A Struct as JSON-ready data; InvalidArgument for values JSON cannot hold (NaN, infinity)."""
+    try:
+        return json_format.MessageToDict(params)
+    except ValueError:
+        raise InvalidArgument("recipe_params must hold finite numbers only") from None
 
 
 def spec_from_pb(spec: pb.JobSpec) -> JobSpec:
@@ -15,7 +24,7 @@ def spec_from_pb(spec: pb.JobSpec) -> JobSpec:
     return JobSpec(
         name=spec.name,
         recipe=spec.recipe,
-        recipe_params=json_format.MessageToDict(spec.recipe_params),
+        recipe_params=_recipe_params(spec.recipe_params),
         dataset=Dataset(
             format=dataset.format,
             blob_digest=dataset.blob_digest,
@@ -88,7 +97,7 @@ def spec_to_pb(spec: JobSpec) -> pb.JobSpec:
 def state_from_pb(value: int) -> JobState | None:
     if value == pb.JOB_STATE_UNSPECIFIED:
         return None
-    return JobState(pb.JobState.Name(value).removeprefix("JOB_STATE_"))
+    return JobState(enum_member(pb.JobState, value, "job state").removeprefix("JOB_STATE_"))
 
 
 def state_to_pb(state: JobState) -> int:

@@ -15,6 +15,7 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
+from services.kit.convert import parse_number
 from services.kit.errors import NotFound
 from services.kit.redis_client import is_outage
 from services.kit.streams import Backoff
@@ -99,7 +100,7 @@ class JobStore:
 
     async def list_jobs(self, state: JobState | None, page_size: int, page_token: str) -> tuple[list[Job], str]:
         """Jobs newest first; the token is the offset to continue at."""
-        offset, size = int(page_token or 0), page_size
+        offset, size = parse_number(page_token, "page_token") if page_token else 0, page_size
         jobs: list[Job] = []
         ids = await self._redis.zrevrange(f"{self._prefix}jobs", 0, -1)
         position = offset

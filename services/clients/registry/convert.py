@@ -4,7 +4,7 @@ its clients read back, through the same functions."""
 from modelgrid.common.v1 import common_pb2
 from modelgrid.registry.v1 import registry_pb2 as pb
 from services.clients.registry import types
-from services.kit.convert import seconds_of, timestamp
+from services.kit.convert import enum_member, seconds_of, timestamp
 from services.kit.tensors import BY_NAME, BY_PROTO
 
 
@@ -16,7 +16,7 @@ def status_from_pb(value: int) -> types.VersionStatus | None:
     """None for UNSPECIFIED."""
     if value == pb.VERSION_STATUS_UNSPECIFIED:
         return None
-    return types.VersionStatus(pb.VersionStatus.Name(value).removeprefix("VERSION_STATUS_"))
+    return types.VersionStatus(enum_member(pb.VersionStatus, value, "version status").removeprefix("VERSION_STATUS_"))
 
 
 def format_to_pb(value: types.ArtifactFormat) -> int:
@@ -27,7 +27,8 @@ def format_from_pb(value: int) -> types.ArtifactFormat:
     """UNSPECIFIED means RAW."""
     if value == pb.ARTIFACT_FORMAT_UNSPECIFIED:
         return types.ArtifactFormat.RAW
-    return types.ArtifactFormat(pb.ArtifactFormat.Name(value).removeprefix("ARTIFACT_FORMAT_"))
+    name = enum_member(pb.ArtifactFormat, value, "artifact format")
+    return types.ArtifactFormat(name.removeprefix("ARTIFACT_FORMAT_"))
 
 
 def model_to_pb(model: types.RegisteredModel) -> pb.RegisteredModel:

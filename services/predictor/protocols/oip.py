@@ -21,6 +21,7 @@ import grpc
 
 from inference import grpc_service_pb2 as pb
 from inference import grpc_service_pb2_grpc
+from services.kit.convert import parse_number
 from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError
 from services.kit.interceptors import status_of
 from services.kit.modelref import ModelRef, check_alias, check_model_name
@@ -62,9 +63,10 @@ def ref_of(name: str, version: str) -> ModelRef:
     if not version:
         return ModelRef(name)
     if version.isdigit():
-        if int(version) < 1:
-            raise InvalidArgument(f"model_version {version!r}: versions start at 1")
-        return ModelRef(name, version=int(version))
+        number = parse_number(version, "model_version")
+        if number < 1:
+            raise InvalidArgument("model_version: versions start at 1")
+        return ModelRef(name, version=number)
     try:
         return ModelRef(name, alias=check_alias(version))
     except InvalidArgument:
