@@ -14,13 +14,14 @@ DEBIAN_STAMP := .tools/.debian-packages-$(shell echo '$(DEBIAN_PACKAGES)' | sha2
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: help setup protos web up down status test test-fast lint format clean lock demo bench-registry bench-predictor bench-trainer bench-gateway bench-large
+.PHONY: help setup protos web up down status test test-fast fuzz lint format clean lock demo bench-registry bench-predictor bench-trainer bench-gateway bench-large
 
 help:
 	@echo "make up              install what is missing, start Consul, Redis and the services locally"
 	@echo "make down            stop everything make up started"
 	@echo "make test            install what is missing, run the whole suite against real Consul and Redis"
 	@echo "make test-fast       the unit tier only (tests/unit: in-process, real Consul and Redis), a few minutes"
+	@echo "make fuzz            the fuzz targets of tests/fuzz for MODELGRID_FUZZ_SECONDS (600) instead of a few cases"
 	@echo "make demo            make up, then train on two workers, register, promote, predict through the gateway"
 	@echo "make bench-registry  registry push/pull throughput vs a plain file copy, metadata ops/s"
 	@echo "make bench-predictor predictor throughput/latency: in-process limit, batching off/on, Flask baseline"
@@ -93,6 +94,13 @@ test: setup
 # The inner loop: no web console build, no subprocess meshes.
 test-fast: $(VENV)/.installed $(CONSUL) $(DEBIAN_STAMP) gen/.generated
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# tests/fuzz runs MODELGRID_FUZZ_EXAMPLES cases per target from fixed seeds in `make test`; this gives all its targets
+# MODELGRID_FUZZ_SECONDS together (split evenly) with fresh random cases. The web console is not needed.
+MODELGRID_FUZZ_SECONDS ?= 600
+fuzz: $(VENV)/.installed $(CONSUL) $(DEBIAN_STAMP) gen/.generated
+	MODELGRID_FUZZ_SECONDS=$(MODELGRID_FUZZ_SECONDS) $(PY) -m pytest tests/fuzz \
+		--timeout=$$(( $(firstword $(subst ., ,$(MODELGRID_FUZZ_SECONDS))) + 600 )) $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check services tests bench scripts
