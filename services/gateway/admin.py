@@ -7,6 +7,9 @@ from services.gateway.upstreams import Backends
 from services.kit.convert import enum_member, timestamp
 from services.kit.errors import FailedPrecondition, InvalidArgument
 
+MIN_RATE, MAX_RATE = 0.001, 1e6
+"""Bounds of a key's own rate limit (requests per second)."""
+
 
 def _key_to_pb(key: ApiKey) -> pb.ApiKey:
     return pb.ApiKey(
@@ -41,8 +44,11 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
             raise InvalidArgument("a key needs a name of 1-100 printable ASCII characters")
         if not request.scopes or pb.SCOPE_UNSPECIFIED in request.scopes:
             raise InvalidArgument("a key needs at least one scope (READ, PREDICT, TRAIN, ADMIN)")
-        if request.rate_limit < 0:
-            raise InvalidArgument("rate_limit must not be negative")
+        if not (request.rate_limit == 0 or MIN_RATE <= request.rate_limit <= MAX_RATE):  # NaN fails both
+            # (a rate the token bucket's Lua cannot hold, e.g. 1e-300 or inf, failed every call of the key)
+            raise InvalidArgument(
+                f"rate_limit is requests per second: 0 (the gateway's default) or from {MIN_RATE} to {MAX_RATE:g}"
+            )
         scopes = [Scope(enum_member(pb.Scope, s, "scope").removeprefix("SCOPE_")) for s in request.scopes]
         key, secret = await self._auth.create_key(request.name, scopes, request.rate_limit)
         return pb.CreateApiKeyResponse(key=_key_to_pb(key), secret=secret)

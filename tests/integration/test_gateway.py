@@ -371,6 +371,12 @@ def test_missing_bad_and_wrong_scope_keys(mesh, secured):
     assert "PREDICT" in err.value.details()
     status = predictor.ListModels(pb.ListModelsRequest(), metadata=_bearer(reader.secret))
     assert mesh.model in [m.name for m in status.models]
+    for rate in (float("inf"), float("nan"), 1e-300, -1.0):  # found by `make fuzz`: every call of the key failed
+        with pytest.raises(grpc.RpcError) as err:
+            admin.CreateApiKey(
+                gpb.CreateApiKeyRequest(name="r", scopes=[gpb.SCOPE_READ], rate_limit=rate), metadata=_bearer(ADMIN_KEY)
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "rate_limit" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:  # "List" reads, but the keys are ADMIN's alone
         admin.ListApiKeys(gpb.ListApiKeysRequest(), metadata=_bearer(reader.secret))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
