@@ -11,7 +11,7 @@ import ast
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from services.kit.errors import InvalidArgument
 from services.kit.modelref import shown
@@ -45,7 +45,7 @@ BUILTIN_RECIPE_PARAMS: dict[str, dict[str, Param]] = {
 }
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise InvalidArgument(f"invalid job spec: {message}")
 
 
@@ -128,4 +128,3 @@ def _build_model_params(source: str) -> tuple[set[str], bool]:
             positional = [a.arg for a in [*args.posonlyargs, *args.args]]
             return {*positional[2:], *(a.arg for a in args.kwonlyargs)}, args.kwarg is not None
     _fail("the recipe defines no top-level build_model(input_shape, num_classes, **params)")
-    raise AssertionError("unreachable")
