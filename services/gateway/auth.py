@@ -1,8 +1,9 @@
-"""API keys and rate limits.
+"""API keys, rate limits and limits on open streams.
 
 A key is "<id>.<secret>"; Redis keeps only sha256 of the whole key, with its name, scopes and rate. Keys travel
 as `authorization: Bearer <key>` or `x-api-key: <key>`. Each method needs a scope (ADMIN covers every scope).
-Rate limits are token buckets in Redis, so every gateway instance draws from the same bucket per key.
+Rate limits are token buckets in Redis, so every gateway instance draws from the same bucket per key. Open
+streaming calls are counted per key (per address with auth off) in each gateway instance (streams.py).
 """
 
 import enum
@@ -20,6 +21,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from services.gateway.streams import OpenStreams, StreamSlot, peer_host
 from services.kit.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
 from services.kit.redis_client import is_outage, outage_error
 
@@ -126,6 +128,7 @@ class Authorizer:
         default_rate: float,
         burst_seconds: float,
         prefix: str = "mg:gateway:",
+        max_streams: int = 16,
     ) -> None:
         self._redis = redis
         self.enabled = enabled
@@ -134,6 +137,7 @@ class Authorizer:
         self._burst = burst_seconds
         self._prefix = prefix
         self._bucket = redis.register_script(_TOKEN_BUCKET)
+        self.streams = OpenStreams(max_streams)
 
     async def check(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
         """The caller's identity if it may make this call now; Unauthenticated, PermissionDenied or
@@ -167,6 +171,17 @@ class Authorizer:
                 raise
             raise outage_error(exc, "gateway") from exc
         return identity
+
+    def open_stream(self, identity: Identity, peer: str | None) -> StreamSlot:
+        """A slot for one more streaming call of this caller (see streams.py), or ResourceExhausted. The caller is
+        its API key; with auth off, its address (`peer`, as gRPC or the web front gives it): names sent in
+        x-modelgrid-client cost nothing to change."""
+        if not self.enabled:
+            host = peer_host(peer)
+            return self.streams.open(f"peer:{host}", f"caller {host} (auth is off: callers are told apart by address)")
+        if identity.key_id:
+            return self.streams.open(f"key:{identity.key_id}", f"API key {identity.name!r}")
+        return self.streams.open("admin", "the admin key")
 
     async def _identify(self, secret: str) -> Identity:
         digest = _hash(secret)

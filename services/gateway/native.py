@@ -1,5 +1,6 @@
-"""The native gRPC front: a generic handler that takes any call the routing table knows, checks its key, and
-forwards it as bytes (metadata, deadline, cancellation, headers and trailers pass through)."""
+"""The native gRPC front: a generic handler that takes any call the routing table knows, checks its key (and, for a
+streaming call, its caller's open streams), and forwards it as bytes (metadata, deadline, cancellation, headers
+and trailers pass through)."""
 
 import contextlib
 
@@ -64,8 +65,12 @@ class ProxyHandler(grpc.GenericRpcHandler):
             metadata = context.invocation_metadata() or ()
             try:
                 identity = await authorizer.check(method, metadata)
+                slot = authorizer.open_stream(identity, context.peer())
             except ModelgridError as exc:
                 await context.abort(status_of(exc), str(exc))
+            # The slot goes back when the call ends, however it ends: also when gRPC cancels the call while this
+            # generator waits at a `yield` (then nothing runs its `finally` until it is garbage-collected).
+            context.add_done_callback(lambda _: slot.close())
             frames = forwarder.stream(
                 method,
                 forwarder.request_metadata(metadata, identity.name),
@@ -73,17 +78,18 @@ class ProxyHandler(grpc.GenericRpcHandler):
                 request_iterator,
             )
             # aclosing: a cancelled caller closes the forwarding at once, which cancels the upstream call.
-            async with contextlib.aclosing(frames):
-                async for frame in frames:
-                    if type(frame) is bytes:
-                        yield frame
-                    elif type(frame) is Headers:
-                        if frame.metadata:
-                            await context.send_initial_metadata(frame.metadata)
-                    else:
-                        context.set_trailing_metadata(frame.trailers)
-                        if frame.code != grpc.StatusCode.OK:
-                            await context.abort(frame.code, frame.details)
-                        return
+            with slot:
+                async with contextlib.aclosing(frames):
+                    async for frame in frames:
+                        if type(frame) is bytes:
+                            yield frame
+                        elif type(frame) is Headers:
+                            if frame.metadata:
+                                await context.send_initial_metadata(frame.metadata)
+                        else:
+                            context.set_trailing_metadata(frame.trailers)
+                            if frame.code != grpc.StatusCode.OK:
+                                await context.abort(frame.code, frame.details)
+                            return
 
         return grpc.stream_stream_rpc_method_handler(forward_stream)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import descriptor_pool
 
+from services.gateway.call_status import BackendStatus, made_up
 from services.gateway.canary import CanaryWeights
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.models import model_of, redirect_to_alias
@@ -75,14 +76,20 @@ class Reply:
 Frame = Headers | bytes | End
 
 
-def is_unary(method: str) -> bool:
-    """Whether a method path is a unary call, from the descriptors of the protos this process imported (main.py
-    imports the routed APIs); an unknown method is treated as streaming, which works for every shape."""
+def _shape(method: str) -> tuple[bool, bool]:
+    """(takes one request message, gives one response message) of a method path, from the descriptors of the
+    protos this process imported (main.py imports the routed APIs); an unknown method is taken as bidirectional
+    streaming, which works for every shape."""
     try:
         descriptor = descriptor_pool.Default().FindMethodByName(method.lstrip("/").replace("/", "."))
     except KeyError:
-        return False
-    return not descriptor.client_streaming and not descriptor.server_streaming
+        return False, False
+    return not descriptor.client_streaming, not descriptor.server_streaming
+
+
+def is_unary(method: str) -> bool:
+    """Whether a method path is a unary call (one request, one response; see _shape)."""
+    return _shape(method) == (True, True)
 
 
 _METHOD_PATH = re.compile(r"/([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)+)/([A-Za-z_][A-Za-z0-9_]*)")
@@ -95,21 +102,23 @@ def _may_exist(method: str) -> bool:
 
 @dataclass(slots=True)
 class Route:
-    """Where a method goes: the Consul service, whether the method is unary, and the service's pool once known."""
+    """Where a method goes: the Consul service, whether the method is unary, whether it takes exactly one request
+    message (unary and server streaming), and the service's pool once known."""
 
     service: str
     unary: bool
+    one_request: bool = False
     pool: InstancePool | None = None
 
 
 class _Replay:
     """The client's request stream, kept (up to a size) so that a failed attempt can be replayed elsewhere."""
 
-    def __init__(self, requests: AsyncIterator[bytes], first: bytes | None) -> None:
+    def __init__(self, requests: AsyncIterator[bytes], first: bytes | None, *, done: bool = False) -> None:
         self._requests = requests
         self.kept: list[bytes] = [] if first is None else [first]
         self.size = sum(map(len, self.kept))
-        self.done = first is None
+        self.done = done or first is None
         self.replayable = True
 
     async def stream(self) -> AsyncIterator[bytes]:
@@ -131,9 +140,9 @@ class _Replay:
 
 async def _send(call: grpc.aio.StreamStreamCall, messages: AsyncIterator[bytes]) -> None:
     """Writes the request messages to the upstream call, then half-closes it. A backend may answer before it has
-    read them all (e.g. INVALID_ARGUMENT on the first): writing then stops quietly and the call's status says why.
-    (Handing gRPC the iterator instead turned that answer into INTERNAL "Internal error from Core" now and then.)
-    A caller whose own stream fails cancels the upstream call."""
+    read them all (e.g. INVALID_ARGUMENT on the first): writing then stops quietly and the backend's status says
+    why (grpc.aio reports INTERNAL for the failed write: BackendStatus keeps the backend's status instead). A
+    caller whose own stream fails cancels the upstream call."""
     try:
         async for message in messages:
             await call.write(message)
@@ -143,6 +152,12 @@ async def _send(call: grpc.aio.StreamStreamCall, messages: AsyncIterator[bytes])
     except Exception:
         call.cancel()
         raise
+
+
+def _request_count(method: str, some: bool) -> str:
+    """The caller's message for a call of a one-request method with none, or with more than one."""
+    sent = "more than one" if some else "none"
+    return f"{method} takes exactly one request message; this call sent {sent}"
 
 
 class Forwarder:
@@ -181,7 +196,11 @@ class Forwarder:
             service = next((s for prefix, s in self._prefixes if service_name.startswith(prefix)), None)
             if service is not None and not _may_exist(method):
                 service = None
-            route = None if service is None else Route(service, is_unary(method))
+            if service is None:
+                route = None
+            else:
+                one_request, one_response = _shape(method)
+                route = Route(service, one_request and one_response, one_request)
             if len(self._routes) < _MAX_CACHED:
                 self._routes[method] = route
         return route
@@ -231,10 +250,10 @@ class Forwarder:
         return first, f"model={model}"
 
     def _failed(
-        self, method: str, pool: InstancePool, member: Member, err: grpc.aio.AioRpcError, retry_possible: bool
+        self, method: str, pool: InstancePool, member: Member, code: grpc.StatusCode, retry_possible: bool
     ) -> bool:
         """Ejects an instance that failed UNAVAILABLE; True when the call should be tried on another one."""
-        if err.code() != _UNAVAILABLE:
+        if code != _UNAVAILABLE:
             return False
         pool.eject(member, self._eject_seconds)
         self._metrics.ejections.labels(pool.service).inc()
@@ -242,6 +261,14 @@ class Forwarder:
             self._metrics.retries.labels(pool.service).inc()
             logger.info("%s failed UNAVAILABLE on %s; retrying elsewhere", method, member.target)
         return retry_possible
+
+    @staticmethod
+    async def _backend_end(method: str, status: BackendStatus, made_up_end: End) -> End:
+        """How the backend ended a call whose status grpc.aio replaced with its INTERNAL for a failed write."""
+        if await status.wait():
+            return End(status.code, status.details, status.trailers)
+        logger.warning("%s: no status from the backend after a failed write", method)
+        return made_up_end
 
     def _retry_allowed(self, method: str, metadata: Metadata) -> bool:
         """Calls that change state are retried only with an idempotency key."""
@@ -295,7 +322,7 @@ class Forwarder:
                     tried += (member.target,)
                     retry = len(tried) < self._attempts and self._retry_allowed(method, metadata)
                     last = End(err.code(), err.details() or "", self.passable(err.trailing_metadata() or ()))
-                    if not self._failed(method, pool, member, err, retry):
+                    if not self._failed(method, pool, member, err.code(), retry):
                         code = err.code()
                         return last
                 finally:
@@ -313,7 +340,9 @@ class Forwarder:
         self, method: str, metadata: Metadata, timeout: float | None, requests: AsyncIterator[bytes]
     ) -> AsyncIterator[Frame]:
         """Forwards a call of any shape; yields its frames, the End last. Closing the generator cancels the
-        upstream call."""
+        upstream call. A method that takes one request message (server streaming) is forwarded once the caller's
+        request stream has ended with exactly one: any other number is INVALID_ARGUMENT here (a backend would
+        read the first and never look at the rest)."""
         route = self.route(method)
         if route is None:
             yield End(grpc.StatusCode.UNIMPLEMENTED, f"the gateway routes no service for {method}")
@@ -322,8 +351,13 @@ class Forwarder:
         deadline = None if timeout is None else started + timeout
         code = grpc.StatusCode.UNKNOWN
         try:
-            first, tag = self._prepare(method, await anext(requests, None))
-            replay = _Replay(requests, first)
+            first = await anext(requests, None)
+            if route.one_request and (first is None or await anext(requests, None) is not None):
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                yield End(code, _request_count(method, first is not None))
+                return
+            first, tag = self._prepare(method, first)
+            replay = _Replay(requests, first, done=route.one_request)
             try:
                 pool = route.pool or await self._pool(route)
             except Exception as exc:  # noqa: BLE001 - Consul unreachable: the call is UNAVAILABLE, not INTERNAL
@@ -349,6 +383,7 @@ class Forwarder:
                         calls[method] = callable_
                 remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
                 call = callable_(metadata=metadata, timeout=remaining)
+                status = BackendStatus(call)
                 sending = asyncio.create_task(_send(call, replay.stream()))
                 member.in_flight += 1
                 answered = False
@@ -360,11 +395,17 @@ class Forwarder:
                         yield message
                     if not answered:
                         yield Headers(self.passable(await call.initial_metadata()))
-                    code = await call.code()
-                    details = await call.details() or ""
-                    yield End(code, details, self.passable(await call.trailing_metadata()))
+                    end = End(await call.code(), await call.details() or "", await call.trailing_metadata() or ())
+                    if made_up(end.code, end.details):  # a write failed after the backend had ended the call OK
+                        end = await self._backend_end(method, status, end)
+                    code = end.code
+                    yield End(code, end.details, self.passable(end.trailers))
                     return
                 except grpc.aio.AioRpcError as err:
+                    last = End(err.code(), err.details() or "", err.trailing_metadata() or ())
+                    if made_up(last.code, last.details):
+                        last = await self._backend_end(method, status, last)
+                    last.trailers = self.passable(last.trailers)
                     tried += (member.target,)
                     retry = (
                         not answered
@@ -373,9 +414,8 @@ class Forwarder:
                         and len(tried) < self._attempts
                         and self._retry_allowed(method, metadata)
                     )
-                    last = End(err.code(), err.details() or "", self.passable(err.trailing_metadata() or ()))
-                    if not self._failed(method, pool, member, err, retry):
-                        code = err.code()
+                    if not self._failed(method, pool, member, last.code, retry):
+                        code = last.code
                         yield last
                         return
                 finally:

@@ -58,6 +58,10 @@ class GatewaySettings(ServiceSettings):
     """Requests per second per API key, shared by every gateway instance through Redis."""
     rate_burst_seconds: float = Field(default=1.0, gt=0)
     """Bucket size in seconds of the rate: a key may burst rate x this many requests."""
+    max_streams_per_caller: int = Field(default=16, ge=1)
+    """Streaming calls (watches, uploads, downloads, prediction streams: any call that is not unary) one API key
+    may hold open at once on a gateway instance, both fronts together; with auth off, one caller address. The next
+    one is refused with RESOURCE_EXHAUSTED until one ends. Counted in each instance, not shared through Redis."""
     canary_alias: str = "canary"
     """Alias that takes a share of the stable alias's traffic when a model has a canary weight."""
     stable_alias: str = "production"

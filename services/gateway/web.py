@@ -10,7 +10,9 @@ What the port accepts: a request whose Host is not allow-listed (`web_allowed_ho
 gets 421 before any routing, so that a page on another name resolving to this address (DNS rebinding) reaches
 nothing, and a browser's same-origin call is one whose Origin is exactly the allow-listed Host. A request body must
 keep coming (`web_body_timeout_seconds` between its bytes), stay under `web_max_body_bytes` and hold at least one
-whole message frame: otherwise the trailers say DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED or INVALID_ARGUMENT.
+whole message frame (exactly one for a method that takes one request: unary and server streaming): otherwise the
+trailers say DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED or INVALID_ARGUMENT. A streaming call counts against its
+caller's open streams, with those of the native port (`max_streams_per_caller`).
 """
 
 import asyncio
@@ -382,7 +384,8 @@ class GrpcWebApp:
         except grpcweb.FrameError as exc:
             await reply.end(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             return body.close()
-        relay = asyncio.create_task(self._relay(scope["path"], headers, timeout, body, reply))
+        peer = (scope.get("client") or ("",))[0]
+        relay = asyncio.create_task(self._relay(scope["path"], headers, timeout, body, reply, peer))
         try:
             done, _ = await asyncio.wait({relay, body.aborted}, timeout=timeout, return_when="FIRST_COMPLETED")
             if relay in done:
@@ -409,38 +412,47 @@ class GrpcWebApp:
             await reply.end(grpc.StatusCode.INTERNAL, details)
         await reply.end(grpc.StatusCode.UNKNOWN, "the call ended without a status")
 
-    async def _relay(self, method: str, headers: dict[str, str], timeout: float | None, body: _Body, reply: _Reply):
+    async def _relay(
+        self, method: str, headers: dict[str, str], timeout: float | None, body: _Body, reply: _Reply, peer: str
+    ):
         metadata = grpcweb.request_metadata(headers.items())
+        forwarder = self._forwarder
+        route = forwarder.route(method)
+        slot = None
         try:
             identity = await self._authorizer.check(method, metadata)
+            if route is not None and not route.unary:
+                slot = self._authorizer.open_stream(identity, peer)  # given back below, or when the relay is cancelled
         except ModelgridError as exc:
             return await reply.end(status_of(exc), str(exc))
-        forwarder = self._forwarder
-        metadata = forwarder.request_metadata(metadata, identity.name)
-        route = forwarder.route(method)
-        requests = body.messages()
-        if route is not None and route.unary:
-            first = await anext(requests, None)
-            second = None if first is None else await anext(requests, None)
-            if first is not None and second is None:  # one message, as a unary call has: a unary upstream call
-                result = await forwarder.unary(method, metadata, timeout, first)
-                if type(result) is End:
-                    return await reply.end(result.code, result.details, result.trailers)
-                await reply.start(result.headers)
-                await reply.write(grpcweb.encode_message(result.response))
-                return await reply.end(grpc.StatusCode.OK, "", result.trailers)
-            requests = _chain([m for m in (first, second) if m is not None], requests)  # the backend says what is wrong
-        frames = forwarder.stream(method, metadata, timeout, requests)
         try:
-            async for frame in frames:
-                if type(frame) is bytes:
-                    await reply.write(grpcweb.encode_message(frame))
-                elif type(frame) is Headers:
-                    await reply.start(frame.metadata)
-                else:
-                    return await reply.end(frame.code, frame.details, frame.trailers)
+            metadata = forwarder.request_metadata(metadata, identity.name)
+            requests = body.messages()
+            if route is not None and route.unary:
+                first = await anext(requests, None)
+                second = None if first is None else await anext(requests, None)
+                if first is not None and second is None:  # one message, as a unary call has: a unary upstream call
+                    result = await forwarder.unary(method, metadata, timeout, first)
+                    if type(result) is End:
+                        return await reply.end(result.code, result.details, result.trailers)
+                    await reply.start(result.headers)
+                    await reply.write(grpcweb.encode_message(result.response))
+                    return await reply.end(grpc.StatusCode.OK, "", result.trailers)
+                requests = _chain([m for m in (first, second) if m is not None], requests)  # the forwarder refuses it
+            frames = forwarder.stream(method, metadata, timeout, requests)
+            try:
+                async for frame in frames:
+                    if type(frame) is bytes:
+                        await reply.write(grpcweb.encode_message(frame))
+                    elif type(frame) is Headers:
+                        await reply.start(frame.metadata)
+                    else:
+                        return await reply.end(frame.code, frame.details, frame.trailers)
+            finally:
+                await frames.aclose()
         finally:
-            await frames.aclose()
+            if slot is not None:
+                slot.close()
 
     # -- console and health ----------------------------------------------------------------------------------
 

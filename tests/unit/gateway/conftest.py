@@ -8,6 +8,7 @@ does is chosen by the caller's `x-test-action` header (the gateway passes metada
   unavailable-on:<name>  UNAVAILABLE from that backend, echo from the others
   not-found              NOT_FOUND with trailer x-trailer
   sleep                  waits until cancelled (for deadlines and cancellation)
+  refuse-first           (streams) INVALID_ARGUMENT right after the first request message, the rest unread
 """
 
 import asyncio
@@ -72,6 +73,10 @@ class Backend:
         return request
 
     async def stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext):
+        if dict(context.invocation_metadata() or ()).get("x-test-action") == "refuse-first":
+            self.calls += 1
+            await anext(aiter(requests), None)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message is wrong")
         messages = [request async for request in requests]  # the whole request stream first, then the answer
         await self._begin(context)
         for message in messages:
@@ -117,10 +122,12 @@ class Mesh:
     backends: dict[str, Backend]
     consul_url: str
 
-    def settings(self, **overrides) -> GatewaySettings:
+    def settings(self, *, routes: dict[str, str] | None = None, **overrides) -> GatewaySettings:
+        """Settings routing the predictor API (and `routes`, "<prefix>": "backends" meaning these backends) here."""
+        routes = {prefix: self.service if s == "backends" else s for prefix, s in (routes or {}).items()}
         return GatewaySettings(
             consul_url=self.consul_url,
-            routes={"modelgrid.predictor.v1.": self.service, "modelgrid.nowhere.v1.": f"{self.service}-none"},
+            routes={"modelgrid.predictor.v1.": self.service, "modelgrid.nowhere.v1.": f"{self.service}-none", **routes},
             eject_seconds=30,
             **overrides,
         )

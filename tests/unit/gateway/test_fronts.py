@@ -127,9 +127,11 @@ async def test_web_unary_call_and_errors(mesh, web):
     _, _, trailers = await _web_call(web, METADATA, body)
     assert trailers["grpc-status"] == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
 
-    # a unary method sent two messages goes upstream as sent (a stream): the backend decides what it makes of it
-    response, _, trailers = await _web_call(web, METADATA, body + body, **auth)
-    assert response.headers["x-replica"] == "a" and "grpc-status" in trailers
+    # a unary method sent two messages: refused at the gateway, it takes exactly one
+    response, messages, trailers = await _web_call(web, METADATA, body + body, **auth)
+    assert messages == [] and "x-replica" not in response.headers
+    assert trailers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
+    assert "exactly one request message" in trailers["grpc-message"]
 
 
 async def test_web_stream(mesh, web):
