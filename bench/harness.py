@@ -48,12 +48,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]  # loopback only: never through a proxy from the environment
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 PREDICT_METHOD = "/modelgrid.predictor.v1.Predictor/Predict"
-SERVICES = {  # kind -> (module, settings prefix)
-    "registry": ("services.registry", "MODELGRID_REGISTRY_"),
-    "predictor": ("services.predictor", "MODELGRID_PREDICTOR_"),
-    "gateway": ("services.gateway", "MODELGRID_GATEWAY_"),
-    "trainer": ("services.trainer", "MODELGRID_TRAINER_"),
-    "agent": ("services.trainer.agent", "MODELGRID_AGENT_"),
+SERVICES = {  # kind -> (module, settings prefix, Consul service name: its ACL token's)
+    "registry": ("services.registry", "MODELGRID_REGISTRY_", "registry"),
+    "predictor": ("services.predictor", "MODELGRID_PREDICTOR_", "predictor"),
+    "gateway": ("services.gateway", "MODELGRID_GATEWAY_", "gateway"),
+    "trainer": ("services.trainer", "MODELGRID_TRAINER_", "trainer"),
+    "agent": ("services.trainer.agent", "MODELGRID_AGENT_", "trainer-agent"),
 }
 
 
@@ -122,8 +122,9 @@ class Mesh:
 
     def start(self, kind: str, name: str = "", *, timeout: float = 60.0, **settings: str) -> ServiceProcess:
         """The service `kind` (see SERVICES) with the mesh's settings and these, once it is SERVING."""
-        module, prefix = SERVICES[kind]
-        service = ServiceProcess(module, prefix, {**self.env, **settings}, self.log(name or kind))
+        module, prefix, consul_name = SERVICES[kind]
+        token = {"CONSUL_TOKEN": self.consul.token_for(consul_name)}  # Consul has ACLs on: a token per service
+        service = ServiceProcess(module, prefix, {**self.env, **token, **settings}, self.log(name or kind))
         self._stack.callback(service.stop)
         return service.start(timeout=timeout)
 

@@ -23,7 +23,8 @@ import pytest
 
 from modelgrid.trainer.v1 import trainer_pb2
 from services.clients.registry import RegistryClient
-from services.kit.localinfra import ConsulAgent, RedisServer, free_port
+from services.kit import tls
+from services.kit.localinfra import ConsulAgent, RedisServer, free_port, service_token
 from services.kit.processes import REPO_ROOT, ServiceProcess
 
 # Keep TensorFlow quiet and on the CPU in every process the tests start.
@@ -33,12 +34,27 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 DIGITS_NPZ = REPO_ROOT / "data" / "digits" / "digits.npz"
 
 
+def pytest_configure(config) -> None:
+    """One Consul master token for every ConsulAgent the session starts (they run with ACLs, default deny), set
+    before any starts; in-process ConsulClients given no token fall back to it. Services the launcher starts get a
+    token of their own (service_token)."""
+    os.environ["CONSUL_HTTP_TOKEN"] = str(uuid.uuid4())
+
+
 # -- infrastructure --------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def consul(tmp_path_factory) -> Iterator[ConsulAgent]:
-    with ConsulAgent(tmp_path_factory.mktemp("consul")) as agent:
+def internal_tls_dir(tmp_path_factory) -> Path:
+    """The mesh's CA and a certificate per service (kit.tls), as `make up` makes them: the services the launcher
+    starts use mTLS among themselves, the Consul agents check them with the `consul` certificate, and tests call
+    them as `operator` (ServiceProcess.channel)."""
+    return tls.init(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def consul(tmp_path_factory, internal_tls_dir) -> Iterator[ConsulAgent]:
+    with ConsulAgent(tmp_path_factory.mktemp("consul"), tls_dir=internal_tls_dir) as agent:
         yield agent
 
 
@@ -153,15 +169,20 @@ def digits_spec() -> Callable[..., trainer_pb2.JobSpec]:
 # -- clients ---------------------------------------------------------------------------------------------------
 
 
-def _client_for(target: str) -> tuple[grpc.Channel, RegistryClient]:
-    channel = grpc.insecure_channel(target)
-    return channel, RegistryClient(channel, client_id="pytest")
-
-
 @pytest.fixture(scope="session")
-def client_for() -> Callable[[str], tuple[grpc.Channel, RegistryClient]]:
-    """`channel, client = client_for(target)`: a sync registry client over a new channel (the caller closes it)."""
-    return _client_for
+def client_for(internal_tls_dir) -> Callable[[ServiceProcess | str], tuple[grpc.Channel, RegistryClient]]:
+    """`channel, client = client_for(registry)`: a sync registry client over a new channel (the caller closes it),
+    as `operator` over mTLS; `registry` is a ServiceProcess or the host:port of a registry using the session's
+    certificates."""
+
+    def client_for(registry: ServiceProcess | str) -> tuple[grpc.Channel, RegistryClient]:
+        if isinstance(registry, ServiceProcess):
+            channel = registry.channel()
+        else:
+            channel = tls.dial(registry, "registry", tls.InternalTLS(internal_tls_dir, "operator"))
+        return channel, RegistryClient(channel, client_id="pytest")
+
+    return client_for
 
 
 @dataclass
@@ -220,7 +241,8 @@ class ServiceLauncher:
     still running when the fixture ends (newest first). Tests may stop (or kill) a process themselves earlier:
     a fixture with its own Consul agent stops its services before leaving the agent's `with` block."""
 
-    def __init__(self) -> None:
+    def __init__(self, internal_tls_dir: Path | None = None) -> None:
+        self.internal_tls_dir = internal_tls_dir
         self.started: list[ServiceProcess] = []
         self._pending: list[tuple[ServiceProcess, float]] | None = None
 
@@ -249,13 +271,22 @@ class ServiceLauncher:
         """A registry with its own blob dir (in `data_dir`) and Redis key prefix."""
         env = {
             "CONSUL_URL": consul_url,
+            "CONSUL_TOKEN": service_token(consul_url, "registry"),
             "REDIS_URL": redis_url,
             "BLOB_DIR": str(data_dir / "blobs"),
             "REDIS_KEY_PREFIX": f"mg:test:{uuid.uuid4().hex[:8]}:",
             "CONSUL_CHECK_INTERVAL": "1s",
             **settings,
         }
-        return self.start(ServiceProcess("services.registry", "MODELGRID_REGISTRY_", env, data_dir / "registry.log"))
+        return self.start(
+            ServiceProcess(
+                "services.registry",
+                "MODELGRID_REGISTRY_",
+                env,
+                data_dir / "registry.log",
+                internal_tls_dir=self.internal_tls_dir,
+            )
+        )
 
     def predictor(
         self, consul_url: str, redis_url: str, data_dir: Path, models: list[dict], **settings: str
@@ -263,6 +294,7 @@ class ServiceLauncher:
         """A predictor serving `models` (the MODELS setting), its cache in `data_dir`, one TensorFlow thread."""
         env = {
             "CONSUL_URL": consul_url,
+            "CONSUL_TOKEN": service_token(consul_url, "predictor"),
             "REDIS_URL": redis_url,
             "MODELS": json.dumps(models),
             "CACHE_DIR": str(data_dir / "cache"),
@@ -272,24 +304,39 @@ class ServiceLauncher:
             **settings,
         }
         log = data_dir / f"predictor-{env['METRICS_PORT']}.log"
-        return self.start(ServiceProcess("services.predictor", "MODELGRID_PREDICTOR_", env, log), timeout=120)
+        return self.start(
+            ServiceProcess(
+                "services.predictor", "MODELGRID_PREDICTOR_", env, log, internal_tls_dir=self.internal_tls_dir
+            ),
+            timeout=120,
+        )
 
     def agent(self, consul_url: str, data_dir: Path, slots: int = 1) -> ServiceProcess:
         """A worker agent with `slots` slots and its own work dir in `data_dir`."""
         name = f"agent-{uuid.uuid4().hex[:6]}"
         env = {
             "CONSUL_URL": consul_url,
+            "CONSUL_TOKEN": service_token(consul_url, "trainer-agent"),
             "SLOTS": str(slots),
             "WORK_DIR": str(data_dir / name),
             "CONSUL_CHECK_INTERVAL": "1s",
             "CONSUL_DEREGISTER_AFTER": "1m",
         }
-        return self.start(ServiceProcess("services.trainer.agent", "MODELGRID_AGENT_", env, data_dir / f"{name}.log"))
+        return self.start(
+            ServiceProcess(
+                "services.trainer.agent",
+                "MODELGRID_AGENT_",
+                env,
+                data_dir / f"{name}.log",
+                internal_tls_dir=self.internal_tls_dir,
+            )
+        )
 
     def trainer(self, consul_url: str, redis_url: str, data_dir: Path, prefix: str, **settings: str) -> ServiceProcess:
         """A trainer with Redis key prefix `prefix`, its shared and recipes dirs in `data_dir`."""
         env = {
             "CONSUL_URL": consul_url,
+            "CONSUL_TOKEN": service_token(consul_url, "trainer"),
             "REDIS_URL": redis_url,
             "SHARED_DIR": str(data_dir / "shared"),
             "RECIPES_DIR": str(data_dir / "recipes"),
@@ -301,7 +348,15 @@ class ServiceLauncher:
             **settings,
         }
         (data_dir / "recipes").mkdir(parents=True, exist_ok=True)
-        return self.start(ServiceProcess("services.trainer", "MODELGRID_TRAINER_", env, data_dir / "trainer.log"))
+        return self.start(
+            ServiceProcess(
+                "services.trainer",
+                "MODELGRID_TRAINER_",
+                env,
+                data_dir / "trainer.log",
+                internal_tls_dir=self.internal_tls_dir,
+            )
+        )
 
     def gateway(self, consul_url: str, redis_url: str, data_dir: Path, **settings: str | None) -> ServiceProcess:
         """A gateway without its web front (unless WEB_PORT is given), ejecting a failed upstream for 5 s. Auth is
@@ -309,6 +364,7 @@ class ServiceLauncher:
         its admin key file is in `data_dir`."""
         env = {
             "CONSUL_URL": consul_url,
+            "CONSUL_TOKEN": service_token(consul_url, "gateway"),
             "REDIS_URL": redis_url,
             "WEB_PORT": "-1",
             "METRICS_PORT": "0",
@@ -320,7 +376,9 @@ class ServiceLauncher:
         }
         env = {key: value for key, value in env.items() if value is not None}
         log = data_dir / f"gateway-{free_port()}.log"
-        return self.start(ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", env, log))
+        return self.start(
+            ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", env, log, internal_tls_dir=self.internal_tls_dir)
+        )
 
     def stop_all(self) -> None:
         for process in reversed(self.started):
@@ -328,9 +386,10 @@ class ServiceLauncher:
 
 
 @pytest.fixture(scope="module")
-def launch() -> Iterator[ServiceLauncher]:
+def launch(internal_tls_dir) -> Iterator[ServiceLauncher]:
     """`launch.registry(...)`, `.predictor(...)`, `.agent(...)`, `.trainer(...)`, `.gateway(...)`,
-    `.start(ServiceProcess(...))`: services as subprocesses, stopped at the end of the module at the latest."""
-    launcher = ServiceLauncher()
+    `.start(ServiceProcess(...))`: services as subprocesses with the session's internal TLS, stopped at the end of
+    the module at the latest."""
+    launcher = ServiceLauncher(internal_tls_dir)
     yield launcher
     launcher.stop_all()

@@ -1,10 +1,11 @@
-"""Channels of the command line: plaintext gRPC, with the API key (when one is set, or the local gateway's admin
-key) on every call."""
+"""Channels of the command line: plaintext gRPC to the gateway, or mTLS to a service inside the mesh; with the API
+key (when one is set, or the local gateway's admin key) on every call."""
 
 import collections
 
 import grpc
 
+from services.kit import tls
 from services.kit.processes import REPO_ROOT
 
 
@@ -64,9 +65,16 @@ def local_admin_key(target: str) -> str:
         return ""
 
 
-def open_channel(target: str, options: list[tuple[str, int]], api_key: str = "") -> grpc.Channel:
-    """A channel to `target`; with an API key (else, on this machine's loopback, the local admin key), every call
-    carries it."""
+def open_channel(
+    target: str,
+    options: list[tuple[str, int]],
+    api_key: str = "",
+    internal: tls.InternalTLS | None = None,
+    service: str = "",
+) -> grpc.Channel:
+    """A channel to `target`: the gateway's public port (plaintext), or with `internal` a service inside the mesh
+    over mTLS, which must prove it is `service`. With an API key (else, on this machine's loopback, the local admin
+    key), every call carries it."""
     api_key = api_key or local_admin_key(target)
-    channel = grpc.insecure_channel(target, options=options)
+    channel = tls.dial(target, service, internal, options=options)
     return grpc.intercept_channel(channel, _ApiKey(api_key)) if api_key else channel

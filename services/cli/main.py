@@ -29,6 +29,7 @@ from services.cli.predictor_commands import PredictorSession
 from services.cli.registry_commands import CommandError, RegistrySession, UsageError
 from services.cli.trainer_commands import TrainerSession
 from services.clients.registry import RegistryClient
+from services.kit import tls
 from services.kit.errors import ModelgridError
 from services.kit.interceptors import status_of
 
@@ -85,6 +86,13 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         help="API key for a gateway that requires one (env MODELGRID_API_KEY)",
     )
     parser.add_argument(
+        "--tls-dir",
+        default=default(os.environ.get("MODELGRID_TLS_DIR") or None),
+        metavar="DIR",
+        help="the mesh's certificates (python -m services.kit.tls): call the services directly over mTLS as "
+        "`operator`; --target is then a registry (env MODELGRID_TLS_DIR; unset: plaintext, e.g. to the gateway)",
+    )
+    parser.add_argument(
         "--client-id",
         default=default(default_client_id()),
         metavar="ID",
@@ -123,26 +131,30 @@ def _execute(args: argparse.Namespace, out: Output) -> None:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
     logger.debug("connecting to %s as %s", args.target, args.client_id)
-    with open_channel(args.target, options, args.api_key) as channel:
+    internal = tls.from_dir(args.tls_dir, "operator")
+    with open_channel(args.target, options, args.api_key, internal, "registry") as channel:
         client = RegistryClient(channel, client_id=args.client_id)
         metadata = ((CLIENT_ID_HEADER, args.client_id),) if args.client_id else ()
         session = RegistrySession(client, metadata, args.timeout, out)
         if getattr(args, "uses_trainer", False):
             logger.debug("trainer at %s", args.trainer)
-            with open_channel(args.trainer or args.target, options, args.api_key) as trainer_channel:
+            trainer_target = args.trainer or args.target
+            with open_channel(trainer_target, options, args.api_key, internal, "trainer") as trainer_channel:
                 args.handler(TrainerSession.over(session, trainer_channel), args)
             return
         if not getattr(args, "uses_predictor", False):
             args.handler(session, args)
             return
         logger.debug("predictor at %s", args.predictor)
-        with open_channel(args.predictor or args.target, options, args.api_key) as predictor_channel:
+        predictor_target = args.predictor or args.target
+        with open_channel(predictor_target, options, args.api_key, internal, "predictor") as predictor_channel:
             args.handler(PredictorSession.over(session, predictor_channel), args)
 
 
 _UNAVAILABLE_HINT = (
     "\nhint: the service is down, restarting or not at that address: check that it runs and that --target "
-    "(MODELGRID_TARGET), --predictor or --trainer point at it, then run the command again"
+    "(MODELGRID_TARGET), --predictor or --trainer point at it (a service inside the mesh, not the gateway, also "
+    "needs --tls-dir), then run the command again"
 )
 
 

@@ -47,9 +47,14 @@ async def start_gateway(settings: GatewaySettings) -> GrpcService:
         pool_timeout=settings.redis_pool_timeout_seconds,
     )
     await redis.ping()
-    consul = ConsulClient(settings.consul_url)
+    consul = ConsulClient(settings.consul_url, token=settings.consul_token)
     metrics = GatewayMetrics()
-    backends = Backends(consul, grpc_options(settings), hold_seconds=settings.discovery_hold_seconds)
+    backends = Backends(
+        consul,
+        grpc_options(settings),
+        hold_seconds=settings.discovery_hold_seconds,
+        tls=settings.internal_tls(SERVICE_NAME),
+    )
     registry_pool = await backends.get(settings.routes.get("modelgrid.registry.v1.", "registry"))
     canary = CanaryWeights(AsyncRegistryClient(registry_pool, client_id="gateway"), settings.canary_weight_tag)
     forwarder = Forwarder(settings, backends, canary, metrics)
@@ -60,6 +65,7 @@ async def start_gateway(settings: GatewaySettings) -> GrpcService:
         default_rate=settings.default_rate_limit,
         burst_seconds=settings.rate_burst_seconds,
         prefix=settings.redis_key_prefix,
+        max_streams=settings.max_streams_per_caller,
     )
     admin = GatewayAdminServicer(authorizer, backends, settings.routes)
     proxy = ProxyHandler(forwarder, authorizer)
@@ -68,7 +74,8 @@ async def start_gateway(settings: GatewaySettings) -> GrpcService:
         gateway_pb2_grpc.add_GatewayAdminServicer_to_server(admin, server)
         server.add_generic_rpc_handlers((proxy,))
 
-    service = GrpcService(ServiceSpec(SERVICE_NAME, VERSION, [PROTO_SERVICE], add_servicers), settings, tracer_provider)
+    spec = ServiceSpec(SERVICE_NAME, VERSION, [PROTO_SERVICE], add_servicers, public=True)
+    service = GrpcService(spec, settings, tracer_provider)
     service.add_cleanup(redis.aclose)
     service.add_cleanup(consul.close)
     service.add_cleanup(backends.close)

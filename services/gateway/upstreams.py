@@ -6,15 +6,22 @@ from collections.abc import Sequence
 
 from services.kit.channels import InstancePool, fewest_in_flight
 from services.kit.consul import ConsulClient
+from services.kit.tls import InternalTLS
 
 
 class Backends:
     """One InstancePool per Consul service, created and started on first use."""
 
     def __init__(
-        self, consul: ConsulClient, options: Sequence[tuple[str, object]], *, hold_seconds: float = 60.0
+        self,
+        consul: ConsulClient,
+        options: Sequence[tuple[str, object]],
+        *,
+        hold_seconds: float = 60.0,
+        tls: InternalTLS | None = None,
     ) -> None:
         self._consul = consul
+        self._tls = tls
         self._options = options
         self._hold_seconds = hold_seconds
         self._pools: dict[str, InstancePool] = {}
@@ -33,6 +40,7 @@ class Backends:
                         picker=fewest_in_flight(),
                         options=self._options,
                         hold_seconds=self._hold_seconds,
+                        tls=self._tls,
                     )
                     await pool.start()
                     self._pools[service] = pool

@@ -6,6 +6,12 @@ A small TOML file per host (see deploy/hosts/ for a three-host example)::
     address = "198.51.100.2"                # where the other hosts reach this one: bound and advertised
     state_dir = "/var/lib/modelgrid"        # pid files, logs, Consul's data, blobs, caches: this host's own disk
     redis_url = "redis://198.51.100.1:6379/0"
+    redis_password_file = "/etc/modelgrid/redis-password"  # the one Redis password of the cluster (mode 0600):
+                                            # made on the Redis host at its first `up` if missing; copy it to every
+                                            # other host (default: <state_dir>/redis-password)
+    tls_dir = "/etc/modelgrid/tls"          # the mesh's certificates (services/kit/tls.py): made once on the
+                                            # operator's machine, copied to every host without the CA's key
+                                            # (default: <state_dir>/tls); internal gRPC is mTLS
 
     [consul]                                # every host runs a Consul agent; services use the one on their host
     server = true                           # three hosts are servers
@@ -83,6 +89,8 @@ class HostDescription:
     consul: ConsulConfig
     services: tuple[ServiceConfig, ...]
     redis_port: int | None = None  # this host runs Redis on this port
+    redis_password_file: Path = Path("/var/lib/modelgrid/redis-password")  # Redis's password: the same on all hosts
+    tls_dir: Path = Path("/var/lib/modelgrid/tls")  # the mesh's certificates (kit.tls): the same on all hosts
 
     @classmethod
     def load(cls, path: Path) -> "HostDescription":
@@ -97,7 +105,18 @@ class HostDescription:
         def fail(message: str) -> None:
             raise DescriptionError(f"{where}: {message}")
 
-        unknown = set(raw) - {"name", "address", "state_dir", "redis_url", "consul", "redis", "services"}
+        known = {
+            "name",
+            "address",
+            "state_dir",
+            "redis_url",
+            "redis_password_file",
+            "tls_dir",
+            "consul",
+            "redis",
+            "services",
+        }
+        unknown = set(raw) - known
         if unknown:
             fail(f"unknown field(s) {sorted(unknown)}")
         name, address = raw.get("name", ""), raw.get("address", "")
@@ -129,12 +148,21 @@ class HostDescription:
         redis_url = raw.get("redis_url") or (f"redis://{address}:{redis_port}/0" if redis_port else "")
         if not redis_url and any(s.kind != "agent" for s in services):
             fail("redis_url is needed by every service but the agent (or run Redis here with a [redis] table)")
+        state_dir = Path(raw.get("state_dir", "/var/lib/modelgrid"))
+        password_file = raw.get("redis_password_file")
+        if password_file is not None and not (isinstance(password_file, str) and Path(password_file).is_absolute()):
+            fail(f"redis_password_file must be an absolute path, got {password_file!r}")
+        tls_dir = raw.get("tls_dir")
+        if tls_dir is not None and not (isinstance(tls_dir, str) and Path(tls_dir).is_absolute()):
+            fail(f"tls_dir must be an absolute path, got {tls_dir!r}")
         return cls(
             name=name,
             address=address,
-            state_dir=Path(raw.get("state_dir", "/var/lib/modelgrid")),
+            state_dir=state_dir,
             redis_url=redis_url,
             consul=consul,
             services=tuple(services),
             redis_port=redis_port,
+            redis_password_file=Path(password_file) if password_file else state_dir / "redis-password",
+            tls_dir=Path(tls_dir) if tls_dir else state_dir / "tls",
         )

@@ -19,7 +19,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.host.description import HostDescription, ServiceConfig
+from services.kit import tls
 from services.kit.localinfra import consul_binary, pid_alive, redis_binary, redis_ping
+from services.kit.redis_auth import (
+    RedisPasswordError,
+    ensure_password_file,
+    read_password_file,
+    write_redis_auth_config,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -36,19 +43,25 @@ class HostRunner:
         self.host = host
         self.timeout = timeout
         self.run_dir = host.state_dir / "run"
+        self._redis_password: str | None = None
+        self._tls: tls.InternalTLS | None = None
 
     # -- up --------------------------------------------------------------------------------------------------
 
     def up(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._redis_password = self.redis_password()  # before anything starts: a missing file stops `up` at once
+        self._tls = self.internal_tls()  # likewise the certificates
         self._start("consul", self._consul_command(), {}, answers=self._consul_answers)
         self._wait(self._consul_has_leader, "the Consul cluster to elect a leader (start the other hosts' agents)")
         if self.host.redis_port is not None:
-            self._start(
-                "redis", self._redis_command(), {}, answers=lambda: redis_ping(self.host.address, self.host.redis_port)
+            self._start("redis", self._redis_command(), {}, answers=self._own_redis_answers)
+        if any(_uses_redis(s) for s in self.host.services):
+            self._wait(
+                self._redis_answers,
+                f"Redis at {self._redis_address()} to answer with the password in {self.host.redis_password_file}"
+                " (start the host that runs it; every host needs a copy of its password file)",
             )
-        if any(s.kind != "agent" for s in self.host.services):
-            self._wait(self._redis_answers, f"Redis at {self._redis_address()} (start the host that runs it)")
         for service in self.host.services:
             name = self._name(service)
             self._start(name, [sys.executable, "-m", service.module], self._service_env(service))
@@ -84,6 +97,39 @@ class HostRunner:
                 raise HostError(f"timed out after {self.timeout:.0f}s waiting for {what}; logs in {self.run_dir}")
             time.sleep(0.2)
 
+    def redis_password(self) -> str | None:
+        """The cluster's Redis password, from the host's redis_password_file. The host that runs Redis makes the file
+        (a random password, mode 0600) if it is missing; the other hosts need a copy of it. None on a host none of
+        whose services keeps state in Redis (worker agents only)."""
+        path = self.host.redis_password_file
+        if self.host.redis_port is None:
+            if not any(_uses_redis(s) for s in self.host.services):
+                return None
+            try:
+                return read_password_file(path)
+            except RedisPasswordError as exc:
+                raise HostError(f"{exc}; copy it (mode 0600) from the host that runs Redis") from None
+        try:
+            password, made = ensure_password_file(path)
+        except RedisPasswordError as exc:
+            raise HostError(str(exc)) from None
+        except OSError as exc:
+            raise HostError(f"cannot make the Redis password file {path}: {exc.strerror or exc}") from None
+        if made:
+            print(f"redis: made its password in {path} (mode 0600): copy that file to every other host")
+        return password
+
+    def internal_tls(self) -> tls.InternalTLS:
+        """The mesh's certificates in the host's tls_dir, as `operator` (this runner's health checks); HostError
+        naming the command that makes them when they are missing."""
+        try:
+            return tls.InternalTLS(self.host.tls_dir, "operator")
+        except FileNotFoundError as exc:
+            raise HostError(
+                f"{exc}; make the certificates once (python -m services.kit.tls init DIR --ca-dir CA_DIR) and copy "
+                f"DIR to {self.host.tls_dir} on every host"
+            ) from None
+
     # -- the processes -----------------------------------------------------------------------------------------
 
     def _consul_command(self) -> list[str]:
@@ -100,6 +146,13 @@ class HostRunner:
             "-dns-port=-1",
             "-hcl=disable_update_check = true",
             "-hcl=leave_on_terminate = true",
+            # The services accept only callers with a certificate of the mesh: the health checks present the
+            # `consul` one, and send the name every certificate carries.
+            f'-hcl=ca_file = "{host.tls_dir / "ca.pem"}"',
+            f'-hcl=cert_file = "{host.tls_dir / "consul.pem"}"',
+            f'-hcl=key_file = "{host.tls_dir / "consul-key.pem"}"',
+            "-hcl=enable_agent_tls_for_checks = true",
+            f'-hcl=server_name = "{tls.MESH_NAME}"',
             *(f"-retry-join={peer}" for peer in consul.retry_join),
             *(f"-hcl={line}" for line in consul.hcl),
         ]
@@ -110,17 +163,23 @@ class HostRunner:
     def _redis_command(self) -> list[str]:
         data = self.host.state_dir / "redis"
         data.mkdir(parents=True, exist_ok=True)
+        # The password goes to redis-server in a config file of mode 0600 (its first argument), not on the command
+        # line, where `ps` would show it.
+        auth_config = self.run_dir / "redis-auth.conf"
+        assert self._redis_password is not None
+        write_redis_auth_config(auth_config, self._redis_password)
         return [
             redis_binary(),
+            str(auth_config),
             "--port",
             str(self.host.redis_port),
             "--bind",
             self.host.address,
             "127.0.0.1",
-            # The other hosts' services connect over the network; protected mode would refuse them while Redis has
-            # no password. Keep Redis's port reachable from the modelgrid hosts only.
+            # Every client must authenticate (requirepass), so protected mode lets the other hosts' services in.
+            # Still, keep Redis's port reachable from the modelgrid hosts only.
             "--protected-mode",
-            "no",
+            "yes",
             "--dir",
             str(data),
             "--appendonly",
@@ -153,6 +212,8 @@ class HostRunner:
             "ADVERTISE_HOST": self.host.address,
             "CONSUL_URL": self.host.consul.url,
             "REDIS_URL": self.host.redis_url,
+            "INTERNAL_TLS_DIR": str(self.host.tls_dir),
+            **({"REDIS_PASSWORD_FILE": str(self.host.redis_password_file)} if _uses_redis(service) else {}),
             **per_kind,
             **service.settings,
         }
@@ -164,9 +225,12 @@ class HostRunner:
         parts = urlsplit(self.host.redis_url)
         return f"{parts.hostname}:{parts.port or 6379}"
 
+    def _own_redis_answers(self) -> bool:
+        return redis_ping(self.host.address, self.host.redis_port or 6379, password=self._redis_password)
+
     def _redis_answers(self) -> bool:
         parts = urlsplit(self.host.redis_url)
-        return redis_ping(parts.hostname or "127.0.0.1", parts.port or 6379)
+        return redis_ping(parts.hostname or "127.0.0.1", parts.port or 6379, password=self._redis_password)
 
     def _consul_get(self, path: str):
         with _NO_PROXY.open(f"{self.host.consul.url}{path}", timeout=2) as response:
@@ -186,7 +250,8 @@ class HostRunner:
             return False
 
     def _serving(self, service: ServiceConfig) -> bool:
-        with grpc.insecure_channel(f"{self.host.address}:{service.port}") as channel:
+        internal = None if service.kind == "gateway" else self._tls or self.internal_tls()
+        with tls.dial(f"{self.host.address}:{service.port}", service.consul_name, internal) as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
             except grpc.RpcError:
@@ -237,6 +302,11 @@ class HostRunner:
         except (OSError, ValueError):
             return None
         return pid if pid_alive(pid) else None
+
+
+def _uses_redis(service: ServiceConfig) -> bool:
+    """Every service keeps its state in Redis but the worker agent."""
+    return service.kind != "agent"
 
 
 def _terminate(pid: int, timeout: float = 30.0) -> None:

@@ -20,6 +20,7 @@ from services.kit.consul import ConsulClient, Instance
 from services.kit.discovery import ServiceResolver
 from services.kit.errors import Unavailable
 from services.kit.telemetry import client_interceptors
+from services.kit.tls import InternalTLS, expect
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class InstancePool:
     """The healthy instances of one service with a channel each.
 
     With `targets`, the pool is that fixed list (no Consul): e.g. a registry address given in the settings.
+    With `tls` (kit.tls), every channel is mTLS and each instance must present a certificate for `service`.
     `hold_seconds` is how long the members stay when Consul fails or restarts empty (see ServiceResolver).
     """
 
@@ -96,7 +98,7 @@ class InstancePool:
         picker: Picker | None = None,
         options: Sequence[tuple[str, object]] = (),
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
+        tls: InternalTLS | None = None,
         close_grace: float = 30.0,
         hold_seconds: float = 60.0,
     ) -> None:
@@ -111,7 +113,7 @@ class InstancePool:
         given = {name for name, _ in options}
         self._options = [*options, *((name, value) for name, value in CHANNEL_DEFAULTS if name not in given)]
         self._interceptors = list(client_interceptors() if interceptors is None else interceptors)
-        self._credentials = credentials
+        self._tls = tls
         self._close_grace = close_grace
         self._members: dict[str, Member] = {}  # healthy, by instance id
         self._seen: dict[str, Member] = {}  # every member ever healthy, by instance id
@@ -184,10 +186,10 @@ class InstancePool:
             return self._members
 
     def _open(self, target: str) -> grpc.aio.Channel:
-        if self._credentials is not None:
-            return grpc.aio.secure_channel(
-                target, self._credentials, options=self._options, interceptors=self._interceptors
-            )
+        if self._tls is not None:  # mTLS, and the instance must prove it is this service whatever its address
+            options = [*self._options, *expect(self.service)]
+            credentials = self._tls.channel_credentials()
+            return grpc.aio.secure_channel(target, credentials, options=options, interceptors=self._interceptors)
         return grpc.aio.insecure_channel(target, options=self._options, interceptors=self._interceptors)
 
     def _on_resolved(self, instances: Sequence[Instance]) -> None:

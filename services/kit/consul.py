@@ -1,11 +1,41 @@
 """Consul agent HTTP API: register and deregister instances, and ask for the healthy ones (blocking queries)."""
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import httpx
 
+from services.kit.consul_acl import TOKEN_ENV, TOKEN_HEADER
+
 logger = logging.getLogger(__name__)
+
+TOKEN_SETTINGS = "consul_token_file or consul_token (MODELGRID_<SERVICE>_CONSUL_TOKEN_FILE / _CONSUL_TOKEN)"
+"""Where a service's Consul ACL token comes from, as error messages name it."""
+
+
+class ConsulAclError(httpx.HTTPStatusError):
+    """Consul refused a call (403): the ACL token is missing, unknown to Consul, or lacks a right. The message names
+    the setting to fix and Consul's reason, never the token."""
+
+
+def token_headers(token: str = "") -> dict[str, str]:
+    """The header that carries a Consul ACL token: `token`, else $CONSUL_HTTP_TOKEN (Consul's own convention);
+    none when both are empty (Consul then treats the call as anonymous)."""
+    token = token or os.environ.get(TOKEN_ENV, "").strip()
+    return {TOKEN_HEADER: token} if token else {}
+
+
+def acl_refusal(response: httpx.Response) -> str:
+    """What to tell an operator when Consul answered 403: Consul's reason ("ACL not found": the token is unknown;
+    "Permission denied: Missing service:write on predictor": it lacks that right) and the setting to fix."""
+    sent = TOKEN_HEADER in response.request.headers
+    reason = response.text.strip()[:200] or "no reason given"
+    what = "the Consul ACL token given does not allow it" if sent else "no Consul ACL token was given"
+    return (
+        f"Consul refused {response.request.method} {response.request.url.path} ({reason}): {what}; set "
+        f"{TOKEN_SETTINGS} to this service's token (or $CONSUL_HTTP_TOKEN)"
+    )
 
 
 @dataclass(frozen=True)
@@ -78,14 +108,16 @@ class Registration:
 class ConsulClient:
     """A small async client for the parts of Consul's agent and health APIs modelgrid uses."""
 
-    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
-        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout)
+    def __init__(self, url: str, *, token: str = "", timeout: float = 10.0) -> None:
+        """`token`: the ACL token sent with every call (a service's consul_token setting); empty:
+        $CONSUL_HTTP_TOKEN, if set."""
+        self._http = httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout, headers=token_headers(token))
 
     async def register(self, registration: Registration, *, passing: bool = False) -> None:
         """Registers (or re-registers, to change tags and meta) an instance with the local agent; `passing` is the
         check's status until Consul runs it."""
         response = await self._http.put("/v1/agent/service/register", json=registration.payload(passing=passing))
-        response.raise_for_status()
+        _raise_for_status(response)
         logger.info("registered %s (%s:%d) in Consul", registration.id, registration.address, registration.port)
 
     async def registered(self, instance_id: str) -> dict | None:
@@ -94,13 +126,13 @@ class ConsulClient:
         response = await self._http.get(f"/v1/agent/service/{instance_id}")
         if response.status_code == 404:
             return None
-        response.raise_for_status()
+        _raise_for_status(response)
         return response.json()
 
     async def deregister(self, instance_id: str) -> None:
         """Removes an instance from the local agent."""
         response = await self._http.put(f"/v1/agent/service/deregister/{instance_id}")
-        response.raise_for_status()
+        _raise_for_status(response)
         logger.info("deregistered %s from Consul", instance_id)
 
     async def healthy_instances(
@@ -132,7 +164,7 @@ class ConsulClient:
     ) -> tuple[int, list[tuple[Instance, bool]]]:
         timeout = duration_seconds(wait) + 10 if index else self._http.timeout.read
         response = await self._http.get(f"/v1/health/service/{service}", params=params, timeout=timeout)
-        response.raise_for_status()
+        _raise_for_status(response)
         new_index = int(response.headers.get("X-Consul-Index", "0"))
         entries = []
         for entry in response.json():
@@ -152,6 +184,13 @@ class ConsulClient:
     async def close(self) -> None:
         """Closes the HTTP connection pool."""
         await self._http.aclose()
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    """raise_for_status, with a ConsulAclError that says what to fix for a 403 (callers log it, as any HTTPError)."""
+    if response.status_code == 403:
+        raise ConsulAclError(acl_refusal(response), request=response.request, response=response)
+    response.raise_for_status()
 
 
 def duration_seconds(duration: str) -> float:

@@ -17,14 +17,19 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from services.kit.consul import acl_refusal, token_headers
+
 logger = logging.getLogger(__name__)
 
 AUTO = "auto"
 LOOPBACK = "127.0.0.1"
 
 
-async def host_address(consul_url: str, *, consul_enabled: bool = True, timeout: float = 5.0) -> str:
-    """This host's address as seen from the other hosts (see the module's docstring)."""
+async def host_address(
+    consul_url: str, *, consul_enabled: bool = True, timeout: float = 5.0, consul_token: str = ""
+) -> str:
+    """This host's address as seen from the other hosts (see the module's docstring). `consul_token`: the ACL token
+    to ask the agent with (empty: $CONSUL_HTTP_TOKEN, kit.consul.token_headers)."""
     if not consul_enabled:
         return LOOPBACK
     parts = urlsplit(consul_url)
@@ -32,8 +37,11 @@ async def host_address(consul_url: str, *, consul_enabled: bool = True, timeout:
     if not _is_loopback(host):
         return _route_source(host, port)
     try:
-        async with httpx.AsyncClient(timeout=timeout) as http:
+        async with httpx.AsyncClient(timeout=timeout, headers=token_headers(consul_token)) as http:
             response = await http.get(f"{consul_url.rstrip('/')}/v1/agent/self")
+            if response.status_code == 403:
+                logger.error("cannot learn this host's address, using %s: %s", LOOPBACK, acl_refusal(response))
+                return LOOPBACK
             response.raise_for_status()
             address = response.json()["Member"]["Addr"]
     except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
@@ -48,7 +56,9 @@ async def resolve_addresses(settings) -> None:
     """Replaces "auto" in `settings.advertise_host` and `settings.host` (bind to the advertised address) with this
     host's address. Idempotent; every service calls it before it binds or registers anything."""
     if settings.advertise_host == AUTO:
-        settings.advertise_host = await host_address(settings.consul_url, consul_enabled=settings.consul_enabled)
+        settings.advertise_host = await host_address(
+            settings.consul_url, consul_enabled=settings.consul_enabled, consul_token=settings.consul_token
+        )
         logger.info("this host's address: %s", settings.advertise_host)
     if settings.host == AUTO:
         settings.host = settings.advertise_host

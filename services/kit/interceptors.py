@@ -10,6 +10,7 @@ import grpc
 
 from services.kit import errors
 from services.kit.redis_client import is_outage, outage_error
+from services.kit.tls import peer_identity
 
 logger = logging.getLogger(__name__)
 
@@ -89,29 +90,52 @@ def _service_of(method: str) -> str:
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Maps ModelgridError subclasses to their status code with their message, a failed call to another service
     and a Redis outage to UNAVAILABLE; anything else to INTERNAL with a generic message (the traceback goes to the
-    log, never to the client)."""
+    log, never to the client).
+
+    With `callers`, only peers whose client certificate names one of them (kit.tls) may call the service's own
+    methods (health and reflection stay open to every peer the TLS handshake admitted): PERMISSION_DENIED otherwise.
+    """
+
+    def __init__(self, callers: frozenset[str] = frozenset()) -> None:
+        self._callers = callers
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        callers = self._callers if self._callers and not method.startswith(_OPEN_PREFIXES) else frozenset()
         parse = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method), parse, handler.response_serializer
+                _wrap_unary(handler.unary_unary, method, callers=callers), parse, handler.response_serializer
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method, streamed=True), parse, handler.response_serializer
+                _wrap_unary(handler.stream_unary, method, streamed=True, callers=callers),
+                parse,
+                handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method), parse, handler.response_serializer
+                _wrap_stream(handler.unary_stream, method, callers=callers), parse, handler.response_serializer
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, method, streamed=True), parse, handler.response_serializer
+            _wrap_stream(handler.stream_stream, method, streamed=True, callers=callers),
+            parse,
+            handler.response_serializer,
         )
+
+
+# Methods every authenticated peer may call whatever `callers` says: Consul's health checks, reflection.
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _admit(callers: frozenset[str], context: grpc.aio.ServicerContext) -> None:
+    """PermissionDenied unless the peer's certificate names one of `callers` (no check when there are none)."""
+    if callers and peer_identity(context) not in callers:
+        who = peer_identity(context) or "a peer without a client certificate"
+        raise errors.PermissionDenied(f"{who[:64]} may not call this service; it accepts {', '.join(sorted(callers))}")
 
 
 class _Malformed:
@@ -148,9 +172,10 @@ async def _checked(requests: AsyncIterator) -> AsyncIterator:
         yield request
 
 
-def _wrap_unary(behavior: Callable, method: str, streamed: bool = False) -> Callable:
+def _wrap_unary(behavior: Callable, method: str, streamed: bool = False, callers: frozenset[str] = frozenset()):
     async def wrapper(request, context: grpc.aio.ServicerContext):
         try:
+            _admit(callers, context)
             if streamed:
                 request = _checked(request)
             elif isinstance(request, _Malformed):
@@ -164,9 +189,10 @@ def _wrap_unary(behavior: Callable, method: str, streamed: bool = False) -> Call
     return wrapper
 
 
-def _wrap_stream(behavior: Callable, method: str, streamed: bool = False) -> Callable:
+def _wrap_stream(behavior: Callable, method: str, streamed: bool = False, callers: frozenset[str] = frozenset()):
     async def wrapper(request, context: grpc.aio.ServicerContext) -> AsyncIterator:
         try:
+            _admit(callers, context)
             if streamed:
                 request = _checked(request)
             elif isinstance(request, _Malformed):

@@ -4,12 +4,18 @@ Library use (tests; every port is free and chosen, so parallel runs never collid
 
     with ConsulAgent(tmp_path / "consul") as consul, RedisServer(tmp_path / "redis") as redis:
         ...  # consul.http_url, redis.url
+        token = consul.token_for("registry")  # Consul has ACLs on (default deny): a token per service
 
 Command line (`make up`; the processes keep running after the command exits)::
 
     python -m services.kit.localinfra up --state-dir .run [--consul-port 8500] [--redis-port 6379]
     python -m services.kit.localinfra status --state-dir .run
     python -m services.kit.localinfra down --state-dir .run
+
+Redis requires a password: the first `up` makes a random one in <state-dir>/redis-password (mode 0600), which later
+runs, `status` and scripts/mesh.py (its services' REDIS_PASSWORD_FILE) use; `down` leaves it there.
+Consul denies what a token does not allow: `up` keeps its master token in <state-dir>/consul-master-token and
+scripts/mesh.py the token of each service in <state-dir>/consul-tokens/<name> (mode 0600; its CONSUL_TOKEN_FILE).
 """
 
 from __future__ import annotations
@@ -25,19 +31,45 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+import weakref
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
+
+from services.kit import tls
+from services.kit.consul_acl import (
+    TOKEN_ENV,
+    TOKEN_HEADER,
+    AclSetupError,
+    ConsulAcl,
+    read_token_file,
+    write_private_file,
+    write_token_file,
+)
+from services.kit.redis_auth import (
+    RedisPasswordError,
+    generate_password,
+    read_password_file,
+    url_with_password,
+    write_password_file,
+    write_redis_auth_config,
+)
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+REDIS_PASSWORD_FILE = "redis-password"
+"""The file in a state dir that keeps the password of the Redis server started there (mode 0600)."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REPO_CONSUL_BINARY = REPO_ROOT / ".tools" / "consul" / "usr" / "bin" / "consul"
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 PORT_ATTEMPTS = 3
 LOG_TAIL_LINES = 20
+CONSUL_MASTER_TOKEN_FILE = "consul-master-token"  # in the state dir, mode 0600
+CONSUL_TOKEN_DIR = "consul-tokens"  # in the state dir: one file (mode 0600) per service token
+TLS_DIR = "tls"  # in the state dir: the mesh's CA and a certificate per service (kit.tls)
 # Loopback requests must never go through an HTTP proxy configured in the environment.
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -115,14 +147,34 @@ def consul_leader(http_addr: str, timeout: float = 1.0) -> str:
         return ""
 
 
-def redis_ping(host: str, port: int, timeout: float = 1.0) -> bool:
-    """True if the Redis server at host:port answers PING with PONG (raw RESP, no client library)."""
+def redis_ping(host: str, port: int, timeout: float = 1.0, password: str | None = None) -> bool:
+    """True if the Redis server at host:port answers PING with PONG (raw RESP, no client library), after AUTH with
+    `password` if one is given. A server that requires a password answers NOAUTH to a PING without one, and one that
+    rejects the password (or has none) answers an error to the AUTH: both are False."""
+    commands = [("PING",)] if password is None else [("AUTH", password), ("PING",)]
+    request = b"".join(_resp_command(*command) for command in commands)
+    replies = b""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            sock.sendall(request)
+            while replies.count(b"\r\n") < len(commands):
+                chunk = sock.recv(256)
+                if not chunk:
+                    break
+                replies += chunk
     except OSError:
         return False
+    expected = [b"+PONG"] if password is None else [b"+OK", b"+PONG"]
+    return replies.split(b"\r\n")[: len(commands)] == expected
+
+
+def _resp_command(*args: str) -> bytes:
+    """One command as a RESP array of bulk strings."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def pid_alive(pid: int) -> bool:
@@ -234,6 +286,7 @@ class _LoopbackProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=self._detached,
+                cwd=self.state_dir,  # what a process writes to its current directory stays with its state
             )
         started = time.monotonic()
         try:
@@ -260,15 +313,43 @@ class _LoopbackProcess:
 
 
 class ConsulAgent(_LoopbackProcess):
-    """A real `consul agent -dev` (in-memory server, its own leader) with every port on loopback chosen."""
+    """A real `consul agent -dev` (in-memory server, its own leader) with every port on loopback chosen, and ACLs
+    on: `default_policy = "deny"`, a master token (`master_token`: $CONSUL_HTTP_TOKEN if set, so that one test
+    session gives all its agents one; else the one kept in the state dir; else a new one), an agent token of its
+    own, and a token per modelgrid service (`token_for(name)`, kit.consul_acl).
+
+    The master token is kept in <state dir>/consul-master-token and each service token in
+    <state dir>/consul-tokens/<name> (mode 0600). A dev agent forgets its ACLs when it stops: on each start it makes
+    the kept service tokens again, so services that outlive a restart keep their token.
+
+    `tls_dir` (ca.pem, consul.pem, consul-key.pem): the agent's gRPC health checks present that client certificate
+    to services that require mTLS. The agent's own HTTP API stays plain HTTP on loopback.
+    """
 
     name = "consul"
+    _started: ClassVar[weakref.WeakValueDictionary[str, ConsulAgent]] = weakref.WeakValueDictionary()
 
-    def __init__(self, state_dir: Path | str, *, http_port: int | None = None, detached: bool = False) -> None:
+    def __init__(
+        self,
+        state_dir: Path | str,
+        *,
+        http_port: int | None = None,
+        detached: bool = False,
+        tls_dir: Path | str | None = None,
+    ) -> None:
         super().__init__(state_dir, detached=detached)
         self._http_port_given = http_port is not None
         self.http_port = http_port if http_port is not None else free_port()
         self._assign_other_ports()
+        self.tls_dir = Path(tls_dir).resolve() if tls_dir is not None else None
+        self.master_token_file = self.state_dir / CONSUL_MASTER_TOKEN_FILE
+        self.token_dir = self.state_dir / CONSUL_TOKEN_DIR
+        self.config_file = self.state_dir / "consul-config.json"
+        self.master_token = os.environ.get(TOKEN_ENV, "").strip() or (
+            read_token_file(self.master_token_file) if self.master_token_file.is_file() else str(uuid.uuid4())
+        )
+        self.node_name = ""
+        self._acl: ConsulAcl | None = None
 
     @property
     def http_addr(self) -> str:
@@ -279,6 +360,74 @@ class ConsulAgent(_LoopbackProcess):
     def http_url(self) -> str:
         """HTTP API base URL, e.g. "http://127.0.0.1:8500"."""
         return f"http://{self.http_addr}"
+
+    def start(self) -> None:
+        """Launch the agent and block until it answers with its ACLs up; then make the kept tokens again, give it
+        the agents' token, and wait until it has written its node to the catalog with that token."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        super().start()
+        try:
+            self._acl = ConsulAcl(self.http_url, self.master_token, token_dir=self.token_dir)
+            self._acl.restore()
+            self._acl.set_agent_token()
+            self._wait_until_node_synced()
+            ConsulAgent._started[self.http_url] = self
+        except (AclSetupError, OSError) as exc:
+            self.kill()
+            raise InfraError(f"consul: the ACL setup failed: {exc}") from None
+
+    def token_for(self, service: str) -> str:
+        """The ACL token of the modelgrid service `service` (a Consul service name such as "registry" or
+        "trainer-agent"): it may register, check and deregister instances of that name only, and read the health
+        of every service. Made on the first call, the same one afterwards. `token_for(consul_acl.AGENT)`: the token
+        of Consul agents (their own nodes), e.g. for client agents that join this one."""
+        return self._admin().token_for(service)
+
+    def token_file(self, service: str) -> Path:
+        """The file (mode 0600) holding the token of `service` (see token_for), for a `consul_token_file` setting."""
+        return self._admin().token_file(service)
+
+    def _admin(self) -> ConsulAcl:
+        if self._acl is None or self.pid is None:
+            raise InfraError("consul is not running: start it before asking for tokens")
+        return self._acl
+
+    def _write_config(self) -> None:
+        """The ACL (and check TLS) configuration, mode 0600: it holds the master token."""
+        config: dict[str, object] = {
+            "acl": {
+                "enabled": True,
+                "default_policy": "deny",
+                "down_policy": "extend-cache",
+                "enable_token_persistence": True,
+                "tokens": {"master": self.master_token},
+            }
+        }
+        if self.tls_dir is not None:
+            files = {"ca_file": "ca.pem", "cert_file": "consul.pem", "key_file": "consul-key.pem"}
+            missing = [name for name in files.values() if not (self.tls_dir / name).is_file()]
+            if missing:
+                raise InfraError(f"consul: tls_dir {self.tls_dir} lacks {', '.join(missing)}")
+            config.update({key: str(self.tls_dir / name) for key, name in files.items()})
+            config["enable_agent_tls_for_checks"] = True
+            config["server_name"] = "modelgrid"  # the checks' SNI: every certificate names it (kit.tls.MESH_NAME)
+        write_private_file(self.config_file, json.dumps(config, indent=2) + "\n")
+        if not self.master_token_file.is_file() or read_token_file(self.master_token_file) != self.master_token:
+            write_token_file(self.master_token_file, self.master_token)
+
+    def _wait_until_node_synced(self, timeout: float = 10.0) -> None:
+        """Until the agent has written its node (with its tagged addresses) to the catalog with its new token."""
+        deadline = time.monotonic() + timeout
+        request = urllib.request.Request(f"{self.http_url}/v1/catalog/node/{self.node_name}")
+        request.add_header(TOKEN_HEADER, self.master_token)
+        while time.monotonic() < deadline:
+            with _NO_PROXY_OPENER.open(request, timeout=2) as response:
+                node = (json.load(response) or {}).get("Node") or {}
+            if node.get("TaggedAddresses"):
+                return
+            time.sleep(0.05)
+        logger.warning("consul: node %s not synced to the catalog within %.0fs", self.node_name, timeout)
 
     def _assign_other_ports(self) -> None:
         ports = free_ports(4, exclude={self.http_port})
@@ -292,10 +441,11 @@ class ConsulAgent(_LoopbackProcess):
         return True
 
     def _command(self) -> list[str]:
+        self.node_name = f"modelgrid-{os.getpid()}-{self.http_port}"
         options = {
             "-client": LOOPBACK,
             "-bind": LOOPBACK,
-            "-node": f"modelgrid-{os.getpid()}-{self.http_port}",
+            "-node": self.node_name,
             "-http-port": str(self.http_port),
             "-dns-port": str(self.dns_port),
             "-serf-lan-port": str(self.serf_lan_port),
@@ -303,15 +453,20 @@ class ConsulAgent(_LoopbackProcess):
             "-server-port": str(self.server_port),
             "-grpc-port": "-1",  # -dev would otherwise bind 8502 (Envoy xDS, unused here)
             "-hcl": "disable_update_check = true",  # no calls to checkpoint-api.hashicorp.com
+            "-config-file": str(self.config_file),
         }
         return [consul_binary(), "agent", "-dev", *_flatten(options)]
 
     def _answers(self) -> bool:
-        return bool(consul_leader(self.http_addr))
+        """A leader is elected and the ACL system knows the master token."""
+        return bool(consul_leader(self.http_addr)) and ConsulAcl(self.http_url, self.master_token).master_accepted()
 
 
 class RedisServer(_LoopbackProcess):
-    """A real Debian `redis-server` on loopback with its own data dir, AOF on and RDB snapshots off."""
+    """A real Debian `redis-server` on loopback with its own data dir, AOF on and RDB snapshots off, that requires a
+    password: the one given, else the one kept in <state dir>/redis-password, else a new random one. Each start
+    writes it there (mode 0600), so a later RedisServer on the same state dir (`make up` again, `status`,
+    scripts/mesh.py) uses the same one; `.url` carries it."""
 
     name = "redis"
 
@@ -322,9 +477,16 @@ class RedisServer(_LoopbackProcess):
         port: int | None = None,
         detached: bool = False,
         appendfsync: str = "everysec",
+        password: str | None = None,
     ) -> None:
         super().__init__(state_dir, detached=detached)
         self.data_dir = self.state_dir / "redis-data"
+        self.password_file = self.state_dir / REDIS_PASSWORD_FILE
+        if password == "":
+            raise InfraError("an empty Redis password would leave Redis without one")
+        self.password = password if password is not None else self._kept_or_new_password()
+        # The password goes to redis-server in a config file of mode 0600: on a command line `ps` would show it.
+        self._auth_config = self.state_dir / "redis-auth.conf"
         # "everysec" (the default, as in production) may lose the last second of writes on a host crash, and a
         # reply can precede its AOF write while a slow fsync is pending; "always" writes and syncs before replying.
         self.appendfsync = appendfsync
@@ -333,17 +495,20 @@ class RedisServer(_LoopbackProcess):
 
     @property
     def url(self) -> str:
-        """Client URL, e.g. "redis://127.0.0.1:6379/0"."""
-        return f"redis://{LOOPBACK}:{self.port}/0"
+        """Client URL with the password, e.g. "redis://:PASSWORD@127.0.0.1:6379/0": a secret, so log it only through
+        kit.redis_auth.redacted_url."""
+        return url_with_password(f"redis://{LOOPBACK}:{self.port}/0", self.password)
 
     def restart(self) -> None:
-        """Stop (SIGTERM, so the AOF is flushed) and start again on the same port and data dir."""
+        """Stop (SIGTERM, so the AOF is flushed) and start again on the same port, data dir and password."""
         self.stop()
         self.start()
 
     def start(self) -> None:
-        """Launch redis-server and block until it answers PING."""
+        """Keep the password in the state dir, launch redis-server and block until it answers PING with it."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        write_password_file(self.password_file, self.password)
+        write_redis_auth_config(self._auth_config, self.password)
         super().start()
         self._port_given = True  # clients hold this port now: a restart never moves it
 
@@ -365,10 +530,18 @@ class RedisServer(_LoopbackProcess):
             "--protected-mode": "yes",
             "--logfile": str(self.log_path),
         }
-        return [redis_binary(), *_flatten(options)]
+        return [redis_binary(), str(self._auth_config), *_flatten(options)]  # a config file comes first
 
     def _answers(self) -> bool:
-        return redis_ping(LOOPBACK, self.port)
+        return redis_ping(LOOPBACK, self.port, password=self.password)
+
+    def _kept_or_new_password(self) -> str:
+        if not self.password_file.exists():
+            return generate_password()
+        try:
+            return read_password_file(self.password_file)
+        except RedisPasswordError as exc:
+            raise InfraError(str(exc)) from None
 
 
 # ---- command line: detached processes tracked by <state-dir>/<name>.pid and <name>.addr -------------------
@@ -403,11 +576,19 @@ def _is_our_process(pid: int, name: str) -> bool:
         return False
 
 
-def _answers(name: str, addr: str) -> bool:
+def _answers(name: str, addr: str, state_dir: Path) -> bool:
     if name == "consul":
         return bool(consul_leader(addr))
     host, port = addr.rsplit(":", 1)
-    return redis_ping(host, int(port))
+    return redis_ping(host, int(port), password=_kept_redis_password(state_dir))
+
+
+def _kept_redis_password(state_dir: Path) -> str | None:
+    """The password of the state dir's Redis, None if none is kept there (that Redis does not answer then)."""
+    try:
+        return read_password_file(state_dir / REDIS_PASSWORD_FILE)
+    except RedisPasswordError:
+        return None
 
 
 def _terminate_pid(pid: int, timeout: float = STOP_TIMEOUT_S) -> None:
@@ -434,8 +615,10 @@ def _up_one(process: ConsulAgent | RedisServer, addr: str) -> None:
     record = _running_record(state_dir, name)
     if record is not None:
         pid, running_addr = record
-        if not _answers(name, running_addr):
-            raise InfraError(f"{name} pid {pid} runs but does not answer at {running_addr}: run `down` first")
+        if not _answers(name, running_addr, state_dir):
+            # Redis: also one started without the password kept in the state dir (before Redis had one).
+            how = f" with the password in {state_dir / REDIS_PASSWORD_FILE}" if name == "redis" else ""
+            raise InfraError(f"{name} pid {pid} runs but does not answer at {running_addr}{how}: run `down` first")
         print(f"{name}: already running at {running_addr} (pid {pid})")
         return
     _remove_record(state_dir, name)
@@ -445,17 +628,35 @@ def _up_one(process: ConsulAgent | RedisServer, addr: str) -> None:
     print(f"{name}: started at {addr} (pid {process.pid}, log {process.log_path})")
 
 
+def service_token(consul_url: str, service: str) -> str:
+    """The ACL token of the modelgrid service `service` in the Consul agent at consul_url, for a launcher that knows
+    only the URL: made by the ConsulAgent of this process that runs there (so that it is made again when that agent
+    restarts), else with the master token in $CONSUL_HTTP_TOKEN (which a test session gives all its agents)."""
+    agent = ConsulAgent._started.get(consul_url.rstrip("/"))
+    if agent is not None and agent.pid is not None:
+        return agent.token_for(service)
+    master = os.environ.get(TOKEN_ENV, "").strip()
+    if not master:
+        raise InfraError(f"no ConsulAgent of this process runs at {consul_url}, and ${TOKEN_ENV} is not set")
+    return ConsulAcl(consul_url, master).token_for(service)
+
+
 def cmd_up(state_dir: Path, consul_port: int, redis_port: int) -> None:
-    """Start Consul and Redis detached, unless they already run and answer."""
-    consul = ConsulAgent(state_dir, http_port=consul_port, detached=True)
+    """Make the mesh's certificates if missing, then start Consul and Redis detached, unless they already run and
+    answer."""
+    tls_dir = tls.init(state_dir / TLS_DIR)
+    print(f"internal mTLS: CA and certificates in {tls_dir} (keys mode 0600)")
+    consul = ConsulAgent(state_dir, http_port=consul_port, detached=True, tls_dir=tls_dir)
     _up_one(consul, consul.http_addr)
+    print(f"consul: ACLs on (default deny), master token in {consul.master_token_file} (mode 0600)")
     redis = RedisServer(state_dir, port=redis_port, detached=True)
     _up_one(redis, f"{LOOPBACK}:{redis.port}")
     cmd_status(state_dir)
 
 
 def cmd_down(state_dir: Path) -> None:
-    """Stop the detached Consul and Redis (SIGTERM, wait) and remove their state files."""
+    """Stop the detached Consul and Redis (SIGTERM, wait) and remove their pid records. Redis's data and password
+    stay in the state dir for the next `up`."""
     for name in ("redis", "consul"):
         record = _running_record(state_dir, name)
         if record is None:
@@ -476,10 +677,11 @@ def cmd_status(state_dir: Path) -> bool:
             healthy = False
             continue
         pid, addr = record
-        answers = _answers(name, addr)
+        answers = _answers(name, addr, state_dir)
         healthy = healthy and answers
         url = f"http://{addr}" if name == "consul" else f"redis://{addr}/0"
-        print(f"{name}: {url} pid {pid} {'answers' if answers else 'NOT ANSWERING'}")
+        secret = f" (password in {state_dir / REDIS_PASSWORD_FILE})" if name == "redis" else ""
+        print(f"{name}: {url}{secret} pid {pid} {'answers' if answers else 'NOT ANSWERING'}")
     return healthy
 
 

@@ -1,5 +1,7 @@
 """Redis client factory: one asyncio connection pool per process and service."""
 
+import logging
+
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -8,6 +10,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.kit.errors import Unavailable
+from services.kit.redis_auth import redacted_url
+
+logger = logging.getLogger(__name__)
 
 POOL_EXHAUSTED = "No connection available"
 """What BlockingConnectionPool raises (a ConnectionError) when no connection frees up within its timeout."""
@@ -15,7 +20,10 @@ POOL_EXHAUSTED = "No connection available"
 
 def create_redis(url: str, *, max_connections: int = 64, pool_timeout: float = 5.0) -> aioredis.Redis:
     """An asyncio Redis client that decodes replies to str and retries briefly when the server restarts. Its pool
-    holds at most `max_connections`; a call that finds them all busy waits up to `pool_timeout` seconds for one."""
+    holds at most `max_connections`; a call that finds them all busy waits up to `pool_timeout` seconds for one.
+    The password Redis requires comes in `url` (settings put the one of redis_password_file there); it is never
+    logged."""
+    logger.info("state store: Redis at %s", redacted_url(url))
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,

@@ -1,6 +1,7 @@
 """The gRPC server runtime every service uses: build, register in Consul, serve, and shut down in order."""
 
 import asyncio
+import ipaddress
 import logging
 import random
 import signal
@@ -13,7 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
-from services.kit.consul import ConsulClient, Registration
+from services.kit import tls
+from services.kit.consul import ConsulAclError, ConsulClient, Registration
 from services.kit.hostaddr import resolve_addresses
 from services.kit.interceptors import ErrorMappingInterceptor
 from services.kit.settings import ServiceSettings
@@ -33,6 +35,12 @@ class ServiceSpec:
     add_servicers: Callable[[grpc.aio.Server], None]
     tags: list[str] = field(default_factory=list)
     meta: dict[str, str] = field(default_factory=dict)
+    public: bool = False
+    """The gateway's port: clients are people and programs with API keys, so it serves the public certificate
+    (tls_cert) if any, never internal mTLS."""
+    callers: frozenset[str] = frozenset()
+    """With internal TLS, the only identities that may call the service's methods (empty: any the CA signed).
+    Without it (plaintext, loopback only) callers have no identity and this is not checked."""
 
 
 KEEPALIVE_POLICY: list[tuple[str, int]] = [
@@ -54,6 +62,13 @@ def grpc_options(settings: ServiceSettings) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
         ("grpc.max_send_message_length", settings.max_send_message_bytes),
     ]
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class GrpcService:
@@ -102,8 +117,12 @@ class GrpcService:
         await resolve_addresses(self.settings)
         provider = self._tracer_provider
         self.add_cleanup(lambda: asyncio.to_thread(provider.shutdown))
+        credentials = self._server_credentials()
+        # Callers are known by their certificates: without internal TLS (loopback only) there is no one to check.
+        internal = credentials is not None and not self.spec.public
+        callers = self.spec.callers if internal else frozenset()
         server = grpc.aio.server(
-            interceptors=[*server_interceptors(provider), ErrorMappingInterceptor()],
+            interceptors=[*server_interceptors(provider), ErrorMappingInterceptor(callers)],
             options=[*grpc_options(self.settings), *KEEPALIVE_POLICY],
         )
         self.spec.add_servicers(server)
@@ -111,9 +130,7 @@ class GrpcService:
         names = [*self.spec.proto_services, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, server)
         address = f"{self.settings.host}:{self.settings.port}"
-        cert, key = getattr(self.settings, "tls_cert", None), getattr(self.settings, "tls_key", None)
-        if cert and key:
-            credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+        if credentials is not None:
             self.port = server.add_secure_port(address, credentials)
             self._tls = True
         else:
@@ -128,6 +145,24 @@ class GrpcService:
             await self._register()
             self._keeper = asyncio.create_task(self._keep_registered(), name=f"{self.spec.name}-registration")
         return self.port
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        """The public certificate for the gateway; internal mTLS for the others, whose plaintext is refused off
+        loopback unless the operator allows it."""
+        if self.spec.public:
+            cert, key = getattr(self.settings, "tls_cert", None), getattr(self.settings, "tls_key", None)
+            return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]) if cert and key else None
+        internal = tls.from_dir(self.settings.internal_tls_dir, self.spec.name)
+        if internal is not None:
+            return internal.server_credentials()
+        if not _loopback(self.settings.host) and not self.settings.allow_plaintext:
+            raise RuntimeError(
+                f"{self.spec.name} would serve plaintext gRPC on {self.settings.host}: set internal_tls_dir to the "
+                "mesh's certificates (python -m services.kit.tls init DIR), bind a loopback address, or set "
+                "allow_plaintext=true"
+            )
+        logger.warning("%s serves plaintext gRPC on loopback (internal_tls_dir is not set)", self.spec.name)
+        return None
 
     @property
     def instance_id(self) -> str:
@@ -161,7 +196,7 @@ class GrpcService:
             logger.warning("Consul unreachable (%s); %s registers its new tags when it is back", exc, self.instance_id)
 
     async def _register(self) -> None:
-        self._consul = ConsulClient(self.settings.consul_url)
+        self._consul = ConsulClient(self.settings.consul_url, token=self.settings.consul_token)
         self._registration = Registration(
             id=self.instance_id,
             name=self.spec.name,
@@ -178,6 +213,8 @@ class GrpcService:
             try:
                 await self._consul.register(self._registration, passing=self._serving)
                 return
+            except ConsulAclError:
+                raise  # a refused token does not get better with retries; its message names the setting to fix
             except httpx.HTTPError as exc:
                 if attempt == 19:
                     raise
@@ -228,7 +265,11 @@ class GrpcService:
         for callback in self._on_stopping:
             callback()
         if self._server is not None:
-            await self._server.stop(self.settings.shutdown_grace_seconds)
+            grace = self.settings.shutdown_grace_seconds
+            try:  # grpc.aio's stop has been seen to outlive its grace period by far on a loaded machine
+                await asyncio.wait_for(self._server.stop(grace), grace + 5)
+            except TimeoutError:
+                logger.warning("%s: the gRPC server did not stop %.0fs after its grace period", self.spec.name, 5.0)
         for cleanup in reversed(self._cleanups):
             try:
                 await cleanup()

@@ -1,10 +1,15 @@
 """Settings every modelgrid service shares; each service subclasses them with its own env prefix."""
 
 import socket
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.kit.consul_acl import read_token_file
+from services.kit.redis_auth import read_password_file, url_with_password
+from services.kit.tls import InternalTLS, from_dir
 
 MiB = 1024 * 1024
 
@@ -32,6 +37,14 @@ class ServiceSettings(BaseSettings):
     """Consul service id of this instance; empty: <service>-<advertise_host>-<port>."""
     consul_url: str = "http://127.0.0.1:8500"
     """Consul agent HTTP API."""
+    consul_token: str = Field(default="", repr=False)
+    """Consul ACL token of this service (Consul denies what a token does not allow): it may register this service's
+    name only and read the health of every service (kit.consul_acl). Better given in consul_token_file. Empty and
+    no file: $CONSUL_HTTP_TOKEN, Consul's own convention. The settings' repr leaves it out."""
+    consul_token_file: Path | None = None
+    """File holding the Consul ACL token (a compose or Kubernetes secret; `make up` makes .run/consul-tokens/<name>):
+    when set, the token is read from it once, as the settings are built, and wins over consul_token. A missing or
+    empty file is an error at start."""
     consul_enabled: bool = True
     """Register in Consul on start and deregister on shutdown."""
     consul_check_interval: str = "2s"
@@ -47,8 +60,21 @@ class ServiceSettings(BaseSettings):
     discovery_hold_seconds: float = Field(default=60.0, ge=0, le=3600)
     """When Consul fails or restarts with an empty catalog, how long the instances it last reported healthy stay
     in use while they register again; instances whose health check fails still leave at once."""
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis holding the service's state."""
+    internal_tls_dir: Path | None = None
+    """Directory of the mesh's CA and certificates (`python -m services.kit.tls init DIR`). Set: the service's gRPC
+    port requires a client certificate signed by that CA, and its channels to other services present this
+    service's certificate and check theirs. Unset: plaintext, which a service accepts only on a loopback address
+    unless allow_plaintext says otherwise."""
+    allow_plaintext: bool = False
+    """Serve plaintext gRPC on a non-loopback address without internal_tls_dir (a network you trust entirely)."""
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
+    """Redis holding the service's state. Redis requires a password: give it here (redis://:PASSWORD@host:6379/0,
+    percent-encoded) or, better, in redis_password_file. Logs show this URL with the password masked
+    (kit.redis_auth.redacted_url); the settings' repr leaves it out."""
+    redis_password_file: Path | None = None
+    """File holding the Redis password (a compose or Kubernetes secret; `make up` makes .run/redis-password): when
+    set, the password is read from it once, as the settings are built, and used for the connection in place of any
+    password in redis_url. A missing or empty file is an error at start."""
     redis_max_connections: int = Field(default=64, ge=4)
     """Size of the service's Redis connection pool. A call that finds every connection busy waits for one (see
     redis_pool_timeout_seconds) instead of failing at once."""
@@ -71,6 +97,24 @@ class ServiceSettings(BaseSettings):
     """Root log level."""
     log_format: Literal["text", "json"] = "text"
     """Log lines as human-readable text or one JSON object each."""
+
+    def internal_tls(self, identity: str) -> InternalTLS | None:
+        """This service's certificates as `identity` (kit.tls), or None when internal_tls_dir is not set."""
+        return from_dir(self.internal_tls_dir, identity)
+
+    @model_validator(mode="after")
+    def _consul_token_from_file(self) -> Self:
+        """Puts the token of consul_token_file into consul_token (the error names the file, never a token)."""
+        if self.consul_token_file is not None:
+            self.consul_token = read_token_file(self.consul_token_file)
+        return self
+
+    @model_validator(mode="after")
+    def _redis_password_from_file(self) -> Self:
+        """Puts the password of redis_password_file into redis_url (the error names the file, never a password)."""
+        if self.redis_password_file is not None:
+            self.redis_url = url_with_password(self.redis_url, read_password_file(self.redis_password_file))
+        return self
 
     @field_validator("advertise_host")
     @classmethod

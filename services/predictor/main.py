@@ -38,12 +38,13 @@ PROTO_SERVICE = predictor_pb2.DESCRIPTOR.services_by_name["Predictor"].full_name
 def _registry_pool(settings: PredictorSettings) -> tuple[InstancePool, ConsulClient | None]:
     """Channels to the registry: the fixed `registry_target`, or its healthy instances in Consul."""
     options = grpc_options(settings)
+    tls = settings.internal_tls(SERVICE_NAME)
     if settings.registry_target:
         targets = [settings.registry_target]
-        return InstancePool(None, settings.registry_service, targets=targets, options=options), None
-    consul = ConsulClient(settings.consul_url)
+        return InstancePool(None, settings.registry_service, targets=targets, options=options, tls=tls), None
+    consul = ConsulClient(settings.consul_url, token=settings.consul_token)
     pool = InstancePool(
-        consul, settings.registry_service, options=options, hold_seconds=settings.discovery_hold_seconds
+        consul, settings.registry_service, options=options, hold_seconds=settings.discovery_hold_seconds, tls=tls
     )
     return pool, consul
 

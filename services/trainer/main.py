@@ -35,13 +35,20 @@ async def start_trainer(settings: TrainerSettings) -> GrpcService:
         pool_timeout=settings.redis_pool_timeout_seconds,
     )
     await redis.ping()
-    consul = ConsulClient(settings.consul_url)
+    consul = ConsulClient(settings.consul_url, token=settings.consul_token)
     targets = [settings.registry_target] if settings.registry_target else []
     hold = settings.discovery_hold_seconds
     registry_pool = InstancePool(
-        consul, settings.registry_service, targets=targets, options=grpc_options(settings), hold_seconds=hold
+        consul,
+        settings.registry_service,
+        targets=targets,
+        options=grpc_options(settings),
+        hold_seconds=hold,
+        tls=settings.internal_tls(SERVICE_NAME),
     )
-    agent_pool = InstancePool(consul, settings.agent_service, hold_seconds=hold)
+    agent_pool = InstancePool(
+        consul, settings.agent_service, hold_seconds=hold, tls=settings.internal_tls(SERVICE_NAME)
+    )
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     registry = AsyncRegistryClient(registry_pool, client_id="trainer")
     core = TrainerCore(JobStore(redis, settings.redis_key_prefix), AgentClient(agent_pool), registry, settings)

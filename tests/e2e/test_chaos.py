@@ -40,12 +40,12 @@ REGISTRY_ANSWERS_WITHIN_S = 5.0
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory, launch, client_for, unique, build_saved_model):
+def mesh(internal_tls_dir, tmp_path_factory, launch, client_for, unique, build_saved_model):
     tmp = tmp_path_factory.mktemp("chaos")
-    with ConsulAgent(tmp / "consul") as consul, RedisServer(tmp / "redis") as redis:
+    with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul, RedisServer(tmp / "redis") as redis:
         try:
             registry = launch.registry(consul.http_url, redis.url, tmp / "reg")
-            channel, client = client_for(registry.target)
+            channel, client = client_for(registry)
             model = unique("chaos")
             client.ensure_model(model)
             for seed in (1, 2):
@@ -104,9 +104,10 @@ def wait_for(condition: Callable[[], bool], *, timeout: float, what: str) -> flo
 
 def passing_ids(ns) -> set[str]:
     """Ids of every service instance the agent holds with all its checks passing."""
+    admin = {"X-Consul-Token": ns.consul.master_token}  # Consul's ACLs deny an anonymous read
     try:
-        checks = httpx.get(f"{ns.consul.http_url}/v1/agent/checks", timeout=2).json()
-        services = httpx.get(f"{ns.consul.http_url}/v1/agent/services", timeout=2).json()
+        checks = httpx.get(f"{ns.consul.http_url}/v1/agent/checks", headers=admin, timeout=2).json()
+        services = httpx.get(f"{ns.consul.http_url}/v1/agent/services", headers=admin, timeout=2).json()
     except (httpx.HTTPError, ValueError):
         return set()
     failing = {c["ServiceID"] for c in checks.values() if c["Status"] != "passing"}
@@ -152,7 +153,7 @@ def test_redis_kill_9_and_restart(mesh, prediction_loop):
         time.sleep(2)
         mesh.redis.start()
         back = time.monotonic()
-        assert redis_ping("127.0.0.1", mesh.redis.port)
+        assert redis_ping("127.0.0.1", mesh.redis.port, password=mesh.redis.password)
         took = wait_for(lambda: _registry_answers(mesh), timeout=30, what="the registry answering")
         time.sleep(1)
     print(f"\nRedis restart: the registry answered {took:.2f}s after Redis did; ", end="")

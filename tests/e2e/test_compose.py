@@ -5,7 +5,8 @@ No Docker engine runs here, so the file is checked statically: `docker-compose c
 service built from deploy/Dockerfile must run a module that `make up` (scripts/mesh.py) runs too, through the
 entrypoint that starts the container's own Consul agent, and each MODELGRID_<SERVICE>_* variable it sets must be a
 field of that service's settings class. The entrypoint itself (deploy/consul-agent.sh) is run here for real: against
-a real Consul server on loopback, wrapping a small Python command in place of a service.
+a real Consul server on loopback, wrapping a small Python command in place of a service. So are the shell commands
+that make the Redis password and start Redis with it, on a real redis-server.
 """
 
 import importlib
@@ -16,9 +17,12 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,7 +34,18 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from services.kit.localinfra import ConsulAgent, InfraError, consul_binary, free_ports, pid_alive
+from services.kit.consul_acl import AGENT, MASTER_TOKEN_FILE, read_token_file, write_token_file
+from services.kit.localinfra import (
+    ConsulAgent,
+    InfraError,
+    consul_binary,
+    free_port,
+    free_ports,
+    pid_alive,
+    redis_binary,
+    redis_ping,
+)
+from services.kit.redis_auth import write_password_file
 from services.kit.settings import ServiceSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +63,16 @@ DEREGISTER_ALLOWANCE_S = 2.0
 LEAVE_ALLOWANCE_S = 8.0
 """Time `consul leave` and the agent's exit may take after the service has stopped (about 5 s measured here; the
 behaviour test below fails if it takes longer)."""
+PASSWORD_FILE_VARIABLE = "REDIS_PASSWORD_FILE"
+"""The setting (after a service's prefix) that names the file holding the Redis password."""
+STAND_IN_PASSWORD = "stand-in-for-the-compose-secret"
+"""What the settings built here read from a Redis password file (the real one exists only in a container)."""
+CONSUL_TOKEN_FILE_VARIABLE = "CONSUL_TOKEN_FILE"
+"""The setting (after a service's prefix) that names the file holding the service's Consul ACL token."""
+STAND_IN_TOKEN = "stand-in-for-a-consul-token"
+"""What the settings built here read from a Consul token file (the real one exists only in a container)."""
+CONSUL_ACL_SERVICE = "consul-acl"
+"""The one-shot compose service that bootstraps Consul's ACLs and makes the tokens."""
 WITHOUT_REDIS = {"services.trainer.agent"}
 """Modules that keep no state in Redis: their containers need not wait for it (they do need Consul)."""
 INTERNAL_ONLY = {"services.registry", "services.predictor", "services.trainer", "services.trainer.agent"}
@@ -72,8 +97,13 @@ def compose() -> dict:
 
 @pytest.fixture(scope="module")
 def our_services(compose: dict) -> dict[str, dict]:
-    """The compose services built from deploy/Dockerfile (not third-party images such as consul and redis)."""
-    ours = {name: service for name, service in compose["services"].items() if _built_from_our_dockerfile(service)}
+    """The compose services built from deploy/Dockerfile (not third-party images such as consul and redis), without
+    the one-shot setup steps run from that image (consul-acl)."""
+    ours = {
+        name: service
+        for name, service in compose["services"].items()
+        if _built_from_our_dockerfile(service) and not _one_shot(service)
+    }
     assert ours, f"no service in {COMPOSE_FILE} is built from {DOCKERFILE}"
     return ours
 
@@ -148,10 +178,16 @@ def _settings_of(name: str, service: dict, monkeypatch: pytest.MonkeyPatch) -> S
     """The settings the service's module builds from the service's environment (and nothing from ours)."""
     settings_class = _settings_class(_module_of(name, service))
     prefix = settings_class.model_config["env_prefix"]
-    with monkeypatch.context() as env:
+    with monkeypatch.context() as env, tempfile.TemporaryDirectory() as secrets:
         for variable in [key for key in os.environ if key.startswith(prefix)]:
             env.delenv(variable)
         for variable, value in _modelgrid_variables(service).items():
+            if value is not None and variable.endswith(PASSWORD_FILE_VARIABLE):
+                value = str(Path(secrets) / Path(value).name)  # the container's file, with a stand-in password
+                write_password_file(value, STAND_IN_PASSWORD)
+            if value is not None and variable.endswith(CONSUL_TOKEN_FILE_VARIABLE):
+                value = str(Path(secrets) / Path(value).name)  # the container's file, with a stand-in token
+                write_token_file(Path(value), STAND_IN_TOKEN)
             if value is not None:
                 env.setenv(variable, value)
         return settings_class()  # the values parse as the service itself will parse them
@@ -224,13 +260,25 @@ def test_settings_make_each_service_reachable_on_the_compose_network(
         assert f"127.0.0.1:{settings.port}" in service["healthcheck"]["test"], f"{name}: healthcheck misses its port"
 
 
+def _one_shot(service: dict) -> bool:
+    """A service that runs once and exits (a setup step): it never restarts."""
+    return str(service.get("restart", "no")) == "no"
+
+
 def test_every_service_has_a_healthcheck_and_waits_for_healthy_dependencies(compose: dict) -> None:
-    for name, service in compose["services"].items():
+    services = compose["services"]
+    for name, service in services.items():
+        if _one_shot(service):  # done when it exited 0; what depends on it waits for that
+            continue
         healthcheck = service.get("healthcheck") or {}
         assert healthcheck.get("test") and not healthcheck.get("disable"), f"{name}: no healthcheck"
         assert healthcheck["test"][0] in ("CMD", "CMD-SHELL"), f"{name}: healthcheck {healthcheck['test']}"
         for dependency, condition in (service.get("depends_on") or {}).items():
-            assert condition == {"condition": "service_healthy"}, f"{name}: starts before {dependency} is healthy"
+            if _one_shot(services[dependency]):
+                expected = {"condition": "service_completed_successfully"}
+                assert condition == expected, f"{name}: starts before the one-shot {dependency} succeeded"
+            else:
+                assert condition == {"condition": "service_healthy"}, f"{name}: starts before {dependency} is healthy"
 
 
 def test_dockerfile_installs_pinned_dependencies_and_generates_protos() -> None:
@@ -247,7 +295,7 @@ def test_dockerfile_installs_pinned_dependencies_and_generates_protos() -> None:
 
 
 def test_the_trainer_keeps_its_dirs_on_its_own_volume_and_shares_none_with_the_agents(
-    our_services: dict, monkeypatch: pytest.MonkeyPatch
+    compose: dict, our_services: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No shared filesystem: data sets, checkpoints and exports move between the trainer and the agents through the
     registry, and a recipe's source travels in the worker spec. The trainer's scratch and recipes are on a named
@@ -269,9 +317,170 @@ def test_the_trainer_keeps_its_dirs_on_its_own_volume_and_shares_none_with_the_a
     for path in (settings.scratch_dir, settings.recipes_dir):
         assert path.is_absolute(), f"{trainer_name}: {path} is relative"
         assert any(path.is_relative_to(t) for t in trainer_volumes.values()), f"{trainer_name}: {path} on no volume"
-    shared = set(trainer_volumes) & set(named_volumes(agent))
+    secrets = {source for source, _, read_only in _mounts(agent, compose) if read_only}  # read-only: the Consul tokens
+    shared = set(trainer_volumes) & set(named_volumes(agent)) - secrets
     assert not shared, f"{agent_name} mounts the trainer's volume(s) {shared}: nothing may be shared"
     assert _replicas(agent) * _settings_of(agent_name, agent, monkeypatch).slots >= 2, "too few worker slots"
+
+
+# -- Redis requires a password made at setup, which every service that uses Redis reads from a file ----------------
+
+REDIS_SERVICE = "redis"
+
+
+def _container_shell(text: str) -> str:
+    """A shell command as the container runs it: compose reads `$$` as a literal `$`."""
+    return text.replace("$$", "$")
+
+
+def _shell_of(service: dict) -> str:
+    return _container_shell(" ".join(_argv(service.get("entrypoint")) + _argv(service.get("command"))))
+
+
+def _mounts(service: dict, compose: dict) -> list[tuple[str, str, bool]]:
+    """(named volume, mount point, read-only) of a service's named volumes."""
+    mounts = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            source, target, read_only = volume["source"], volume["target"], bool(volume.get("read_only"))
+        else:
+            source, target, *mode = volume.split(":")
+            read_only = "ro" in (mode[0].split(",") if mode else [])
+        if source in (compose.get("volumes") or {}):
+            mounts.append((source, target, read_only))
+    return mounts
+
+
+def _volume_of(path: str, service: dict, compose: dict) -> tuple[str, bool] | None:
+    """(named volume, read-only) that holds `path` in the service's container; None if no named volume does."""
+    for source, target, read_only in _mounts(service, compose):
+        if Path(path).is_relative_to(target):
+            return source, read_only
+    return None
+
+
+def _password_maker(compose: dict) -> tuple[str, dict]:
+    """The one-shot service that redis waits for: it makes the password."""
+    redis = compose["services"][REDIS_SERVICE]
+    makers = [
+        dependency
+        for dependency, condition in (redis.get("depends_on") or {}).items()
+        if condition == {"condition": "service_completed_successfully"}
+    ]
+    assert len(makers) == 1, f"{REDIS_SERVICE} waits for no one-shot that makes its password: {redis.get('depends_on')}"
+    return makers[0], compose["services"][makers[0]]
+
+
+def _redis_password_path(compose: dict) -> str:
+    """The file redis reads its password from (the `cat` in its command)."""
+    command = _shell_of(compose["services"][REDIS_SERVICE])
+    found = set(re.findall(r"\$\(cat (/[^)\s]+)\)", command))
+    assert len(found) == 1, f"{REDIS_SERVICE}: expected its password from one file, found {found} in {command!r}"
+    return found.pop()
+
+
+def _services_uid() -> int:
+    """The uid the services run as in the image (deploy/Dockerfile's useradd)."""
+    found = re.search(r"useradd [^\n]*--uid (\d+)", DOCKERFILE.read_text())
+    assert found, f"{DOCKERFILE}: no useradd --uid"
+    return int(found[1])
+
+
+def test_redis_requires_a_password_made_at_setup_that_each_service_using_redis_reads(
+    compose: dict, our_services: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis = compose["services"][REDIS_SERVICE]
+    path = _redis_password_path(compose)
+    assert re.search(r'--requirepass "\$password"', _shell_of(redis)), f"{REDIS_SERVICE}: no --requirepass"
+    volume, read_only = _volume_of(path, redis, compose) or ("", False)
+    assert volume and read_only, f"{REDIS_SERVICE}: {path} is on no named volume mounted read-only"
+    maker_name, maker = _password_maker(compose)
+    assert _one_shot(maker), f"{maker_name}: restarts ({maker.get('restart')}); it is a one-shot setup step"
+    assert _volume_of(path, maker, compose) == (volume, False), f"{maker_name} does not write {path} on {volume}"
+    assert path in _shell_of(maker) and "/dev/urandom" in _shell_of(maker), f"{maker_name} makes no random {path}"
+    healthcheck = _container_shell(" ".join(redis["healthcheck"]["test"][1:]))
+    assert "REDISCLI_AUTH=" in healthcheck and path in healthcheck, f"{REDIS_SERVICE}: healthcheck without password"
+    for name, service in our_services.items():
+        module = _module_of(name, service)
+        prefix = _settings_class(module).model_config["env_prefix"]
+        environment = _environment(service)
+        if module in WITHOUT_REDIS:
+            assert f"{prefix}{PASSWORD_FILE_VARIABLE}" not in environment, f"{name}: keeps nothing in Redis"
+            assert _volume_of(path, service, compose) is None, f"{name}: mounts the Redis password it does not use"
+            continue
+        assert environment.get(f"{prefix}{PASSWORD_FILE_VARIABLE}") == path, f"{name}: not given {path}"
+        assert _volume_of(path, service, compose) == (volume, True), f"{name}: {path} not on {volume}, read-only"
+        assert urlsplit(environment[f"{prefix}REDIS_URL"]).password is None, f"{name}: a password in the file"
+        settings = _settings_of(name, service, monkeypatch)
+        assert urlsplit(settings.redis_url).password == STAND_IN_PASSWORD, f"{name}: the file's password is unused"
+
+
+def test_the_password_maker_and_the_redis_command_run_for_real(compose: dict, tmp_path: Path) -> None:
+    """The one-shot's script and redis's command, run here as the containers run them (the secrets volume a temporary
+    dir; the image's entrypoint a stand-in that runs redis-server on a free loopback port)."""
+    if os.geteuid() != 0:
+        pytest.skip("the one-shot gives the file to the services' user: it runs as root, as in its container")
+    redis_cli = shutil.which("redis-cli")
+    if redis_cli is None:
+        pytest.skip("redis-cli not found: install Debian's redis-tools (`make setup` does)")
+    path = _redis_password_path(compose)
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+
+    def here(text: str) -> str:
+        return _container_shell(text).replace(str(Path(path).parent) + "/", f"{secrets}/")
+
+    _, maker = _password_maker(compose)
+    maker_argv = [here(part) for part in _argv(maker.get("entrypoint")) + _argv(maker.get("command"))]
+
+    def make(**env: str) -> str:
+        result = subprocess.run(maker_argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return (secrets / Path(path).name).read_text()
+
+    password = make()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{43}", password), "not 32 random bytes in URL-safe base64"
+    made = (secrets / Path(path).name).stat()
+    assert stat.S_IMODE(made.st_mode) == 0o400 and made.st_uid == _services_uid()
+    assert make() == password, "a second `up` made a new password"
+    assert make(REDIS_PASSWORD_ROTATE="1") != password
+    password = make()
+
+    port, stubs, data = free_port(), tmp_path / "bin", tmp_path / "data"
+    stubs.mkdir()
+    data.mkdir()
+    stand_ins = {
+        "docker-entrypoint.sh": f'exec "$@" --port {port} --bind 127.0.0.1 --dir {data} --daemonize no',
+        "redis-server": f'exec {redis_binary()} "$@"',
+        "redis-cli": f'exec {redis_cli} -p {port} "$@"',
+    }
+    for name, line in stand_ins.items():
+        (stubs / name).write_text(f"#!/bin/sh\n{line}\n")
+        (stubs / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
+    redis = compose["services"][REDIS_SERVICE]
+    redis_argv = [here(part) for part in _argv(redis["command"])]
+    healthcheck = ["sh", "-c", here(redis["healthcheck"]["test"][1])]
+    log = tmp_path / "redis.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(redis_argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not redis_ping("127.0.0.1", port, password=password):
+            assert server.poll() is None, f"redis exited ({server.returncode}):\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"redis did not answer:\n{log.read_text()}"
+            time.sleep(0.05)
+        assert not redis_ping("127.0.0.1", port), "redis answers a client without the password"
+        health = subprocess.run(healthcheck, env=env, capture_output=True, text=True, timeout=30)
+        assert health.returncode == 0, f"healthcheck failed: {health.stdout}{health.stderr}"
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+    assert password not in log.read_text()
+
+    (secrets / Path(path).name).write_text("")  # an empty password would be no password: redis must not start
+    refused = subprocess.run(redis_argv, env=env, capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0
 
 
 # -- Consul as on real hosts: one server, a client agent in every service container ----------------------------
@@ -402,6 +611,117 @@ def test_consul_is_one_server_that_keeps_its_state_on_a_named_volume(compose: di
     assert "/v1/status/leader" in " ".join(consul["healthcheck"]["test"]), f"{CONSUL_SERVICE}: no wait for a leader"
 
 
+CONSUL_NAMES = {
+    "services.registry": "registry",
+    "services.predictor": "predictor",
+    "services.trainer.agent": "trainer-agent",
+    "services.trainer": "trainer",
+    "services.gateway": "gateway",
+}
+"""The Consul service name each module registers under: its ACL token may register that name only."""
+
+
+def _acl_setup(compose: dict) -> tuple[list[str], dict[str, str], list[str]]:
+    """The consul-acl one-shot's argv, its --options and the service names it makes tokens for."""
+    maker = compose["services"][CONSUL_ACL_SERVICE]
+    argv = [*_argv(maker.get("entrypoint")), *_argv(maker.get("command"))]
+    options = dict(argument.split("=", 1) for argument in argv[4:] if argument.startswith("--"))
+    names = [argument for argument in argv[4:] if not argument.startswith("-")]
+    return argv, options, names
+
+
+def _consul_acl_hcl(compose: dict) -> list[str]:
+    """The -hcl snippets of the Consul server that configure its ACLs."""
+    flags = _consul_flags(_argv(compose["services"][CONSUL_SERVICE]["command"])[1:])
+    return [hcl for hcl in flags.get("hcl", []) if hcl.lstrip().startswith("acl")]
+
+
+def test_consul_denies_by_default_and_each_service_has_a_token_of_its_own(compose: dict, our_services: dict) -> None:
+    hcl = " ".join(_consul_acl_hcl(compose))
+    assert re.search(r"enabled\s*=\s*true", hcl), f"{CONSUL_SERVICE}: ACLs are off ({hcl!r})"
+    assert re.search(r'default_policy\s*=\s*"deny"', hcl), f"{CONSUL_SERVICE}: ACLs allow by default ({hcl!r})"
+    assert "tokens" not in hcl, f"{CONSUL_SERVICE}: a token in its command line ({hcl!r}); consul-acl bootstraps"
+
+    maker = compose["services"][CONSUL_ACL_SERVICE]
+    argv, options, names = _acl_setup(compose)
+    assert _one_shot(maker), f"{CONSUL_ACL_SERVICE}: restarts; it is a one-shot setup step"
+    assert argv[:4] == ["python", "-m", "services.kit.consul_acl", "setup"], f"{CONSUL_ACL_SERVICE}: runs {argv}"
+    assert urlsplit(options["--consul-url"]).hostname == CONSUL_SERVICE, f"{CONSUL_ACL_SERVICE}: {options}"
+    assert maker["depends_on"] == {CONSUL_SERVICE: {"condition": "service_healthy"}}
+    master_volume, read_only = _volume_of(options["--master-dir"], maker, compose) or ("", True)
+    token_volume, tokens_read_only = _volume_of(options["--token-dir"], maker, compose) or ("", True)
+    assert master_volume and token_volume and not read_only and not tokens_read_only, f"{CONSUL_ACL_SERVICE}: volumes"
+    for name, service in compose["services"].items():
+        if name != CONSUL_ACL_SERVICE:
+            assert master_volume not in _named_volumes(service, compose), f"{name} mounts the Consul master token"
+
+    for name, service in our_services.items():
+        module = _module_of(name, service)
+        prefix = _settings_class(module).model_config["env_prefix"]
+        environment = _environment(service)
+        token_file = environment.get(f"{prefix}{CONSUL_TOKEN_FILE_VARIABLE}") or ""
+        assert Path(token_file).name == CONSUL_NAMES[module] in names, f"{name}: Consul token file {token_file!r}"
+        agent_token_file = environment.get("CONSUL_AGENT_TOKEN_FILE") or ""
+        assert Path(agent_token_file).name == AGENT, f"{name}: its agent has no token ({agent_token_file!r})"
+        for path in (token_file, agent_token_file):
+            assert _volume_of(path, service, compose) == (token_volume, True), f"{name}: {path} not on {token_volume}"
+        condition = (service.get("depends_on") or {}).get(CONSUL_ACL_SERVICE)
+        assert condition == {"condition": "service_completed_successfully"}, f"{name}: starts before the tokens"
+
+
+def test_the_acl_setup_bootstraps_a_real_server_and_keeps_its_tokens(compose: dict, tmp_path: Path) -> None:
+    """consul-acl's command against a real Consul server with the compose file's ACL configuration (a dev agent on
+    loopback): it bootstraps, makes the tokens (mode 0600), keeps them on a second run, and a service's token may
+    register its own name only."""
+    try:
+        binary = consul_binary()
+    except InfraError as exc:
+        pytest.skip(str(exc))
+    http_port, serf_lan, serf_wan, server_port = free_ports(4)
+    hcl = [f"-hcl={snippet}" for snippet in _consul_acl_hcl(compose)]
+    command = [binary, "agent", "-dev", "-client=127.0.0.1", "-bind=127.0.0.1", f"-http-port={http_port}"]
+    command += [f"-serf-lan-port={serf_lan}", f"-serf-wan-port={serf_wan}", f"-server-port={server_port}"]
+    command += ["-dns-port=-1", "-grpc-port=-1", "-hcl=disable_update_check = true", *hcl]
+    url = f"http://127.0.0.1:{http_port}"
+    argv, options, names = _acl_setup(compose)
+    setup = [sys.executable, *argv[1:4], f"--consul-url={url}", f"--master-dir={tmp_path / 'master'}"]
+    setup += [f"--token-dir={tmp_path / 'tokens'}", "--wait=30", *names]
+    with (tmp_path / "consul.log").open("wb") as log:
+        # In tmp_path: a dev agent persisting ACL tokens writes acl-tokens.json to its working directory.
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        first = subprocess.run(setup, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr
+        files = [tmp_path / "master" / MASTER_TOKEN_FILE, *(tmp_path / "tokens" / name for name in (AGENT, *names))]
+        tokens = {path: read_token_file(path) for path in files}
+        for path in files:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert len(set(tokens.values())) == len(files)
+        assert not any(token in first.stdout + first.stderr for token in tokens.values()), "a token was printed"
+
+        again = subprocess.run(setup, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert {path: read_token_file(path) for path in files} == tokens, "a second run changed the tokens"
+
+        def register(name: str, token: str) -> int:
+            body = json.dumps({"ID": f"{name}-probe", "Name": name, "Port": 1}).encode()
+            request = urllib.request.Request(f"{url}/v1/agent/service/register", data=body, method="PUT")
+            request.add_header("X-Consul-Token", token)
+            try:
+                with _NO_PROXY.open(request, timeout=5) as response:
+                    return response.status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        registry_token = tokens[tmp_path / "tokens" / "registry"]
+        assert register("registry", registry_token) == 200
+        assert register("predictor", registry_token) == 403, "the registry's token registered a predictor"
+        assert register("predictor", "") == 403, "an anonymous caller registered a predictor"
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+
+
 def test_every_service_runs_through_the_entrypoint_that_starts_its_own_consul_agent(
     compose: dict, our_services: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -485,7 +805,9 @@ record = {}
 
 def call(path, method="GET", body=None):
     data = None if body is None else json.dumps(body).encode()
-    with http.open(urllib.request.Request(agent_url + path, data=data, method=method), timeout=5) as response:
+    headers = {"X-Consul-Token": os.environ["CONSUL_HTTP_TOKEN"]}  # its own token: Consul denies by default
+    request = urllib.request.Request(agent_url + path, data=data, method=method, headers=headers)
+    with http.open(request, timeout=5) as response:
         return json.loads(response.read() or b"null")
 
 def save():
@@ -602,6 +924,9 @@ def entrypoint(consul_server: ConsulAgent, tmp_path: Path) -> Iterator[Callable[
             "CONSUL_AGENT_NODE": node,
             "CONSUL_AGENT_DATA_DIR": str(tmp_path / f"{node}-data"),
             "CONSUL_AGENT_LOG_LEVEL": "info",
+            # ACLs on, as on the server: the agent's token, and the wrapped command's own (the probe's service)
+            "CONSUL_AGENT_TOKEN_FILE": str(consul_server.token_file(AGENT)),
+            "CONSUL_HTTP_TOKEN": consul_server.token_for("compose-probe"),
             **env,
         }
         run = EntrypointRun(node, f"http://127.0.0.1:{http_port}", tmp_path / f"{node}.log")
@@ -632,7 +957,8 @@ def entrypoint(consul_server: ConsulAgent, tmp_path: Path) -> Iterator[Callable[
 
 
 def _server_get(server: ConsulAgent, path: str) -> Any:
-    with _NO_PROXY.open(f"{server.http_url}{path}", timeout=5) as response:
+    request = urllib.request.Request(f"{server.http_url}{path}", headers={"X-Consul-Token": server.master_token})
+    with _NO_PROXY.open(request, timeout=5) as response:
         return json.load(response)
 
 
@@ -758,3 +1084,65 @@ def test_entrypoint_gives_up_when_the_agent_never_answers(
     assert "did not answer" in run.log_text(), run.log_text()
     assert not marker.exists(), "the service ran without a Consul agent"
     assert not run.group(), f"processes left behind (the agent that never answered?): {run.group()}"
+
+
+# -- internal mTLS ---------------------------------------------------------------------------------------------
+
+
+def test_internal_services_use_mtls_from_a_one_shot_whose_ca_key_no_service_mounts(
+    compose: dict, our_services: dict
+) -> None:
+    maker = compose["services"]["mesh-tls"]
+    assert _one_shot(maker), "mesh-tls restarts; it is a one-shot setup step"
+    assert maker["entrypoint"][-1] == "services.kit.tls" and maker["command"][0] == "init"
+    assert _volume_of("/mesh-ca/ca-key.pem", maker, compose) == ("mesh-ca", False)
+    for name, service in compose["services"].items():
+        if name != "mesh-tls":
+            assert _volume_of("/mesh-ca/ca-key.pem", service, compose) is None, f"{name} mounts the CA's key"
+    for name, service in our_services.items():
+        module = _module_of(name, service)
+        prefix = _settings_class(module).model_config["env_prefix"]
+        environment = _environment(service)
+        assert environment.get(f"{prefix}INTERNAL_TLS_DIR") == "/mesh-tls", f"{name}: no internal mTLS"
+        assert environment.get("CONSUL_AGENT_TLS_DIR") == "/mesh-tls", f"{name}: its agent's checks have no cert"
+        assert _volume_of("/mesh-tls/ca.pem", service, compose) == ("mesh-tls", True), f"{name}: certificates"
+        assert service["depends_on"]["mesh-tls"]["condition"] == "service_completed_successfully", name
+        probe = service["healthcheck"]["test"]
+        if module != "services.gateway":  # the gateway's port is public: its probe stays plaintext
+            assert probe[-1] == "/mesh-tls", f"{name}: its healthcheck cannot pass mTLS"
+
+
+def test_the_certificate_maker_and_the_healthcheck_probe_run_for_real(compose: dict, tmp_path: Path) -> None:
+    """The one-shot's command makes the CA apart from the certificates; the healthcheck probe, run as the registry's
+    container runs it, passes against a real mTLS health endpoint and fails without the certificates."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    from services.kit import tls
+
+    maker = compose["services"]["mesh-tls"]
+    command = [
+        arg.replace("/mesh-ca", str(tmp_path / "ca")).replace("/mesh-tls", str(tmp_path / "certs"))
+        for arg in maker["command"]
+    ]
+    subprocess.run([sys.executable, "-m", "services.kit.tls", *command], check=True, cwd=REPO_ROOT, timeout=60)
+    certs = tmp_path / "certs"
+    assert tls.key_path(tmp_path / "ca", "ca").is_file() and not tls.key_path(certs, "ca").exists()
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_secure_port("127.0.0.1:0", tls.InternalTLS(certs, "registry").server_credentials())
+    server.start()
+    try:
+        test = compose["services"]["registry"]["healthcheck"]["test"]
+        probe, service = test[3], test[5]
+
+        def run(*args: str) -> int:
+            return subprocess.run([sys.executable, "-c", probe, *args], cwd=REPO_ROOT, timeout=60).returncode
+
+        assert run(f"127.0.0.1:{port}", service, str(certs)) == 0
+        assert run(f"127.0.0.1:{port}") != 0  # plaintext is refused
+    finally:
+        server.stop(0)

@@ -63,18 +63,18 @@ def _wait(what: str, check, timeout: float = 60.0):
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, tf_reference):
+def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, tf_reference):
     """Own Consul; a registry, a predictor serving every model, two worker agents, a trainer and a gateway with its
     web front serving web/dist; a model with versions 1 (production) and 2."""
     _require_browser()
     tmp = tmp_path_factory.mktemp("web")
     started: list[ServiceProcess] = []
     channel: grpc.Channel | None = None
-    with ConsulAgent(tmp / "consul") as consul:
+    with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
         try:
             registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
             started.append(registry)
-            registry_channel, client = client_for(registry.target)
+            registry_channel, client = client_for(registry)
             model = unique("console")
             client.ensure_model(model, description="pushed by the web console test")
             paths = [build_saved_model(tmp / f"model-{seed}", seed=seed) for seed in (7, 8)]
@@ -95,7 +95,13 @@ def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved
                 "CORS_ORIGINS": '["*"]',
                 "ADMIN_KEY": ADMIN_KEY,  # auth as by default: on
             }
-            gateway = ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", gateway_settings, tmp / "gateway.log")
+            gateway = ServiceProcess(
+                "services.gateway",
+                "MODELGRID_GATEWAY_",
+                gateway_settings,
+                tmp / "gateway.log",
+                internal_tls_dir=internal_tls_dir,
+            )
             with launch.together():
                 started.append(launch.predictor(consul.http_url, redis_server.url, tmp, [], AUTO_LOAD="true"))
                 started += [launch.agent(consul.http_url, tmp) for _ in range(2)]

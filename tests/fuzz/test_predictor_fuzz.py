@@ -90,12 +90,12 @@ METHODS = sorted(
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory, launch, client_for, channel_to, unique, build_saved_model):
+def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, channel_to, unique, build_saved_model):
     """Own Consul agent, a registry with one model (version 1, alias production) and a predictor serving it."""
     tmp = tmp_path_factory.mktemp("fuzz-predictor")
-    with ConsulAgent(tmp / "consul") as consul:
+    with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
         registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
-        registry_channel, client = client_for(registry.target)
+        registry_channel, client = client_for(registry)
         model = unique("fzp")
         client.ensure_model(model)
         client.push_savedmodel(model, build_saved_model(tmp / "model", seed=1))
@@ -108,7 +108,7 @@ def mesh(redis_server, tmp_path_factory, launch, client_for, channel_to, unique,
             MAX_QUEUE_DELAY_MS="2",
             WARMUP_REQUESTS="0",
         )
-        channel = channel_to(predictor.target)
+        channel = channel_to(predictor)
         try:
             yield SimpleNamespace(
                 registry=registry, predictor=predictor, channel=channel, model=model, registry_channel=registry_channel

@@ -79,8 +79,8 @@ def mesh(consul, redis_server, launch, tmp_path_factory, client_for, channel_to,
     stored blob."""
     tmp = tmp_path_factory.mktemp("fuzz-registry")
     registry = launch.registry(consul.http_url, redis_server.url, tmp)
-    admin_channel, client = client_for(registry.target)
-    channel = channel_to(registry.target)
+    admin_channel, client = client_for(registry)
+    channel = channel_to(registry)
     model = unique("fz")
     client.ensure_model(model)
     raw = tmp / "raw.bin"

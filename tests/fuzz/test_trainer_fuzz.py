@@ -44,18 +44,18 @@ def sha256(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory, launch, client_for, channel_to, digits_spec):
+def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, channel_to, digits_spec):
     """Own Consul agent (no worker agent in it), a registry holding the digits NPZ as a blob, a trainer, one job
     left PENDING and one cancelled."""
     tmp = tmp_path_factory.mktemp("fuzz-trainer")
-    with ConsulAgent(tmp / "consul") as consul:
+    with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
         with launch.together():
             registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
             trainer = launch.trainer(consul.http_url, redis_server.url, tmp, f"mg:fuzz-trainer:{uuid.uuid4().hex[:6]}:")
         (tmp / "recipes" / "fz.py").write_text(RECIPE)
-        registry_channel, registry_client = client_for(registry.target)
+        registry_channel, registry_client = client_for(registry)
         npz = registry_client.upload_blob(DIGITS / "digits.npz")
-        channel = channel_to(trainer.target)
+        channel = channel_to(trainer)
         stub = trainer_pb2_grpc.TrainerStub(channel)
         pending = submit_when_registry_found(stub, pb.SubmitJobRequest(spec=digits_spec(), request_id="fuzz-pending"))
         cancelled = stub.SubmitJob(pb.SubmitJobRequest(spec=digits_spec(workers=1)), timeout=60)

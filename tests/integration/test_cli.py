@@ -38,9 +38,11 @@ def saved_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def not_a_terminal(monkeypatch) -> None:
-    """Output as when piped, whatever the environment says (FORCE_COLOR in CI would make rich draw for a tty)."""
+def cli_environment(monkeypatch, internal_tls_dir) -> None:
+    """Output as when piped, whatever the environment says (FORCE_COLOR in CI would make rich draw for a tty). The
+    services are called directly, over mTLS as `operator` (--tls-dir from MODELGRID_TLS_DIR)."""
     monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    monkeypatch.setenv("MODELGRID_TLS_DIR", str(internal_tls_dir))
 
 
 def cli(registry: ServiceProcess, *args: str) -> int:

@@ -19,13 +19,13 @@ X = np.array([[0.5, -1.0, 2.0, 0.1], [1.5, 0.3, -0.7, 2.2], [0.0, 0.0, 0.0, 1.0]
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, tf_reference):
+def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, tf_reference):
     """Own Consul (the predictor finds only this registry), a registry, one model with version 1 at production and
     an unserved second model, and one predictor serving name@production."""
     tmp = tmp_path_factory.mktemp("cli-predictor")
-    with ConsulAgent(tmp / "consul") as consul:
+    with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
         registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
-        channel, client = client_for(registry.target)
+        channel, client = client_for(registry)
         name, spare = unique("cli"), unique("spare")
         path = build_saved_model(tmp / "model", seed=3)
         for model in (name, spare):
@@ -50,9 +50,11 @@ def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved
 
 
 @pytest.fixture(autouse=True)
-def not_a_terminal(monkeypatch) -> None:
-    """Output as when piped, whatever the environment says."""
+def cli_environment(monkeypatch, internal_tls_dir) -> None:
+    """Output as when piped, whatever the environment says. The services are
+    called directly, over mTLS as `operator` (--tls-dir from MODELGRID_TLS_DIR)."""
     monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    monkeypatch.setenv("MODELGRID_TLS_DIR", str(internal_tls_dir))
 
 
 def cli(mesh, *args: str) -> int:

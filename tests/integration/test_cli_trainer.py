@@ -28,10 +28,10 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory, launch):
+def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch):
     """Own Consul (the trainer sees only these agents and this registry), two agents, a trainer."""
     tmp = tmp_path_factory.mktemp("cli-trainer")
-    with ConsulAgent(tmp / "consul") as consul:
+    with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
         prefix = f"mg:test-cli-trainer:{uuid.uuid4().hex[:6]}:"
         with launch.together():  # the trainer finds the registry and the agents in Consul when it needs them
             registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
@@ -51,9 +51,11 @@ def cli(mesh, *args: str) -> int:
 
 
 @pytest.fixture(autouse=True)
-def not_a_terminal(monkeypatch) -> None:
-    """Output as when piped, whatever the environment says."""
+def cli_environment(monkeypatch, internal_tls_dir) -> None:
+    """Output as when piped, whatever the environment says. The services are
+    called directly, over mTLS as `operator` (--tls-dir from MODELGRID_TLS_DIR)."""
     monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    monkeypatch.setenv("MODELGRID_TLS_DIR", str(internal_tls_dir))
 
 
 def write_spec(directory: Path, **changes) -> Path:

@@ -11,6 +11,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 
@@ -19,8 +20,10 @@ from modelgrid.gateway.v1 import gateway_pb2_grpc
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
+from modelgrid.registry.v1 import registry_pb2_grpc
+from services.gateway import grpcweb
 from services.kit.convert import ref_to_pb
-from services.kit.localinfra import ConsulAgent
+from services.kit.localinfra import ConsulAgent, free_port
 from services.kit.processes import REPO_ROOT
 from services.kit.tensors import array_to_tensor, tensor_to_array
 
@@ -28,6 +31,8 @@ pytestmark = pytest.mark.slow
 
 X = np.array([[0.5, -1.0, 2.0, 0.1]], dtype=np.float32)
 ADMIN_KEY = "admin-secret-for-tests"
+STREAMS_PER_CALLER = 3
+"""MAX_STREAMS_PER_CALLER of the gateways with API keys."""
 DIGITS_NPZ = REPO_ROOT / "data" / "digits" / "digits.npz"
 
 
@@ -37,14 +42,16 @@ def predict_request(ref: str, x: np.ndarray) -> pb.PredictRequest:
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, otlp_collector):
+def mesh(
+    internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, otlp_collector
+):
     tmp = tmp_path_factory.mktemp("gateway")
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "100"  # export spans quickly (inherited by the services)
     collector = otlp_collector
-    with ConsulAgent(tmp / "consul") as consul:
+    with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
         otel = {"OTEL_EXPORTER": "otlp", "OTEL_ENDPOINT": f"http://127.0.0.1:{collector.port}"}
         registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg", **otel)
-        channel, client = client_for(registry.target)
+        channel, client = client_for(registry)
         model = unique("gw")
         client.ensure_model(model)
         for seed in (1, 2):
@@ -299,11 +306,16 @@ def secured(mesh, launch, unique):
         "AUTH_ENABLED": "true",
         "ADMIN_KEY": ADMIN_KEY,
         "DEFAULT_RATE_LIMIT": "100",
+        "MAX_STREAMS_PER_CALLER": str(STREAMS_PER_CALLER),
         "REDIS_KEY_PREFIX": f"mg:test-gw:{unique('k')}:",
     }
-    gateways = [launch.gateway(mesh.consul.http_url, mesh.redis_url, mesh.tmp, **settings) for _ in range(2)]
+    web_ports = [free_port() for _ in range(2)]
+    gateways = [
+        launch.gateway(mesh.consul.http_url, mesh.redis_url, mesh.tmp, WEB_PORT=str(port), **settings)
+        for port in web_ports
+    ]
     channels = [grpc.insecure_channel(g.target) for g in gateways]
-    yield SimpleNamespace(gateways=gateways, channels=channels)
+    yield SimpleNamespace(gateways=gateways, channels=channels, web=[f"http://127.0.0.1:{p}" for p in web_ports])
     for channel in channels:
         channel.close()
     for gateway in gateways:
@@ -416,9 +428,105 @@ def test_rate_limit_is_shared_by_every_gateway_instance(mesh, secured):
     assert outcomes["ok"] <= allowed, (outcomes, elapsed)
 
 
+def _watch(channel: grpc.Channel, model: str, secret: str, timeout: float = 60):
+    """A WatchEvents call from the first event kept: its first event has come when this returns (it is open)."""
+    stub = registry_pb2_grpc.ModelRegistryStub(channel)
+    call = stub.WatchEvents(
+        rpb.WatchEventsRequest(cursor="0", model_name=model), metadata=_bearer(secret), timeout=timeout
+    )
+    next(call)
+    return call
+
+
+def _web_watch(client: httpx.Client, base: str, model: str, secret: str):
+    """The same through the gRPC-Web port: the response (open until closed) and its chunks, the first one read (keep
+    them: a dropped iterator closes the response)."""
+    body = grpcweb.encode_message(rpb.WatchEventsRequest(cursor="0", model_name=model).SerializeToString())
+    headers = {"content-type": "application/grpc-web+proto", "authorization": f"Bearer {secret}"}
+    url = f"{base}/modelgrid.registry.v1.ModelRegistry/WatchEvents"
+    request = client.build_request("POST", url, content=body, headers=headers)
+    response = client.send(request, stream=True)
+    chunks = response.iter_bytes()
+    assert grpcweb.FrameDecoder().feed(next(chunks))[0].flags == grpcweb.MESSAGE_FLAG
+    return response, chunks
+
+
+def _refused_stream(err: grpc.RpcError, name: str) -> None:
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+    details = err.details()
+    assert f"'{name}'" in details and "MODELGRID_GATEWAY_MAX_STREAMS_PER_CALLER" in details
+    assert f"has {STREAMS_PER_CALLER} streaming calls open" in details
+
+
+def test_a_key_holds_a_bounded_number_of_streams_across_both_ports_and_gets_them_back(mesh, secured):
+    """One key cannot take every stream of the mesh: past its limit (3 here) its next stream, on either port of a
+    gateway, is RESOURCE_EXHAUSTED, while other keys go on; a stream that ends, however it ends (cancelled by the
+    client, deadline, a browser gone), gives its slot back."""
+    admin = gateway_pb2_grpc.GatewayAdminStub(secured.channels[0])
+    greedy, patient = (
+        admin.CreateApiKey(
+            gpb.CreateApiKeyRequest(name=name, scopes=[gpb.SCOPE_READ]), metadata=_bearer(ADMIN_KEY)
+        ).secret
+        for name in ("greedy", "patient")
+    )
+    channel = secured.channels[0]
+    with httpx.Client(timeout=30) as web:
+        browser, _chunks = _web_watch(web, secured.web[0], mesh.model, greedy)
+        native = [_watch(channel, mesh.model, greedy) for _ in range(STREAMS_PER_CALLER - 1)]
+        with pytest.raises(grpc.RpcError) as err:
+            _watch(channel, mesh.model, greedy)
+        _refused_stream(err.value, "greedy")
+        watch = rpb.WatchEventsRequest(cursor="0", model_name=mesh.model)
+        _, messages, trailers = _web_call(web, secured.web[0], "ModelRegistry/WatchEvents", watch, greedy)
+        assert messages == [] and trailers["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+        assert "MAX_STREAMS_PER_CALLER" in trailers["grpc-message"]
+        _watch(channel, mesh.model, patient).cancel()  # another key is not starved
+        _watch(secured.channels[1], mesh.model, greedy).cancel()  # the count is per gateway instance
+        predictor = predictor_pb2_grpc.PredictorStub(channel)  # unary calls are not streams
+        assert predictor.ListModels(pb.ListModelsRequest(), metadata=_bearer(greedy), timeout=10) is not None
+
+        native.pop().cancel()  # cancelled by the client: its slot comes back
+        native.append(_eventually(lambda: _watch(channel, mesh.model, greedy)))
+        browser.close()  # the browser leaves
+        _eventually(lambda: _watch(channel, mesh.model, greedy, timeout=1.5))  # ...and a deadline ends this one
+    for call in native:
+        call.cancel()
+    for _ in range(3):  # every slot comes back (the deadline's too): the key opens its whole limit again, not more
+        calls = [_eventually(lambda: _watch(channel, mesh.model, greedy)) for _ in range(STREAMS_PER_CALLER)]
+        with pytest.raises(grpc.RpcError) as err:
+            _watch(channel, mesh.model, greedy)
+        _refused_stream(err.value, "greedy")
+        for call in calls:
+            call.cancel()
+
+
+def _eventually(opening, seconds: float = 10):
+    """What `opening()` returns once the gateway has given the slots of ended streams back."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return opening()
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _web_call(client: httpx.Client, base: str, method: str, request, secret: str):
+    """One gRPC-Web call of "<Service>/<Method>" in modelgrid.registry.v1: (response, messages, trailers)."""
+    response = client.post(
+        f"{base}/modelgrid.registry.v1.{method}",
+        content=grpcweb.encode_message(request.SerializeToString()),
+        headers={"content-type": "application/grpc-web+proto", "authorization": f"Bearer {secret}"},
+    )
+    assert response.status_code == 200, response.text
+    frames = grpcweb.decode_frames(response.content)
+    return response, [f.payload for f in frames[:-1]], grpcweb.decode_trailers(frames[-1].payload)
+
+
 def test_results_through_the_gateway_are_the_models(mesh):
     reply = mesh.predictor.Predict(predict_request(f"{mesh.model}:1", X), timeout=30)
-    direct = predictor_pb2_grpc.PredictorStub(grpc.insecure_channel(mesh.predictors[0].target))
+    direct = predictor_pb2_grpc.PredictorStub(mesh.predictors[0].channel())
     expected = direct.Predict(predict_request(f"{mesh.model}:1", X), timeout=30)
     np.testing.assert_array_equal(tensor_to_array(reply.outputs["y"]), tensor_to_array(expected.outputs["y"]))
 

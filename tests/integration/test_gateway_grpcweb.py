@@ -59,17 +59,19 @@ def gateway_env(consul: ConsulAgent, redis_url: str, tmp: Path, **extra: str) ->
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory, launch):
+def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch):
     """Own Consul agent (the gateway must see only this module's registry), a registry and a gateway."""
     tmp = tmp_path_factory.mktemp("grpcweb")
     (tmp / "dist" / "assets").mkdir(parents=True)
     (tmp / "dist" / "index.html").write_text("<!doctype html><title>console</title>")
     (tmp / "dist" / "assets" / "app.js").write_text("console.log('hi')")
     (tmp / "secret.txt").write_text("not for the web")
-    with ConsulAgent(tmp / "consul") as consul:
+    with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
         registry = launch.registry(consul.http_url, redis_server.url, tmp / "registry")
         env = gateway_env(consul, redis_server.url, tmp)
-        gateway = ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", env, tmp / "gateway.log")
+        gateway = ServiceProcess(
+            "services.gateway", "MODELGRID_GATEWAY_", env, tmp / "gateway.log", internal_tls_dir=internal_tls_dir
+        )
         try:
             gateway.start()
             base = f"http://127.0.0.1:{env['WEB_PORT']}"
@@ -153,7 +155,7 @@ def test_error_status_in_the_trailer_frame(mesh, variant, unique):
 def test_server_streaming_download_of_a_3mb_artifact(mesh, variant, tmp_path, client_for, unique):
     client, text, _ = variant
     data = os.urandom(3 * MiB + 12345)
-    channel, registry = client_for(mesh["registry"].target)
+    channel, registry = client_for(mesh["registry"])
     with channel:
         name = unique("blob")
         registry.ensure_model(name)
@@ -251,7 +253,7 @@ def gateway_requests(metrics_port: str, method: str) -> float:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_client_disconnect_cancels_the_upstream_call(mesh, transport, client_for, unique):
-    channel, registry = client_for(mesh["registry"].target)
+    channel, registry = client_for(mesh["registry"])
     name = unique("gone")
     registry.ensure_model(name)
     before = gateway_requests(mesh["env"]["METRICS_PORT"], "WatchEvents")
@@ -377,6 +379,32 @@ def test_empty_body_is_invalid_argument(mesh, variant):
         assert "empty" in trailers["grpc-message"]
 
 
+def test_two_requests_to_a_one_request_method_are_invalid_argument_at_once(mesh, variant, unique):
+    """Found by `make fuzz`: WatchEvents (server streaming) with two request frames hung until the client gave up
+    (the registry read the first and watched); a unary method's were sent on as a stream."""
+    client, text, _ = variant
+    name = unique("two")
+    requests = {
+        "WatchEvents": pb.WatchEventsRequest(cursor="0", model_name=name),
+        "GetModel": pb.GetModelRequest(name=name),
+    }
+    for method, request in requests.items():
+        body = grpcweb.encode_message(request.SerializeToString()) * 2
+        started = time.monotonic()
+        response = client.post(
+            f"{mesh['base']}{SERVICE}/{method}",
+            content=base64.b64encode(body) if text else body,
+            headers={"content-type": MODES["text" if text else "binary"]},
+            timeout=30,
+        )
+        assert time.monotonic() - started < 5, f"{method} took {time.monotonic() - started:.1f} s"
+        frames = grpcweb.decode_frames(response.content, text=text)
+        assert len(frames) == 1 and frames[0].is_trailers, frames
+        trailers = grpcweb.decode_trailers(frames[0].payload)
+        assert trailers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0]), (method, trailers)
+        assert "exactly one request message" in trailers["grpc-message"]
+
+
 def request_series(metrics_port: str) -> set[str]:
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
     return {
@@ -431,7 +459,7 @@ def stalled_post(port: int, host: str, path: str, sent: bytes, declared: int, ti
     return response, body, seconds, closed
 
 
-def test_limits_on_a_gateway_with_low_ones(mesh, redis_server, tmp_path):
+def test_limits_on_a_gateway_with_low_ones(internal_tls_dir, mesh, redis_server, tmp_path):
     """A second gateway with a 1 s body read timeout, a 64 KiB body limit and its own allowed host: a body that
     stalls is answered DEADLINE_EXCEEDED and its connection closed; a body too big RESOURCE_EXHAUSTED; the
     configured host replaces the default names, the gateway's own address stays allowed."""
@@ -441,7 +469,9 @@ def test_limits_on_a_gateway_with_low_ones(mesh, redis_server, tmp_path):
         "WEB_ALLOWED_HOSTS": '["console.example"]',
     }
     env = gateway_env(mesh["consul"], redis_server.url, tmp_path, **limits)
-    gateway = ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", env, tmp_path / "gw.log")
+    gateway = ServiceProcess(
+        "services.gateway", "MODELGRID_GATEWAY_", env, tmp_path / "gw.log", internal_tls_dir=internal_tls_dir
+    )
     gateway.start()
     try:
         port = int(env["WEB_PORT"])
@@ -513,12 +543,17 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_tls_with_http1_and_h2_alpn_and_api_keys(mesh, redis_server, tmp_path):
+def test_tls_with_http1_and_h2_alpn_and_api_keys(internal_tls_dir, mesh, redis_server, tmp_path):
     cert, key = self_signed_certificate(tmp_path)
     tls = {"TLS_CERT": str(cert), "TLS_KEY": str(key), "AUTH_ENABLED": "true", "ADMIN_KEY": "s3cret-admin-key"}
     env = gateway_env(mesh["consul"], redis_server.url, tmp_path, **tls)
     gateway = ServiceProcess(
-        "services.gateway", "MODELGRID_GATEWAY_", env, tmp_path / "gw.log", root_certificates=cert.read_bytes()
+        "services.gateway",
+        "MODELGRID_GATEWAY_",
+        env,
+        tmp_path / "gw.log",
+        root_certificates=cert.read_bytes(),
+        internal_tls_dir=internal_tls_dir,
     )
     gateway.start()
     try:

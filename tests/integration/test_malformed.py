@@ -21,16 +21,16 @@ END_WITHIN_S = 5.0  # a stream with a malformed message ends this soon, though t
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model):
+def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model):
     tmp = tmp_path_factory.mktemp("malformed")
-    with ConsulAgent(tmp / "consul") as consul:
+    with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
         registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
-        channel, client = client_for(registry.target)
+        channel, client = client_for(registry)
         model = unique("malformed")
         client.ensure_model(model)
         client.push_savedmodel(model, build_saved_model(tmp / "model", seed=1))
         predictor = launch.predictor(consul.http_url, redis_server.url, tmp, [{"name": model}])
-        with grpc.insecure_channel(predictor.target) as predictor_channel:
+        with predictor.channel() as predictor_channel:
             yield SimpleNamespace(registry=channel, predictor=predictor_channel, model=model)
         channel.close()
 

@@ -40,12 +40,12 @@ def predict(stub: predictor_pb2_grpc.PredictorStub, ref: str, x: np.ndarray, tim
 
 
 @pytest.fixture(scope="module")
-def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, tf_reference):
+def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, tf_reference):
     """Own Consul (so registry discovery sees only this module's registry), a registry, two models."""
     tmp = tmp_path_factory.mktemp("predictor")
-    with ConsulAgent(tmp / "consul") as consul:
+    with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
         registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
-        channel, client = client_for(registry.target)
+        channel, client = client_for(registry)
         aliased, latest = unique("aliased"), unique("latest")
         refs = {}
         for seed in (1, 2):
@@ -65,7 +65,7 @@ def mesh(redis_server, tmp_path_factory, launch, client_for, unique, build_saved
             MAX_RECEIVE_MESSAGE_BYTES=str(1024 * 1024),
             MAX_QUEUE_DELAY_MS="5",
         )
-        predictor_channel = grpc.insecure_channel(predictor.target)
+        predictor_channel = predictor.channel()
         try:
             yield SimpleNamespace(
                 consul=consul,
@@ -218,7 +218,7 @@ def test_tritonclient_metadata_and_infer_raw_and_typed(mesh):
     np.testing.assert_allclose(result.as_numpy("y"), mesh.refs[1](X), rtol=1e-6)
     assert result.get_response().model_version == "1"
 
-    with grpc.insecure_channel(mesh.predictor.target) as channel:  # typed contents, built by hand
+    with mesh.predictor.channel() as channel:  # typed contents, built by hand
         request = service_pb2.ModelInferRequest(model_name=mesh.latest, model_version="2")
         tensor = request.inputs.add(name="x", datatype="FP32", shape=list(X.shape))
         tensor.contents.fp32_contents.extend(X.reshape(-1).tolist())
@@ -235,7 +235,7 @@ def test_tensorflow_serving_client_predict_with_version_label(mesh):
     import tensorflow as tf
     from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-    with grpc.insecure_channel(mesh.predictor.target) as channel:
+    with mesh.predictor.channel() as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         request = predict_pb2.PredictRequest()
         request.model_spec.name = mesh.aliased
@@ -267,7 +267,7 @@ def test_alias_move_swaps_versions_under_load_with_no_failed_call(mesh):
     failures: list[str] = []
 
     def keep_calling():
-        with grpc.insecure_channel(mesh.predictor.target) as channel:
+        with mesh.predictor.channel() as channel:
             stub = predictor_pb2_grpc.PredictorStub(channel)
             while not stop.is_set():
                 try:
@@ -322,7 +322,7 @@ def test_concurrent_callers_are_served_in_batches_with_their_own_results(mesh):
     before = _histogram(httpx.get(mesh.metrics_url).text, "modelgrid_predictor_batch_size", mesh.latest)
 
     def call(i):
-        with grpc.insecure_channel(mesh.predictor.target) as channel:
+        with mesh.predictor.channel() as channel:
             return i, predict(predictor_pb2_grpc.PredictorStub(channel), f"{mesh.latest}:2", rows[i : i + 1])[1]
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
@@ -338,12 +338,16 @@ def test_concurrent_callers_are_served_in_batches_with_their_own_results(mesh):
 def test_registration_carries_served_models_and_per_model_health(mesh):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    entries = httpx.get(f"{mesh.consul.http_url}/v1/health/service/predictor", params={"passing": "true"}).json()
+    entries = httpx.get(
+        f"{mesh.consul.http_url}/v1/health/service/predictor",
+        params={"passing": "true"},
+        headers={"X-Consul-Token": mesh.consul.master_token},
+    ).json()
     (entry,) = [e for e in entries if e["Service"]["Port"] == mesh.predictor.port]
     tags = set(entry["Service"]["Tags"])
     assert {f"model={mesh.latest}", f"version={mesh.latest}:1", f"version={mesh.latest}:2"} <= tags
     assert f"model={mesh.aliased}" in tags
-    with grpc.insecure_channel(mesh.predictor.target) as channel:
+    with mesh.predictor.channel() as channel:
         health = health_pb2_grpc.HealthStub(channel)
         reply = health.Check(health_pb2.HealthCheckRequest(service=f"model/{mesh.latest}"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -433,7 +437,7 @@ def test_tensorflow_serving_tiny_requests_declaring_huge_tensors_are_refused_at_
         return message
 
     before = peak_rss_mib(mesh.predictor)
-    with grpc.insecure_channel(mesh.predictor.target) as channel:
+    with mesh.predictor.channel() as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         for shape, values, code in [
             ([100_000_000], {"float_val": [1.0]}, grpc.StatusCode.RESOURCE_EXHAUSTED),  # 400 MB from 17 bytes
@@ -464,7 +468,7 @@ def test_oip_shapes_that_overflow_or_do_not_match_their_contents_are_invalid_arg
             message.raw_input_contents.append(raw)
         return message
 
-    with grpc.insecure_channel(mesh.predictor.target) as channel:
+    with mesh.predictor.channel() as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         for message, fragment in [
             (request([2**62, 4], raw=b""), "more elements than any tensor can hold"),
@@ -489,7 +493,7 @@ def slow(mesh, redis_server, tmp_path_factory, launch, unique, build_saved_model
     mesh.client.push_savedmodel(name, build_saved_model(tmp / "slow", busy_loops=600))
     limits = {"MAX_QUEUE_DEPTH": "2", "MAX_BATCH_SIZE": "1", "WARMUP_REQUESTS": "1"}
     predictor = launch.predictor(mesh.consul.http_url, redis_server.url, tmp, [{"name": name}], **limits)
-    channel = grpc.insecure_channel(predictor.target)
+    channel = predictor.channel()
     yield SimpleNamespace(
         name=name,
         predictor=predictor,

@@ -156,7 +156,7 @@ def _wait(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> No
 def test_kill_9_of_redis_mid_writes_keeps_every_acknowledged_write_and_half_writes_none(
     faulty_registry, own_redis, client_for, unique
 ):
-    channel, client = client_for(faulty_registry.target)
+    channel, client = client_for(faulty_registry)
     stub = client.stub
     model = unique("aof")
     stub.CreateModel(pb.CreateModelRequest(name=model))
@@ -293,7 +293,7 @@ async def test_redis_kill_under_followed_streams_ends_them_unavailable_and_each_
 ):
     prefix = unique("follow")
     names = [f"{prefix}-{i}" for i in range(6)]
-    channel = grpc.aio.insecure_channel(faulty_registry.target, options=FAST_RECONNECT)
+    channel = faulty_registry.channel(aio=True, options=FAST_RECONNECT)
     stub = registry_pb2_grpc.ModelRegistryStub(channel)
     pool = InstancePool(None, "registry", targets=[faulty_registry.target], options=FAST_RECONNECT)
     await pool.start()
@@ -396,7 +396,7 @@ async def test_the_predictors_follower_outlives_an_outage_of_the_redis_keeping_i
     names = [f"{prefix}-{i}" for i in range(4)]
     events_key = f"{faulty_registry.env['MODELGRID_REGISTRY_REDIS_KEY_PREFIX']}events"
     registry_redis = create_redis(own_redis.url)
-    channel = grpc.aio.insecure_channel(faulty_registry.target)
+    channel = faulty_registry.channel(aio=True)
     stub = registry_pb2_grpc.ModelRegistryStub(channel)
     pool = InstancePool(None, "registry", targets=[faulty_registry.target])
     await pool.start()

@@ -29,7 +29,7 @@ def sha256_hex(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def client(registry, client_for):
-    channel, registry_client = client_for(registry.target)
+    channel, registry_client = client_for(registry)
     yield registry_client
     channel.close()
 
@@ -59,12 +59,17 @@ def code_of(call, *args, **kwargs) -> grpc.StatusCode:
 def test_registers_in_consul_then_deregisters_on_sigterm(consul, redis_server, tmp_path, launch):
     process = launch.registry(consul.http_url, redis_server.url, tmp_path)
 
+    headers = {"X-Consul-Token": consul.master_token}  # Consul's ACLs deny an anonymous read
+
     def passing_ports() -> set[int]:
-        reply = httpx.get(f"{consul.http_url}/v1/health/service/registry", params={"passing": "true"})
+        reply = httpx.get(f"{consul.http_url}/v1/health/service/registry", params={"passing": "true"}, headers=headers)
         return {entry["Service"]["Port"] for entry in reply.json()}
 
     def catalog_ports() -> set[int]:
-        return {s["ServicePort"] for s in httpx.get(f"{consul.http_url}/v1/catalog/service/registry").json()}
+        return {
+            s["ServicePort"]
+            for s in httpx.get(f"{consul.http_url}/v1/catalog/service/registry", headers=headers).json()
+        }
 
     try:
         deadline = time.monotonic() + 20

@@ -31,7 +31,7 @@ def test_kill_9_mid_upload_leaves_no_partial_version_and_no_temp_files(
     process = launch.registry(consul.http_url, own_redis.url, tmp_path)
     blob_dir = Path(process.env["MODELGRID_REGISTRY_BLOB_DIR"])
     model = unique("crash")
-    channel, client = client_for(process.target)
+    channel, client = client_for(process)
     client.ensure_model(model)
 
     data = os.urandom(4 * MiB)
@@ -62,7 +62,7 @@ def test_kill_9_mid_upload_leaves_no_partial_version_and_no_temp_files(
         REDIS_KEY_PREFIX=process.env["MODELGRID_REGISTRY_REDIS_KEY_PREFIX"],
     )
     try:
-        channel, client = client_for(restarted.target)
+        channel, client = client_for(restarted)
         assert list((blob_dir / "tmp").iterdir()) == []
         assert client.stub.GetModel(pb.GetModelRequest(name=model)).latest_version == 0
         assert list(client.stub.ListVersions(pb.ListVersionsRequest(model_name=model)).versions) == []

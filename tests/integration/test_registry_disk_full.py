@@ -52,7 +52,7 @@ def registry_on_small_disk(small_disk, consul, redis_server, launch, tmp_path, c
     """A registry subprocess whose blob dir is the small tmpfs; stopped before the tmpfs is unmounted."""
     process = launch.registry(consul.http_url, redis_server.url, tmp_path)
     assert Path(process.env["MODELGRID_REGISTRY_BLOB_DIR"]) == small_disk
-    channel, client = client_for(process.target)
+    channel, client = client_for(process)
     try:
         yield SimpleNamespace(process=process, client=client, channel=channel, blob_dir=small_disk)
     finally:

@@ -27,6 +27,7 @@ def health(channel: grpc.Channel, service: str = "") -> int:
 
 
 def test_predictors_serve_and_pushes_fail_cleanly_while_the_registry_is_down(
+    internal_tls_dir,
     redis_server,
     tmp_path,
     launch,
@@ -43,11 +44,11 @@ def test_predictors_serve_and_pushes_fail_cleanly_while_the_registry_is_down(
     first, second = build_saved_model(tmp_path / "v1", seed=1), build_saved_model(tmp_path / "v2", seed=2)
     data_dir = tmp_path / "registry"
     started = []
-    with ConsulAgent(tmp_path / "consul") as consul:
+    with ConsulAgent(tmp_path / "consul", tls_dir=internal_tls_dir) as consul:
         try:
             registry = launch.registry(consul.http_url, redis_server.url, data_dir)
             started.append(registry)
-            channel, client = client_for(registry.target)
+            channel, client = client_for(registry)
             client.ensure_model(model)
             assert client.push_savedmodel(model, first).version == 1
             channel.close()
@@ -55,7 +56,7 @@ def test_predictors_serve_and_pushes_fail_cleanly_while_the_registry_is_down(
                 consul.http_url, redis_server.url, tmp_path, [{"name": model, "latest": 1}], MAX_QUEUE_DELAY_MS="1"
             )
             started.append(predictor)
-            predictor_channel = grpc.insecure_channel(predictor.target)
+            predictor_channel = predictor.channel()
             started.append(predictor_channel)
             stub = predictor_pb2_grpc.PredictorStub(predictor_channel)
 
@@ -77,7 +78,7 @@ def test_predictors_serve_and_pushes_fail_cleanly_while_the_registry_is_down(
             assert health(predictor_channel, f"model/{model}") == health_pb2.HealthCheckResponse.SERVING
 
             # Pushes fail cleanly: UNAVAILABLE, and a message that says what to do.
-            channel, client = client_for(registry.target)
+            channel, client = client_for(registry)
             with pytest.raises(Unavailable, match="retry when it is back") as caught:
                 client.push_savedmodel(model, second, timeout=30)
             assert caught.value.__cause__.code() == grpc.StatusCode.UNAVAILABLE

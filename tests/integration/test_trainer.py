@@ -37,17 +37,17 @@ def build_model(input_shape, num_classes, **params):
 
 
 @pytest.fixture(scope="module")
-def cluster(redis_server, tmp_path_factory, launch, client_for):
+def cluster(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for):
     tmp = tmp_path_factory.mktemp("trainer")
-    with ConsulAgent(tmp / "consul") as consul:
+    with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
         prefix = f"mg:test-trainer:{uuid.uuid4().hex[:6]}:"
         with launch.together():  # the trainer finds the registry and the agents in Consul when it needs them
             registry = launch.registry(consul.http_url, redis_server.url, tmp / "reg")
             agents = [launch.agent(consul.http_url, tmp) for _ in range(2)]
             trainer = launch.trainer(consul.http_url, redis_server.url, tmp, prefix)
         (tmp / "recipes" / "crash.py").write_text(CRASHING_RECIPE)
-        registry_channel, registry_client = client_for(registry.target)
-        channel = grpc.insecure_channel(trainer.target)
+        registry_channel, registry_client = client_for(registry)
+        channel = trainer.channel()
         stub = trainer_pb2_grpc.TrainerStub(channel)
         ns = SimpleNamespace(
             tmp=tmp,
@@ -82,7 +82,8 @@ def _wait_workers(ns, count: int, timeout: float = 30) -> list[pb.Worker]:
 
 def _agent_stub(ns, agent_id: str) -> agent_pb2_grpc.WorkerAgentStub:
     port = int(agent_id.rsplit("-", 1)[1])
-    return agent_pb2_grpc.WorkerAgentStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    agent = next(a for a in ns.agents if a.port == port)
+    return agent_pb2_grpc.WorkerAgentStub(agent.channel(identity="trainer"))  # the agents accept only the trainer
 
 
 def _worker_pid(ns, job: pb.Job, task_index: int) -> int:

@@ -85,7 +85,7 @@ class Agent:
     def __init__(self, process: ServiceProcess, work_dir: Path) -> None:
         self.process = process
         self.work_dir = work_dir
-        self.channel = grpc.insecure_channel(process.target)
+        self.channel = process.channel(identity="trainer")  # the agents accept only the trainer
         self.stub = agent_pb2_grpc.WorkerAgentStub(self.channel)
 
     def start(self, job: str, task: int = 0, attempt: int = 1, tf_config: str = "", **spec) -> pb.Replica:
@@ -107,7 +107,7 @@ class Agent:
 
 
 @pytest.fixture
-def agents(consul, tmp_path: Path, fake_worker: list[str]) -> Iterator[Callable[..., Agent]]:
+def agents(consul, internal_tls_dir, tmp_path: Path, fake_worker: list[str]) -> Iterator[Callable[..., Agent]]:
     started: list[Agent] = []
 
     def start(work_dir: Path | None = None, worker: list[str] | None = None, **settings: str) -> Agent:
@@ -121,7 +121,14 @@ def agents(consul, tmp_path: Path, fake_worker: list[str]) -> Iterator[Callable[
             **settings,
         }
         log = tmp_path / f"agent-{len(started)}.log"
-        started.append(Agent(ServiceProcess("services.trainer.agent", "MODELGRID_AGENT_", env, log).start(), work_dir))
+        started.append(
+            Agent(
+                ServiceProcess(
+                    "services.trainer.agent", "MODELGRID_AGENT_", env, log, internal_tls_dir=internal_tls_dir
+                ).start(),
+                work_dir,
+            )
+        )
         return started[-1]
 
     yield start
@@ -191,7 +198,11 @@ def test_registers_in_consul_with_its_slots_and_turns_passing(consul, agents):
     agent = agents(SLOTS="3")
 
     def passing() -> dict[int, dict]:
-        reply = httpx.get(f"{consul.http_url}/v1/health/service/trainer-agent", params={"passing": "true"})
+        reply = httpx.get(
+            f"{consul.http_url}/v1/health/service/trainer-agent",
+            params={"passing": "true"},
+            headers={"X-Consul-Token": consul.master_token},
+        )
         return {entry["Service"]["Port"]: entry["Service"] for entry in reply.json()}
 
     wait_until("the agent passing in Consul", lambda: agent.process.port in passing(), timeout=20)
@@ -200,7 +211,9 @@ def test_registers_in_consul_with_its_slots_and_turns_passing(consul, agents):
     assert service["Address"] == "127.0.0.1"
 
     assert agent.process.terminate() == 0
-    catalog = httpx.get(f"{consul.http_url}/v1/catalog/service/trainer-agent").json()
+    catalog = httpx.get(
+        f"{consul.http_url}/v1/catalog/service/trainer-agent", headers={"X-Consul-Token": consul.master_token}
+    ).json()
     assert agent.process.port not in {s["ServicePort"] for s in catalog}
 
 

@@ -31,8 +31,11 @@ from modelgrid.registry.v1 import registry_pb2 as rpb
 from modelgrid.trainer.v1 import trainer_pb2 as tpb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
 from services.cli.channels import open_channel
+from services.kit import tls
 from services.kit.convert import ref_to_pb
+from services.kit.localinfra import redis_ping
 from services.kit.processes import REPO_ROOT
+from services.kit.redis_auth import read_password_file, write_password_file
 from services.kit.tensors import array_to_tensor
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow]
@@ -78,6 +81,8 @@ def description(hosts_lib, lab, host) -> str:
         f"address = {json.dumps(host.address)}",
         f"state_dir = {json.dumps(hosts_lib.STATE_PATH)}",
         f'redis_url = "redis://{a.address}:6379/0"',
+        # Each host's own state dir: a makes the file at its first `up`, the test copies it to b and c.
+        f"redis_password_file = {json.dumps(hosts_lib.STATE_PATH + '/redis-password')}",
         "[consul]",
         "server = true",
         "bootstrap_expect = 3",
@@ -95,6 +100,19 @@ def description(hosts_lib, lab, host) -> str:
     return "\n".join(lines) + "\n"
 
 
+def copy_certificates(source: Path, target: Path) -> None:
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in source.glob("*.pem"):
+        if path != tls.key_path(source, "ca"):
+            (target / path.name).write_bytes(path.read_bytes())
+            (target / path.name).chmod(0o600)
+
+
+def operator_channel(ns, host, service: str, port: int) -> grpc.Channel:
+    """A channel to a service on `host`, over mTLS as `operator`."""
+    return tls.dial(f"{host.address}:{port}", service, tls.InternalTLS(ns.tls_dir, "operator"))
+
+
 def host_up(host, path: Path, timeout: float = 300.0):
     """`modelgrid-host up` on `host`, in its namespaces, without waiting."""
     argv = [sys.executable, "-m", "services.host", "up", str(path), "--timeout", str(timeout)]
@@ -102,18 +120,29 @@ def host_up(host, path: Path, timeout: float = 300.0):
 
 
 @pytest.fixture(scope="module")
-def mesh(hosts_lib, lab, tmp_path_factory, client_for, unique, build_saved_model):
+def mesh(hosts_lib, lab, tmp_path_factory, client_for, unique, build_saved_model, internal_tls_dir):
     tmp = tmp_path_factory.mktemp("mesh")
     paths = {}
     for host in lab.hosts:
         paths[host.letter] = tmp / f"{host.letter}.toml"
         paths[host.letter].write_text(description(hosts_lib, lab, host))
-    runners = {host.letter: host_up(host, paths[host.letter]) for host in lab.hosts}  # Consul needs all three
+        # The operator copies the mesh's certificates to every host, without the CA's key: internal gRPC is mTLS.
+        copy_certificates(internal_tls_dir, host.state_dir / "tls")
+    a, b, c = lab["a"], lab["b"], lab["c"]
+    # Redis requires a password: a, which runs it, makes the password file first thing in `up`; then the operator
+    # (here, the test) copies it to b and c before their `up`. Consul needs all three running.
+    runners = {"a": host_up(a, paths["a"])}
+    wait_for((a.state_dir / "redis-password").exists, 60, "host a to make the Redis password file")
+    redis_password = read_password_file(a.state_dir / "redis-password")
+    for host in (b, c):
+        write_password_file(host.state_dir / "redis-password", redis_password)
+        runners[host.letter] = host_up(host, paths[host.letter])
     for letter, runner in runners.items():
         code = runner.wait(360)
         log = (lab[letter].log_dir / "modelgrid-host.log").read_text()
         assert code == 0, f"modelgrid-host up on {letter} failed:\n{log[-4000:]}"
-    a, b, c = lab["a"], lab["b"], lab["c"]
+    assert not redis_ping(a.address, 6379), "Redis on a answers a client without its password"
+    assert redis_ping(a.address, 6379, password=redis_password)
     channel, registry = client_for(f"{a.address}:50051")
     model = unique("hosts")
     registry.ensure_model(model)
@@ -133,6 +162,7 @@ def mesh(hosts_lib, lab, tmp_path_factory, client_for, unique, build_saved_model
         predictor=predictor_pb2_grpc.PredictorStub(gateway),
         admin=gateway_pb2_grpc.GatewayAdminStub(gateway),
         trainer=trainer_pb2_grpc.TrainerStub(gateway),
+        tls_dir=internal_tls_dir,
     )
     wait_for(lambda: predictor_hosts(ns) == {b.address, c.address}, 120, "predictors on b and c in the gateway")
     try:
@@ -221,7 +251,7 @@ def test_services_advertise_their_hosts_and_serve_across_them(mesh):
     replies = [predict(mesh) for _ in range(20)]
     assert {r.version for r in replies} == {1}
     for host in (b, c):  # each predictor serves it, straight from its host too
-        with grpc.insecure_channel(f"{host.address}:50061") as direct:
+        with operator_channel(mesh, host, "predictor", 50061) as direct:
             assert predict(mesh, predictor_pb2_grpc.PredictorStub(direct)).version == 1
 
 
@@ -294,7 +324,7 @@ def test_a_cut_predictor_host_costs_no_call_and_comes_back(mesh, prediction_loop
 
 def test_a_cut_registry_host_leaves_predictors_serving_and_they_catch_up(mesh):
     a, b, c = mesh.a, mesh.b, mesh.c
-    stubs = {h.letter: grpc.insecure_channel(f"{h.address}:50061") for h in (b, c)}
+    stubs = {h.letter: operator_channel(mesh, h, "predictor", 50061) for h in (b, c)}
     try:
         a.cut()
         deadline = time.monotonic() + 8
@@ -323,13 +353,14 @@ def test_a_cut_registry_host_leaves_predictors_serving_and_they_catch_up(mesh):
 
 
 UPLOAD_SCRIPT = """
-import json, sys, grpc
+import json, sys
 from services.clients.registry import RegistryClient
+from services.kit import tls
 from services.kit.channels import CHANNEL_DEFAULTS
 
-path, target = sys.argv[1:3]
+path, target, tls_dir = sys.argv[1:4]
 done = []  # every progress call: an attempt starts where the registry got to (not above the bytes sent before)
-with grpc.insecure_channel(target, options=CHANNEL_DEFAULTS) as channel:
+with tls.dial(target, "registry", tls.InternalTLS(tls_dir, "operator"), options=CHANNEL_DEFAULTS) as channel:
     blob = RegistryClient(channel).upload_blob(path, progress=lambda sent, total: done.append(sent))
 starts = [i for i, value in enumerate(done) if i == 0 or value <= done[i - 1]]
 spans = [done[end - 1] - done[start] for start, end in zip(starts, starts[1:] + [len(done)])]
@@ -349,7 +380,15 @@ def test_an_upload_cut_with_its_host_resumes_from_what_the_registry_holds(mesh, 
     log = c.log_dir / "resumable-upload.log"
     c.run(["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", THROTTLE, "burst", "64kb", "latency", "1s"])
     try:
-        upload = c.spawn([sys.executable, "-c", UPLOAD_SCRIPT, str(path), f"{a.address}:50051"], log_path=log)
+        argv = [
+            sys.executable,
+            "-c",
+            UPLOAD_SCRIPT,
+            str(path),
+            f"{a.address}:50051",
+            mesh.hosts_lib.STATE_PATH + "/tls",
+        ]
+        upload = c.spawn(argv, log_path=log)  # with c's own copy of the certificates
 
         def held() -> int:
             return mesh.registry.stub.StatUpload(rpb.StatUploadRequest(digest=digest), timeout=5).received_bytes

@@ -26,13 +26,14 @@ async def start_agent(settings: AgentSettings) -> GrpcService:
     await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(settings.service_name, VERSION, settings)
     # Data sets, checkpoints and exports move through the registry: the agent reads no other host's files.
-    consul = ConsulClient(settings.consul_url)
+    consul = ConsulClient(settings.consul_url, token=settings.consul_token)
     registry_pool = InstancePool(
         consul,
         settings.registry_service,
         targets=[settings.registry_target] if settings.registry_target else [],
         options=grpc_options(settings),
         hold_seconds=settings.discovery_hold_seconds,
+        tls=settings.internal_tls(settings.service_name),
     )
     registry = AsyncRegistryClient(registry_pool, client_id=f"{settings.service_name}@{socket.gethostname()}")
     supervisor = ReplicaSupervisor(settings, registry)
@@ -42,6 +43,7 @@ async def start_agent(settings: AgentSettings) -> GrpcService:
         version=VERSION,
         proto_services=[PROTO_SERVICE],
         add_servicers=servicer.add_to,
+        callers=frozenset(settings.allowed_callers),  # with internal TLS: the trainer, no one else
         meta={"slots": str(settings.slots), "host": settings.advertise_host, "hostname": socket.gethostname()},
     )
     service = GrpcService(spec, settings, tracer_provider)

@@ -34,6 +34,9 @@ class AgentSettings(ServiceSettings):
     """gRPC port (0: any free port)."""
     service_name: str = "trainer-agent"
     """Consul service name the trainer looks agents up by."""
+    allowed_callers: list[str] = ["trainer"]
+    """With internal TLS (internal_tls_dir), the certificate identities that may call the agent: it starts
+    processes, so only the trainer may."""
     slots: int = Field(default=2, ge=1)
     """Worker processes this agent runs at once; StartReplica beyond it fails with RESOURCE_EXHAUSTED."""
     work_dir: Path | None = None

@@ -1,13 +1,16 @@
 """Host descriptions (modelgrid-host): the shipped examples parse, mistakes are named, and each service gets its
 host's address, its local Consul agent and a state path of its own host."""
 
+import stat
 from pathlib import Path
 
 import pytest
 
 from services.host.description import DescriptionError, HostDescription
-from services.host.runner import HostRunner
+from services.host.runner import HostError, HostRunner
+from services.kit import tls
 from services.kit.processes import REPO_ROOT
+from services.kit.redis_auth import read_password_file, write_password_file
 
 EXAMPLES = sorted((REPO_ROOT / "deploy" / "hosts").glob("*.toml"))
 
@@ -30,6 +33,10 @@ def test_the_shipped_examples_parse(path: Path):
     assert description.consul.server and len(description.consul.retry_join) == 2
 
 
+def test_the_shipped_examples_share_one_redis_password_file():
+    assert len({HostDescription.load(path).redis_password_file for path in EXAMPLES}) == 1
+
+
 def test_services_start_in_dependency_order_with_their_defaults():
     description = HostDescription.parse(host())
     assert [(s.kind, s.port) for s in description.services] == [("registry", 50052), ("predictor", 50061)]
@@ -45,6 +52,8 @@ def test_services_start_in_dependency_order_with_their_defaults():
         ({"services": {"database": {}}}, "database"),
         ({"consul": {"server": True}}, "retry_join"),
         ({"redis_url": ""}, "redis_url"),
+        ({"redis_password_file": "redis-password"}, "redis_password_file"),
+        ({"tls_dir": "certs"}, "tls_dir"),
     ],
 )
 def test_mistakes_are_named(overrides, named):
@@ -59,3 +68,47 @@ def test_a_service_binds_and_advertises_the_host_address_and_uses_the_local_agen
     assert env["MODELGRID_PREDICTOR_CONSUL_URL"] == "http://127.0.0.1:8500"
     assert env["MODELGRID_PREDICTOR_CACHE_DIR"].startswith(str(tmp_path))
     assert env["MODELGRID_PREDICTOR_AUTO_LOAD"] == "true"
+
+
+def test_services_but_the_agent_read_the_redis_password_from_the_host_file(tmp_path):
+    description = HostDescription.parse(
+        host(redis_password_file="/etc/modelgrid/redis-password", services={"registry": {}, "agent": {}})
+    )
+    registry, agent = (HostRunner(description)._service_env(service) for service in description.services)
+    assert registry["MODELGRID_REGISTRY_REDIS_PASSWORD_FILE"] == "/etc/modelgrid/redis-password"
+    assert "MODELGRID_AGENT_REDIS_PASSWORD_FILE" not in agent  # an agent keeps nothing in Redis
+    assert HostDescription.parse(host(state_dir=str(tmp_path))).redis_password_file == tmp_path / "redis-password"
+
+
+def test_the_redis_host_makes_the_password_file_once_and_the_others_need_a_copy(tmp_path):
+    shared = tmp_path / "etc" / "redis-password"
+    redis_host = HostDescription.parse(
+        host(address="198.18.0.1", redis_url="", redis={"port": 6379}, redis_password_file=str(shared))
+    )
+    password = HostRunner(redis_host).redis_password()
+    assert password and stat.S_IMODE(shared.stat().st_mode) == 0o600
+    assert HostRunner(redis_host).redis_password() == password == read_password_file(shared)  # kept, not remade
+
+    copy = tmp_path / "b" / "redis-password"
+    other_host = HostDescription.parse(host(redis_password_file=str(copy)))
+    with pytest.raises(HostError, match=f"{copy}.*copy it"):
+        HostRunner(other_host).redis_password()
+    write_password_file(copy, password)
+    assert HostRunner(other_host).redis_password() == password
+    agents_only = HostDescription.parse(host(redis_password_file=str(copy) + "-absent", services={"agent": {}}))
+    assert HostRunner(agents_only).redis_password() is None
+
+
+def test_services_and_the_consul_agent_use_the_hosts_copy_of_the_mesh_certificates(tmp_path):
+    description = HostDescription.parse(host(state_dir=str(tmp_path)))
+    runner = HostRunner(description)
+    assert description.tls_dir == tmp_path / "tls"
+    env = runner._service_env(description.services[0])
+    assert env["MODELGRID_REGISTRY_INTERNAL_TLS_DIR"] == str(tmp_path / "tls")
+    agent_config = " ".join(runner._consul_command())
+    assert f'cert_file = "{tmp_path / "tls" / "consul.pem"}"' in agent_config
+    assert "enable_agent_tls_for_checks = true" in agent_config
+    with pytest.raises(HostError, match="services.kit.tls init"):  # no certificates: `up` stops before starting
+        runner.internal_tls()
+    tls.init(tmp_path / "tls", ["consul", "operator"], ca_dir=tmp_path / "ca")
+    assert runner.internal_tls().identity == "operator"

@@ -4,33 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis import Redis
 
 from services.kit.localinfra import ConsulAgent, RedisServer
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _get_json(url: str) -> object:
-    with _NO_PROXY.open(url, timeout=5) as response:
+def _get_json(url: str, token: str = "") -> object:
+    request = urllib.request.Request(url, headers={"X-Consul-Token": token} if token else {})
+    with _NO_PROXY.open(request, timeout=5) as response:
         return json.load(response)
-
-
-def _redis_command(port: int, *args: str) -> bytes:
-    """Send one command as a RESP array and return the first reply line."""
-    request = f"*{len(args)}\r\n".encode() + b"".join(f"${len(arg.encode())}\r\n{arg}\r\n".encode() for arg in args)
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(request)
-        reply = sock.recv(4096)
-    first, _, rest = reply.partition(b"\r\n")
-    if first.startswith(b"$") and first != b"$-1":
-        return rest.partition(b"\r\n")[0]
-    return first
 
 
 def _pid_exists(pid: int) -> bool:
@@ -57,23 +46,25 @@ def test_consul_dev_agent_has_a_leader_and_runs_1_8_7(consul: ConsulAgent) -> No
     leader = _get_json(f"{consul.http_url}/v1/status/leader")
     assert isinstance(leader, str) and leader.startswith("127.0.0.1:")
 
-    agent_self = _get_json(f"{consul.http_url}/v1/agent/self")
+    agent_self = _get_json(f"{consul.http_url}/v1/agent/self", token=consul.master_token)  # ACLs: default deny
     assert isinstance(agent_self, dict)
     assert agent_self["Config"]["Version"] == "1.8.7"
     assert consul.http_url == f"http://{consul.http_addr}"
 
 
 def test_redis_answers_ping_and_keeps_data_across_restart(redis: RedisServer) -> None:
-    assert redis.url == f"redis://127.0.0.1:{redis.port}/0"
-    assert _redis_command(redis.port, "PING") == b"+PONG"
-    assert _redis_command(redis.port, "SET", "modelgrid:test", "survives") == b"+OK"
+    assert redis.url == f"redis://:{redis.password}@127.0.0.1:{redis.port}/0"
+    with Redis.from_url(redis.url, socket_timeout=5) as client:
+        assert client.ping()
+        assert client.set("modelgrid:test", "survives")
     pid_before = redis.pid
 
     redis.restart()
 
     assert redis.pid != pid_before
     assert pid_before is not None and not _pid_exists(pid_before)
-    assert _redis_command(redis.port, "GET", "modelgrid:test") == b"survives"
+    with Redis.from_url(redis.url, socket_timeout=5) as client:  # the same URL: same port, same password
+        assert client.get("modelgrid:test") == b"survives"
 
 
 def test_every_process_is_gone_after_stop(tmp_path: Path) -> None:

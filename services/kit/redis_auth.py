@@ -1,0 +1,112 @@
+"""Redis passwords: made at setup, kept in files of mode 0600, carried in client URLs and masked wherever shown."""
+
+import logging
+import os
+import secrets
+import stat
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+logger = logging.getLogger(__name__)
+
+PASSWORD_BYTES = 32
+"""Random bytes in a generated password (43 URL-safe characters)."""
+MASK = "***"
+"""What a password is shown as."""
+
+
+class RedisPasswordError(RuntimeError):
+    """A Redis password file is missing, unreadable or holds no usable password; the message names the file, never
+    its content. Not a ValueError on purpose: pydantic would wrap one into a ValidationError that prints the
+    settings' input, redis_url included."""
+
+
+def generate_password() -> str:
+    """A new random password: URL-safe characters only, so it needs no quoting in a URL or a shell."""
+    return secrets.token_urlsafe(PASSWORD_BYTES)
+
+
+def read_password_file(path: Path | str) -> str:
+    """The password in `path`: its content without surrounding whitespace (a trailing newline, as `echo` writes).
+    Warns if other users may read the file."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        password = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise RedisPasswordError(f"cannot read the Redis password file {path}: {reason}") from None
+    if not password:
+        raise RedisPasswordError(f"the Redis password file {path} is empty")
+    if any(ord(char) < 32 or ord(char) == 127 for char in password):
+        raise RedisPasswordError(f"the Redis password in {path} holds control characters (one line of text, please)")
+    if stat.S_IMODE(mode) & 0o077:
+        logger.warning(
+            "the Redis password file %s may be read by other users (mode %03o): chmod 600 it", path, stat.S_IMODE(mode)
+        )
+    return password
+
+
+def write_password_file(path: Path | str, password: str) -> None:
+    """Write `password` to `path` with mode 0600 (see `_write_private`)."""
+    _write_private(Path(path), password + "\n")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` with mode 0600 (created so, never readable by others even for a moment), replacing the
+    file atomically if it exists; its directory is made if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.unlink(missing_ok=True)
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def ensure_password_file(path: Path | str) -> tuple[str, bool]:
+    """(password, made): the password in `path`, or a new one written there (mode 0600) if the file is missing."""
+    path = Path(path)
+    if path.exists():
+        return read_password_file(path), False
+    password = generate_password()
+    write_password_file(path, password)
+    return password, True
+
+
+def url_with_password(url: str, password: str) -> str:
+    """`url` with `password` in place of any password it has (percent-encoded; a user name in it is kept)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    user = quote(parts.username, safe="") if parts.username else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
+def redacted_url(url: str) -> str:
+    """`url` with its password, if any, shown as ***: what logs, errors and status lines may print."""
+    try:
+        parts = urlsplit(url)
+        has_password = parts.password is not None
+    except ValueError:  # not a URL we can take apart: show nothing of what may be credentials
+        return url.rpartition("@")[2] if "@" in url else url
+    if not has_password:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.netloc.rpartition("@")[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
+
+
+def requirepass_directive(password: str) -> str:
+    """The redis.conf line that makes Redis require `password` (quoted as redis.conf reads quoted strings)."""
+    escaped = password.replace("\\", "\\\\").replace('"', '\\"')
+    return f'requirepass "{escaped}"\n'
+
+
+def write_redis_auth_config(path: Path | str, password: str) -> None:
+    """A redis.conf (mode 0600) that only sets the password: redis-server takes it as its first argument, so the
+    password is on no command line (`ps`) and in no log of the command."""
+    _write_private(Path(path), requirepass_directive(password))
