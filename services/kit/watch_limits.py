@@ -33,14 +33,28 @@ class WatchLimits:
         self._setting = f"{setting_prefix}MAX_WATCH_STREAMS"
 
     @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
+    def hold(self, context: grpc.aio.ServicerContext | None = None) -> Iterator[None]:
+        """Counts the block as one open stream. With the call's `context`, the place is also given back when the
+        call ends: a call the client cancels while its handler waits at a `yield` leaves that handler suspended
+        there, its `finally` not run until the garbage collector gets to it, so without this every cancelled
+        stream would keep its place for a while."""
         if self.open >= self.total:
             raise ResourceExhausted(
                 f"this service holds its limit of {self.total} open watch streams (setting {self._setting}); "
                 "close one or retry later"
             )
         self.open += 1
+        released = False
+
+        def release(*_: object) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.open -= 1
+
+        if context is not None:
+            context.add_done_callback(release)
         try:
             yield
         finally:
-            self.open -= 1
+            release()

@@ -129,6 +129,11 @@ class ModelRegistry:
         limit = self._page_size(page_size)
         key, _, value = tag.partition("=")
         models: list[RegisteredModel] = []
+        if page_token:  # the previous page's last name: anything else was not made by this service
+            try:
+                check_model_name(page_token)
+            except InvalidArgument:
+                raise InvalidArgument("page_token is not one this service returned; start again without one") from None
         after = page_token
         while len(models) < limit:
             names, more = await self._store.list_models(prefix, after, limit)

@@ -111,7 +111,7 @@ class ModelRegistryServicer(registry_pb2_grpc.ModelRegistryServicer):
         return api.version_to_pb(await self._registry.resolve(ref_from_pb(request.ref)))
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context):
-        with self._watches.hold():
+        with self._watches.hold(context):
             async for event in self._registry.watch(request.cursor, request.model_name):
                 yield api.event_to_pb(event)
 

@@ -37,7 +37,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         return conv.job_to_pb(await self._core.cancel(request.id))
 
     async def WatchJob(self, request: pb.WatchJobRequest, context):
-        with self._watches.hold():
+        with self._watches.hold(context):
             async for event in self._core.watch(request.id, request.cursor):
                 yield conv.event_to_pb(event)
 
