@@ -42,6 +42,7 @@ def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, u
                 name=name,
                 spare=spare,
                 reference=tf_reference(path),
+                tls_dir=internal_tls_dir,
             )
         finally:
             predictor.stop()
@@ -58,7 +59,11 @@ def cli_environment(monkeypatch, internal_tls_dir) -> None:
 
 
 def cli(mesh, *args: str) -> int:
-    return run(["--target", mesh.registry, "--predictor", mesh.predictor, "--client-id", CLIENT_ID, *args])
+    # --tls-dir given here: module-scoped fixtures call this before the autouse environment applies
+    return run(
+        ["--tls-dir", str(mesh.tls_dir), "--target", mesh.registry, "--predictor", mesh.predictor]
+        + ["--client-id", CLIENT_ID, *args]
+    )
 
 
 def predicted(capsys) -> tuple[int, np.ndarray]:

@@ -38,7 +38,7 @@ def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch):
             agents = [launch.agent(consul.http_url, tmp) for _ in range(2)]
             trainer = launch.trainer(consul.http_url, redis_server.url, tmp, prefix)
         try:
-            yield SimpleNamespace(tmp=tmp, registry=registry.target, trainer=trainer.target)
+            yield SimpleNamespace(tmp=tmp, registry=registry.target, trainer=trainer.target, tls_dir=internal_tls_dir)
         finally:
             trainer.stop()
             for agent in agents:
@@ -47,7 +47,11 @@ def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch):
 
 
 def cli(mesh, *args: str) -> int:
-    return run(["--target", mesh.registry, "--trainer", mesh.trainer, "--client-id", CLIENT_ID, *args])
+    # --tls-dir given here: module-scoped fixtures call this before the autouse environment applies
+    return run(
+        ["--tls-dir", str(mesh.tls_dir), "--target", mesh.registry, "--trainer", mesh.trainer, "--client-id", CLIENT_ID]
+        + list(args)
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -28,6 +28,7 @@ from modelgrid.registry.v1 import registry_pb2 as pb
 from modelgrid.registry.v1 import registry_pb2_grpc
 from services.clients.registry import AsyncRegistryClient
 from services.gateway.canary import CanaryWeights
+from services.kit import tls
 from services.kit.channels import InstancePool
 from services.kit.localinfra import RedisServer
 from services.kit.redis_client import create_redis
@@ -289,13 +290,14 @@ async def _read(call, into: list, errors: list) -> None:
 
 
 async def test_redis_kill_under_followed_streams_ends_them_unavailable_and_each_resumes_after_its_cursor(
-    faulty_registry, own_redis, unique
+    faulty_registry, own_redis, unique, internal_tls_dir
 ):
     prefix = unique("follow")
     names = [f"{prefix}-{i}" for i in range(6)]
     channel = faulty_registry.channel(aio=True, options=FAST_RECONNECT)
     stub = registry_pb2_grpc.ModelRegistryStub(channel)
-    pool = InstancePool(None, "registry", targets=[faulty_registry.target], options=FAST_RECONNECT)
+    operator = tls.InternalTLS(internal_tls_dir, "operator")
+    pool = InstancePool(None, "registry", targets=[faulty_registry.target], options=FAST_RECONNECT, tls=operator)
     await pool.start()
     registry_client = AsyncRegistryClient(pool, client_id="pytest")
     follower_redis = create_redis(own_redis.url)
@@ -388,7 +390,7 @@ async def test_redis_kill_under_followed_streams_ends_them_unavailable_and_each_
 
 
 async def test_the_predictors_follower_outlives_an_outage_of_the_redis_keeping_its_cursor(
-    faulty_registry, own_redis, tmp_path, unique
+    faulty_registry, own_redis, tmp_path, unique, internal_tls_dir
 ):
     """The predictor keeps its cursor in a Redis of its own here: events go on while that one is down, and the
     follower must go on processing them (storing the cursor again once its Redis is back), not die."""
@@ -398,7 +400,9 @@ async def test_the_predictors_follower_outlives_an_outage_of_the_redis_keeping_i
     registry_redis = create_redis(own_redis.url)
     channel = faulty_registry.channel(aio=True)
     stub = registry_pb2_grpc.ModelRegistryStub(channel)
-    pool = InstancePool(None, "registry", targets=[faulty_registry.target])
+    pool = InstancePool(
+        None, "registry", targets=[faulty_registry.target], tls=tls.InternalTLS(internal_tls_dir, "operator")
+    )
     await pool.start()
     control = RecordingControl(prefix)
     cursor_key = f"mg:test-faults:{uuid.uuid4().hex[:8]}:cursor"
