@@ -12,6 +12,9 @@ A small TOML file per host (see deploy/hosts/ for a three-host example)::
     tls_dir = "/etc/modelgrid/tls"          # the mesh's certificates (services/kit/tls.py): made once on the
                                             # operator's machine, copied to every host without the CA's key
                                             # (default: <state_dir>/tls); internal gRPC is mTLS
+    consul_master_token_file = "/etc/modelgrid/consul-master-token"  # Consul's ACL master token (mode 0600):
+                                            # made once by the operator, copied to every host; `up` stops at once
+                                            # without it (default: <state_dir>/consul-master-token)
 
     [consul]                                # every host runs a Consul agent; services use the one on their host
     server = true                           # three hosts are servers
@@ -25,12 +28,24 @@ A small TOML file per host (see deploy/hosts/ for a three-host example)::
     [services.predictor]                    # one table per service this host runs
     port = 50061
     settings = { AUTO_LOAD = "true" }       # any of the service's settings, without its MODELGRID_<SERVICE>_ prefix
+
+Consul runs with ACLs on (default deny; see SECURITY.md, "Consul's ACLs"). Its master token is one per cluster and
+the operator makes it, once, before the first `up` of any host, then copies it to the same path on every host::
+
+    (umask 077 && python3 -c "import uuid; print(uuid.uuid4())" > /etc/modelgrid/consul-master-token)
+
+No host makes it by itself: the servers start at about the same time, and two of them each making one would give
+the cluster two master tokens, of which it knows only the first leader's. The servers' agents get it as their master
+token; every host's runner uses it for its own Consul calls and to make each of its services a token of its own
+(<state_dir>/consul-tokens/<name>).
 """
 
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from services.kit.consul_acl import service_rules
 
 # kind -> (module, settings prefix, Consul service name, default port), in start order: the registry first (the
 # others read from it), the gateway last (it routes to the others).
@@ -91,6 +106,8 @@ class HostDescription:
     redis_port: int | None = None  # this host runs Redis on this port
     redis_password_file: Path = Path("/var/lib/modelgrid/redis-password")  # Redis's password: the same on all hosts
     tls_dir: Path = Path("/var/lib/modelgrid/tls")  # the mesh's certificates (kit.tls): the same on all hosts
+    # Consul's ACL master token (made by the operator): the same on all hosts
+    consul_master_token_file: Path = Path("/var/lib/modelgrid/consul-master-token")
 
     @classmethod
     def load(cls, path: Path) -> "HostDescription":
@@ -112,6 +129,7 @@ class HostDescription:
             "redis_url",
             "redis_password_file",
             "tls_dir",
+            "consul_master_token_file",
             "consul",
             "redis",
             "services",
@@ -142,6 +160,10 @@ class HostDescription:
                 fail(f"unknown service {kind!r}; services are {sorted(SERVICE_KINDS)}")
             settings = {str(k).upper(): str(v) for k, v in table.get("settings", {}).items()}
             services.append(ServiceConfig(kind, int(table.get("port", SERVICE_KINDS[kind][3])), settings))
+            try:
+                service_rules(services[-1].consul_name)  # the name goes into its ACL token's rules and file name
+            except ValueError:
+                fail(f"services.{kind}: SERVICE_NAME must be lowercase letters, digits and dashes")
         services.sort(key=lambda s: list(SERVICE_KINDS).index(s.kind))
         redis_raw = raw.get("redis")
         redis_port = int(redis_raw.get("port", 6379)) if redis_raw is not None else None
@@ -155,6 +177,9 @@ class HostDescription:
         tls_dir = raw.get("tls_dir")
         if tls_dir is not None and not (isinstance(tls_dir, str) and Path(tls_dir).is_absolute()):
             fail(f"tls_dir must be an absolute path, got {tls_dir!r}")
+        token_file = raw.get("consul_master_token_file")
+        if token_file is not None and not (isinstance(token_file, str) and Path(token_file).is_absolute()):
+            fail(f"consul_master_token_file must be an absolute path, got {token_file!r}")
         return cls(
             name=name,
             address=address,
@@ -165,4 +190,5 @@ class HostDescription:
             redis_port=redis_port,
             redis_password_file=Path(password_file) if password_file else state_dir / "redis-password",
             tls_dir=Path(tls_dir) if tls_dir else state_dir / "tls",
+            consul_master_token_file=Path(token_file) if token_file else state_dir / "consul-master-token",
         )

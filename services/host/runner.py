@@ -3,6 +3,12 @@ when the host runs it, then its services, each detached with its pid and log und
 
 `up` is idempotent (what runs is left alone) and returns when every service is SERVING and passing in the local
 Consul agent; `down` stops everything in reverse order; `status` says what runs.
+
+Consul runs with ACLs on (default deny). The agent gets them in a config file of mode 0600 (never on its command
+line, where `ps` shows it): the cluster's master token on servers, and that token as the agent's token until the
+ACLs are up; then `up` hands it a token of the agents' own (kit.consul_acl.AGENT, persisted in its data dir) and
+makes each service a token of its own in <state_dir>/consul-tokens/<name> (mode 0600, its CONSUL_TOKEN_FILE). The
+runner's own Consul calls (health, leader) send the master token.
 """
 
 import json
@@ -11,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,7 +27,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.host.description import HostDescription, ServiceConfig
 from services.kit import tls
-from services.kit.localinfra import consul_binary, pid_alive, redis_binary, redis_ping
+from services.kit.consul_acl import (
+    TOKEN_ENV,
+    TOKEN_HEADER,
+    AclSetupError,
+    ConsulAcl,
+    ConsulTokenError,
+    read_token_file,
+    write_private_file,
+)
+from services.kit.localinfra import CONSUL_TOKEN_DIR, consul_binary, pid_alive, redis_binary, redis_ping
 from services.kit.redis_auth import (
     RedisPasswordError,
     ensure_password_file,
@@ -43,8 +59,11 @@ class HostRunner:
         self.host = host
         self.timeout = timeout
         self.run_dir = host.state_dir / "run"
+        self.consul_config_file = self.run_dir / "consul-acl.json"  # mode 0600: it holds the master token
+        self.token_dir = host.state_dir / CONSUL_TOKEN_DIR  # each service's Consul ACL token, mode 0600
         self._redis_password: str | None = None
         self._tls: tls.InternalTLS | None = None
+        self._master_token: str | None = None
 
     # -- up --------------------------------------------------------------------------------------------------
 
@@ -52,8 +71,18 @@ class HostRunner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._redis_password = self.redis_password()  # before anything starts: a missing file stops `up` at once
         self._tls = self.internal_tls()  # likewise the certificates
+        self._master_token = self.consul_master_token()  # and Consul's master token
+        self._write_consul_config()
         self._start("consul", self._consul_command(), {}, answers=self._consul_answers)
         self._wait(self._consul_has_leader, "the Consul cluster to elect a leader (start the other hosts' agents)")
+        self._wait(
+            self._consul_acl_ready,
+            f"Consul's ACLs to accept the master token in {self.host.consul_master_token_file} (every host needs a"
+            " copy of the same file; the servers' agents must have started with it)",
+        )
+        acl = self._consul_acl()
+        self._acl_setup(acl.set_agent_token)  # the agent's own token replaces the master token it started with
+        print(f"consul: ACLs on (default deny); the agent's and each service's token in {self.token_dir}")
         if self.host.redis_port is not None:
             self._start("redis", self._redis_command(), {}, answers=self._own_redis_answers)
         if any(_uses_redis(s) for s in self.host.services):
@@ -64,6 +93,9 @@ class HostRunner:
             )
         for service in self.host.services:
             name = self._name(service)
+            # Its own token, made once (or made again in Consul from the kept file); several hosts may make tokens
+            # for the same service name at once: each keeps its own, under the one shared policy.
+            self._acl_setup(lambda s=service: acl.token_file(s.consul_name))
             self._start(name, [sys.executable, "-m", service.module], self._service_env(service))
             self._wait(lambda s=service: self._serving(s) and self._passing(s), f"{name} to serve and pass in Consul")
             print(f"{name}: serving on {self.host.address}:{service.port}, passing in Consul")
@@ -77,7 +109,8 @@ class HostRunner:
             process = subprocess.Popen(
                 command,
                 cwd=REPO_ROOT,
-                env={**os.environ, **env},
+                # Each service sends the token in its CONSUL_TOKEN_FILE, never an operator's $CONSUL_HTTP_TOKEN.
+                env={**{k: v for k, v in os.environ.items() if k != TOKEN_ENV}, **env},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -119,6 +152,19 @@ class HostRunner:
             print(f"redis: made its password in {path} (mode 0600): copy that file to every other host")
         return password
 
+    def consul_master_token(self) -> str:
+        """The cluster's Consul master token, from the host's consul_master_token_file, which the operator makes
+        once and copies to every host; HostError naming the command that makes it when it is missing."""
+        path = self.host.consul_master_token_file
+        try:
+            return read_token_file(path)
+        except ConsulTokenError as exc:
+            raise HostError(
+                f"{exc}; make the cluster's Consul master token once, before the first `up` of any host: "
+                f'`(umask 077 && python3 -c "import uuid; print(uuid.uuid4())" > consul-master-token)`, and copy '
+                f"that file (mode 0600) to {path} on every host"
+            ) from None
+
     def internal_tls(self) -> tls.InternalTLS:
         """The mesh's certificates in the host's tls_dir, as `operator` (this runner's health checks); HostError
         naming the command that makes them when they are missing."""
@@ -132,11 +178,33 @@ class HostRunner:
 
     # -- the processes -----------------------------------------------------------------------------------------
 
+    def _consul_acl_config(self) -> dict:
+        """The agent's ACL configuration: default deny, the master token on servers, and the master token as its
+        own token too until `up` gives it one of the agents' own (which it persists and prefers at its next start).
+        Tokens persist in its data dir, so a restarted agent keeps the token `up` gave it."""
+        token = self._token()
+        tokens = {"master": token, "agent": token} if self.host.consul.server else {"agent": token}
+        return {
+            "acl": {
+                "enabled": True,
+                "default_policy": "deny",
+                "down_policy": "extend-cache",
+                "enable_token_persistence": True,
+                "tokens": tokens,
+            }
+        }
+
+    def _write_consul_config(self) -> None:
+        """The ACL configuration in a file of mode 0600 (kit.consul_acl.write_private_file), which the agent reads
+        with -config-file: the token stays off its command line."""
+        write_private_file(self.consul_config_file, json.dumps(self._consul_acl_config(), indent=2) + "\n")
+
     def _consul_command(self) -> list[str]:
         consul, host = self.host.consul, self.host
         command = [
             consul_binary(),
             "agent",
+            f"-config-file={self.consul_config_file}",
             f"-node={host.name}",
             f"-bind={host.address}",
             "-client=127.0.0.1",
@@ -191,6 +259,8 @@ class HostRunner:
         ]
 
     def _service_env(self, service: ServiceConfig) -> dict[str, str]:
+        """The service's settings: its host's address and agent, its own Consul token file (made by `up` before
+        it starts), the shared secrets' files, its state dirs, then the description's settings."""
         state = self.host.state_dir
         per_kind = {
             "registry": {"BLOB_DIR": str(state / "registry" / "blobs")},
@@ -211,6 +281,7 @@ class HostRunner:
             "HOST": self.host.address,
             "ADVERTISE_HOST": self.host.address,
             "CONSUL_URL": self.host.consul.url,
+            "CONSUL_TOKEN_FILE": str(self.token_dir / service.consul_name),
             "REDIS_URL": self.host.redis_url,
             "INTERNAL_TLS_DIR": str(self.host.tls_dir),
             **({"REDIS_PASSWORD_FILE": str(self.host.redis_password_file)} if _uses_redis(service) else {}),
@@ -232,16 +303,43 @@ class HostRunner:
         parts = urlsplit(self.host.redis_url)
         return redis_ping(parts.hostname or "127.0.0.1", parts.port or 6379, password=self._redis_password)
 
+    def _token(self) -> str:
+        if self._master_token is None:
+            self._master_token = self.consul_master_token()
+        return self._master_token
+
     def _consul_get(self, path: str):
-        with _NO_PROXY.open(f"{self.host.consul.url}{path}", timeout=2) as response:
+        """GET from the local agent with the master token: under default deny, an anonymous health query sees no
+        instance."""
+        request = urllib.request.Request(f"{self.host.consul.url}{path}")
+        request.add_header(TOKEN_HEADER, self._token())
+        with _NO_PROXY.open(request, timeout=2) as response:
             return json.load(response)
 
     def _consul_answers(self) -> bool:
+        """The agent's HTTP API answers, with any status: until the cluster's ACLs are up (a leader is needed),
+        Consul refuses even the master token."""
         try:
             self._consul_get("/v1/agent/self")
             return True
+        except urllib.error.HTTPError:
+            return True
         except (OSError, ValueError):
             return False
+
+    def _consul_acl(self) -> ConsulAcl:
+        return ConsulAcl(self.host.consul.url, self._token(), token_dir=self.token_dir)
+
+    def _consul_acl_ready(self) -> bool:
+        """The cluster's ACLs are up and know the master token (just after a leader is elected)."""
+        return ConsulAcl(self.host.consul.url, self._token()).master_accepted()
+
+    def _acl_setup(self, step):
+        """Runs an ACL administration step of ConsulAcl; its failure becomes a HostError (never naming a token)."""
+        try:
+            return step()
+        except (AclSetupError, ConsulTokenError, OSError, ValueError) as exc:
+            raise HostError(f"Consul ACL setup on {self.host.consul.url} failed: {exc}") from None
 
     def _consul_has_leader(self) -> bool:
         try:
@@ -279,6 +377,7 @@ class HostRunner:
             (self.run_dir / f"{name}.pid").unlink(missing_ok=True)
 
     def status(self) -> bool:
+        self._token()  # the health queries need the master token: without its file, say so first
         healthy = True
         names = ["consul", *(["redis"] if self.host.redis_port is not None else [])]
         for name in names:

@@ -450,11 +450,13 @@ def _quiet_namespace(netns: str) -> None:
 # -- HTTP to a lab address (from the test process, over the client link) -----------------------------------------
 
 
-def http_json(method: str, url: str, body: Any = None, timeout: float = 3.0) -> Any:
-    """One HTTP request with an optional JSON body; returns the decoded JSON reply (None if empty). Raises OSError
-    (urllib.error.URLError/HTTPError included) when it fails."""
+def http_json(
+    method: str, url: str, body: Any = None, timeout: float = 3.0, headers: dict[str, str] | None = None
+) -> Any:
+    """One HTTP request with an optional JSON body and headers (e.g. a Consul ACL token); returns the decoded JSON
+    reply (None if empty). Raises OSError (urllib.error.URLError/HTTPError included) when it fails."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     with _NO_PROXY.open(request, timeout=timeout) as response:
         text = response.read()
     return json.loads(text) if text.strip() else None

@@ -4,7 +4,8 @@
     b: Consul server, predictor, worker agent, trainer  (198.18.<k>.2)
     c: Consul server, predictor, worker agent           (198.18.<k>.3)
 
-Every service binds and advertises its host's address and registers with the Consul agent of its own host. The
+Every service binds and advertises its host's address and registers with the Consul agent of its own host, with a
+Consul ACL token of its own (ACLs on, default deny; the test asks Consul with the cluster's master token). The
 test process reaches the hosts through the lab's client link (198.18.<k>.254). The tests run in file order and
 share the module's mesh: serving across hosts, then one fault at a time (a cut link, a cut registry host, an upload
 cut with its host, a dead Consul server host), each measured and healed before the next.
@@ -15,6 +16,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +34,7 @@ from modelgrid.trainer.v1 import trainer_pb2 as tpb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
 from services.cli.channels import open_channel
 from services.kit import tls
+from services.kit.consul_acl import TOKEN_HEADER, read_token_file, write_token_file
 from services.kit.convert import ref_to_pb
 from services.kit.localinfra import redis_ping
 from services.kit.processes import REPO_ROOT
@@ -83,6 +86,8 @@ def description(hosts_lib, lab, host) -> str:
         f'redis_url = "redis://{a.address}:6379/0"',
         # Each host's own state dir: a makes the file at its first `up`, the test copies it to b and c.
         f"redis_password_file = {json.dumps(hosts_lib.STATE_PATH + '/redis-password')}",
+        # Each host's own copy of the one master token, which the operator (here, the test) writes before any `up`.
+        f"consul_master_token_file = {json.dumps(hosts_lib.STATE_PATH + '/consul-master-token')}",
         "[consul]",
         "server = true",
         "bootstrap_expect = 3",
@@ -129,6 +134,11 @@ def mesh(hosts_lib, lab, tmp_path_factory, client_for, unique, build_saved_model
         # The operator copies the mesh's certificates to every host, without the CA's key: internal gRPC is mTLS.
         copy_certificates(internal_tls_dir, host.state_dir / "tls")
     a, b, c = lab["a"], lab["b"], lab["c"]
+    # Consul has ACLs on (default deny): the operator makes the cluster's master token once and copies it to every
+    # host before any `up`; each host's `up` makes its services' tokens with it.
+    consul_token = str(uuid.uuid4())
+    for host in lab.hosts:
+        write_token_file(host.state_dir / "consul-master-token", consul_token)
     # Redis requires a password: a, which runs it, makes the password file first thing in `up`; then the operator
     # (here, the test) copies it to b and c before their `up`. Consul needs all three running.
     runners = {"a": host_up(a, paths["a"])}
@@ -163,6 +173,7 @@ def mesh(hosts_lib, lab, tmp_path_factory, client_for, unique, build_saved_model
         admin=gateway_pb2_grpc.GatewayAdminStub(gateway),
         trainer=trainer_pb2_grpc.TrainerStub(gateway),
         tls_dir=internal_tls_dir,
+        consul_token=consul_token,
     )
     wait_for(lambda: predictor_hosts(ns) == {b.address, c.address}, 120, "predictors on b and c in the gateway")
     try:
@@ -211,8 +222,21 @@ def predictor_hosts(ns, model: str = "") -> set[str]:
     return {u.target.rsplit(":", 1)[0] for u in upstreams if tag in u.tags}
 
 
-def consul_get(ns, host, path: str):
-    return ns.hosts_lib.http_json("GET", f"http://{host.address}:{CONSUL_HTTP_PORT}{path}")
+def consul_get(ns, host, path: str, anonymous: bool = False):
+    """GET from `host`'s Consul agent with the master token (under default deny, an anonymous query sees nothing),
+    or with no token at all."""
+    headers = {} if anonymous else {TOKEN_HEADER: ns.consul_token}
+    return ns.hosts_lib.http_json("GET", f"http://{host.address}:{CONSUL_HTTP_PORT}{path}", headers=headers)
+
+
+def consul_put(ns, host, path: str, body, token: str | None) -> int:
+    """The HTTP status of a PUT to `host`'s Consul agent with `token` (None: anonymous)."""
+    headers = {TOKEN_HEADER: token} if token else {}
+    try:
+        ns.hosts_lib.http_json("PUT", f"http://{host.address}:{CONSUL_HTTP_PORT}{path}", body, headers=headers)
+    except urllib.error.HTTPError as refused:
+        return refused.code
+    return 200
 
 
 def passing(ns, host, service: str) -> set[str]:
@@ -253,6 +277,34 @@ def test_services_advertise_their_hosts_and_serve_across_them(mesh):
     for host in (b, c):  # each predictor serves it, straight from its host too
         with operator_channel(mesh, host, "predictor", 50061) as direct:
             assert predict(mesh, predictor_pb2_grpc.PredictorStub(direct)).version == 1
+
+
+def test_consul_refuses_anonymous_callers_and_each_service_registers_only_itself(mesh):
+    a, b, c = mesh.a, mesh.b, mesh.c
+    # Without a token, a caller that reaches an agent sees no instance and may register none.
+    assert consul_get(mesh, a, "/v1/health/service/predictor?passing=true", anonymous=True) == []
+    fake = {"ID": "fake-predictor", "Name": "predictor", "Address": "198.18.255.1", "Port": 50061}
+    try:
+        assert consul_put(mesh, a, "/v1/agent/service/register", fake, token=None) == 403
+        # A service's token registers its own name only: the predictor's on b may not pose as the registry.
+        predictor_token = read_token_file(b.state_dir / "consul-tokens" / "predictor")
+        assert consul_put(mesh, b, "/v1/agent/service/register", {**fake, "Name": "registry"}, predictor_token) == 403
+    finally:  # should one have been let in, it must not stay for the next tests
+        for host in (a, b):
+            consul_put(mesh, host, "/v1/agent/service/deregister/fake-predictor", None, mesh.consul_token)
+    # Each host made its own token for each of its services, in a file of mode 0600 that the service reads.
+    tokens = {}
+    for host in (b, c):
+        path = host.state_dir / "consul-tokens" / "predictor"
+        assert path.stat().st_mode & 0o777 == 0o600, path
+        tokens[host.letter] = read_token_file(path)
+    assert len(set(tokens.values())) == 2 and mesh.consul_token not in tokens.values()
+    # The agents have the master token from a config file of mode 0600, never on their command line.
+    for host in (a, b, c):
+        config = host.state_dir / "run" / "consul-acl.json"
+        assert config.stat().st_mode & 0o777 == 0o600
+        pid = int((host.state_dir / "run" / "consul.pid").read_text())
+        assert mesh.consul_token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def job_now(ns, job_id: str) -> tpb.Job:
