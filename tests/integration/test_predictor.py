@@ -18,6 +18,7 @@ from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
+from services.kit import tls
 from services.kit.convert import ref_to_pb
 from services.kit.localinfra import ConsulAgent
 from services.kit.tensors import array_to_tensor, tensor_to_array
@@ -205,7 +206,17 @@ def test_tritonclient_metadata_and_infer_raw_and_typed(mesh):
     import tritonclient.grpc as triton
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-    client = triton.InferenceServerClient(mesh.predictor.target)
+    # Triton's own client, with the operator certificate of the mesh (the predictor requires mTLS)
+    operator = tls.InternalTLS(mesh.predictor.internal_tls_dir, "operator")
+    cert, key = operator.pair()
+    client = triton.InferenceServerClient(
+        mesh.predictor.target,
+        ssl=True,
+        root_certificates=str(tls.cert_path(operator.directory, "ca")),
+        private_key=str(key),
+        certificate_chain=str(cert),
+        channel_args=tls.expect("predictor"),
+    )
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(mesh.latest, "2")
     meta = client.get_model_metadata(mesh.latest)

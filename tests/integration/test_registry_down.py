@@ -84,7 +84,8 @@ def test_predictors_serve_and_pushes_fail_cleanly_while_the_registry_is_down(
             assert caught.value.__cause__.code() == grpc.StatusCode.UNAVAILABLE
             channel.close()
             capsys.readouterr()
-            assert run(["--target", registry.target, "push", model, str(second)]) == 1
+            tls_dir = ["--tls-dir", str(internal_tls_dir)]  # the CLI calls the registry itself, over mTLS
+            assert run([*tls_dir, "--target", registry.target, "push", model, str(second)]) == 1
             err = capsys.readouterr().err
             assert err.startswith("error: UNAVAILABLE: ") and registry.target in err, err
             assert "hint: the service is down" in err and "--target" in err and "Traceback" not in err
@@ -97,7 +98,7 @@ def test_predictors_serve_and_pushes_fail_cleanly_while_the_registry_is_down(
                 REDIS_KEY_PREFIX=registry.env["MODELGRID_REGISTRY_REDIS_KEY_PREFIX"],
             )
             started.append(again)
-            assert run(["--target", again.target, "push", model, str(second)]) == 0
+            assert run([*tls_dir, "--target", again.target, "push", model, str(second)]) == 0
             assert f"pushed {model}:2" in capsys.readouterr().out
 
             # The predictor's follower reconnects by itself and serves the new version.
