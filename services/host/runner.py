@@ -34,9 +34,9 @@ from services.kit.consul_acl import (
     ConsulAcl,
     ConsulTokenError,
     read_token_file,
-    write_private_file,
 )
 from services.kit.localinfra import CONSUL_TOKEN_DIR, consul_binary, pid_alive, redis_binary, redis_ping
+from services.kit.private_files import write_private_file
 from services.kit.redis_auth import (
     RedisPasswordError,
     ensure_password_file,
@@ -195,7 +195,7 @@ class HostRunner:
         }
 
     def _write_consul_config(self) -> None:
-        """The ACL configuration in a file of mode 0600 (kit.consul_acl.write_private_file), which the agent reads
+        """The ACL configuration in a file of mode 0600 (kit.private_files), which the agent reads
         with -config-file: the token stays off its command line."""
         write_private_file(self.consul_config_file, json.dumps(self._consul_acl_config(), indent=2) + "\n")
 

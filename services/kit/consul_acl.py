@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import stat
 import sys
@@ -29,6 +28,8 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
+
+from services.kit.private_files import write_private_file
 
 logger = logging.getLogger(__name__)
 
@@ -96,22 +97,6 @@ def read_token_file(path: Path | str) -> str:
 def write_token_file(path: Path, token: str) -> None:
     """Writes `token` to `path` with mode 0600 (see write_private_file)."""
     write_private_file(path, f"{token}\n")
-
-
-def write_private_file(path: Path, text: str) -> None:
-    """Writes `text` to `path` with mode 0600 (created so, never readable by others even for a moment), replacing
-    the file atomically if it exists; its directory is made (mode 0700) if missing."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.unlink(missing_ok=True)
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 class AclSetupError(RuntimeError):

@@ -44,9 +44,9 @@ from services.kit.consul_acl import (
     AclSetupError,
     ConsulAcl,
     read_token_file,
-    write_private_file,
     write_token_file,
 )
+from services.kit.private_files import write_private_file
 from services.kit.redis_auth import (
     RedisPasswordError,
     generate_password,

@@ -1,11 +1,12 @@
 """Redis passwords: made at setup, kept in files of mode 0600, carried in client URLs and masked wherever shown."""
 
 import logging
-import os
 import secrets
 import stat
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
+
+from services.kit.private_files import write_private_file
 
 logger = logging.getLogger(__name__)
 
@@ -48,24 +49,8 @@ def read_password_file(path: Path | str) -> str:
 
 
 def write_password_file(path: Path | str, password: str) -> None:
-    """Write `password` to `path` with mode 0600 (see `_write_private`)."""
-    _write_private(Path(path), password + "\n")
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` with mode 0600 (created so, never readable by others even for a moment), replacing the
-    file atomically if it exists; its directory is made if missing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.unlink(missing_ok=True)
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    """Write `password` to `path` with mode 0600 (kit.private_files)."""
+    write_private_file(Path(path), password + "\n")
 
 
 def ensure_password_file(path: Path | str) -> tuple[str, bool]:
@@ -109,4 +94,4 @@ def requirepass_directive(password: str) -> str:
 def write_redis_auth_config(path: Path | str, password: str) -> None:
     """A redis.conf (mode 0600) that only sets the password: redis-server takes it as its first argument, so the
     password is on no command line (`ps`) and in no log of the command."""
-    _write_private(Path(path), requirepass_directive(password))
+    write_private_file(Path(path), requirepass_directive(password))

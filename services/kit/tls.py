@@ -18,13 +18,14 @@ run `init`.
 
 import argparse
 import datetime
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from services.kit.private_files import write_private_file
 
 CA_NAME = "modelgrid internal CA"
 # Who the mesh's certificates are for: the services as Consul names them, the Consul agents (they call the health
@@ -44,16 +45,6 @@ def cert_path(directory: Path, name: str) -> Path:
 
 def key_path(directory: Path, name: str) -> Path:
     return directory / f"{name}-key.pem"
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Writes a file only its owner may read, created with that mode (never readable in between)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    tmp.replace(path)
 
 
 def _new_key():
@@ -92,7 +83,7 @@ def _make_ca(directory: Path) -> None:
         )  # keyCertSign, cRLSign
         .sign(key, hashes.SHA256())
     )
-    _write_private(key_path(directory, "ca"), _key_pem(key))
+    write_private_file(key_path(directory, "ca"), _key_pem(key))
     cert_path(directory, "ca").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
@@ -123,7 +114,7 @@ def _issue(directory: Path, identity: str, days: int = CERT_DAYS, ca_dir: Path |
         )
         .sign(ca_key, hashes.SHA256())
     )
-    _write_private(key_path(directory, identity), _key_pem(key))
+    write_private_file(key_path(directory, identity), _key_pem(key))
     cert_path(directory, identity).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
