@@ -19,7 +19,9 @@ log() { printf 'install-consul: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 has_wanted_version() {
-  [[ -x "${CONSUL_BIN}" ]] && "${CONSUL_BIN}" version 2>/dev/null | grep -q "^Consul v${WANTED_VERSION}\$"
+  # grep reads all the output (not -q): under pipefail, consul writing its second line after grep -q exited would
+  # die of SIGPIPE and fail the check now and then.
+  [[ -x "${CONSUL_BIN}" ]] && "${CONSUL_BIN}" version 2>/dev/null | grep "^Consul v${WANTED_VERSION}\$" >/dev/null
 }
 
 # Print the first URI of the deb822 stanza whose Suites list contains exactly "bookworm".
