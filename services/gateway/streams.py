@@ -78,7 +78,7 @@ class OpenStreams:
 
 
 def peer_host(peer: str | None) -> str:
-    """The address part of a caller's peer ("ipv4:10.0.0.7:51234", "ipv6:[::1]:51234", "10.0.0.7" or a unix socket
+    """The address part of a caller's peer ("ipv4:198.18.0.7:51234", "ipv6:[::1]:51234", "198.18.0.7" or a unix socket
     path): a caller that opens a new connection per call is still one caller."""
     if not peer:
         return "unknown"

@@ -38,7 +38,7 @@ def test_a_caller_holds_at_most_the_limit_and_a_closed_slot_is_given_back_once()
         ("ipv6:%5B::1%5D:51234", "::1"),
         ("127.0.0.1", "127.0.0.1"),  # the web front's ASGI client address
         ("::1", "::1"),
-        ("10.1.2.3:80", "10.1.2.3"),
+        ("198.18.1.2:80", "198.18.1.2"),
         ("unix:/run/gw.sock", "unix:/run/gw.sock"),
         ("", "unknown"),
         (None, "unknown"),

@@ -124,7 +124,7 @@ def test_the_command_line_keeps_the_password_across_up_down_and_up(tmp_path: Pat
     ("url", "shown"),
     [
         ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
-        ("redis://default:s3cret@10.0.0.1:6379/2", "redis://default:***@10.0.0.1:6379/2"),
+        ("redis://default:s3cret@198.18.0.1:6379/2", "redis://default:***@198.18.0.1:6379/2"),
         ("rediss://:p%40ss%2Fword@host/0?ssl_cert_reqs=required", "rediss://:***@host/0?ssl_cert_reqs=required"),
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
         ("unix:///run/redis.sock?db=0", "unix:///run/redis.sock?db=0"),
