@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import re
-import stat
 import sys
 import time
 import urllib.error
@@ -29,7 +28,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from services.kit.private_files import write_private_file
+from services.kit.private_files import read_private_file, write_private_file
 
 logger = logging.getLogger(__name__)
 
@@ -79,18 +78,9 @@ class ConsulTokenError(RuntimeError):
 def read_token_file(path: Path | str) -> str:
     """The token in `path`: its content without surrounding whitespace. Warns if other users may read the file."""
     path = Path(path)
-    try:
-        mode = path.stat().st_mode
-        token = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise ConsulTokenError(f"cannot read the Consul token file {path}: {reason}") from None
+    token = read_private_file(path, "Consul token", ConsulTokenError)
     if not token or any(ord(char) < 33 or ord(char) == 127 for char in token):
         raise ConsulTokenError(f"the Consul token file {path} is empty or holds more than one token")
-    if stat.S_IMODE(mode) & 0o077:
-        logger.warning(
-            "the Consul token file %s may be read by other users (mode %03o): chmod 600 it", path, stat.S_IMODE(mode)
-        )
     return token
 
 

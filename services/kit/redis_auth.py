@@ -1,14 +1,10 @@
 """Redis passwords: made at setup, kept in files of mode 0600, carried in client URLs and masked wherever shown."""
 
-import logging
 import secrets
-import stat
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from services.kit.private_files import write_private_file
-
-logger = logging.getLogger(__name__)
+from services.kit.private_files import read_private_file, write_private_file
 
 PASSWORD_BYTES = 32
 """Random bytes in a generated password (43 URL-safe characters)."""
@@ -31,20 +27,11 @@ def read_password_file(path: Path | str) -> str:
     """The password in `path`: its content without surrounding whitespace (a trailing newline, as `echo` writes).
     Warns if other users may read the file."""
     path = Path(path)
-    try:
-        mode = path.stat().st_mode
-        password = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise RedisPasswordError(f"cannot read the Redis password file {path}: {reason}") from None
+    password = read_private_file(path, "Redis password", RedisPasswordError)
     if not password:
         raise RedisPasswordError(f"the Redis password file {path} is empty")
     if any(ord(char) < 32 or ord(char) == 127 for char in password):
         raise RedisPasswordError(f"the Redis password in {path} holds control characters (one line of text, please)")
-    if stat.S_IMODE(mode) & 0o077:
-        logger.warning(
-            "the Redis password file %s may be read by other users (mode %03o): chmod 600 it", path, stat.S_IMODE(mode)
-        )
     return password
 
 
