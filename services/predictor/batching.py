@@ -16,6 +16,14 @@ Rules, in the order a request meets them:
   its delay, because it could not start earlier anyway.
 * A request whose deadline passes or whose caller is cancelled before its batch starts is dropped and never runs.
   Once a batch has started, its requests are answered even past their deadlines.
+
+Low load (`inline_when_idle`, with no queue delay): a request that finds its model idle runs at once on the
+caller's path (the event loop thread), without the executor hop and the collector's round trip, which are most of
+a single request's cost on a fast model. An inline run blocks the loop, so it hides other arriving requests; the
+queue therefore watches for load with the requests that still take the batching path: every `INLINE_PROBE_EVERY`-th
+request of an idle model goes through the executor, and a request that arrives while a batch executes switches the
+queue to batching. It goes back to inline after `INLINE_AFTER_IDLE` requests in a row found it idle. Models whose
+executions take longer than `inline_max_exec_ms` never run inline: the loop must stay free to take other calls.
 """
 
 import asyncio
@@ -51,10 +59,29 @@ class BatchingConfig:
     """Requests waiting (not yet executing) beyond which `submit` raises ResourceExhausted at once."""
     enabled: bool = True
     """False: every request executes alone, still through the same queue and executor."""
+    inline_when_idle: bool = False
+    """With no queue delay: a request that finds the model idle (and not under load) runs at once on the caller's
+    path instead of in the executor (see the module docstring)."""
+    inline_max_exec_ms: float = 5.0
+    """Inline runs only while the model's recent executions took at most this long (they block the event loop)."""
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_queue_depth < 1 or self.max_queue_delay_ms < 0:
             raise ValueError(f"invalid batching config {self}")
+        if self.inline_max_exec_ms < 0:
+            raise ValueError(f"invalid batching config {self}")
+
+    @property
+    def inline(self) -> bool:
+        """Whether idle requests may run inline: asked for, and no delay to wait for others."""
+        return self.inline_when_idle and self.max_queue_delay_ms == 0
+
+
+INLINE_PROBE_EVERY = 8
+"""While requests run inline, every this many-th takes the executor path, so that load can show itself."""
+INLINE_AFTER_IDLE = 8
+"""Requests in a row that found the model idle before the queue runs requests inline again."""
+_EXEC_EWMA_WEIGHT = 0.2
 
 
 class BatchObserver(Protocol):
@@ -151,6 +178,12 @@ class BatchQueue:
         self._collector: asyncio.Task[None] | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._closing = False
+        self._inline_mode = False  # see the module docstring: starts batching, goes inline once the model is idle
+        self._idle_streak = 0
+        self._inline_runs = 0
+        self._exec_ewma_s = 0.0
+        self.inline_executions = 0
+        """Requests run inline so far (for tests and benches)."""
 
     @property
     def depth(self) -> int:
@@ -207,6 +240,8 @@ class BatchQueue:
             )
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceeded("the deadline passed before the request was queued")
+        if self.config.inline and self._take_inline(rows):
+            return self._run_inline(arrays, rows if rows is not None else 1, timing)
         request = _Request(arrays, rows if rows is not None else 1, signature, deadline, timing)
         self._queue.append(request)
         self._wakeup.set()
@@ -221,6 +256,52 @@ class BatchQueue:
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def _idle(self) -> bool:
+        return not self._busy() and not self._queue and all(r.future.done() for r in self._forming)
+
+    def _take_inline(self, rows: int | None) -> bool:
+        """Whether this request runs inline; also keeps the load watch (inline mode or batching mode) up to date."""
+        idle = self._idle()
+        if not idle:
+            self._inline_mode, self._idle_streak = False, 0
+            return False
+        if not self._inline_mode:
+            self._idle_streak += 1
+            self._inline_mode = self._idle_streak >= INLINE_AFTER_IDLE
+            return False
+        if rows is None or rows > self.config.max_batch_size:
+            return False
+        if self._exec_ewma_s * 1000 > self.config.inline_max_exec_ms:
+            return False
+        self._inline_runs += 1
+        return self._inline_runs % INLINE_PROBE_EVERY != 0  # the probe goes through the executor
+
+    def _run_inline(self, inputs: dict[str, np.ndarray], rows: int, timing: RequestTiming | None) -> dict:
+        """Executes one request now, on the event loop thread."""
+        self.inline_executions += 1
+        started, started_ns = time.monotonic(), time.time_ns()
+        try:
+            outputs = dict(self._runner(inputs))
+        except Exception as exc:
+            logger.warning("request for model %s failed: %r", self.name, exc)
+            raise
+        finally:
+            self._executed(started, rows, 1, [0.0])
+        if timing is not None:
+            timing.enqueued_ns = timing.started_ns = started_ns
+            timing.finished_ns, timing.batch_requests, timing.batch_rows = time.time_ns(), 1, rows
+        return outputs
+
+    def _executed(self, started: float, rows: int, requests: int, waits: list[float]) -> None:
+        """Bookkeeping after an execution: the execution-time average and the observer."""
+        exec_s = time.monotonic() - started
+        self._exec_ewma_s += _EXEC_EWMA_WEIGHT * (exec_s - self._exec_ewma_s)
+        if self._observer is not None:
+            try:
+                self._observer.on_batch(rows, requests, waits, exec_s)
+            except Exception:
+                logger.exception("batch observer for model %s failed", self.name)
 
     def _expire(self, request: _Request) -> None:
         """The request's deadline passed: drop it unless its batch already started."""
@@ -350,10 +431,4 @@ class BatchQueue:
                     timing.batch_requests, timing.batch_rows = len(batch), rows_total
                 if not request.future.done():
                     request.future.set_result(result)
-        exec_s = time.monotonic() - started
-        if self._observer is not None:
-            try:
-                waits = [started - r.enqueued_at for r in batch]
-                self._observer.on_batch(sum(r.rows for r in batch), len(batch), waits, exec_s)
-            except Exception:
-                logger.exception("batch observer for model %s failed", self.name)
+        self._executed(started, sum(r.rows for r in batch), len(batch), [started - r.enqueued_at for r in batch])

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,7 @@ from opentelemetry import trace
 
 from services.kit.errors import InvalidArgument, ModelgridError
 from services.kit.modelref import ModelRef
+from services.kit.telemetry import tracing_enabled
 from services.predictor.batching import RequestTiming
 from services.predictor.control import ModelControl
 from services.predictor.metrics import PredictorMetrics
@@ -52,36 +54,39 @@ class Inference:
         """Predicts on the version `ref` selects. `deadline` is absolute, on the time.monotonic() clock."""
         started = time.monotonic()
         version = self._control.select(ref)
-        labels = (version.model, str(version.version))
         code = "OK"
-        with tracer.start_as_current_span(
-            "predictor.predict",
-            attributes={"modelgrid.model": version.model, "modelgrid.version": version.version},
-        ) as span:
-            try:
+        span = None
+        if tracing_enabled():  # with nothing exported a span is pure cost: not even a non-recording one
+            span = tracer.start_span(
+                "predictor.predict",
+                attributes={"modelgrid.model": version.model, "modelgrid.version": version.version},
+            )
+        try:
+            with trace.use_span(span, end_on_exit=True) if span is not None else nullcontext():
                 with version.use():
                     version.signature.check_inputs(inputs, self._max_rows)
-                    known = {spec.name for spec in version.signature.outputs}
-                    unknown = sorted(set(output_filter) - known)
-                    if unknown:
-                        raise InvalidArgument(f"unknown outputs {unknown}; the model has {sorted(known)}")
-                    timing = RequestTiming()
+                    if output_filter:
+                        known = {spec.name for spec in version.signature.outputs}
+                        unknown = sorted(set(output_filter) - known)
+                        if unknown:
+                            raise InvalidArgument(f"unknown outputs {unknown}; the model has {sorted(known)}")
+                    timing = RequestTiming() if span is not None and span.is_recording() else None
                     outputs = await version.queue.submit(inputs, deadline=deadline, timing=timing)
-                    if span.is_recording():
+                    if timing is not None:
                         _record_spans(timing)
                 self._control.record_sample(version.model, inputs)
-            except ModelgridError as exc:
-                code = type(exc).__name__
+        except ModelgridError as exc:
+            code = type(exc).__name__
+            if span is not None:
                 span.set_attribute("modelgrid.error", code)
-                raise
-            except asyncio.CancelledError:  # the caller went away, or gRPC ended the call at its deadline
-                # gRPC's timer and the deadline read from the call's time_remaining() differ by scheduling delay.
-                expired = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
-                code = "DeadlineExceeded" if expired else "Cancelled"
-                raise
-            finally:
-                self._metrics.requests.labels(*labels, protocol, code).inc()
-                self._metrics.latency.labels(*labels).observe(time.monotonic() - started)
+            raise
+        except asyncio.CancelledError:  # the caller went away, or gRPC ended the call at its deadline
+            # gRPC's timer and the deadline read from the call's time_remaining() differ by scheduling delay.
+            expired = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+            code = "DeadlineExceeded" if expired else "Cancelled"
+            raise
+        finally:
+            self._metrics.answered(version.model, version.version, protocol, code, time.monotonic() - started)
         if output_filter:
             outputs = {name: outputs[name] for name in output_filter}
         return Prediction(version.model, version.version, outputs)

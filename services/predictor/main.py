@@ -95,7 +95,12 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
     registry = AsyncRegistryClient(pool, client_id="predictor")
     metrics = PredictorMetrics()
     batching = BatchingConfig(
-        settings.max_batch_size, settings.max_queue_delay_ms, settings.max_queue_depth, settings.batching_enabled
+        settings.max_batch_size,
+        settings.max_queue_delay_ms,
+        settings.max_queue_depth,
+        settings.batching_enabled,
+        settings.inline_when_idle,
+        settings.inline_max_exec_ms,
     )
     control = ModelControl(
         registry,

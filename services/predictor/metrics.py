@@ -8,6 +8,7 @@ logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_MAX_CACHED_LABEL_SETS = 4096  # (model, version, protocol, code) children kept resolved; cleared when full
 
 
 class PredictorMetrics:
@@ -22,6 +23,7 @@ class PredictorMetrics:
             (*labels, "protocol", "code"),
             registry=self.registry,
         )
+        self._answered: dict[tuple[str, int, str, str], tuple] = {}
         self.latency = Histogram(
             "modelgrid_predictor_request_seconds",
             "Time from request to answer inside the predictor",
@@ -57,6 +59,19 @@ class PredictorMetrics:
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
+
+    def answered(self, model: str, version: int, protocol: str, code: str, seconds: float) -> None:
+        """Counts one answered request and its latency; the labelled children are looked up once per label set."""
+        key = (model, version, protocol, code)
+        children = self._answered.get(key)
+        if children is None:
+            if len(self._answered) >= _MAX_CACHED_LABEL_SETS:
+                self._answered.clear()
+            labels = (model, str(version))
+            children = (self.requests.labels(*labels, protocol, code), self.latency.labels(*labels))
+            self._answered[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observer(self, model: str, version: int) -> "BatchMetrics":
         """A BatchObserver feeding this model version's batch histograms."""

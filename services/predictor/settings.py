@@ -61,6 +61,12 @@ class PredictorSettings(ServiceSettings):
     """Queued requests per model version beyond which requests fail at once with RESOURCE_EXHAUSTED."""
     batching_enabled: bool = True
     """Dynamic batching on; off executes each request alone."""
+    inline_when_idle: bool = True
+    """With max_queue_delay_ms 0: a request that finds its model idle runs at once on the request's own path (the
+    event loop), without the hop to the execution thread; the batching path takes over as soon as requests overlap.
+    It saves about a third of a fast model's single-request latency."""
+    inline_max_exec_ms: float = Field(default=5.0, ge=0)
+    """Models whose executions take longer than this never run inline: an inline run holds the event loop."""
     max_request_rows: int = Field(default=4096, ge=1)
     """Largest first dimension one Predict request may carry."""
     max_request_bytes: int = Field(default=DEFAULT_MAX_REQUEST_BYTES, ge=MiB)

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from services.kit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from services.predictor.batching import BatchingConfig, BatchQueue, RequestTiming
+from services.predictor.batching import (
+    INLINE_AFTER_IDLE,
+    INLINE_PROBE_EVERY,
+    BatchingConfig,
+    BatchQueue,
+    RequestTiming,
+)
 
 LONG_DELAY_MS = 5_000.0  # a window no test waits out: batches in those tests execute because they are full
 
@@ -314,3 +320,82 @@ async def test_timing_is_filled_for_trace_spans():
     for timing in timings:
         assert 0 < timing.enqueued_ns <= timing.started_ns <= timing.finished_ns
         assert (timing.batch_requests, timing.batch_rows) == (3, 3)
+
+
+# ---- low load: inline runs on the caller's path ------------------------------------------------------------------
+
+
+def inline_config(**overrides) -> BatchingConfig:
+    return BatchingConfig(**{"max_batch_size": 8, "max_queue_delay_ms": 0, "inline_when_idle": True, **overrides})
+
+
+async def run_sequentially(queue: BatchQueue, count: int, start: int = 0) -> None:
+    for i in range(start, start + count):
+        result = await queue.submit(rows_of(i))
+        np.testing.assert_array_equal(result["y"], np.full((1, 3), 2 * i, dtype=np.float32))
+
+
+async def test_an_idle_model_runs_requests_inline_on_the_loop_thread_with_a_probe_through_the_executor():
+    runner, observer = RecordingRunner(), RecordingObserver()
+    async with BatchQueue(runner, inline_config(), observer=observer) as queue:
+        await run_sequentially(queue, INLINE_AFTER_IDLE)  # the queue starts in batching mode
+        assert queue.inline_executions == 0
+        await run_sequentially(queue, 4 * INLINE_PROBE_EVERY, start=100)
+    probes = 4
+    assert queue.inline_executions == 4 * INLINE_PROBE_EVERY - probes
+    assert threading.get_ident() in runner.threads  # inline runs
+    assert len(runner.threads) == 2  # and the executor's thread: the first requests and the probes
+    assert len(observer.batches) == INLINE_AFTER_IDLE + 4 * INLINE_PROBE_EVERY  # inline runs are observed too
+    assert all(requests == 1 for _, requests, _, _ in observer.batches)
+
+
+async def test_batching_takes_over_when_requests_overlap_and_inline_comes_back_when_they_stop():
+    def slow(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(0.002)
+        return {"y": d["x"] * 2}
+
+    runner, observer = RecordingRunner(fn=slow), RecordingObserver()
+    async with BatchQueue(runner, inline_config(), observer=observer) as queue:
+        await run_sequentially(queue, INLINE_AFTER_IDLE + 2)
+        assert queue.inline_executions == 2
+        before = queue.inline_executions
+        results = await asyncio.gather(*(queue.submit(rows_of(i)) for i in range(64)))
+        assert [float(r["y"][0, 0]) for r in results] == [2.0 * i for i in range(64)]
+        # At most the requests before the next probe ran inline; the probe's execution showed the load.
+        assert queue.inline_executions - before < INLINE_PROBE_EVERY
+        assert max(requests for _, requests, _, _ in observer.batches) > 1
+        after_load = queue.inline_executions
+        await run_sequentially(queue, INLINE_AFTER_IDLE + 3)
+        assert queue.inline_executions == after_load + 3
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"max_queue_delay_ms": 1.0}, {"inline_when_idle": False}, {"inline_max_exec_ms": 1.0}],
+    ids=["queue-delay", "off", "slow-model"],
+)
+async def test_no_inline_runs_with_a_queue_delay_when_off_or_for_a_slow_model(overrides):
+    def slow(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(0.003)
+        return {"y": d["x"] * 2}
+
+    runner = RecordingRunner(fn=slow)
+    async with BatchQueue(runner, inline_config(**overrides)) as queue:
+        await run_sequentially(queue, 3 * INLINE_AFTER_IDLE)
+    assert queue.inline_executions == 0
+    assert threading.get_ident() not in runner.threads
+
+
+async def test_an_inline_request_that_fails_raises_its_error_and_the_queue_keeps_serving():
+    def fn(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if float(d["x"][0, 0]) == 13:
+            raise ValueError("bad row")
+        return {"y": d["x"] * 2}
+
+    async with BatchQueue(RecordingRunner(fn=fn), inline_config()) as queue:
+        await run_sequentially(queue, INLINE_AFTER_IDLE + 1)
+        with pytest.raises(ValueError, match="bad row"):
+            await queue.submit(rows_of(13))
+        assert queue.inline_executions == 2
+        await run_sequentially(queue, 3, start=20)
+        assert queue.inline_executions == 5
