@@ -31,6 +31,7 @@ must be for the target.
 
 --profile runs one more gateway cell at the first concurrency under `py-spy record` (not a project dependency:
 pip install py-spy) and prints the gateway's hottest Python functions; the raw profile stays in --profile-dir.
+--profile-path gateway+auth samples the gateway with auth on instead.
 """
 
 import argparse
@@ -350,6 +351,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "gateway-bench-profiles")
     parser.add_argument("--profile-seconds", type=float, default=10.0, help="with --profile: sampled seconds")
     parser.add_argument("--profile-top", type=int, default=25, help="with --profile: functions listed")
+    parser.add_argument(
+        "--profile-path", choices=(GATEWAY, GATEWAY_AUTH), default=GATEWAY, help="with --profile: the gateway sampled"
+    )
     tmp_root_arg(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -382,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
             print_table(out, results, args)
             line, passed = target_check(results)
             if args.profile:
-                profile_gateway(paths[GATEWAY], args.concurrency[0], args, workdir, out)
+                profile_gateway(paths[args.profile_path], args.concurrency[0], args, workdir, out)
     out.print(
         "  vs direct: median req/s over direct's at the same c; +p50 ms: added median latency; runs: each round's "
         "req/s (and its ratio to the same round's direct run); gw ms/req: the gateway's CPU time per call, all "

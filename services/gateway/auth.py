@@ -2,8 +2,10 @@
 
 A key is "<id>.<secret>"; Redis keeps only sha256 of the whole key, with its name, scopes and rate. Keys travel
 as `authorization: Bearer <key>` or `x-api-key: <key>`. Each method needs a scope (ADMIN covers every scope).
-Rate limits are token buckets in Redis, so every gateway instance draws from the same bucket per key. Open
-streaming calls are counted per key (per address with auth off) in each gateway instance (streams.py).
+A key checked in Redis is trusted for a few seconds without reading it again (keycache.py: a key revoked elsewhere
+is refused within that bound). Rate limits are token buckets in Redis, so every gateway instance draws from the
+same bucket per key, in small leases (ratelimit.py). Open streaming calls are counted per key (per address with
+auth off) in each gateway instance (streams.py).
 """
 
 import enum
@@ -14,15 +16,17 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from services.gateway.keycache import KeyCache
+from services.gateway.ratelimit import RateLimiter
 from services.gateway.streams import OpenStreams, StreamSlot, peer_host
-from services.kit.errors import NotFound, PermissionDenied, ResourceExhausted, Unauthenticated
+from services.kit.errors import NotFound, PermissionDenied, Unauthenticated
 from services.kit.redis_client import is_outage, outage_error
 
 logger = logging.getLogger(__name__)
@@ -91,29 +95,12 @@ class Identity:
     rate_limit: float = 0.0
 
 
+ADMIN = Identity("admin", ALL_SCOPES)
+"""The bootstrap admin key's identity."""
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-# A token bucket per key: KEYS[1] bucket hash; ARGV rate/s, capacity, now (s). Returns {allowed, wait_ms}.
-_TOKEN_BUCKET = """
-local rate, capacity, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens = tonumber(state[1]) or capacity
-local at = tonumber(state[2]) or now
-tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
-local allowed = 0
-local wait_ms = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-  allowed = 1
-else
-  wait_ms = math.ceil((1 - tokens) / rate * 1000)
-end
-redis.call('HSET', KEYS[1], 'tokens', tokens, 'at', now)
-redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 1000)
-return {allowed, wait_ms}
-"""
 
 
 class Authorizer:
@@ -129,14 +116,29 @@ class Authorizer:
         burst_seconds: float,
         prefix: str = "mg:gateway:",
         max_streams: int = 16,
+        key_cache_seconds: float = 0.0,
+        key_cache_size: int = 10_000,
+        rate_lease_tokens: int = 1,
+        rate_lease_seconds: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`key_cache_seconds` 0 and `rate_lease_tokens` 1 (the defaults here; the settings' defaults are others)
+        read each key and take each token in Redis on every call. `clock` (monotonic seconds) times both."""
         self._redis = redis
         self.enabled = enabled
         self._admin_hash = _hash(admin_key) if admin_key else ""
         self._default_rate = default_rate
-        self._burst = burst_seconds
         self._prefix = prefix
-        self._bucket = redis.register_script(_TOKEN_BUCKET)
+        self.keys: KeyCache[Identity] = KeyCache(key_cache_seconds, key_cache_size, clock)
+        self.limiter = RateLimiter(
+            redis,
+            prefix=prefix,
+            burst_seconds=burst_seconds,
+            lease_tokens=rate_lease_tokens,
+            lease_seconds=rate_lease_seconds,
+            max_keys=key_cache_size,
+            clock=clock,
+        )
         self.streams = OpenStreams(max_streams)
 
     async def check(self, method: str, metadata: Sequence[tuple[str, str | bytes]]) -> Identity:
@@ -148,9 +150,14 @@ class Authorizer:
                 if key.lower() == "x-modelgrid-client" and isinstance(value, str):
                     name = value  # the last one wins
             return Identity(name, ALL_SCOPES)
-        headers = {k.lower(): v for k, v in metadata if isinstance(v, str)}
-        secret = headers.get("x-api-key") or ""
-        auth = headers.get("authorization", "")
+        secret = auth = ""
+        for key, value in metadata:  # the last one of each wins
+            if isinstance(value, str):
+                key = key.lower()
+                if key == "x-api-key":
+                    secret = value
+                elif key == "authorization":
+                    auth = value
         if not secret and auth.lower().startswith("bearer "):
             secret = auth[7:].strip()
         if not secret:
@@ -164,7 +171,7 @@ class Authorizer:
                     f"{method} needs one of {sorted(needed)}"
                 )
             if identity.key_id:
-                await self._take_token(identity)
+                await self.limiter.take(identity.key_id, identity.name, identity.rate_limit or self._default_rate)
         except RedisError as exc:
             # Keys and buckets live in Redis: while it is down both fronts answer UNAVAILABLE (retryable), not INTERNAL.
             if not is_outage(exc):
@@ -186,24 +193,19 @@ class Authorizer:
     async def _identify(self, secret: str) -> Identity:
         digest = _hash(secret)
         if self._admin_hash and hmac.compare_digest(digest, self._admin_hash):
-            return Identity("admin", ALL_SCOPES)
+            return ADMIN
         key_id = secret.split(".", 1)[0]
+        identity = self.keys.get(key_id, digest)
+        if identity is not None:
+            return identity
+        epoch = self.keys.epoch
         raw = await self._redis.get(f"{self._prefix}key:{key_id}") if key_id.isalnum() else None
         key = ApiKey(**json.loads(raw)) if raw else None
         if key is None or key.revoked or not hmac.compare_digest(digest, key.key_hash):
-            raise Unauthenticated("invalid or revoked API key")
-        return Identity(key.name, frozenset(Scope(s) for s in key.scopes), key.id, key.rate_limit)
-
-    async def _take_token(self, identity: Identity) -> None:
-        rate = identity.rate_limit or self._default_rate
-        capacity = max(rate * self._burst, 1.0)
-        allowed, wait_ms = await self._bucket(
-            keys=[f"{self._prefix}bucket:{identity.key_id}"], args=[rate, capacity, time.time()]
-        )
-        if not allowed:
-            raise ResourceExhausted(
-                f"rate limit of {rate:g} requests/s for key {identity.name!r} reached; retry in {wait_ms} ms"
-            )
+            raise Unauthenticated("invalid or revoked API key")  # never cached: see keycache.py
+        identity = Identity(key.name, frozenset(Scope(s) for s in key.scopes), key.id, key.rate_limit)
+        self.keys.put(key_id, digest, identity, epoch)
+        return identity
 
     # -- administration ----------------------------------------------------------------------------------------
 
@@ -229,6 +231,7 @@ class Authorizer:
         key = ApiKey(**json.loads(raw))
         key.revoked = True
         await self._redis.set(f"{self._prefix}key:{key_id}", json.dumps(asdict(key)))
+        self.keys.forget(key_id)  # refused here from now on; other instances within their key_cache_seconds
         return key
 
 

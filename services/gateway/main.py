@@ -66,6 +66,10 @@ async def start_gateway(settings: GatewaySettings) -> GrpcService:
         burst_seconds=settings.rate_burst_seconds,
         prefix=settings.redis_key_prefix,
         max_streams=settings.max_streams_per_caller,
+        key_cache_seconds=settings.api_key_cache_seconds,
+        key_cache_size=settings.api_key_cache_size,
+        rate_lease_tokens=settings.rate_lease_tokens,
+        rate_lease_seconds=settings.rate_lease_seconds,
     )
     admin = GatewayAdminServicer(authorizer, backends, settings.routes)
     proxy = ProxyHandler(forwarder, authorizer)

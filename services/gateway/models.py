@@ -1,7 +1,7 @@
 """Which model a predictor call is for, read from its first request message, and how to send it to another
 alias. One table per protocol: the paths of field numbers of the model name and of the alias (or version label)."""
 
-from services.gateway.wire import string_at, with_string
+from services.gateway.wire import strings_at, with_string
 
 # method -> (path of the model name, path of the alias-like field)
 _MODEL_FIELDS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -21,6 +21,16 @@ _MODEL_FIELDS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "/tensorflow.serving.ModelService/GetModelStatus": ((1, 1), (1, 4)),
 }
 
+
+def _read_at(name: tuple[int, ...], alias: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the message holding both fields, their numbers in it): both are read in one pass."""
+    if alias and alias[:-1] != name[:-1]:
+        raise ValueError(f"model name {name} and alias {alias} are not fields of one message")
+    return name[:-1], (name[-1], alias[-1]) if alias else (name[-1],)
+
+
+_READ_AT = {method: _read_at(*paths) for method, paths in _MODEL_FIELDS.items()}
+
 # Calls whose alias may be redirected to the canary (predictions, not metadata).
 _REDIRECTABLE = {
     "/modelgrid.predictor.v1.Predictor/Predict",
@@ -31,14 +41,15 @@ _REDIRECTABLE = {
 
 def model_of(method: str, first_request: bytes | None) -> tuple[str, str]:
     """(model name, alias) of a predictor call, ("", "") when the method names no model or cannot be read."""
-    fields = _MODEL_FIELDS.get(method)
+    fields = _READ_AT.get(method)
     if fields is None or not first_request:
         return "", ""
-    name_path, alias_path = fields
+    parent, numbers = fields
     try:
-        return string_at(first_request, name_path), string_at(first_request, alias_path) if alias_path else ""
+        strings = strings_at(first_request, parent, numbers)
     except ValueError:
         return "", ""  # malformed: the backend will say so
+    return strings[0], strings[1] if len(strings) > 1 else ""
 
 
 def redirect_to_alias(method: str, request: bytes, alias: str) -> bytes:

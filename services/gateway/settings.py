@@ -58,6 +58,21 @@ class GatewaySettings(ServiceSettings):
     """Requests per second per API key, shared by every gateway instance through Redis."""
     rate_burst_seconds: float = Field(default=1.0, gt=0)
     """Bucket size in seconds of the rate: a key may burst rate x this many requests."""
+    rate_lease_tokens: int = Field(default=20, ge=1)
+    """Most tokens an instance takes from a key's shared bucket in Redis at once, spent on the key's next calls
+    without asking Redis again (1: ask on every call). Tokens only come out of the shared bucket, so a key's sustained
+    rate holds across every instance; its largest burst may grow by what the instances hold: at most this many (and
+    rate x rate_lease_seconds) per instance."""
+    rate_lease_seconds: float = Field(default=0.1, ge=0)
+    """A lease is also at most rate x this many tokens (at least 1): a key whose rate is below 2 / this (20/s by
+    default) takes one token per call from Redis, exactly as without leases."""
+    api_key_cache_seconds: float = Field(default=5.0, ge=0)
+    """How long an instance trusts an API key it checked in Redis without reading it again (0: read it on every
+    call). A key revoked through another instance (or in Redis) is refused here at most this long afterwards; the
+    instance that revokes it refuses it at once. Only keys that matched are kept, never a refusal."""
+    api_key_cache_size: int = Field(default=10_000, ge=1)
+    """Most API keys an instance keeps checked, and keeps leased rate-limit tokens of; when full, the oldest goes
+    (only valid keys enter: invented ones cannot push them out)."""
     max_streams_per_caller: int = Field(default=16, ge=1)
     """Streaming calls (watches, uploads, downloads, prediction streams: any call that is not unary) one API key
     may hold open at once on a gateway instance, both fronts together; with auth off, one caller address. The next

@@ -36,7 +36,12 @@ def _encode_varint(value: int) -> bytes:
 def last_field(data: bytes, number: int) -> bytes | None:
     """The bytes of the last length-delimited field `number` (a string or an embedded message), or None.
     Raises ValueError on malformed input."""
-    pos, found = 0, None
+    return last_fields(data, (number,))[0]
+
+
+def last_fields(data: bytes, numbers: tuple[int, ...]) -> list[bytes | None]:
+    """`last_field` of each of `numbers`, in one pass over the message."""
+    pos, found = 0, [None] * len(numbers)
     while pos < len(data):
         key, pos = _varint(data, pos)
         field, wire = key >> 3, key & 7
@@ -48,8 +53,8 @@ def last_field(data: bytes, number: int) -> bytes | None:
             pos += 4
         elif wire == _LEN:
             length, pos = _varint(data, pos)
-            if field == number:
-                found = data[pos : pos + length]
+            if field in numbers:
+                found[numbers.index(field)] = data[pos : pos + length]
             pos += length
         else:
             raise ValueError(f"unsupported wire type {wire}")
@@ -60,12 +65,18 @@ def last_field(data: bytes, number: int) -> bytes | None:
 
 def string_at(data: bytes, path: tuple[int, ...]) -> str:
     """The string at a path of field numbers (e.g. (1, 1): field 1 of the message in field 1); "" if absent."""
-    for number in path:
+    return strings_at(data, path[:-1], (path[-1],))[0]
+
+
+def strings_at(data: bytes, parent: tuple[int, ...], numbers: tuple[int, ...]) -> list[str]:
+    """The strings of fields `numbers` of the message at path `parent` ("" for each absent), reading the message
+    once."""
+    for number in parent:
         value = last_field(data, number)
         if value is None:
-            return ""
+            return [""] * len(numbers)
         data = value
-    return data.decode("utf-8", errors="replace")
+    return ["" if v is None else v.decode("utf-8", errors="replace") for v in last_fields(data, numbers)]
 
 
 def with_string(data: bytes, path: tuple[int, ...], value: str) -> bytes:
