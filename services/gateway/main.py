@@ -26,12 +26,14 @@ from services.kit.consul import ConsulClient
 from services.kit.hostaddr import resolve_addresses
 from services.kit.logs import configure_logging
 from services.kit.redis_client import create_redis
+from services.kit.replica import Supervisor, die_with_supervisor
 from services.kit.server import GrpcService, ServiceSpec, grpc_options
 from services.kit.telemetry import setup_tracing
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "gateway"
+ENV_PREFIX = "MODELGRID_GATEWAY_"
 VERSION = "0.1.0"
 PROTO_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"].full_name
 
@@ -100,6 +102,19 @@ async def start_gateway(settings: GatewaySettings) -> GrpcService:
 
 
 async def serve(settings: GatewaySettings) -> None:
+    if settings.is_worker:
+        die_with_supervisor()
+    elif settings.process_count() > 1:
+        if settings.auth_enabled and not settings.admin_key:
+            admin_key_from_file(settings.admin_key_file)  # made once, before the workers read it
+        supervisor = Supervisor(
+            settings, module="services.gateway", env_prefix=ENV_PREFIX, name=SERVICE_NAME, version=VERSION, public=True
+        )
+        if settings.web_port >= 0:
+            supervisor.share_port("WEB_PORT", settings.web_port)
+        await supervisor.start()
+        await supervisor.run_until_signal()
+        return
     service = await start_gateway(settings)
     await service.run_until_signal()
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.kit.settings import MiB, ServiceSettings
+from services.kit.settings import MiB, ReplicaSettings
 
 DEFAULT_ROUTES = {
     "modelgrid.registry.v1.": "registry",
@@ -16,7 +16,7 @@ DEFAULT_ROUTES = {
 }
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(ReplicaSettings):
     """Settings of a gateway instance."""
 
     model_config = SettingsConfigDict(env_prefix="MODELGRID_GATEWAY_", extra="ignore")

@@ -490,9 +490,12 @@ async def _plain(
     await send({"type": "http.response.body", "body": body})
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
+def _listening_socket(host: str, port: int, shared: bool = False) -> socket.socket:
+    """`shared`: the port of a multi-process replica, bound by every worker (kit.replica)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(1024)  # connections made before hypercorn accepts wait in the backlog
     return sock
@@ -516,7 +519,7 @@ async def start_web_front(
     if tls:
         config.certfile, config.keyfile = str(settings.tls_cert), str(settings.tls_key)
         config.create_ssl_context()  # a bad certificate fails the start, not the first connection
-    sock = _listening_socket(settings.host, settings.web_port)
+    sock = _listening_socket(settings.host, settings.web_port, shared=settings.is_worker)
     port = sock.getsockname()[1]
     config.bind = [f"fd://{sock.detach()}"]
     shutdown = asyncio.Event()

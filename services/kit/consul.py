@@ -69,6 +69,9 @@ class Registration:
     check_timeout: str = "5s"
     deregister_critical_after: str = "1m"
     tls: bool = False  # the gRPC endpoint speaks TLS (the check then skips certificate verification)
+    check_port: int = 0
+    """Port of the gRPC health endpoint Consul checks; 0: `port` (a multi-process replica's supervisor answers on
+    a port of its own)."""
 
     def payload(self, *, passing: bool = False) -> dict:
         """Body of PUT /v1/agent/service/register. The check starts critical, or passing when the instance already
@@ -84,7 +87,7 @@ class Registration:
             "Check": {
                 "CheckID": f"{self.id}:grpc-health",
                 "Name": f"{self.name} gRPC health",
-                "GRPC": f"{self.address}:{self.port}",
+                "GRPC": f"{self.address}:{self.check_port or self.port}",
                 "GRPCUseTLS": self.tls,
                 "TLSSkipVerify": self.tls,
                 "Interval": self.check_interval,

@@ -84,10 +84,20 @@ class GrpcService:
     an older one (a tag change made while the agent was down), with backoff and jitter while the agent is away.
     """
 
-    def __init__(self, spec: ServiceSpec, settings: ServiceSettings, tracer_provider: TracerProvider) -> None:
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        settings: ServiceSettings,
+        tracer_provider: TracerProvider,
+        *,
+        service_port: int = 0,
+    ) -> None:
+        """`service_port`: the port registered in Consul when it is not this server's own: a multi-process
+        replica's supervisor (kit.replica) answers the health check here and its workers serve on service_port."""
         self.spec = spec
         self.settings = settings
         self.port = 0
+        self._service_port = service_port
         self._health = health.aio.HealthServicer()
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
         self._on_stopping: list[Callable[[], None]] = []
@@ -137,6 +147,9 @@ class GrpcService:
             self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
+        control_socket = getattr(self.settings, "control_socket", "")
+        if control_socket:  # a replica's worker: its supervisor and siblings reach it here (a 0700 directory)
+            server.add_insecure_port(f"unix:{control_socket}")
         await server.start()
         self._server = server
         await self.set_serving(False)
@@ -167,7 +180,8 @@ class GrpcService:
     @property
     def instance_id(self) -> str:
         """This instance's id in Consul."""
-        return self.settings.instance_id or f"{self.spec.name}-{self.settings.advertise_host}-{self.port}"
+        port = self._service_port or self.port
+        return self.settings.instance_id or f"{self.spec.name}-{self.settings.advertise_host}-{port}"
 
     async def set_serving(self, serving: bool) -> None:
         """Sets the overall health and that of every proto service this server serves."""
@@ -201,7 +215,8 @@ class GrpcService:
             id=self.instance_id,
             name=self.spec.name,
             address=self.settings.advertise_host,
-            port=self.port,
+            port=self._service_port or self.port,
+            check_port=self.port if self._service_port else 0,
             tags=list(self.spec.tags),
             meta={"version": self.spec.version, **self.spec.meta},
             check_interval=self.settings.consul_check_interval,

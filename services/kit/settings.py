@@ -1,5 +1,6 @@
 """Settings every modelgrid service shares; each service subclasses them with its own env prefix."""
 
+import os
 import socket
 from pathlib import Path
 from typing import Literal, Self
@@ -121,3 +122,33 @@ class ServiceSettings(BaseSettings):
     def _own_address_when_empty(cls, value: str) -> str:
         """Resolves an empty advertise_host when the settings are built (never at import)."""
         return value or socket.gethostbyname(socket.gethostname())
+
+
+class ReplicaSettings(ServiceSettings):
+    """Settings of a service whose replica may run several serving processes on one port (kit.replica)."""
+
+    processes: int = Field(default=0, ge=0, le=64)
+    """Serving processes of this replica, all on its port (SO_REUSEPORT), each with its own copy of the work (for a
+    predictor: every model loaded). 0: the cores this process may use. 1: a single process, no supervisor."""
+    supervisor_port: int = Field(default=0, ge=0, le=65535)
+    """With several processes: the port of the replica's own health endpoint, which Consul checks (0: any free
+    port; it is registered with the replica)."""
+    worker_index: int = Field(default=-1, ge=-1)
+    """Set by the supervisor for its workers (-1: not a worker)."""
+    control_socket: str = ""
+    """Set by the supervisor: the Unix socket a worker also listens on, for the supervisor and its siblings."""
+
+    def process_count(self) -> int:
+        """How many serving processes this replica runs."""
+        return self.processes or len(os.sched_getaffinity(0))
+
+    @property
+    def is_worker(self) -> bool:
+        return self.worker_index >= 0
+
+    def sibling_sockets(self) -> list[str]:
+        """A worker's siblings' control sockets (the supervisor names them worker-<i>.sock in one directory)."""
+        if not self.control_socket:
+            return []
+        own = Path(self.control_socket)
+        return sorted(str(path) for path in own.parent.glob("worker-*.sock") if path != own)

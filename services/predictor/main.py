@@ -2,7 +2,9 @@
 
 import asyncio
 import gc
+import json
 import logging
+from collections.abc import Iterable
 
 import grpc
 
@@ -13,8 +15,10 @@ from services.kit.consul import ConsulClient
 from services.kit.hostaddr import resolve_addresses
 from services.kit.logs import configure_logging
 from services.kit.redis_client import create_redis
+from services.kit.replica import Supervisor, die_with_supervisor
 from services.kit.server import GrpcService, ServiceSpec, grpc_options
 from services.kit.telemetry import setup_tracing
+from services.predictor import converters as conv
 from services.predictor.batch_jobs import BatchJobs
 from services.predictor.batching import BatchingConfig
 from services.predictor.cache import ArtifactCache
@@ -27,6 +31,7 @@ from services.predictor.protocols import add_protocol_servicers, protocol_servic
 from services.predictor.runtime import SavedModelRunner, configure_tensorflow
 from services.predictor.servicer import PredictorServicer
 from services.predictor.settings import PredictorSettings
+from services.predictor.siblings import Siblings
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,18 @@ def _registry_pool(settings: PredictorSettings) -> tuple[InstancePool, ConsulCli
     return pool, consul
 
 
+def registration_tags(models: Iterable[tuple[str, Iterable[int], Iterable[str]]]) -> list[str]:
+    """The Consul tags the gateway routes by, from (model, available versions, aliases routed) triples."""
+    tags = []
+    for name, versions, aliases in models:
+        versions = sorted(versions)
+        if versions:
+            tags.append(f"model={name}")
+            tags += [f"version={name}:{v}" for v in versions]
+            tags += [f"alias={name}@{alias}" for alias in sorted(aliases)]
+    return tags
+
+
 class _RegistrationUpdater:
     """Publishes which models and versions this replica serves: Consul tags (for the gateway's routing) and a
     grpc.health status per model ("model/<name>"). Coalesces bursts of changes into one update."""
@@ -64,18 +81,46 @@ class _RegistrationUpdater:
 
     async def _publish(self) -> None:
         await asyncio.sleep(0.05)
-        tags = []
-        for model in self._control.index():
-            available = model.available
-            await self._service.set_health(f"model/{model.name}", bool(available))
-            if available:
-                tags.append(f"model={model.name}")
-                tags += [f"version={model.name}:{v.version}" for v in available]
-                tags += [f"alias={model.name}@{alias}" for alias in sorted(model.routes)]
+        models = self._control.index()
+        for model in models:
+            await self._service.set_health(f"model/{model.name}", bool(model.available))
+        tags = registration_tags((m.name, [v.version for v in m.available], m.routes) for m in models)
         try:
             await self._service.update_registration(tags=tags)
         except Exception:  # noqa: BLE001 - the registration keeper retries; serving goes on
             logger.warning("could not update the Consul registration", exc_info=True)
+
+
+# ---- a replica of several processes (kit.replica): what the supervisor asks its workers --------------------------
+
+
+async def _worker_tags(channel: grpc.aio.Channel) -> frozenset[str]:
+    """The tags a worker would publish, from its ListModels answer."""
+    answer = await predictor_pb2_grpc.PredictorStub(channel).ListModels(predictor_pb2.ListModelsRequest(), timeout=5)
+    available = predictor_pb2.VERSION_STATE_AVAILABLE
+    models = []
+    for model in answer.models:
+        versions = [v for v in model.versions if v.state == available]
+        models.append((model.name, [v.version for v in versions], [a for v in versions for a in v.aliases]))
+    return frozenset(registration_tags(models))
+
+
+async def _restart_env(channel: grpc.aio.Channel) -> dict[str, str]:
+    """MODELS for a worker that starts again: every model a serving sibling serves, under the same policy (models
+    loaded with LoadModel after start-up included), so that it binds the port only once it serves them too."""
+    answer = await predictor_pb2_grpc.PredictorStub(channel).ListModels(predictor_pb2.ListModelsRequest(), timeout=5)
+    models = []
+    for model in answer.models:
+        policy = conv.policy_from_pb(model.policy)
+        config = {"name": model.name, "all_aliases": policy.all_aliases}
+        if policy.versions:
+            config["versions"] = list(policy.versions)
+        elif policy.aliases:
+            config["aliases"] = list(policy.aliases)
+        else:
+            config["latest"] = policy.effective_latest
+        models.append(config)
+    return {"MODELS": json.dumps(models)}
 
 
 async def start_predictor(settings: PredictorSettings) -> GrpcService:
@@ -120,12 +165,15 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
         max_records=settings.max_batch_job_records,
         max_input_bytes=settings.max_bulk_input_bytes,
     )
-    native = PredictorServicer(inference, control, jobs, settings.max_streamed_job_bytes, settings.max_request_bytes)
+    siblings = Siblings(settings.sibling_sockets)
+    native = PredictorServicer(
+        inference, control, jobs, settings.max_streamed_job_bytes, settings.max_request_bytes, siblings
+    )
     ready = asyncio.Event()
 
     def add_servicers(server: grpc.aio.Server) -> None:
         predictor_pb2_grpc.add_PredictorServicer_to_server(native, server)
-        add_protocol_servicers(server, inference, control, ready.is_set, settings.max_request_bytes)
+        add_protocol_servicers(server, inference, control, ready.is_set, settings.max_request_bytes, siblings)
 
     spec = ServiceSpec(SERVICE_NAME, VERSION, [PROTO_SERVICE, *protocol_service_names()], add_servicers)
     service = GrpcService(spec, settings, tracer_provider)
@@ -133,8 +181,13 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
     if consul is not None:
         service.add_cleanup(consul.close)
     service.add_cleanup(pool.close)
-    await service.start()
-    jobs.instance = native.instance = service.instance_id
+    service.add_cleanup(siblings.close)
+    # A worker of a multi-process replica binds the shared port only once it serves its models: the kernel hands
+    # new connections to every listening worker, and one still loading would refuse their calls.
+    if not settings.is_worker:
+        await service.start()
+    native.instance = service.instance_id
+    jobs.instance = service.instance_id + (f"/{settings.worker_index}" if settings.is_worker else "")
     await jobs.fail_orphans()
     control.add_listener(_RegistrationUpdater(service, control).changed)
     service.add_cleanup(jobs.close)
@@ -143,11 +196,11 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
         metrics.serve(settings.metrics_port, settings.host)
 
     for model in settings.models:
-        policy = VersionPolicy(model.latest, tuple(model.versions), tuple(model.aliases))
+        policy = VersionPolicy(model.latest, tuple(model.versions), tuple(model.aliases), model.all_aliases)
         await control.load(model.name, policy, wait=False)
     if settings.follow_registry:
         follower = RegistryFollower(
-            registry, control, redis, f"mg:predictor:{service.instance_id}:cursor", auto_load=settings.auto_load
+            registry, control, redis, f"mg:predictor:{jobs.instance}:cursor", auto_load=settings.auto_load
         )
         await follower.start()
         service.add_cleanup(follower.stop)
@@ -165,11 +218,28 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
     gc.collect()
     gc.freeze()
     ready.set()
+    if settings.is_worker:
+        await service.start()
     await service.set_serving(True)
     return service
 
 
 async def serve(settings: PredictorSettings) -> None:
+    if settings.is_worker:
+        die_with_supervisor()
+    elif settings.process_count() > 1:
+        supervisor = Supervisor(
+            settings,
+            module="services.predictor",
+            env_prefix="MODELGRID_PREDICTOR_",
+            name=SERVICE_NAME,
+            version=VERSION,
+            tags_of=_worker_tags,
+            restart_env=_restart_env,
+        )
+        await supervisor.start()
+        await supervisor.run_until_signal()
+        return
     service = await start_predictor(settings)
     await service.run_until_signal()
 

@@ -1,5 +1,6 @@
 """Thin gRPC servicer of modelgrid.predictor.v1.Predictor: protobuf in, core call, protobuf out."""
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from modelgrid.predictor.v1 import predictor_pb2 as pb
@@ -12,6 +13,7 @@ from services.predictor.batch_jobs import BatchJob, BatchJobs
 from services.predictor.control import ModelControl
 from services.predictor.inference import Inference
 from services.predictor.settings import DEFAULT_MAX_REQUEST_BYTES
+from services.predictor.siblings import Siblings
 from services.predictor.streams import answer_concurrently
 
 
@@ -25,7 +27,9 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
         jobs: BatchJobs,
         max_streamed_job_bytes: int,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        siblings: Siblings | None = None,
     ):
+        self._siblings = siblings or Siblings()
         self._inference = inference
         self._control = control
         self._jobs = jobs
@@ -45,10 +49,13 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
         )
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
-        """Answers with header x-modelgrid-replica (which replica served) and trailer x-modelgrid-version."""
-        await context.send_initial_metadata((("x-modelgrid-replica", self.instance),))
+        """Answers with trailers x-modelgrid-replica (which replica served) and x-modelgrid-version. No custom
+        header: headers sent before the answer make a call final for a client's gRPC retry policy, so a call cut by
+        a dying process (of a multi-process replica) could not be retried."""
         response = await self._predict(request, conv.deadline_of(context))
-        context.set_trailing_metadata((("x-modelgrid-version", str(response.version)),))
+        context.set_trailing_metadata(
+            (("x-modelgrid-replica", self.instance), ("x-modelgrid-version", str(response.version)))
+        )
         return response
 
     async def PredictStream(self, request_iterator: AsyncIterator[pb.PredictStreamRequest], context):
@@ -116,10 +123,15 @@ class PredictorServicer(predictor_pb2_grpc.PredictorServicer):
 
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.ModelStatus:
         policy = conv.policy_from_pb(request.policy)
-        return conv.status_to_pb(await self._control.load(request.name, policy, wait=request.wait))
+        status, _ = await asyncio.gather(
+            self._control.load(request.name, policy, wait=request.wait),
+            self._siblings.call("/modelgrid.predictor.v1.Predictor/LoadModel", request, context),
+        )
+        return conv.status_to_pb(status)
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
-        await self._control.unload(request.name)
+        method = "/modelgrid.predictor.v1.Predictor/UnloadModel"
+        await asyncio.gather(self._control.unload(request.name), self._siblings.call(method, request, context))
         return pb.UnloadModelResponse()
 
 

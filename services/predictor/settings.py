@@ -5,7 +5,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
-from services.kit.settings import MiB, ServiceSettings
+from services.kit.settings import MiB, ReplicaSettings
 
 DEFAULT_MAX_REQUEST_BYTES = 256 * MiB
 DEFAULT_MAX_BULK_INPUT_BYTES = 1024 * MiB
@@ -24,9 +24,11 @@ class ModelConfig(BaseModel):
     """Serve these exact versions."""
     aliases: list[str] = []
     """Serve the versions these aliases point at, following them as they move."""
+    all_aliases: bool = False
+    """Also serve the target of every alias the model has."""
 
 
-class PredictorSettings(ServiceSettings):
+class PredictorSettings(ReplicaSettings):
     """Settings of a predictor replica.
 
     `MODELGRID_PREDICTOR_MODELS='[{"name": "digits", "aliases": ["production"]}]'` serves digits@production.

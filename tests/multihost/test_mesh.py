@@ -48,6 +48,7 @@ ADMIN_KEY = f"admin.multihost-{uuid.uuid4().hex}"
 """The gateway on a requires API keys, as by default; the tests call it with this one."""
 X = np.array([[0.5, -1.0, 2.0, 0.1]], dtype=np.float32)
 CONSUL_HTTP_PORT = 8500
+# The predictor on c and the gateway run as many processes as the cores (the default, kit.replica); b's runs one.
 LAYOUT = {
     "a": {
         "redis": {"port": 6379},
@@ -55,7 +56,7 @@ LAYOUT = {
     },
     "b": {
         "services": {
-            "predictor": {"settings": {"AUTO_LOAD": "true", "TF_THREADS": "1"}},
+            "predictor": {"settings": {"AUTO_LOAD": "true", "TF_THREADS": "1", "PROCESSES": "1"}},
             "agent": {"settings": {"SLOTS": "1"}},
             "trainer": {},
         }

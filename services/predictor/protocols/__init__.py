@@ -9,6 +9,7 @@ import grpc
 from services.predictor.control import ModelControl
 from services.predictor.inference import Inference
 from services.predictor.settings import DEFAULT_MAX_REQUEST_BYTES
+from services.predictor.siblings import Siblings
 
 
 def protocol_service_names() -> list[str]:
@@ -24,10 +25,11 @@ def add_protocol_servicers(
     control: ModelControl,
     ready: Callable[[], bool],
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    siblings: Siblings | None = None,
 ) -> None:
     """Adds the Open Inference Protocol and TensorFlow Serving servicers to `server`; `max_request_bytes` bounds
     the decoded input tensors of one request (the predictor's max_request_bytes setting)."""
     from services.predictor.protocols import oip, tfserving
 
-    oip.add_to_server(server, inference, control, ready, max_request_bytes)
+    oip.add_to_server(server, inference, control, ready, max_request_bytes, siblings)
     tfserving.add_to_server(server, inference, control, max_request_bytes)

@@ -11,6 +11,7 @@ use raw_input_contents (what tritonclient sends) or typed contents. The request 
 shortens the deadline.
 """
 
+import asyncio
 import importlib.metadata
 import logging
 import time
@@ -33,6 +34,7 @@ from services.predictor.inference import Inference
 from services.predictor.protocols import oip_tensors
 from services.predictor.runtime import IOSpec
 from services.predictor.settings import DEFAULT_MAX_REQUEST_BYTES
+from services.predictor.siblings import Siblings
 from services.predictor.streams import answer_concurrently
 
 logger = logging.getLogger(__name__)
@@ -113,7 +115,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         control: ModelControl,
         ready: Callable[[], bool],
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        siblings: Siblings | None = None,
     ) -> None:
+        self._siblings = siblings or Siblings()
         self._inference = inference
         self._control = control
         self._ready = ready
@@ -221,7 +225,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         name = check_model_name(request.model_name)
         if any(key == "config" or key.startswith("file:") for key in request.parameters):
             raise InvalidArgument(UNSUPPORTED_LOAD_PARAMETERS)
-        model = await self._control.load(name, wait=True, keep_if_empty=False)
+        method = "/inference.GRPCInferenceService/RepositoryModelLoad"
+        model, _ = await asyncio.gather(
+            self._control.load(name, wait=True, keep_if_empty=False), self._siblings.call(method, request, context)
+        )
         if model.available:
             return pb.RepositoryModelLoadResponse()
         raise FailedPrecondition(f"model {name!r} did not load: {model.failure()}")
@@ -229,7 +236,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context
     ) -> pb.RepositoryModelUnloadResponse:
-        await self._control.unload(check_model_name(request.model_name))
+        method = "/inference.GRPCInferenceService/RepositoryModelUnload"
+        name = check_model_name(request.model_name)
+        await asyncio.gather(self._control.unload(name), self._siblings.call(method, request, context))
         return pb.RepositoryModelUnloadResponse()
 
 
@@ -245,8 +254,10 @@ def add_to_server(
     control: ModelControl,
     ready: Callable[[], bool],
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    siblings: Siblings | None = None,
 ) -> None:
     """Adds the OIP servicer; `ready()` answers ServerReady (True once the configured models had their first load),
-    `max_request_bytes` bounds the decoded inputs of one request (MODELGRID_PREDICTOR_MAX_REQUEST_BYTES)."""
-    servicer = InferenceServicer(inference, control, ready, max_request_bytes)
+    `max_request_bytes` bounds the decoded inputs of one request (MODELGRID_PREDICTOR_MAX_REQUEST_BYTES), and
+    repository loads and unloads reach the replica's other processes through `siblings`."""
+    servicer = InferenceServicer(inference, control, ready, max_request_bytes, siblings)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
