@@ -19,7 +19,8 @@ processes of the same service:
 
 Workers are `python -m <module>` with the supervisor's environment plus the settings it sets for them: the shared
 port, `processes=1`, `worker_index`, `control_socket`, the replica's instance id, no Consul registration and a
-metrics port of their own (`metrics_port` + index).
+metrics port of their own on a free port. The supervisor serves the replica's /metrics on `metrics_port`: every
+worker's series, each with a `worker` label (`sum without (worker)` gives the replica's).
 """
 
 import asyncio
@@ -32,14 +33,18 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Metric, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.kit.hostaddr import resolve_addresses
+from services.kit.localinfra import free_port
 from services.kit.server import GrpcService, ServiceSpec
 from services.kit.settings import ReplicaSettings
 from services.kit.streams import Backoff
@@ -50,6 +55,7 @@ logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
 """How often the supervisor asks every worker whether it serves (and what, for the tags)."""
 CHECK_TIMEOUT_SECONDS = 2.0
+METRICS_TIMEOUT_SECONDS = 2.0
 PR_SET_PDEATHSIG = 1
 
 TagsOf = Callable[[grpc.aio.Channel], Awaitable[frozenset[str]]]
@@ -91,6 +97,7 @@ class Worker:
     tags: frozenset[str] = frozenset()
     started_at: float = 0.0
     restarts: int = 0
+    metrics_port: int = -1
     backoff: Backoff = field(default_factory=lambda: Backoff(initial=1.0, maximum=30.0))
 
     @property
@@ -130,6 +137,7 @@ class Supervisor:
         self._reserved: list[socket.socket] = []
         self._dir: tempfile.TemporaryDirectory | None = None
         self._monitor: asyncio.Task | None = None
+        self._metrics_server = None
         self._stopping = False
         self._all_served = False
         self._published: frozenset[str] | None = None
@@ -162,6 +170,14 @@ class Supervisor:
         self.check = GrpcService(spec, check_settings, provider, service_port=self.port)
         await self.check.start()
         self.workers = [Worker(i, Path(self._dir.name) / f"worker-{i}.sock") for i in range(self.count)]
+        metrics_port = getattr(settings, "metrics_port", -1)
+        if metrics_port >= 0:
+            for worker in self.workers:
+                worker.metrics_port = free_port()
+            registry = CollectorRegistry()
+            registry.register(WorkerMetrics(settings.host, self.workers))
+            server, _ = start_http_server(metrics_port, addr=settings.host, registry=registry)
+            self._metrics_server = server
         for worker in self.workers:
             await self._spawn(worker, {})
         self._monitor = asyncio.create_task(self._watch(), name=f"{self._name}-supervisor")
@@ -175,7 +191,6 @@ class Supervisor:
 
     def _worker_env(self, worker: Worker, extra: dict[str, str]) -> dict[str, str]:
         settings = self.settings
-        metrics = getattr(settings, "metrics_port", -1)
         own = {
             "HOST": settings.host,
             "ADVERTISE_HOST": settings.advertise_host,
@@ -185,7 +200,7 @@ class Supervisor:
             "CONTROL_SOCKET": str(worker.socket),
             "INSTANCE_ID": self.check.instance_id if self.check else "",
             "CONSUL_ENABLED": "false",
-            "METRICS_PORT": str(metrics + worker.index if metrics > 0 else metrics),
+            "METRICS_PORT": str(worker.metrics_port),
             **{key: str(port) for key, port in self.extra_ports.items()},
             **extra,
         }
@@ -304,6 +319,9 @@ class Supervisor:
                 await worker.channel.close()
         if self.check is not None:
             await self.check.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         for sock in self._reserved:
             sock.close()
         if self._dir is not None:
@@ -316,3 +334,35 @@ class Supervisor:
             loop.add_signal_handler(sig, stop_requested.set)
         await stop_requested.wait()
         await self.stop()
+
+
+class WorkerMetrics:
+    """A Prometheus collector of the workers' own /metrics, each series labelled with its worker's index; scraped
+    when the replica's /metrics is (a worker that does not answer is left out of that scrape)."""
+
+    def __init__(self, host: str, workers: list[Worker]) -> None:
+        self._host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        self._workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for worker in self._workers:
+            if worker.pid is None:
+                continue
+            url = f"http://{self._host}:{worker.metrics_port}/metrics"
+            try:
+                with _NO_PROXY.open(url, timeout=METRICS_TIMEOUT_SECONDS) as answer:
+                    text = answer.read().decode()
+            except OSError:
+                continue
+            for family in text_string_to_metric_families(text):
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+                for sample in family.samples:
+                    labels = {**sample.labels, "worker": str(worker.index)}
+                    merged.add_sample(sample.name, labels, sample.value, sample.timestamp)
+        yield from families.values()
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -187,6 +187,14 @@ def test_the_processes_share_one_port_and_one_consul_registration(replica):
     assert checked["Status"] == "passing"
     outcomes = fresh_calls(replica, f"{replica.model}@production")
     assert outcomes == [("OK", 1)] * CONNECTIONS
+    # One /metrics for the replica, each process's series labelled with its worker.
+    port = replica.predictor.env["MODELGRID_PREDICTOR_METRICS_PORT"]
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    executed = " ".join(line for line in metrics.splitlines() if line.startswith("modelgrid_predictor_execution"))
+    assert all(f'worker="{i}"' in executed for i in range(PROCESSES)), executed  # warm-ups ran in every process
+    answered = [line for line in metrics.splitlines() if line.startswith("modelgrid_predictor_requests_total{")]
+    total = sum(float(line.rsplit(" ", 1)[1]) for line in answered if 'code="OK"' in line)
+    assert total >= CONNECTIONS  # warm-ups are not requests; these calls are
 
 
 def test_load_and_unload_reach_every_process(replica):
