@@ -14,7 +14,7 @@ DEBIAN_STAMP := .tools/.debian-packages-$(shell echo '$(DEBIAN_PACKAGES)' | sha2
 PROTO_FILES := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 
-.PHONY: help setup protos web up down status test test-fast fuzz lint format clean lock demo bench-registry bench-predictor bench-trainer bench-gateway bench-large
+.PHONY: help setup protos web up down status test test-fast fuzz lint format clean lock demo bench-registry bench-predictor bench-trainer bench-gateway bench-large bench-peers
 
 help:
 	@echo "make up              install what is missing, start Consul, Redis and the services locally"
@@ -28,6 +28,7 @@ help:
 	@echo "make bench-trainer   a training run bare vs through the trainer; recovery after kill -9 of a worker"
 	@echo "make bench-gateway   predictor throughput and latency directly and through the gateway"
 	@echo "make bench-large     push, pull and load a 2.25 GiB SavedModel: time and peak RSS of each process, bounded"
+	@echo "make bench-peers     predictor (direct, via gateway) vs MLServer and KServe over OIP gRPC, same models"
 	@echo "                     (BENCH_ARGS=--quick for a short run of any bench)"
 	@echo "make lint            ruff check and format check"
 	@echo "make protos          regenerate Python code from protos/ into gen/"
@@ -128,6 +129,22 @@ bench-gateway: setup
 
 bench-large: setup
 	$(PY) bench/large_bench.py $(BENCH_ARGS)
+
+# The serving peers of bench-peers, each in a virtualenv of its own under .bench/peers/<name>/ made with $(PYTHON),
+# pinned by bench/peers/<name>-requirements.txt (MLServer 1.7.1, KServe 0.21.0, TensorFlow as in constraints.txt) and
+# installed again only when that file changes.
+PEERS_DIR := .bench/peers
+PEER_STAMPS := $(PEERS_DIR)/mlserver/.installed $(PEERS_DIR)/kserve/.installed
+
+bench-peers: setup $(PEER_STAMPS)
+	$(PY) bench/peers_bench.py --peers-dir $(PEERS_DIR) $(BENCH_ARGS)
+
+$(PEERS_DIR)/%/.installed: bench/peers/%-requirements.txt
+	rm -rf $(PEERS_DIR)/$*
+	$(PYTHON) -m venv $(PEERS_DIR)/$*
+	$(PEERS_DIR)/$*/bin/python -m pip install -q --upgrade pip
+	$(PEERS_DIR)/$*/bin/python -m pip install -q -r $<
+	@touch $@
 
 # Re-pins constraints.txt to what the venv has now (after changing pyproject.toml dependencies).
 lock: $(VENV)/.installed

@@ -131,12 +131,24 @@ class Mesh:
     def registry(self, **settings: str) -> ServiceProcess:
         return self.start("registry", BLOB_DIR=str(self.workdir / "blobs"), **settings)
 
-    def process(self, name: str, argv: list[str], ready: Callable[[], bool], timeout: float = 120.0) -> int:
-        """Any other server process (cwd: the repo), once `ready()` says it answers; returns its pid."""
+    def process(
+        self,
+        name: str,
+        argv: list[str],
+        ready: Callable[[], bool],
+        timeout: float = 120.0,
+        *,
+        env: dict[str, str] | None = None,
+        tree: bool = False,
+    ) -> int:
+        """Any other server process (cwd: the repo), once `ready()` says it answers; returns its pid. `env` is added
+        to this process's environment; `tree`: at the end, the processes it started are ended too (a server with
+        worker processes)."""
         self.log(name).parent.mkdir(parents=True, exist_ok=True)
+        environment = None if env is None else {**os.environ, **env}
         with self.log(name).open("ab") as log:
-            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-        self._stack.callback(_terminate, process)
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=environment)
+        self._stack.callback(_terminate_tree if tree else _terminate, process)
         deadline = time.monotonic() + timeout
         while not ready():
             if process.poll() is not None or time.monotonic() > deadline:
@@ -153,6 +165,50 @@ def _terminate(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+def process_tree(pid: int) -> list[int]:
+    """The process and all its descendants, parents first (Linux /proc; just [pid] elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree = [pid]
+    for member in tree:
+        tree.extend(children.get(member, []))
+    return tree
+
+
+def _start_time(pid: int) -> str | None:
+    """When a live process started (clock ticks since boot); None when it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else fields[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _terminate_tree(process: subprocess.Popen) -> None:
+    """Ends the process as _terminate does, then whichever of its descendants outlived it (SIGTERM, then SIGKILL);
+    each is recognised by its pid and start time, so a reused pid is left alone."""
+    descendants = [(pid, _start_time(pid)) for pid in process_tree(process.pid)[1:]]
+    _terminate(process)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [(pid, start) for pid, start in descendants if start is not None and _start_time(pid) == start]
+        for pid, _ in alive:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [(pid, start) for pid, start in alive if _start_time(pid) == start]
+        if not alive:
+            return
 
 
 def http_ok(url: str) -> bool:
@@ -300,6 +356,8 @@ class Load:
     http_path: str = ""
     """Set: JSON POSTs to this path over one keep-alive HTTP/1.1 connection per worker, instead of gRPC Predict
     calls over one shared channel (bytes in, bytes out: responses are not parsed)."""
+    method: str = PREDICT_METHOD
+    """The gRPC method path the payloads are sent to (e.g. "/inference.GRPCInferenceService/ModelInfer")."""
 
 
 @dataclass
@@ -337,7 +395,7 @@ def write_payloads(path: Path, bodies: list[bytes]) -> Path:
 async def _grpc_callers(load: Load):
     channel = grpc.aio.insecure_channel(load.target, options=CHANNEL_OPTIONS)
     await channel.channel_ready()
-    predict = channel.unary_unary(PREDICT_METHOD)  # no (de)serializers: bytes in, bytes out
+    predict = channel.unary_unary(load.method)  # no (de)serializers: bytes in, bytes out
     metadata = tuple((k, v) for k, v in load.metadata)
 
     async def call(payload: bytes) -> None:
