@@ -358,6 +358,9 @@ class Load:
     calls over one shared channel (bytes in, bytes out: responses are not parsed)."""
     method: str = PREDICT_METHOD
     """The gRPC method path the payloads are sent to (e.g. "/inference.GRPCInferenceService/ModelInfer")."""
+    connections: int = 1
+    """gRPC connections the workers take turns on (worker i uses connection i mod n): a server of several processes
+    on one port (SO_REUSEPORT) spreads connections, not calls, over them."""
 
 
 @dataclass
@@ -393,15 +396,27 @@ def write_payloads(path: Path, bodies: list[bytes]) -> Path:
 
 
 async def _grpc_callers(load: Load):
-    channel = grpc.aio.insecure_channel(load.target, options=CHANNEL_OPTIONS)
-    await channel.channel_ready()
-    predict = channel.unary_unary(load.method)  # no (de)serializers: bytes in, bytes out
+    options = CHANNEL_OPTIONS + ([("grpc.use_local_subchannel_pool", 1)] if load.connections > 1 else [])
+    channels = [grpc.aio.insecure_channel(load.target, options=options) for _ in range(max(load.connections, 1))]
+    for channel in channels:
+        await channel.channel_ready()
     metadata = tuple((k, v) for k, v in load.metadata)
 
-    async def call(payload: bytes) -> None:
-        await predict(payload, metadata=metadata, timeout=load.call_timeout)
+    def caller(channel: grpc.aio.Channel):
+        predict = channel.unary_unary(load.method)  # no (de)serializers: bytes in, bytes out
 
-    return [call] * load.concurrency, channel.close
+        async def call(payload: bytes) -> None:
+            await predict(payload, metadata=metadata, timeout=load.call_timeout)
+
+        return call
+
+    calls = [caller(channel) for channel in channels]
+
+    async def close() -> None:
+        for channel in channels:
+            await channel.close()
+
+    return [calls[i % len(calls)] for i in range(load.concurrency)], close
 
 
 def _http_caller(target: str, path: str):

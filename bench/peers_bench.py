@@ -28,13 +28,14 @@ What one run does (`make bench-peers`, about 14 minutes on 2 cores; --quick abou
 * checks that every server answers what TensorFlow answers in-process (np.allclose) to one batch-1 request per
   model and to one 32-row CNN request;
 * per round (--rounds), per model, per concurrency (1, 8, 32, 64) the servers take turns (in the reverse order on
-  every other round), then each server gets one cell of 32-row CNN requests at --rows32-concurrency. A load
-  generator in a separate process (harness.run_load) runs c coroutines in a closed loop over one grpc.aio channel,
-  sending pre-serialized `inference.GRPCInferenceService/ModelInfer` requests whose tensor travels in
-  raw_input_contents (responses are not parsed). After --warmup seconds it measures for --duration seconds:
-  req/s counts the calls that completed inside the window, p50/p99 are their latencies. Each cell reports its
-  best round (highest req/s, with that round's latencies and CPU): on a shared machine noise only ever slows a
-  run down, so the best of a few rounds is the closest to what each server can do.
+  every other round), then each server gets one cell of 32-row CNN requests at --rows32-concurrency. A load generator
+  in a separate process (harness.run_load) runs c coroutines in a closed loop over --connections grpc.aio channels
+  (one by default; each its own connection, the coroutines taking turns), sending pre-serialized
+  `inference.GRPCInferenceService/ModelInfer` requests whose tensor travels in raw_input_contents (responses are not
+  parsed). After --warmup seconds it measures for --duration seconds: req/s counts the calls that completed inside the
+  window, p50/p99 are their latencies. Each cell reports its best round (highest req/s, with that round's latencies
+  and CPU): on a shared machine noise only ever slows a run down, so the best of a few rounds is the closest to what
+  each server can do.
 
 How to read it: "vs best peer" is a row's req/s over the best peer's (highest req/s of mlserver adapt, mlserver
 and kserve) at the same model and concurrency; "vs direct" over modelgrid direct's. "srv ms/req" is the CPU time
@@ -45,6 +46,10 @@ gateway), "cli" the load generator, "other" the rest of the machine (idle server
 round's req/s: their spread is the noise. The load generator shares the 2 cores with the server under test, the
 same way for every server. Quote ratios measured in one run, not absolute numbers. The last lines check the
 targets of issue 11.
+
+Several processes: `--processes 2` runs modelgrid's predictor and gateway as replicas of two serving processes on
+one port (PROCESSES, kit.replica). The kernel spreads connections, not calls, over them, so give the load generator
+several connections (`--connections 4`): every server then gets the same four.
 """
 
 import argparse
@@ -386,8 +391,11 @@ def start_servers(mesh: Mesh, works: list[Workload], args, out: Console) -> dict
         CACHE_DIR=str(mesh.workdir / "cache"),
         METRICS_PORT=str(free_port()),
         TF_THREADS=str(args.tf_threads),
+        PROCESSES=str(args.processes),
     )
-    gateway = mesh.start("gateway", WEB_PORT="-1", METRICS_PORT=str(free_port()), AUTH_ENABLED="false")
+    gateway = mesh.start(
+        "gateway", WEB_PORT="-1", METRICS_PORT=str(free_port()), AUTH_ENABLED="false", PROCESSES=str(args.processes)
+    )
     wait_for_routes(gateway.target, names)
     endpoints = {
         DIRECT: Endpoint(DIRECT, predictor.target, predictor.process.pid),
@@ -486,6 +494,7 @@ def run_cell(endpoint: Endpoint, payloads: Path, concurrency: int, args, workdir
         pids=endpoint.pids,
         call_timeout=CALL_TIMEOUT_S,
         method=OIP_METHOD,
+        connections=args.connections,
     )
     return run_load(load, workdir)
 
@@ -704,6 +713,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-time-ms", type=float, default=2.0, help="MLServer adaptive: max_batch_time")
     parser.add_argument("--mlserver-workers", type=int, default=1, help="MLServer parallel_workers (its default 1)")
     parser.add_argument("--limit-seconds", type=float, default=1.5, help="seconds of each in-process probe")
+    parser.add_argument("--connections", type=int, default=1, help="the load generator's gRPC connections")
+    parser.add_argument("--processes", type=int, default=1, help="modelgrid's PROCESSES (predictor and gateway)")
     parser.add_argument("--quick", action="store_true", help="one round, c=1,64, short cells: about 3 minutes")
     tmp_root_arg(parser)
     args = parser.parse_args(argv)
