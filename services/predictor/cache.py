@@ -137,9 +137,15 @@ class ArtifactCache:
         """Least recently used first: entries and downloads cut short that no process uses or fills now."""
         entries = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")]
         entries += list(self.root.glob(f"{PARTIAL}*"))
-        sizes = {p: _tree_size(p) if p.is_dir() else p.stat().st_size for p in entries}
+        sizes = {}
+        for path in entries:  # a fill (here or in another process) may finish and remove its partial file meanwhile
+            try:
+                sizes[path] = _tree_size(path) if path.is_dir() else path.stat().st_size
+            except FileNotFoundError:
+                continue
+        entries = list(sizes)
         total = sum(sizes.values())
-        for path in sorted(entries, key=lambda p: p.stat().st_mtime):
+        for path in sorted(entries, key=_mtime):
             if total <= self.max_bytes:
                 break
             digest = path.name.removeprefix(PARTIAL)
@@ -174,6 +180,13 @@ class ArtifactCache:
                 path.unlink(missing_ok=True)  # nothing left to lock; openers check they locked the current file
         finally:
             os.close(fd)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _same_file(fd: int, path: Path) -> bool:

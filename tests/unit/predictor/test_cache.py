@@ -53,3 +53,13 @@ async def test_an_entry_one_process_uses_is_not_evicted_by_another(tmp_path):
     other.release(DIGEST_B)
     await other.acquire(DIGEST_B, Fetches(artifact(tmp_path, "b3", 1000)))
     assert not used.exists()  # nobody uses it any more
+
+
+async def test_fills_running_side_by_side_never_trip_over_each_others_partial_files(tmp_path):
+    cache = ArtifactCache(tmp_path / "cache", 1 << 30)
+    tar = artifact(tmp_path, "a", 200_000)
+    digests = [f"{i:x}" * 64 for i in range(1, 9)]
+    fetches = [Fetches(tar, seconds=0.01 * i) for i in range(len(digests))]
+    paths = await asyncio.gather(*(cache.acquire(d, f) for d, f in zip(digests, fetches, strict=True)))
+    assert all((path / "weights.bin").stat().st_size == 200_000 for path in paths)
+    assert [f.calls for f in fetches] == [1] * len(digests)
