@@ -275,6 +275,7 @@ def test_tensorflow_serving_client_predict_with_version_label(mesh):
 def test_alias_move_swaps_versions_under_load_with_no_failed_call(mesh):
     stop = threading.Event()
     answers: list[int] = []
+    calls: list[tuple[float, float, int]] = []  # (sent, answered, version) on time.monotonic()
     failures: list[str] = []
 
     def keep_calling():
@@ -282,7 +283,10 @@ def test_alias_move_swaps_versions_under_load_with_no_failed_call(mesh):
             stub = predictor_pb2_grpc.PredictorStub(channel)
             while not stop.is_set():
                 try:
-                    answers.append(predict(stub, f"{mesh.aliased}@production", X[:1])[0])
+                    sent = time.monotonic()
+                    version = predict(stub, f"{mesh.aliased}@production", X[:1])[0]
+                    calls.append((sent, time.monotonic(), version))
+                    answers.append(version)
                 except grpc.RpcError as err:
                     failures.append(f"{err.code()}: {err.details()}")
 
@@ -291,6 +295,7 @@ def test_alias_move_swaps_versions_under_load_with_no_failed_call(mesh):
         caller.start()
     try:
         time.sleep(0.5)
+        moved = time.monotonic()
         mesh.client.stub.SetAlias(rpb.SetAliasRequest(model_name=mesh.aliased, alias="production", version=2))
         deadline = time.monotonic() + 60
         while not answers or answers[-1] != 2:
@@ -302,8 +307,12 @@ def test_alias_move_swaps_versions_under_load_with_no_failed_call(mesh):
         for caller in callers:
             caller.join()
     assert failures == []
-    switch = answers.index(2)
-    assert set(answers[:switch]) == {1} and set(answers[switch:]) == {2}
+    assert {version for _, _, version in calls} == {1, 2}
+    assert all(answered > moved for _, answered, version in calls if version == 2)  # nothing new before the move
+    # Once a caller has seen version 2, every call sent after that gets version 2 (calls sent earlier may still
+    # finish on version 1: the old version answers what it took before the swap).
+    first_new = min(answered for _, answered, version in calls if version == 2)
+    assert {version for sent, _, version in calls if sent > first_new} == {2}
     deadline = time.monotonic() + 30
     while True:
         meta = mesh.stub.GetModelMetadata(pb.GetModelMetadataRequest(name=mesh.aliased))
