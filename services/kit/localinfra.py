@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -87,18 +88,51 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+FREE_PORT_LOW = 20000
+"""free_ports() picks from FREE_PORT_LOW up to the kernel's ephemeral range, never inside it: the kernel hands
+ephemeral ports to outgoing connections and to bind(port 0) all the time, so a port picked from that range can be
+taken between the pick and the service's bind (seen under parallel test runs)."""
+
+
+def _pick_range() -> range:
+    """The ports free_ports() picks from: below the ephemeral range, split between parallel test workers
+    (pytest-xdist's PYTEST_XDIST_WORKER=gw<i> of PYTEST_XDIST_WORKER_COUNT) so that they never pick the same."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    if ephemeral_low - FREE_PORT_LOW < 2000:
+        return range(0)  # no room below it: let the kernel choose
+    span = range(FREE_PORT_LOW, ephemeral_low)
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and worker[2:].isdigit() and workers.isdigit() and int(workers) > 1:
+        share = len(span) // int(workers)
+        start = span.start + share * (int(worker[2:]) % int(workers))
+        span = range(start, start + share)
+    return span
+
+
 def free_ports(count: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """`count` distinct TCP ports on 127.0.0.1 that were free a moment ago (held open together while chosen, so
-    none repeats), none of them in `exclude`."""
+    none repeats), none of them in `exclude`; below the kernel's ephemeral range when there is room (_pick_range)."""
     sockets: list[socket.socket] = []
+    span = _pick_range()
     try:
         ports: list[int] = []
+        attempts = 0
         while len(ports) < count:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sockets.append(sock)
-            sock.bind((LOOPBACK, 0))
+            attempts += 1
+            if span and attempts <= 50 * count:
+                try:
+                    sock.bind((LOOPBACK, random.choice(span)))
+                except OSError:
+                    continue  # taken: another pick
+            else:
+                sock.bind((LOOPBACK, 0))
             port = int(sock.getsockname()[1])
-            if port not in exclude:
+            if port not in exclude and port not in ports:
                 ports.append(port)
         return ports
     finally:

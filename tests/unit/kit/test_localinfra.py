@@ -91,3 +91,17 @@ def test_redis_kill_loses_the_process_immediately(tmp_path: Path) -> None:
     redis.kill()
 
     assert redis.pid is None and not _pid_exists(pid)
+
+
+def test_free_ports_are_picked_below_the_ephemeral_range_and_split_between_test_workers(monkeypatch):
+    from services.kit.localinfra import _pick_range, free_ports
+
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = free_ports(20)
+    assert len(set(ports)) == 20 and all(port < low for port in ports)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    first = _pick_range()
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    second = _pick_range()
+    assert first and second and not set(first) & set(second)
