@@ -45,7 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.kit.hostaddr import resolve_addresses
 from services.kit.localinfra import free_port
-from services.kit.server import GrpcService, ServiceSpec
+from services.kit.server import GrpcService, ServiceSpec, until_signal
 from services.kit.settings import ReplicaSettings
 from services.kit.streams import Backoff
 from services.kit.telemetry import setup_tracing
@@ -328,11 +328,7 @@ class Supervisor:
             self._dir.cleanup()
 
     async def run_until_signal(self) -> None:
-        loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_requested.set)
-        await stop_requested.wait()
+        await until_signal()
         await self.stop()
 
 

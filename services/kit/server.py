@@ -294,9 +294,14 @@ class GrpcService:
 
     async def run_until_signal(self) -> None:
         """Serves until SIGTERM or SIGINT, then stops."""
-        loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_requested.set)
-        await stop_requested.wait()
+        await until_signal()
         await self.stop()
+
+
+async def until_signal() -> None:
+    """Returns when the process gets SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await stop_requested.wait()
