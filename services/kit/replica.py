@@ -119,10 +119,12 @@ class Supervisor:
         tags_of: TagsOf | None = None,
         restart_env: RestartEnv | None = None,
         public: bool = False,
+        worker_settings: dict[str, str] | None = None,
     ) -> None:
         """`public`: the service faces clients (the gateway): its health endpoint takes the public certificate's
-        TLS, like its port, rather than internal mTLS."""
+        TLS, like its port, rather than internal mTLS. `worker_settings` (without prefix) go to every worker."""
         self.settings = settings
+        self._worker_settings = dict(worker_settings or {})
         self._public = public
         self._module = module
         self._prefix = env_prefix
@@ -202,6 +204,7 @@ class Supervisor:
             "CONSUL_ENABLED": "false",
             "METRICS_PORT": str(worker.metrics_port),
             **{key: str(port) for key, port in self.extra_ports.items()},
+            **self._worker_settings,
             **extra,
         }
         return {**os.environ, **{f"{self._prefix}{key}": value for key, value in own.items()}}

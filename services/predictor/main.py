@@ -4,6 +4,7 @@ import asyncio
 import gc
 import json
 import logging
+import os
 from collections.abc import Iterable
 
 import grpc
@@ -228,6 +229,10 @@ async def serve(settings: PredictorSettings) -> None:
     if settings.is_worker:
         die_with_supervisor()
     elif settings.process_count() > 1:
+        # TensorFlow's default is a thread pool per process as large as the machine: N processes would each run
+        # that many threads on the same cores. Unless set, each process gets its share of the cores.
+        cores = len(os.sched_getaffinity(0))
+        threads = settings.tf_threads or max(1, cores // settings.process_count())
         supervisor = Supervisor(
             settings,
             module="services.predictor",
@@ -236,6 +241,7 @@ async def serve(settings: PredictorSettings) -> None:
             version=VERSION,
             tags_of=_worker_tags,
             restart_env=_restart_env,
+            worker_settings={"TF_THREADS": str(threads)},
         )
         await supervisor.start()
         await supervisor.run_until_signal()

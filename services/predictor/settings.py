@@ -93,4 +93,5 @@ class PredictorSettings(ReplicaSettings):
     memory). Read from the NPZ's zip directory and .npy headers before anything is decompressed, so a small
     compressed file that would unpack to gigabytes fails its job with a clear error."""
     tf_threads: int = Field(default=0, ge=0)
-    """TensorFlow intra- and inter-op threads (0: TensorFlow's default)."""
+    """TensorFlow intra- and inter-op threads (0: TensorFlow's default; in a replica of several processes, each
+    process's share of the cores)."""
