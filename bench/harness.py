@@ -231,12 +231,12 @@ def push_models(registry_target: str, models: dict[str, tuple[Path, str]], clien
 # ---- the model and its requests ------------------------------------------------------------------------------
 
 
-def build_mlp(directory: Path) -> None:
-    """64 -> 256 -> 256 -> 10 dense layers with ReLU between them; input "x" float32[-1, 64], output "y"."""
+def build_mlp(directory: Path, dims: Sequence[int] = (64, 256, 256, 10)) -> None:
+    """Dense layers of these widths with ReLU between them (64 -> 256 -> 256 -> 10 unless told); input "x"
+    float32[-1, dims[0]], output "y"."""
     import tensorflow as tf
 
     rng = np.random.default_rng(1)
-    dims = (64, 256, 256, 10)
 
     class MLP(tf.Module):
         def __init__(self) -> None:
@@ -253,6 +253,34 @@ def build_mlp(directory: Path) -> None:
             return {"y": x}
 
     module = MLP()
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
+
+
+def build_cnn(directory: Path, widths: Sequence[int], pool_after: Sequence[int]) -> None:
+    """3x3 convolutions of these widths with ReLU (a 2x2 max-pool after the layers in `pool_after`), global average
+    pool, dense to 10; input "x" float32[-1, 32, 32, 3], output "y"."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(2)
+
+    class CNN(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            ins = (3, *widths[:-1])
+            self.kernels = [
+                tf.Variable(rng.normal(0, (2 / (9 * a)) ** 0.5, (3, 3, a, b)).astype("float32"))
+                for a, b in zip(ins, widths, strict=True)
+            ]
+            self.dense = tf.Variable(rng.normal(0, 0.05, (widths[-1], 10)).astype("float32"))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32, name="x")])
+        def serve(self, x):
+            for i, kernel in enumerate(self.kernels):
+                x = tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME"))
+                x = tf.nn.max_pool2d(x, 2, 2, "VALID") if i in pool_after else x
+            return {"y": tf.matmul(tf.reduce_mean(x, axis=[1, 2]), self.dense)}
+
+    module = CNN()
     tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
 
 

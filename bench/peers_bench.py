@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import harness
 import numpy as np
 from harness import (
     CHANNEL_OPTIONS,
@@ -106,55 +107,12 @@ PEER_PACKAGES = {"mlserver": ("mlserver", "tensorflow", "grpcio"), "kserve": ("k
 
 def build_mlp(directory: Path) -> None:
     """784 -> 512 -> 512 -> 10 dense layers with ReLU between them."""
-    import tensorflow as tf
-
-    rng = np.random.default_rng(1)
-    dims = (784, 512, 512, 10)
-
-    class MLP(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            pairs = list(zip(dims, dims[1:], strict=False))
-            self.w = [tf.Variable(rng.normal(0, (2 / a) ** 0.5, (a, b)).astype("float32")) for a, b in pairs]
-            self.b = [tf.Variable(np.zeros(b, "float32")) for b in dims[1:]]
-
-        @tf.function(input_signature=[tf.TensorSpec([None, dims[0]], tf.float32, name="x")])
-        def serve(self, x):
-            for i, (w, b) in enumerate(zip(self.w, self.b, strict=True)):
-                x = tf.matmul(x, w) + b
-                x = tf.nn.relu(x) if i < len(self.w) - 1 else x
-            return {"y": x}
-
-    module = MLP()
-    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
+    harness.build_mlp(directory, dims=(784, 512, 512, 10))
 
 
 def build_cnn(directory: Path) -> None:
     """Four 3x3 convolutions with ReLU (max-pool after the second), global average pool, dense to 10."""
-    import tensorflow as tf
-
-    rng = np.random.default_rng(2)
-    widths = (32, 32, 64, 64)
-
-    class CNN(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            ins = (3, *widths[:-1])
-            self.kernels = [
-                tf.Variable(rng.normal(0, (2 / (9 * a)) ** 0.5, (3, 3, a, b)).astype("float32"))
-                for a, b in zip(ins, widths, strict=True)
-            ]
-            self.dense = tf.Variable(rng.normal(0, 0.05, (widths[-1], 10)).astype("float32"))
-
-        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32, name="x")])
-        def serve(self, x):
-            for i, kernel in enumerate(self.kernels):
-                x = tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME"))
-                x = tf.nn.max_pool2d(x, 2, 2, "VALID") if i == 1 else x
-            return {"y": tf.matmul(tf.reduce_mean(x, axis=[1, 2]), self.dense)}
-
-    module = CNN()
-    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
+    harness.build_cnn(directory, widths=(32, 32, 64, 64), pool_after=(1,))
 
 
 @dataclass(frozen=True)

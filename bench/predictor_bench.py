@@ -73,6 +73,9 @@ from harness import (
     work_dir,
     write_payloads,
 )
+from harness import (
+    build_cnn as harness_build_cnn,
+)
 from rich.console import Console
 
 from services.kit.localinfra import free_port
@@ -87,30 +90,7 @@ OFF, ON, FLASK, LIMIT = "predictor, batching off", "predictor, batching on", "fl
 
 def build_cnn(directory: Path) -> None:
     """Six 3x3 convolutions with ReLU (max-pool after every second), global average pool, dense to 10."""
-    import tensorflow as tf
-
-    rng = np.random.default_rng(2)
-    widths = (96, 96, 192, 192, 384, 384)
-
-    class CNN(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            ins = (3, *widths[:-1])
-            self.kernels = [
-                tf.Variable(rng.normal(0, (2 / (9 * a)) ** 0.5, (3, 3, a, b)).astype("float32"))
-                for a, b in zip(ins, widths, strict=True)
-            ]
-            self.dense = tf.Variable(rng.normal(0, 0.05, (widths[-1], 10)).astype("float32"))
-
-        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32, name="x")])
-        def serve(self, x):
-            for i, kernel in enumerate(self.kernels):
-                x = tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME"))
-                x = tf.nn.max_pool2d(x, 2, 2, "VALID") if i in (1, 3) else x
-            return {"y": tf.matmul(tf.reduce_mean(x, axis=[1, 2]), self.dense)}
-
-    module = CNN()
-    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
+    harness_build_cnn(directory, widths=(96, 96, 192, 192, 384, 384), pool_after=(1, 3))
 
 
 @dataclass(frozen=True)
