@@ -176,6 +176,16 @@ class Watcher:
             if event.progress and event.replica.task_index == task:
                 return json.loads(event.progress)
 
+    def first_progress(self, tasks: int, timeout: float = 10) -> dict[int, dict]:
+        """The first progress line of each of tasks 0..tasks-1, whatever order their lines arrive in."""
+        deadline = time.monotonic() + timeout
+        firsts: dict[int, dict] = {}
+        while len(firsts) < tasks:
+            _, event = self.next(max(deadline - time.monotonic(), 0.01))
+            if event.progress:
+                firsts.setdefault(event.replica.task_index, json.loads(event.progress))
+        return firsts
+
     def cancel(self) -> None:
         self.call.cancel()
 
@@ -294,7 +304,8 @@ def test_stop_with_kill_and_with_sigterm(agents):
     watcher = Watcher(agent, "job-stop")
     agent.start("job-stop", task=0, hang=True)
     agent.start("job-stop", task=1, hang=True)
-    assert {watcher.progress(0)["event"], watcher.progress(1)["event"]} == {"started"}  # handlers installed
+    firsts = watcher.first_progress(tasks=2)  # the two workers' lines arrive in either order
+    assert {task: line["event"] for task, line in firsts.items()} == {0: "started", 1: "started"}  # handlers installed
 
     stopped = agent.stop("job-stop", task=0, kill=True)
     assert stopped.task_index == 0 and stopped.state in (pb.REPLICA_STATE_RUNNING, pb.REPLICA_STATE_EXITED)
@@ -363,8 +374,7 @@ def test_agent_sigterm_leaves_no_worker_alive(agents):
     watcher = Watcher(agent, "job-term")
     polite = agent.start("job-term", task=0, hang=True)
     stubborn = agent.start("job-term", task=1, hang=True, ignore_sigterm=True)
-    watcher.progress(0)
-    watcher.progress(1)
+    watcher.first_progress(tasks=2)
 
     started = time.monotonic()
     assert agent.process.terminate(timeout=30) == 0
