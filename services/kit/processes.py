@@ -88,7 +88,7 @@ class ServiceProcess:
         self.internal_tls_dir = internal_tls_dir
         if internal_tls_dir is not None:
             settings = {"INTERNAL_TLS_DIR": str(internal_tls_dir), **settings}
-        # A predictor or gateway runs one process per core by default (kit.replica); tests and benches ask for more.
+        # A predictor or gateway runs one process per core by default (kit.replica); here one, unless the caller asks.
         settings = {"PROCESSES": "1", **settings}
         self.port = int(settings.get("PORT", 0)) or free_port()
         self.env = {**os.environ, **{f"{env_prefix}{k}": str(v) for k, v in {**settings, "PORT": self.port}.items()}}
