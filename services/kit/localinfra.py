@@ -72,7 +72,7 @@ CONSUL_MASTER_TOKEN_FILE = "consul-master-token"  # in the state dir, mode 0600
 CONSUL_TOKEN_DIR = "consul-tokens"  # in the state dir: one file (mode 0600) per service token
 TLS_DIR = "tls"  # in the state dir: the mesh's CA and a certificate per service (kit.tls)
 # Loopback requests must never go through an HTTP proxy configured in the environment.
-_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class InfraError(RuntimeError):
@@ -175,7 +175,7 @@ def _executable(path: str, variable: str) -> str:
 def consul_leader(http_addr: str, timeout: float = 1.0) -> str:
     """Return the Raft leader address the agent at http_addr reports, or "" if it has none or is down."""
     try:
-        with _NO_PROXY_OPENER.open(f"http://{http_addr}/v1/status/leader", timeout=timeout) as response:
+        with NO_PROXY_OPENER.open(f"http://{http_addr}/v1/status/leader", timeout=timeout) as response:
             return str(json.load(response))
     except (OSError, ValueError):
         return ""
@@ -456,7 +456,7 @@ class ConsulAgent(_LoopbackProcess):
         request = urllib.request.Request(f"{self.http_url}/v1/catalog/node/{self.node_name}")
         request.add_header(TOKEN_HEADER, self.master_token)
         while time.monotonic() < deadline:
-            with _NO_PROXY_OPENER.open(request, timeout=2) as response:
+            with NO_PROXY_OPENER.open(request, timeout=2) as response:
                 node = (json.load(response) or {}).get("Node") or {}
             if node.get("TaggedAddresses"):
                 return

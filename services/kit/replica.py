@@ -33,7 +33,6 @@ import socket
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from prometheus_client import CollectorRegistry, Metric, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.kit.hostaddr import resolve_addresses
-from services.kit.localinfra import free_port
+from services.kit.localinfra import NO_PROXY_OPENER, free_port
 from services.kit.server import GrpcService, ServiceSpec, until_signal
 from services.kit.settings import ReplicaSettings
 from services.kit.streams import Backoff
@@ -96,7 +95,6 @@ class Worker:
     serving: bool = False
     tags: frozenset[str] = frozenset()
     started_at: float = 0.0
-    restarts: int = 0
     metrics_port: int = -1
     backoff: Backoff = field(default_factory=lambda: Backoff(initial=1.0, maximum=30.0))
 
@@ -278,7 +276,6 @@ class Supervisor:
             except grpc.aio.AioRpcError as exc:
                 logger.warning("could not ask worker %d what it serves: %s", sibling.index, exc.code().name)
         if not self._stopping:
-            worker.restarts += 1
             await self._spawn(worker, extra)
 
     async def _publish(self) -> None:
@@ -350,7 +347,7 @@ class WorkerMetrics:
                 continue
             url = f"http://{self._host}:{worker.metrics_port}/metrics"
             try:
-                with _NO_PROXY.open(url, timeout=METRICS_TIMEOUT_SECONDS) as answer:
+                with NO_PROXY_OPENER.open(url, timeout=METRICS_TIMEOUT_SECONDS) as answer:
                     text = answer.read().decode()
             except OSError:
                 continue
@@ -362,6 +359,3 @@ class WorkerMetrics:
                     labels = {**sample.labels, "worker": str(worker.index)}
                     merged.add_sample(sample.name, labels, sample.value, sample.timestamp)
         yield from families.values()
-
-
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

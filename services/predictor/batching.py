@@ -241,7 +241,7 @@ class BatchQueue:
         if deadline is not None and deadline <= time.monotonic():
             raise DeadlineExceeded("the deadline passed before the request was queued")
         if self.config.inline and self._take_inline(rows):
-            return self._run_inline(arrays, rows if rows is not None else 1, timing)
+            return self._run_inline(arrays, rows, timing)  # _take_inline admits only requests with rows
         request = _Request(arrays, rows if rows is not None else 1, signature, deadline, timing)
         self._queue.append(request)
         self._wakeup.set()
@@ -258,7 +258,7 @@ class BatchQueue:
                 timer.cancel()
 
     def _idle(self) -> bool:
-        return not self._busy() and not self._queue and all(r.future.done() for r in self._forming)
+        return not self._busy() and self.depth == 0
 
     def _take_inline(self, rows: int | None) -> bool:
         """Whether this request runs inline; also keeps the load watch (inline mode or batching mode) up to date."""
