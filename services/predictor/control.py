@@ -17,7 +17,7 @@ from services.kit.modelref import ModelRef, check_model_name
 from services.predictor.batching import BatchingConfig, BatchObserver
 from services.predictor.cache import ArtifactCache
 from services.predictor.domain import ModelStatus, VersionPolicy, VersionState, VersionStatus
-from services.predictor.repository import Loader, ModelRepository, ServedModel, ServedVersion
+from services.predictor.repository import Barrier, Loader, ModelRepository, ServedModel, ServedVersion, no_barrier
 from services.predictor.runtime import ModelSignature
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class ModelControl:
         *,
         warmup_requests: int = 2,
         observer_for: Callable[[str, int], BatchObserver | None] = lambda name, version: None,
+        barrier: Barrier = no_barrier,
     ) -> None:
         self._listeners: list[Callable[[], None]] = []
         self._repository = ModelRepository(
@@ -71,6 +72,7 @@ class ModelControl:
             warmup_requests=warmup_requests,
             observer_for=observer_for,
             on_change=self._changed,
+            barrier=barrier,
         )
         self._models = self._repository.models  # the same dict, read on every request
 

@@ -13,6 +13,8 @@ class VersionState(enum.StrEnum):
     """Where one version is in its life on this replica."""
 
     LOADING = "LOADING"
+    PREPARED = "PREPARED"
+    """Loaded and warmed up, not serving yet: waits for the replica's other processes (see ModelRepository)."""
     AVAILABLE = "AVAILABLE"
     UNLOADING = "UNLOADING"
     FAILED = "FAILED"

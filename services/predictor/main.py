@@ -148,6 +148,11 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
         settings.inline_when_idle,
         settings.inline_max_exec_ms,
     )
+    siblings = Siblings(settings.sibling_sockets)
+
+    async def swap_barrier(name: str, versions: list[int]) -> None:
+        await siblings.wait_loaded(name, versions, settings.swap_wait_seconds)
+
     control = ModelControl(
         registry,
         ArtifactCache(settings.cache_dir, settings.cache_max_bytes),
@@ -155,6 +160,7 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
         batching,
         warmup_requests=settings.warmup_requests,
         observer_for=metrics.observer,
+        barrier=swap_barrier,
     )
     inference = Inference(control, metrics, settings.max_request_rows)
     jobs = BatchJobs(
@@ -166,7 +172,6 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
         max_records=settings.max_batch_job_records,
         max_input_bytes=settings.max_bulk_input_bytes,
     )
-    siblings = Siblings(settings.sibling_sockets)
     native = PredictorServicer(
         inference, control, jobs, settings.max_streamed_job_bytes, settings.max_request_bytes, siblings
     )

@@ -4,6 +4,11 @@ the hot swap when the registry moves an alias or adds a version.
 A swap never fails a request: a new version is downloaded, loaded and warmed up while the old one keeps
 serving; then the alias routes switch in one assignment; the old version finishes the requests it already took
 (each request holds it through `ServedVersion.use()`) and only then is unloaded.
+
+In a replica of several processes (kit.replica) every process follows the registry and loads the new version
+itself; a loaded version waits as PREPARED until the other processes have it loaded too (`barrier`), and only then
+serves. So the processes switch together (within one poll of each other) rather than each when its own load ends,
+and a client whose connections reach different processes does not go back and forth between versions.
 """
 
 import asyncio
@@ -11,7 +16,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +90,12 @@ class ServedModel:
 
 
 Loader = Callable[[Path], object]  # blocking: returns a runner with `.signature` and `__call__(inputs)`
+Barrier = Callable[[str, list[int]], Awaitable[None]]
+"""(model, versions): returns once the replica's other processes have those versions loaded (or cannot)."""
+
+
+async def no_barrier(name: str, versions: list[int]) -> None:
+    """A replica of one process waits for nobody."""
 
 
 class ModelRepository:
@@ -100,8 +111,10 @@ class ModelRepository:
         warmup_requests: int = 2,
         observer_for: Callable[[str, int], BatchObserver | None] = lambda name, version: None,
         on_change: Callable[[], None] = lambda: None,
+        barrier: Barrier = no_barrier,
     ) -> None:
         self._registry = registry
+        self._barrier = barrier
         self._cache = cache
         self._loader = loader
         self._batching = batching
@@ -181,6 +194,13 @@ class ModelRepository:
             for version in new:
                 model.versions[version.version] = version
             await asyncio.gather(*(self._bring_up(model, v) for v in new))
+            prepared = [v for v in new if v.state == VersionState.PREPARED]
+            if prepared:
+                await self._barrier(name, [v.version for v in prepared])
+            # From here to the route assignment nothing awaits: the new versions and routes serve together.
+            for version in prepared:
+                version.state = VersionState.AVAILABLE
+                version.available_since = time.time()
             # Route each alias to its new target once that is AVAILABLE; otherwise keep the old route serving.
             new_routes = {}
             for alias, number in routes.items():
@@ -233,7 +253,7 @@ class ModelRepository:
         return wanted, routes, "; ".join(problems)
 
     async def _bring_up(self, model: ServedModel, version: ServedVersion) -> None:
-        """Download, load, warm up: LOADING -> AVAILABLE, or FAILED with the reason."""
+        """Download, load, warm up: LOADING -> PREPARED, or FAILED with the reason."""
         started = time.monotonic()
         try:
             path = await self._cache.acquire(
@@ -271,9 +291,8 @@ class ModelRepository:
                 exc_info=None if expected else exc,
             )
             return
-        version.state = VersionState.AVAILABLE
-        version.available_since = time.time()
-        logger.info("%s:%d available after %.2fs", model.name, version.version, time.monotonic() - started)
+        version.state = VersionState.PREPARED
+        logger.info("%s:%d loaded in %.2fs", model.name, version.version, time.monotonic() - started)
 
     async def _warm_up(self, model: ServedModel, version: ServedVersion) -> None:
         """Runs recorded real requests (when their inputs fit the new signature) or synthetic ones."""

@@ -80,6 +80,10 @@ class PredictorSettings(ReplicaSettings):
     take about their message size."""
     warmup_requests: int = Field(default=2, ge=0)
     """Synthetic requests run on a newly loaded version before it takes traffic."""
+    swap_wait_seconds: float = Field(default=30.0, ge=0, le=3600)
+    """In a replica of several processes: how long a newly loaded version waits (PREPARED) for the other processes
+    to load it too before it serves anyway. A process that failed to load it, or cannot be reached, is not waited
+    for."""
     follow_registry: bool = True
     """Follow the registry's event stream to load new versions and move aliases (hot swap)."""
     batch_job_batch_size: int = Field(default=256, ge=1)

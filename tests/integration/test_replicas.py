@@ -29,6 +29,8 @@ pytestmark = pytest.mark.slow
 X = np.array([[0.5, -1.0, 2.0, 0.1]], dtype=np.float32)
 PROCESSES = 2
 CONNECTIONS = 8  # fresh connections per check: each lands on a process the kernel picks
+SWITCH_WINDOW_SECONDS = 0.25  # a moved alias: how long two processes may answer from different versions
+HELD_SECONDS = 1.5
 # What an idempotent caller does (gRPC's own retry policy): a call cut by a process that dies is tried again.
 RETRYING = [
     ("grpc.enable_retries", 1),
@@ -107,6 +109,19 @@ def killed_process_costs_no_call(process, channel_of, prediction_loop, ref: str)
         for channel in channels:
             channel.close()
     return sum(loop.calls() for loop in loops), failed
+
+
+def mixed_window(results: list[list[tuple[float, str, int]]]) -> float:
+    """Seconds from the first version-2 answer on any connection to the last call sent after it that still got
+    version 1 (a call was sent after its predecessor on the same connection answered)."""
+    first_new = min(done for calls in results for done, _, version in calls if version == 2)
+    old_sent_after = [
+        previous_done
+        for calls in results
+        for (previous_done, _, _), (_, _, version) in zip(calls, calls[1:])
+        if version == 1 and previous_done > first_new
+    ]
+    return max(old_sent_after, default=first_new) - first_new
 
 
 def consul_get(consul: ConsulAgent, path: str):
@@ -228,7 +243,15 @@ def test_a_hot_swap_under_load_fails_no_request_on_any_process(replica, predicti
         for loop in loops:
             loop.__enter__()
         time.sleep(1.0)
+        # One process is held still while the alias moves, so that it loads the new version well after the other:
+        # the other must wait for it (PREPARED) rather than serve version 2 alone meanwhile.
+        slow = workers_of(replica.predictor.process.pid)[0]
         replica.client.stub.SetAlias(rpb.SetAliasRequest(model_name=replica.model, alias="production", version=2))
+        os.kill(slow, signal.SIGSTOP)
+        try:
+            time.sleep(HELD_SECONDS)
+        finally:
+            os.kill(slow, signal.SIGCONT)
         wait_for(
             lambda: all(loop.results and loop.results[-1][2] == 2 for loop in loops),
             60,
@@ -243,6 +266,12 @@ def test_a_hot_swap_under_load_fails_no_request_on_any_process(replica, predicti
     assert not failures, failures[:5]
     versions = {version for loop in loops for _, _, version in loop.results}
     assert versions == {1, 2}
+    # The processes switch together: once any connection got version 2, a call sent later gets version 1 only
+    # within the processes' last poll of each other. Without that wait the window would be the time the held
+    # process took to load the new version after the other (more than HELD_SECONDS).
+    window = mixed_window([loop.results for loop in loops])
+    print(f"old and new version answered side by side for {window * 1000:.0f} ms")
+    assert window < SWITCH_WINDOW_SECONDS, window
     assert fresh_calls(replica, ref) == [("OK", 2)] * CONNECTIONS
     with replica.predictor.channel() as channel:
         reply = predictor_pb2_grpc.PredictorStub(channel).Predict(request(ref), timeout=30)

@@ -46,6 +46,7 @@ PROTOCOL = "oip"
 INDEX_STATE = {
     VersionState.AVAILABLE: "READY",
     VersionState.LOADING: "LOADING",
+    VersionState.PREPARED: "LOADING",
     VersionState.UNLOADING: "UNLOADING",
     VersionState.FAILED: "UNAVAILABLE",
 }

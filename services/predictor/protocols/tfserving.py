@@ -47,6 +47,7 @@ SIGNATURE_DEF_FIELD = "signature_def"
 ERROR_UNKNOWN = 2  # tensorflow.error.Code.UNKNOWN
 STATUS_STATE = {
     VersionState.LOADING: get_model_status_pb2.ModelVersionStatus.LOADING,
+    VersionState.PREPARED: get_model_status_pb2.ModelVersionStatus.LOADING,
     VersionState.AVAILABLE: get_model_status_pb2.ModelVersionStatus.AVAILABLE,
     VersionState.UNLOADING: get_model_status_pb2.ModelVersionStatus.UNLOADING,
     VersionState.FAILED: get_model_status_pb2.ModelVersionStatus.END,

@@ -40,17 +40,18 @@ def push(registry_client, saved_models) -> Callable[[str, int], Awaitable[ModelV
 
 
 @pytest.fixture
-def new_control(tmp_path) -> Callable[[AsyncRegistryClient], ModelControl]:
-    """`new_control(client)`: a ModelControl over a registry client, with TensorFlow loading and one warm-up
-    request per version (the caller closes it)."""
+def new_control(tmp_path) -> Callable[..., ModelControl]:
+    """`new_control(client, **options)`: a ModelControl over a registry client, with TensorFlow loading and one
+    warm-up request per version (the caller closes it)."""
 
-    def new_control(client: AsyncRegistryClient) -> ModelControl:
+    def new_control(client: AsyncRegistryClient, **options) -> ModelControl:
         return ModelControl(
             client,
             ArtifactCache(tmp_path / f"cache-{uuid.uuid4().hex[:6]}", 1 << 30),
             SavedModelRunner,
             BatchingConfig(max_batch_size=8, max_queue_delay_ms=0),
             warmup_requests=1,
+            **options,
         )
 
     return new_control

@@ -61,6 +61,50 @@ async def test_load_waits_for_the_newest_version_and_serves_it(control, push, un
     assert [m.name for m in control.index()] == [name]
 
 
+async def test_a_loaded_version_waits_prepared_until_the_other_processes_have_it(
+    registry_client, new_control, push, unique
+):
+    """In a replica of several processes a loaded version waits (PREPARED) at the barrier for the other processes:
+    until the barrier returns the old version keeps every route, then the new version and its routes serve
+    together."""
+    gate, asked = asyncio.Event(), []
+
+    async def barrier(model: str, versions: list[int]) -> None:
+        asked.append((model, versions))
+        await gate.wait()
+
+    control = new_control(registry_client, barrier=barrier)
+    try:
+        name = unique("barrier")
+        await push(name, 1)
+        await push(name, 2)
+        await registry_client.set_alias(name, "production", 1)
+        production = ModelRef(name, alias="production")
+        gate.set()
+        await control.load(name, VersionPolicy(aliases=("production",), latest=0), wait=True)
+        assert asked == [(name, [1])]
+        gate.clear()
+
+        await registry_client.set_alias(name, "production", 2)
+        control.refresh(name)
+        await eventually(lambda: loaded(control, name)[0] == (2, VersionState.PREPARED), "version 2 prepared")
+        await asyncio.sleep(0.1)  # it stays there while the barrier holds
+        assert loaded(control, name) == [(2, VersionState.PREPARED), (1, VersionState.AVAILABLE)]
+        assert asked[-1] == (name, [2]) and control.status(name).routes == {"production": 1}
+        assert await answering_version(control, production) == 1
+        assert await answering_version(control, ModelRef(name)) == 1  # the newest AVAILABLE version
+        with pytest.raises(NotFound, match="not loaded here"):
+            control.select(ModelRef(name, version=2))
+
+        gate.set()
+        await eventually(lambda: control.status(name).routes == {"production": 2}, "the alias routes to 2")
+        assert await answering_version(control, production) == 2
+        await eventually(lambda: loaded(control, name) == [(2, VersionState.AVAILABLE)], "version 1 unloaded")
+    finally:
+        gate.set()
+        await control.close()
+
+
 async def test_a_new_policy_loads_what_it_wants_and_retires_the_rest(control, push, unique):
     name = unique("policy")
     await push(name, 1)
