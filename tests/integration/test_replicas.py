@@ -3,6 +3,7 @@ change what it serves reach both processes, a killed process costs no failed ide
 under load fails no request. A gateway: both fronts (gRPC and gRPC-Web) served by both processes, and a killed
 process costs no failed idempotent call. Real Consul, Redis, registry, predictor and gateway processes."""
 
+import itertools
 import json
 import os
 import signal
@@ -118,7 +119,7 @@ def mixed_window(results: list[list[tuple[float, str, int]]]) -> float:
     old_sent_after = [
         previous_done
         for calls in results
-        for (previous_done, _, _), (_, _, version) in zip(calls, calls[1:])
+        for (previous_done, _, _), (_, _, version) in itertools.pairwise(calls)
         if version == 1 and previous_done > first_new
     ]
     return max(old_sent_after, default=first_new) - first_new
