@@ -128,13 +128,18 @@ demo: up
 bench-registry: setup
 	$(PY) bench/registry_bench.py $(BENCH_ARGS)
 
+# py-spy samples a service for the benches' --profile; a bench tool, not a dependency of the services.
+PY_SPY := $(VENV)/bin/py-spy
+$(PY_SPY): $(VENV)/.installed
+	$(PY) -m pip install -q py-spy==0.4.3
+
 bench-predictor: setup
 	$(PY) bench/predictor_bench.py $(BENCH_ARGS)
 
 bench-trainer: setup
 	$(PY) bench/trainer_bench.py $(BENCH_ARGS)
 
-bench-gateway: setup
+bench-gateway: setup $(PY_SPY)
 	$(PY) bench/gateway_bench.py $(BENCH_ARGS)
 
 bench-large: setup
@@ -146,7 +151,7 @@ bench-large: setup
 PEERS_DIR := .bench/peers
 PEER_STAMPS := $(PEERS_DIR)/mlserver/.installed $(PEERS_DIR)/kserve/.installed
 
-bench-peers: setup $(PEER_STAMPS)
+bench-peers: setup $(PEER_STAMPS) $(PY_SPY)
 	$(PY) bench/peers_bench.py --peers-dir $(PEERS_DIR) $(BENCH_ARGS)
 
 $(PEERS_DIR)/%/.installed: bench/peers/%-requirements.txt

@@ -29,15 +29,15 @@ the gateway and the predictor share the CPU, so once the machine is saturated th
 ratio of CPU spent per call, direct "all ms/req" over the gateway's; the last line says how cheap the gateway
 must be for the target.
 
---profile runs one more gateway cell at the first concurrency under `py-spy record` (not a project dependency:
-pip install py-spy) and prints the gateway's hottest Python functions; the raw profile stays in --profile-dir.
+--profile runs one more gateway cell at the first concurrency under `py-spy record` (`make bench-gateway` installs
+it into the venv; not a dependency of the services) and prints the gateway's hottest Python functions; the raw
+profile stays in --profile-dir.
 --profile-path gateway+auth samples the gateway with auth on instead.
 """
 
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,8 +57,8 @@ from harness import (
     fmt,
     load_average,
     predict_payloads,
-    print_profile,
-    profile,
+    profile_args,
+    profile_cell,
     push_models,
     run_load,
     table,
@@ -197,25 +197,12 @@ def measure(paths: dict[str, Endpoint], args, workdir: Path, out: Console) -> li
 
 def profile_gateway(path: Endpoint, concurrency: int, args, workdir: Path, out: Console) -> None:
     """One more gateway cell while py-spy samples the gateway; prints its hottest frames."""
-    collapsed = args.profile_dir / f"gateway-c{concurrency}-{int(time.time())}.txt"
-    seconds = round(args.profile_seconds)
-    runs: list[Run] = []
-    shorter = argparse.Namespace(**{**vars(args), "duration": seconds - 1})
-    failure = profile(
-        path.pids["gw"],
-        seconds,
-        collapsed,
-        args.native,
-        lambda: runs.append(run_cell(path, concurrency, 0, shorter, workdir)),
-    )
-    if failure:
-        out.print(f"--profile: {failure}")
-        return
-    out.print(
-        f"\nprofile of {path.name} at c={concurrency} ({runs[0].calls_per_s:,.0f} req/s under py-spy, which slows it): "
-        f"{collapsed}"
-    )
-    print_profile(collapsed, out, args.profile_top, "gateway CPU samples", entry="services/gateway/main.py")
+
+    def run(seconds: float) -> Run:
+        return run_cell(path, concurrency, 0, argparse.Namespace(**{**vars(args), "duration": seconds}), workdir)
+
+    what = f"{path.name} at c={concurrency}"
+    profile_cell(path.pids["gw"], run, what, args, out, entry="services/gateway/main.py")
 
 
 # ---- report ----------------------------------------------------------------------------------------------------------
@@ -346,11 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-auth", action="store_true", help="leave out the gateway with auth on")
     parser.add_argument("--tf-threads", type=int, default=2, help="predictor TensorFlow intra/inter-op threads")
     parser.add_argument("--quick", action="store_true", help="c=32 only, 2 rounds of 2 s cells: about 1.5 minutes")
-    parser.add_argument("--profile", action="store_true", help="profile the gateway with py-spy after measuring")
-    parser.add_argument("--native", action="store_true", help="with --profile: native frames too (py-spy --native)")
-    parser.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "gateway-bench-profiles")
-    parser.add_argument("--profile-seconds", type=float, default=10.0, help="with --profile: sampled seconds")
-    parser.add_argument("--profile-top", type=int, default=25, help="with --profile: functions listed")
+    profile_args(parser, "the gateway")
     parser.add_argument(
         "--profile-path", choices=(GATEWAY, GATEWAY_AUTH), default=GATEWAY, help="with --profile: the gateway sampled"
     )

@@ -600,6 +600,29 @@ def profile(pid: int, seconds: int, out: Path, native: bool, during: Callable[[]
     return ""
 
 
+def profile_cell(pid: int, run: Callable[[float], object], what: str, args, out: Console, entry: str) -> None:
+    """One more load cell (`run(duration)`, returning a result with `calls_per_s`) while py-spy samples `pid` for
+    --profile-seconds; prints its hottest Python functions. The raw profile stays in --profile-dir."""
+    collapsed = args.profile_dir / f"{what.replace(' ', '-')}-{int(time.time())}.txt"
+    seconds = round(args.profile_seconds)
+    runs = []
+    failure = profile(pid, seconds, collapsed, args.native, lambda: runs.append(run(seconds - 1)))
+    if failure:
+        out.print(f"--profile: {failure}")
+        return
+    out.print(f"\nprofile of {what} ({runs[0].calls_per_s:,.0f} req/s under py-spy, which slows it): {collapsed}")
+    print_profile(collapsed, out, args.profile_top, f"{what}: CPU samples", entry=entry)
+
+
+def profile_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """--profile and its options."""
+    parser.add_argument("--profile", action="store_true", help=f"profile {what} with py-spy after measuring")
+    parser.add_argument("--native", action="store_true", help="with --profile: native frames too (py-spy --native)")
+    parser.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "modelgrid-bench-profiles")
+    parser.add_argument("--profile-seconds", type=float, default=10.0, help="with --profile: sampled seconds")
+    parser.add_argument("--profile-top", type=int, default=25, help="with --profile: functions listed")
+
+
 PROFILE_AREAS = (
     ("grpc", "grpc/"),
     ("opentelemetry", "opentelemetry/"),

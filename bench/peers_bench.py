@@ -50,6 +50,9 @@ targets of issue 11.
 Several processes: `--processes 2` runs modelgrid's predictor and gateway as replicas of two serving processes on
 one port (PROCESSES, kit.replica). The kernel spreads connections, not calls, over them, so give the load generator
 several connections (`--connections 4`): every server then gets the same four.
+
+`--profile` runs one more modelgrid cell (the first model, the highest concurrency) while py-spy samples the predictor
+(its last serving process) and prints where its CPU goes.
 """
 
 import argparse
@@ -77,6 +80,8 @@ from harness import (
     milliseconds,
     percentile,
     process_tree,
+    profile_args,
+    profile_cell,
     push_models,
     run_load,
     table,
@@ -457,6 +462,17 @@ def run_cell(endpoint: Endpoint, payloads: Path, concurrency: int, args, workdir
     return run_load(load, workdir)
 
 
+def profile_predictor(endpoint: Endpoint, work: Workload, concurrency: int, args, workdir: Path, out: Console) -> None:
+    """One more modelgrid cell while py-spy samples the predictor (its last serving process, when it has several)."""
+
+    def run(seconds: float) -> LoadResult:
+        shorter = argparse.Namespace(**{**vars(args), "duration": seconds})
+        return run_cell(endpoint, work.payloads, concurrency, shorter, workdir)
+
+    what = f"{endpoint.name} {work.spec.key} at c={concurrency}"
+    profile_cell(list(endpoint.pids.values())[-1], run, what, args, out, entry="services/predictor/main.py")
+
+
 def measure(endpoints: dict[str, Endpoint], works: list[Workload], args, workdir: Path, out: Console) -> list[Cell]:
     """Every cell, round after round; within a round the servers take turns at each (model, concurrency), in the
     reverse order on every other round."""
@@ -674,6 +690,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=1, help="the load generator's gRPC connections")
     parser.add_argument("--processes", type=int, default=1, help="modelgrid's PROCESSES (predictor and gateway)")
     parser.add_argument("--quick", action="store_true", help="one round, c=1,64, short cells: about 3 minutes")
+    profile_args(parser, "modelgrid's predictor (one serving process) at the highest concurrency")
     tmp_root_arg(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -716,6 +733,8 @@ def main(argv: list[str] | None = None) -> None:
                 check_answers(endpoint, works)
             out.print(f"  every server answers as TensorFlow does in-process ({', '.join(endpoints)})")
             results = Results(measure(endpoints, works, args, workdir, out))
+            if args.profile:
+                profile_predictor(endpoints[DIRECT], works[0], max(args.concurrency), args, workdir, out)
     out.print()
     servers = list(endpoints)
     for work in works:
