@@ -90,10 +90,15 @@ class ServiceSettings(BaseSettings):
     """Largest gRPC message the server sends."""
     shutdown_grace_seconds: float = Field(default=5.0, ge=0)
     """On SIGTERM, how long in-flight calls may finish before they are cancelled."""
-    otel_exporter: Literal["none", "console", "otlp"] = "none"
-    """Where trace spans go: nowhere, stderr, or an OTLP/gRPC collector."""
-    otel_endpoint: str = "http://127.0.0.1:4317"
-    """OTLP collector endpoint, used when otel_exporter is "otlp"."""
+    otel_exporter: Literal["none", "console", "otlp"] | None = None
+    """Where trace spans go: nowhere, stderr, or an OTLP/gRPC collector. Unset: the standard OTEL_TRACES_EXPORTER
+    (none when that is unset too; kit.telemetry)."""
+    otel_endpoint: str = ""
+    """OTLP collector endpoint (http://host:4317 plaintext, https:// TLS), used when the exporter is otlp. Empty: the
+    standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4317."""
+    otel_sample_ratio: float | None = Field(default=None, ge=0, le=1)
+    """Share of new traces sampled (a trace a caller sampled is always continued). Unset: the standard
+    OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (default: every trace)."""
     log_level: str = "INFO"
     """Root log level."""
     log_format: Literal["text", "json"] = "text"
