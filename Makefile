@@ -20,7 +20,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 XDIST = $(if $(filter-out 1,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
 
-.PHONY: help setup protos web up down status test test-fast fuzz lint format clean lock demo bench-registry bench-predictor bench-trainer bench-gateway bench-large bench-peers
+.PHONY: help setup protos web up down status test test-fast fuzz lint format clean lock demo settings-doc bench-registry bench-predictor bench-trainer bench-gateway bench-large bench-peers
 
 help:
 	@echo "make up              install what is missing, start Consul, Redis and the services locally"
@@ -38,6 +38,7 @@ help:
 	@echo "                     (BENCH_ARGS=--quick for a short run of any bench)"
 	@echo "make lint            ruff check and format check"
 	@echo "make protos          regenerate Python code from protos/ into gen/"
+	@echo "make settings-doc    regenerate docs/settings.md from the settings classes"
 	@echo "make web             build the web console (TypeScript from protos/, Vite) into web/dist/"
 
 setup: $(VENV)/.installed $(CONSUL) $(DEBIAN_STAMP) gen/.generated web
@@ -93,6 +94,10 @@ down:
 
 status: setup
 	$(PY) -m services.kit.localinfra status --state-dir $(RUN_DIR); $(PY) scripts/mesh.py status --state-dir $(RUN_DIR)
+
+# docs/settings.md from the settings classes (a unit test fails when it is out of date).
+settings-doc: $(VENV)/.installed gen/.generated
+	$(PY) scripts/settings_reference.py
 
 # Tiers: tests/unit (in-process), tests/integration (services as subprocesses), tests/e2e (web console, compose).
 test: setup

@@ -22,7 +22,7 @@ class ServiceSettings(BaseSettings):
     `MODELGRID_REGISTRY_PORT=50051` sets `port`.
     """
 
-    model_config = SettingsConfigDict(env_prefix="MODELGRID_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MODELGRID_", extra="ignore", use_attribute_docstrings=True)
 
     host: str = "auto"
     """Address the gRPC server binds to: "auto" binds the advertised address (kit.hostaddr), 0.0.0.0 in containers,
