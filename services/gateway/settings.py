@@ -24,7 +24,7 @@ class GatewaySettings(ReplicaSettings):
     port: int = 8080
     """Native gRPC port (0: any free port)."""
     web_port: int = 8081
-    """gRPC-Web and web console port, HTTP/1.1 and HTTP/2 (0: any free port, -1: off)."""
+    """gRPC-Web, KServe v2 REST (/v2) and web console port, HTTP/1.1 and HTTP/2 (0: any free port, -1: off)."""
     metrics_port: int = 9180
     """Prometheus /metrics HTTP port (0: any free port, -1: off)."""
     routes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
@@ -95,7 +95,19 @@ class GatewaySettings(ReplicaSettings):
     longer ends the call with DEADLINE_EXCEEDED and closes the connection (HTTP/1.1)."""
     web_max_body_bytes: int = Field(default=1024 * MiB, ge=1024)
     """Largest gRPC-Web request body (all its frames; a message is also held to max_receive_message_bytes):
-    a bigger one ends the call with RESOURCE_EXHAUSTED. Bigger uploads go through the native gRPC port."""
+    a bigger one ends the call with RESOURCE_EXHAUSTED. Bigger uploads go through the native gRPC port. Also the
+    largest KServe v2 REST request body (413)."""
+    oip_rest_max_json_bytes: int = Field(default=64 * MiB, ge=1024)
+    """Largest JSON part of a KServe v2 REST infer request on the web port (the body before its binary tensor data,
+    if any): a bigger one gets 413 before it is parsed. Big tensors travel as binary data."""
+    oip_rest_max_json_values: int = Field(default=4 * 1024 * 1024, ge=16)
+    """Most values the JSON of one KServe v2 REST infer request may hold (counted from its commas and brackets before
+    it is parsed: an upper bound), and most elements of an output answered as JSON rather than binary data: beyond
+    it, 413. Bounds the Python objects a JSON request builds (tens of bytes each)."""
+    oip_rest_timeout_seconds: float = Field(default=60.0, gt=0)
+    """Deadline of each KServe v2 REST call on the web port (HTTP has no grpc-timeout): past it the call answers 504
+    and its upstream call is cancelled. An infer request's `timeout` parameter (microseconds) can shorten it on the
+    predictor."""
     web_dir: Path = Path("web/dist")
     """Built web console served at / on the web port (when the directory exists)."""
     tls_cert: Path | None = None

@@ -1,5 +1,6 @@
 """The gRPC-Web front: an ASGI app served by hypercorn (HTTP/1.1, h2c and, with a certificate, TLS with ALPN h2)
-that translates gRPC-Web calls to the forwarding core, answers CORS preflights, and serves the web console.
+that translates gRPC-Web calls to the forwarding core, answers CORS preflights, serves the web console, and hands
+/v2 to the KServe v2 REST front (oip_rest.py) after the same Host and Origin checks.
 
 POST /<package.Service>/<Method> with `application/grpc-web[+proto]` or `application/grpc-web-text[+proto]`:
 the body's frames become the call's messages, `grpc-timeout` its deadline; the answer's headers carry the call's
@@ -34,6 +35,7 @@ from hypercorn.config import Config
 
 from services.gateway import grpcweb
 from services.gateway.auth import Authorizer
+from services.gateway.oip_rest import OipRestFront
 from services.gateway.proxy import End, Forwarder, Headers
 from services.gateway.settings import GatewaySettings
 from services.kit.errors import ModelgridError
@@ -299,6 +301,7 @@ class GrpcWebApp:
         self._max_body = settings.web_max_body_bytes
         self._max_message = settings.max_receive_message_bytes
         self._web_dir = Path(settings.web_dir).resolve()
+        self._oip_rest = OipRestFront(settings, forwarder, authorizer)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -317,6 +320,12 @@ class GrpcWebApp:
         method, path = scope["method"], scope["path"]
         if method == "OPTIONS":
             return await self._preflight(scope, headers, send)
+        if path == "/v2" or path.startswith("/v2/"):
+            # KServe v2 REST (oip_rest.py); from a browser, only allowed origins
+            origin = headers.get("origin")
+            if origin is not None and not self._origin_allowed(origin, scope, headers):
+                return await self._early(scope, receive, send, 403, b"origin not allowed\n")
+            return await self._oip_rest(scope, receive, send, headers)
         if method == "POST":
             content_type = headers.get("content-type", "").split(";")[0].strip().lower()
             kind, _, codec = content_type.partition("+")
