@@ -1,7 +1,10 @@
-"""Channels of the command line: plaintext gRPC to the gateway, or mTLS to a service inside the mesh; with the API
-key (when one is set, or the local gateway's admin key) on every call."""
+"""Channels of the command line: gRPC to the gateway (plaintext, or TLS when its public ports have a certificate),
+or mTLS to a service inside the mesh; with the API key (when one is set, or the local gateway's admin key) on every
+call."""
 
 import collections
+import ssl
+from pathlib import Path
 
 import grpc
 
@@ -65,16 +68,37 @@ def local_admin_key(target: str) -> str:
         return ""
 
 
+PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+
+
+def public_tls(ca: str | None) -> grpc.ChannelCredentials:
+    """TLS to a gateway's public port (MODELGRID_GATEWAY_TLS_CERT): trusting the PEM certificates in `ca` (a
+    private CA), or without one the system's roots (those OpenSSL uses, so a CA the machine's administrator added
+    counts; gRPC's own bundle when the system has none)."""
+    if ca:
+        roots = Path(ca).read_bytes()
+        if PEM_CERTIFICATE not in roots:
+            raise ValueError(f"{ca} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        return grpc.ssl_channel_credentials(roots)
+    paths = ssl.get_default_verify_paths()
+    system = paths.cafile or paths.openssl_cafile
+    return grpc.ssl_channel_credentials(Path(system).read_bytes() if system and Path(system).is_file() else None)
+
+
 def open_channel(
     target: str,
     options: list[tuple[str, int]],
     api_key: str = "",
     internal: tls.InternalTLS | None = None,
     service: str = "",
+    public: grpc.ChannelCredentials | None = None,
 ) -> grpc.Channel:
-    """A channel to `target`: the gateway's public port (plaintext), or with `internal` a service inside the mesh
-    over mTLS, which must prove it is `service`. With an API key (else, on this machine's loopback, the local admin
-    key), every call carries it."""
+    """A channel to `target`: the gateway's public port (plaintext, or TLS with `public`), or with `internal` a
+    service inside the mesh over mTLS, which must prove it is `service`. With an API key (else, on this machine's
+    loopback, the local admin key), every call carries it."""
     api_key = api_key or local_admin_key(target)
-    channel = tls.dial(target, service, internal, options=options)
+    if public is not None and internal is None:
+        channel = grpc.secure_channel(target, public, options=options)
+    else:
+        channel = tls.dial(target, service, internal, options=options)
     return grpc.intercept_channel(channel, _ApiKey(api_key)) if api_key else channel

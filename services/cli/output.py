@@ -3,6 +3,7 @@
 Results go to stdout; progress bars and errors go to stderr, so `--json` output can be piped as is.
 """
 
+import json
 import logging
 import sys
 import time
@@ -45,6 +46,10 @@ class Output:
         """Prints a protobuf message as canonical protobuf JSON (every field, defaults included)."""
         text = json_format.MessageToJson(message, always_print_fields_with_no_presence=True, sort_keys=True)
         sys.stdout.write(text + "\n")
+
+    def json(self, value: object) -> None:
+        """Prints plain data (no protobuf message of its own, e.g. a canary's state) as JSON with sorted keys."""
+        sys.stdout.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
     def line(self, text: str) -> None:
         """Prints one plain line of result, never wrapped or styled."""

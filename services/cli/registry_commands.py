@@ -1,4 +1,5 @@
-"""The registry commands: models, versions, push, pull, alias and history.
+"""The registry commands: models, versions, push, pull, alias and history (tags and canary weights:
+services.cli.tag_commands).
 
 Each command is a function `(session, args) -> None` registered as the `handler` of its sub-parser. Commands
 raise grpc.RpcError, CommandError or OSError; `services.cli.main` turns them into `error: ...` and exit code 1.
@@ -6,10 +7,12 @@ raise grpc.RpcError, CommandError or OSError; `services.cli.main` turns them int
 
 import argparse
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from google.protobuf.message import Message
 
 from modelgrid.registry.v1 import registry_pb2 as pb
@@ -22,6 +25,8 @@ from services.kit.modelref import ModelRef
 
 logger = logging.getLogger(__name__)
 
+MODEL_HINTS = {grpc.StatusCode.NOT_FOUND: "`modelgrid models list` shows the registered models"}
+"""What to do when a command on one model fails (main.run appends it to the error)."""
 PAGE_SIZE = 200
 """Items asked for per list call; the registry may cap it lower (MODELGRID_REGISTRY_MAX_PAGE_SIZE)."""
 SAVEDMODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
@@ -90,6 +95,41 @@ def models_create(session: RegistrySession, args: argparse.Namespace) -> None:
         session.out.message(model)
     else:
         session.out.line(f"created model {model.name}")
+
+
+def models_update(session: RegistrySession, args: argparse.Namespace) -> None:
+    request = pb.UpdateModelRequest(name=args.name, description=args.description)
+    model = session.call(session.client.stub.UpdateModel, request)
+    if session.out.json_mode:
+        session.out.message(model)
+    else:
+        session.out.line(f"updated model {model.name}")
+
+
+def _confirm_delete(session: RegistrySession, args: argparse.Namespace) -> None:
+    """Deleting drops every version's record at once, so without --yes a person types the model's name first;
+    without a terminal to ask on (a script, a pipe) the command refuses rather than guess."""
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"deleting {args.name} cannot be undone: add --yes to confirm (stdin is not a terminal)")
+    model = session.call(session.client.stub.GetModel, pb.GetModelRequest(name=args.name))  # NOT_FOUND first
+    aliases = views.pairs_text(model.aliases) or "none"
+    session.out.note(f"{model.name}: latest version {model.latest_version}, aliases: {aliases}")
+    sys.stderr.write(f"delete {model.name} and all its versions? type its name to confirm: ")
+    sys.stderr.flush()
+    if sys.stdin.readline().strip() != model.name:  # the prompt on stderr keeps stdout for results
+        raise CommandError("not deleted: the name typed did not match")
+
+
+def models_delete(session: RegistrySession, args: argparse.Namespace) -> None:
+    _confirm_delete(session, args)
+    request = pb.DeleteModelRequest(name=args.name, force=args.force)
+    response = session.call(session.client.stub.DeleteModel, request)
+    if session.out.json_mode:
+        session.out.message(response)
+    else:
+        session.out.line(f"deleted model {args.name} ({response.deleted_versions} version(s))")
 
 
 # -- versions ------------------------------------------------------------------------------------------------
@@ -261,6 +301,16 @@ def _add_models(commands: argparse._SubParsersAction, common: argparse.ArgumentP
     parser.add_argument("name", type=arguments.model_name, metavar="NAME")
     parser.add_argument("--description", default="", metavar="D")
     parser.add_argument("--tag", type=arguments.key_value, action="append", default=[], metavar="K=V")
+    parser = _command(models, "update", models_update, common, "change a model's description")
+    parser.add_argument("name", type=arguments.model_name, metavar="NAME")
+    parser.add_argument("--description", required=True, metavar="D", help="the new description ('' clears it)")
+    parser.set_defaults(hints=MODEL_HINTS)
+    parser = _command(models, "delete", models_delete, common, "delete a model and its versions' records")
+    parser.add_argument("name", type=arguments.model_name, metavar="NAME")
+    parser.add_argument("--yes", action="store_true", help="do not ask (required when stdin is not a terminal)")
+    parser.add_argument("--force", action="store_true", help="delete even while aliases point at its versions")
+    hints = {grpc.StatusCode.FAILED_PRECONDITION: "remove its aliases first (modelgrid alias rm) or add --force"}
+    parser.set_defaults(hints={**MODEL_HINTS, **hints})
 
 
 def _add_versions(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
