@@ -18,16 +18,14 @@ a call has oip_rest_timeout_seconds, and a client that goes away cancels it upst
 """
 
 import asyncio
-import contextlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import grpc
 
 from services.gateway import grpcweb, oip_json
+from services.gateway.asgi import BODY_DRAIN_SECONDS, Receive, Scope, Send, drain_body
 from services.gateway.auth import Authorizer
 from services.gateway.proxy import End, Forwarder
 from services.gateway.settings import GatewaySettings
@@ -36,16 +34,11 @@ from services.kit.interceptors import status_of
 
 logger = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SERVICE = "/inference.GRPCInferenceService/"
 HEADER_LENGTH = "inference-header-content-length"
 OFF_LOOP_BYTES = 1024 * 1024
 """Infer bodies larger than this are parsed in a thread."""
-DRAIN_SECONDS = 10.0
-"""Longest time spent reading and dropping the rest of a body that gets an early answer (see web._Body)."""
 _REST_HEADERS = frozenset({HEADER_LENGTH, "content-encoding"})
 """Request headers that describe the HTTP body, not the call: not passed on as metadata."""
 HTTP_STATUS = {
@@ -130,7 +123,7 @@ class OipRestFront:
             settings.web_max_body_bytes, settings.oip_rest_max_json_bytes + settings.max_send_message_bytes
         )
         self._body_timeout = settings.web_body_timeout_seconds
-        self._drain_seconds = min(DRAIN_SECONDS, settings.web_body_timeout_seconds)
+        self._drain_seconds = min(BODY_DRAIN_SECONDS, settings.web_body_timeout_seconds)
         self._timeout = settings.oip_rest_timeout_seconds
         self._limits = oip_json.JsonLimits(
             settings.oip_rest_max_json_bytes, settings.oip_rest_max_json_values, settings.max_send_message_bytes
@@ -158,7 +151,7 @@ class OipRestFront:
         except ClientGone:
             return
         except Failure as failure:
-            drained = body_done or (failure.drain and await _drain(receive, self._drain_seconds))
+            drained = body_done or (failure.drain and await drain_body(receive, self._drain_seconds))
             extra = [(b"connection", b"close")] if http1 and not drained else []
             await _json(send, failure.status, {"error": str(failure)}, [*failure.headers, *extra])
         except Exception:  # noqa: BLE001 - never a traceback to the client: an incident id, the details in the log
@@ -281,17 +274,6 @@ async def _disconnected(receive: Receive) -> None:
     """Returns when the client has gone away (the body has been read: only http.disconnect comes next)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-async def _drain(receive: Receive, seconds: float) -> bool:
-    """Reads and drops what is left of a request body before an early answer, a bounded time; whether it came to
-    its end (hypercorn's HTTP/2 drops a connection that sends DATA after its stream's answer)."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            while (event := await receive())["type"] == "http.request" and event.get("more_body", False):
-                pass
-            return True
-    return False
 
 
 async def _send(send: Send, status: int, body: bytes, content_type: bytes, extra=()) -> None:

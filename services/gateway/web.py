@@ -27,13 +27,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from services.gateway import grpcweb
+from services.gateway.asgi import BODY_DRAIN_SECONDS, Receive, Scope, Send, drain_body
 from services.gateway.auth import Authorizer
 from services.gateway.oip_rest import OipRestFront
 from services.gateway.proxy import End, Forwarder, Headers
@@ -43,13 +43,9 @@ from services.kit.interceptors import status_of
 
 logger = logging.getLogger(__name__)
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 ALLOWED_HEADERS = "x-grpc-web, content-type, authorization, x-api-key, x-user-agent, grpc-timeout, x-modelgrid-client"
 EXPOSED_HEADERS = ["grpc-status", "grpc-message", "grpc-status-details-bin"]
-BODY_DRAIN_SECONDS = 10.0
 NOT_BUILT_PAGE = b"<!doctype html><title>modelgrid</title><p>The web console is not built: run <code>make web</code>."
 HOST_REFUSED = b"unknown host: the gateway answers only the hosts in MODELGRID_GATEWAY_WEB_ALLOWED_HOSTS\n"
 _NAME = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
@@ -233,17 +229,6 @@ async def _chain(first: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterato
         yield message
 
 
-async def _drain(receive: Receive, seconds: float) -> bool:
-    """Reads and drops what is left of a request body before an early answer (see _Body), a bounded time; whether
-    the body came to its end (or the client left)."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            while (event := await receive())["type"] == "http.request" and event.get("more_body", False):
-                pass
-            return True
-    return False
-
-
 class _Reply:
     """Writes one gRPC-Web response: headers when the first frame comes, messages, then the trailer frame."""
 
@@ -344,7 +329,7 @@ class GrpcWebApp:
 
     async def _early(self, scope: Scope, receive: Receive, send: Send, status: int, message: bytes) -> None:
         """A plain answer before the call: what is left of the body is read first (a bounded time, see _Body)."""
-        drained = await _drain(receive, self._drain_seconds)
+        drained = await drain_body(receive, self._drain_seconds)
         close = [(b"connection", b"close")] if not drained and scope.get("http_version", "1.1").startswith("1") else []
         await _plain(send, status, message, close)
 
