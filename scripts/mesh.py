@@ -43,6 +43,8 @@ class LocalService:
     consul_name: str
     port: int
     env: dict[str, str] = field(default_factory=dict)
+    metrics_port: int = -1
+    """Its Prometheus /metrics port (deploy/prometheus/prometheus.yml scrapes these)."""
 
 
 def mesh(state_dir: Path) -> list[LocalService]:
@@ -58,9 +60,11 @@ def mesh(state_dir: Path) -> list[LocalService]:
             50051,
             {
                 "MODELGRID_REGISTRY_PORT": "50051",
+                "MODELGRID_REGISTRY_METRICS_PORT": "9151",
                 "MODELGRID_REGISTRY_BLOB_DIR": str(state_dir / "registry" / "blobs"),
                 "MODELGRID_REGISTRY_REDIS_PASSWORD_FILE": redis_password_file,
             },
+            9151,
         ),
         *(
             LocalService(
@@ -75,6 +79,7 @@ def mesh(state_dir: Path) -> list[LocalService]:
                     "MODELGRID_PREDICTOR_CACHE_DIR": str(state_dir / f"predictor-{i}" / "cache"),
                     "MODELGRID_PREDICTOR_REDIS_PASSWORD_FILE": redis_password_file,
                 },
+                9160 + i,
             )
             for i in (1, 2)
         ),
@@ -88,9 +93,11 @@ def mesh(state_dir: Path) -> list[LocalService]:
                 50070 + i,
                 {
                     "MODELGRID_AGENT_PORT": str(50070 + i),
+                    "MODELGRID_AGENT_METRICS_PORT": str(9170 + i),
                     "MODELGRID_AGENT_SLOTS": "1",
                     "MODELGRID_AGENT_WORK_DIR": str(state_dir / f"agent-{i}"),
                 },
+                9170 + i,
             )
             for i in (1, 2)
         ),
@@ -103,10 +110,12 @@ def mesh(state_dir: Path) -> list[LocalService]:
             50081,
             {
                 "MODELGRID_TRAINER_PORT": "50081",
+                "MODELGRID_TRAINER_METRICS_PORT": "9181",
                 "MODELGRID_TRAINER_SCRATCH_DIR": str(state_dir / "trainer" / "scratch"),
                 "MODELGRID_TRAINER_RECIPES_DIR": str(REPO_ROOT / "services" / "trainer" / "recipes"),
                 "MODELGRID_TRAINER_REDIS_PASSWORD_FILE": redis_password_file,
             },
+            9181,
         ),
         # The public door: native gRPC on 8080, gRPC-Web and the console on 8081, metrics on 9180.
         LocalService(
@@ -123,6 +132,7 @@ def mesh(state_dir: Path) -> list[LocalService]:
                 "MODELGRID_GATEWAY_ADMIN_KEY_FILE": str(state_dir / "gateway" / "admin-key"),
                 "MODELGRID_GATEWAY_REDIS_PASSWORD_FILE": redis_password_file,
             },
+            9180,
         ),
     ]
 

@@ -81,7 +81,8 @@ async def start_gateway(settings: GatewaySettings) -> GrpcService:
         server.add_generic_rpc_handlers((proxy,))
 
     spec = ServiceSpec(SERVICE_NAME, VERSION, [PROTO_SERVICE], add_servicers, public=True)
-    service = GrpcService(spec, settings, tracer_provider)
+    metrics.watch(backends)
+    service = GrpcService(spec, settings, tracer_provider, metrics=metrics.registry)
     service.add_cleanup(redis.aclose)
     service.add_cleanup(consul.close)
     service.add_cleanup(backends.close)
@@ -94,8 +95,6 @@ async def start_gateway(settings: GatewaySettings) -> GrpcService:
 
         web_port, stop_web = await start_web_front(settings, forwarder, authorizer)
         service.add_cleanup(stop_web)
-    if settings.metrics_port >= 0:
-        metrics.serve(settings.metrics_port, settings.host)
     await service.set_serving(True)
     logger.info("gateway: gRPC on %d, gRPC-Web and console on %d", service.port, web_port)
     return service

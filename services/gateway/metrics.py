@@ -4,32 +4,19 @@ The method label takes only the methods the gateway knows (those of the proto de
 main.py imports every routed API); any other path a caller makes up is counted under UNKNOWN_METHOD, so that
 invented paths cannot grow the number of series without bound."""
 
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
-from google.protobuf import descriptor_pool
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from services.kit.metrics import UNKNOWN_METHOD, GaugeCollector, described_method, snapshot
 
 _BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _MAX_CACHED = 4096
 """Labelled series, and method paths with their label, kept at hand for `observe` (more are still counted, only
 looked up each time)."""
-UNKNOWN_METHOD = "unknown"
-"""The method label of every call to a method no descriptor describes."""
-_METHOD_PATH = re.compile(r"^/([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)/([A-Za-z_][A-Za-z0-9_]*)$")
 
-
-def described_method(method: str) -> bool:
-    """Whether a method path ("/pkg.Service/Method") is a method of a service in the default descriptor pool."""
-    match = _METHOD_PATH.match(method)
-    if match is None:
-        return False
-    try:
-        descriptor = descriptor_pool.Default().FindMethodByName(f"{match.group(1)}.{match.group(2)}")
-    except KeyError:
-        return False
-    return descriptor.containing_service.full_name == match.group(1)
+__all__ = ["UNKNOWN_METHOD", "GatewayMetrics", "described_method"]
 
 
 class GatewayMetrics:
@@ -87,6 +74,21 @@ class GatewayMetrics:
         series[0].inc()
         series[1].observe(seconds)
 
+    def watch(self, backends) -> None:
+        """Adds the gauges of the upstream pools (gateway.upstreams.Backends), read when /metrics is scraped."""
+        self.registry.register(GaugeCollector(lambda: upstream_gauges(backends)))
+
     def serve(self, port: int, host: str) -> int:
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server.server_address[1]
+
+
+def upstream_gauges(backends) -> Iterator[tuple]:
+    """Healthy instances and calls in flight per upstream service: one pass over the pools' members."""
+    healthy, in_flight = [], []
+    for service, pool in sorted(backends.all.items()):
+        members = snapshot(lambda pool=pool: list(pool.members.values()))
+        healthy.append(((service,), len(members)))
+        in_flight.append(((service,), sum(member.in_flight for member in members)))
+    yield ("modelgrid_gateway_upstream_instances", "Healthy instances per upstream service", ("service",), healthy)
+    yield ("modelgrid_gateway_upstream_in_flight", "Calls in flight per upstream service", ("service",), in_flight)

@@ -13,11 +13,13 @@ import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 
 from services.kit import tls
 from services.kit.consul import ConsulAclError, ConsulClient, Registration
 from services.kit.hostaddr import resolve_addresses
 from services.kit.interceptors import ErrorMappingInterceptor
+from services.kit.metrics import MetricsEndpoint, RpcMetrics
 from services.kit.settings import ServiceSettings
 from services.kit.streams import Backoff
 from services.kit.telemetry import server_interceptors
@@ -91,9 +93,14 @@ class GrpcService:
         tracer_provider: TracerProvider,
         *,
         service_port: int = 0,
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         """`service_port`: the port registered in Consul when it is not this server's own: a multi-process
-        replica's supervisor (kit.replica) answers the health check here and its workers serve on service_port."""
+        replica's supervisor (kit.replica) answers the health check here and its workers serve on service_port.
+
+        `metrics`: the service's Prometheus registry; given, the server records its RPC metrics there
+        (kit.metrics) and serves it on settings.metrics_port (unless that is -1) as it starts, or earlier with
+        serve_metrics()."""
         self.spec = spec
         self.settings = settings
         self.port = 0
@@ -112,6 +119,27 @@ class GrpcService:
         # The service sets tracing up (kit.telemetry.setup_tracing) before it builds its channels, so that they get
         # the client interceptors, and passes the provider in.
         self._tracer_provider = tracer_provider
+        self.metrics = metrics
+        self._rpc_metrics = RpcMetrics(metrics, spec.name) if metrics is not None else None
+        self._metrics_endpoint = MetricsEndpoint(metrics) if metrics is not None else None
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound /metrics port (-1: not served)."""
+        return self._metrics_endpoint.port if self._metrics_endpoint is not None else -1
+
+    def serve_metrics(self) -> int:
+        """Serves /metrics on settings.metrics_port unless it is -1 or no registry was given; returns the bound
+        port (-1: not served). Called by start(); a service may call it earlier (a predictor worker serves its
+        metrics while its models load, before it binds its gRPC port)."""
+        port = getattr(self.settings, "metrics_port", -1)
+        if self._metrics_endpoint is None or port < 0:
+            return -1
+        if self._metrics_endpoint.port < 0:
+            self._metrics_endpoint.start(port, self.settings.host)
+            endpoint = self._metrics_endpoint
+            self._cleanups.insert(0, lambda: asyncio.to_thread(endpoint.stop))  # runs last
+        return self._metrics_endpoint.port
 
     def add_cleanup(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Runs `cleanup()` at shutdown, after the server has stopped."""
@@ -132,7 +160,7 @@ class GrpcService:
         internal = credentials is not None and not self.spec.public
         callers = self.spec.callers if internal else frozenset()
         server = grpc.aio.server(
-            interceptors=[*server_interceptors(provider), ErrorMappingInterceptor(callers)],
+            interceptors=[*server_interceptors(provider), ErrorMappingInterceptor(callers, self._rpc_metrics)],
             options=[*grpc_options(self.settings), *KEEPALIVE_POLICY],
         )
         self.spec.add_servicers(server)
@@ -152,6 +180,7 @@ class GrpcService:
             server.add_insecure_port(f"unix:{control_socket}")
         await server.start()
         self._server = server
+        self.serve_metrics()
         await self.set_serving(False)
         logger.info("%s listening on %s:%d", self.spec.name, self.settings.host, self.port)
         if self.settings.consul_enabled:

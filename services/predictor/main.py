@@ -153,9 +153,10 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
     async def swap_barrier(name: str, versions: list[int]) -> None:
         await siblings.wait_loaded(name, versions, settings.swap_wait_seconds)
 
+    cache = ArtifactCache(settings.cache_dir, settings.cache_max_bytes)
     control = ModelControl(
         registry,
-        ArtifactCache(settings.cache_dir, settings.cache_max_bytes),
+        cache,
         SavedModelRunner,
         batching,
         warmup_requests=settings.warmup_requests,
@@ -182,7 +183,8 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
         add_protocol_servicers(server, inference, control, ready.is_set, settings.max_request_bytes, siblings)
 
     spec = ServiceSpec(SERVICE_NAME, VERSION, [PROTO_SERVICE, *protocol_service_names()], add_servicers)
-    service = GrpcService(spec, settings, tracer_provider)
+    metrics.watch(control, cache)
+    service = GrpcService(spec, settings, tracer_provider, metrics=metrics.registry)
     service.add_cleanup(redis.aclose)
     if consul is not None:
         service.add_cleanup(consul.close)
@@ -198,8 +200,7 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
     control.add_listener(_RegistrationUpdater(service, control).changed)
     service.add_cleanup(jobs.close)
     service.add_cleanup(control.close)
-    if settings.metrics_port >= 0:
-        metrics.serve(settings.metrics_port, settings.host)
+    service.serve_metrics()  # a worker serves its metrics while its models load (start() binds later)
 
     for model in settings.models:
         policy = VersionPolicy(model.latest, tuple(model.versions), tuple(model.aliases), model.all_aliases)

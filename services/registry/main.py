@@ -12,6 +12,7 @@ from services.kit.telemetry import setup_tracing
 from services.kit.watch_limits import WatchLimits
 from services.registry.blobstore import LocalBlobStore
 from services.registry.core import ModelRegistry
+from services.registry.metrics import registry_metrics
 from services.registry.servicer import ModelRegistryServicer
 from services.registry.settings import RegistrySettings
 from services.registry.store import RegistryStore
@@ -44,7 +45,7 @@ async def start_registry(settings: RegistrySettings) -> GrpcService:
             ModelRegistryServicer(registry, WatchLimits(settings.max_watch_streams, "MODELGRID_REGISTRY_")), server
         ),
     )
-    service = GrpcService(spec, settings, tracer_provider)
+    service = GrpcService(spec, settings, tracer_provider, metrics=registry_metrics(blobs))
     service.add_cleanup(redis.aclose)
     await service.start()
     await service.set_serving(True)

@@ -16,6 +16,7 @@ from services.kit.telemetry import setup_tracing
 from services.kit.watch_limits import WatchLimits
 from services.trainer import VERSION
 from services.trainer.core import TrainerCore
+from services.trainer.metrics import trainer_metrics
 from services.trainer.servicer import PROTO_SERVICE, TrainerServicer
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import JobStore
@@ -54,7 +55,7 @@ async def start_trainer(settings: TrainerSettings) -> GrpcService:
     core = TrainerCore(JobStore(redis, settings.redis_key_prefix), AgentClient(agent_pool), registry, settings)
     servicer = TrainerServicer(core, WatchLimits(settings.max_watch_streams, "MODELGRID_TRAINER_"))
     spec = ServiceSpec(SERVICE_NAME, VERSION, [PROTO_SERVICE], servicer.add_to)
-    service = GrpcService(spec, settings, tracer_provider)
+    service = GrpcService(spec, settings, tracer_provider, metrics=trainer_metrics(core))
     service.add_cleanup(redis.aclose)
     service.add_cleanup(consul.close)
     service.add_cleanup(registry_pool.close)

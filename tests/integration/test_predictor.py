@@ -555,7 +555,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_executed(slow):
         )
 
     executed_before = _histogram(httpx.get(slow.metrics_url).text, "modelgrid_predictor_batch_size", slow.name)[1]
-    expired_before = server_count("DeadlineExceeded")
+    expired_before = server_count("DEADLINE_EXCEEDED")
     busy = slow.stub.Predict.future(predict_request(slow.name, X[:1]), timeout=30)  # occupies the model
     time.sleep(0.02)
     with pytest.raises(grpc.RpcError) as err:
@@ -563,7 +563,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_not_executed(slow):
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     busy.result()
     deadline = time.monotonic() + 10
-    while server_count("DeadlineExceeded") == expired_before:  # the server saw it expire in its queue
+    while server_count("DEADLINE_EXCEEDED") == expired_before:  # the server saw it expire in its queue
         assert time.monotonic() < deadline, "the predictor never reported the expired request"
         time.sleep(0.1)
     executed = _histogram(httpx.get(slow.metrics_url).text, "modelgrid_predictor_batch_size", slow.name)[1]

@@ -13,6 +13,7 @@ from services.kit.logs import configure_logging
 from services.kit.server import GrpcService, ServiceSpec, grpc_options
 from services.kit.telemetry import setup_tracing
 from services.trainer import VERSION
+from services.trainer.agent.metrics import agent_metrics
 from services.trainer.agent.servicer import PROTO_SERVICE, WorkerAgentServicer
 from services.trainer.agent.settings import AgentSettings
 from services.trainer.agent.supervisor import ReplicaSupervisor
@@ -46,7 +47,7 @@ async def start_agent(settings: AgentSettings) -> GrpcService:
         callers=frozenset(settings.allowed_callers),  # with internal TLS: the trainer, no one else
         meta={"slots": str(settings.slots), "host": settings.advertise_host, "hostname": socket.gethostname()},
     )
-    service = GrpcService(spec, settings, tracer_provider)
+    service = GrpcService(spec, settings, tracer_provider, metrics=agent_metrics(supervisor, settings.slots))
     # WatchReplicas streams never end by themselves: they end when shutdown begins, so the server need not wait.
     service.on_stopping(supervisor.end_watches)
     service.add_cleanup(consul.close)
