@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from services.kit.metrics import UNKNOWN_METHOD, GaugeCollector, described_method, snapshot
+from services.kit.metrics import UNKNOWN_METHOD, GaugeCollector, MethodLabels, described_method, snapshot
 
 _BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _MAX_CACHED = 4096
@@ -22,7 +22,7 @@ __all__ = ["UNKNOWN_METHOD", "GatewayMetrics", "described_method"]
 class GatewayMetrics:
     def __init__(self, known_method: Callable[[str], bool] = described_method) -> None:
         """`known_method` says which method paths get a label of their own (default: the described ones)."""
-        self._known_method = known_method
+        self.method_label = MethodLabels(known_method)
         self.registry = CollectorRegistry()
         registry = self.registry
         self.requests = Counter(
@@ -47,21 +47,8 @@ class GatewayMetrics:
         self.rejected = Counter(
             "modelgrid_gateway_rejected", "Calls refused by auth or rate limits", ("reason",), registry=registry
         )
-        # known method path -> its label; (service, label, code) -> the labelled counter and histogram: `labels()` costs
-        # more than the update itself.
-        self._labels: dict[str, str] = {}
+        # (service, label, code) -> the labelled counter and histogram: `labels()` costs more than the update.
         self._series: dict[tuple[str, str, grpc.StatusCode], tuple] = {}
-
-    def method_label(self, method: str) -> str:
-        """The method label of a call: its path when the method is known, else UNKNOWN_METHOD."""
-        label = self._labels.get(method)
-        if label is None:
-            if not self._known_method(method):
-                return UNKNOWN_METHOD  # not kept: invented paths do not crowd out the known ones
-            label = method
-            if len(self._labels) < _MAX_CACHED:
-                self._labels[method] = label
-        return label
 
     def observe(self, service: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
         """Counts one forwarded call."""

@@ -40,6 +40,26 @@ def described_method(method: str) -> bool:
     return descriptor.containing_service.full_name == match.group(1)
 
 
+class MethodLabels:
+    """The method label of a call: its path when `known(path)` (by default: a proto descriptor describes it), else
+    UNKNOWN_METHOD. Known paths are kept resolved, up to _MAX_METHODS; invented ones are never kept, so that they
+    cannot crowd out the real ones."""
+
+    def __init__(self, known: Callable[[str], bool] = described_method) -> None:
+        self._known = known
+        self._labels: dict[str, str] = {}
+
+    def __call__(self, method: str) -> str:
+        label = self._labels.get(method)
+        if label is None:
+            if not self._known(method):
+                return UNKNOWN_METHOD
+            label = method
+            if len(self._labels) < _MAX_METHODS:
+                self._labels[method] = label
+        return label
+
+
 class RpcMetrics:
     """The RPC metrics of one service, in its CollectorRegistry."""
 
@@ -50,7 +70,7 @@ class RpcMetrics:
         known_method: Callable[[str], bool] = described_method,
     ) -> None:
         self.service = service
-        self._known_method = known_method
+        self.method_label = MethodLabels(known_method)
         self.handled = Counter(
             "modelgrid_rpc_server_handled",
             "RPCs completed by the server, by method and gRPC status",
@@ -68,18 +88,6 @@ class RpcMetrics:
             "modelgrid_rpc_server_in_flight", "RPCs in progress on the server", ("service",), registry=registry
         )
         self.in_flight = in_flight.labels(service)
-        self._labels: dict[str, str] = {}
-
-    def method_label(self, method: str) -> str:
-        """The method label of a call: its path when the method is known, else UNKNOWN_METHOD."""
-        label = self._labels.get(method)
-        if label is None:
-            if not self._known_method(method):
-                return UNKNOWN_METHOD  # not kept: invented paths do not crowd out the known ones
-            label = method
-            if len(self._labels) < _MAX_METHODS:
-                self._labels[method] = label
-        return label
 
     def recorder(self, method: str) -> "MethodRecorder | None":
         """What records the calls of one method (None for the methods left out: health checks)."""
