@@ -56,6 +56,13 @@ def default_text(field) -> str:
         value = field.default
     if value is None:
         return "unset"
+    if value == sys.executable or (isinstance(value, list) and sys.executable in value):
+        # The interpreter's path differs per checkout; say what it is rather than where it was here.
+        value = (
+            [("<the service's python>" if v == sys.executable else v) for v in value]
+            if isinstance(value, list)
+            else "<the service's python>"
+        )
     if isinstance(value, Enum):
         value = value.value
     if isinstance(value, str | Path):
