@@ -143,10 +143,9 @@ class ModelRepository:
             for version in list(model.versions.values()):
                 if version.state == VersionState.FAILED:  # an explicit load retries failed versions
                     del model.versions[version.version]
+        task = self.schedule(name)
         if wait:
-            await self.reconcile(name)
-        else:
-            self.schedule(name)
+            await asyncio.shield(task)  # a caller that stops waiting does not stop the load halfway
         return model
 
     async def unload(self, name: str) -> None:
@@ -159,11 +158,12 @@ class ModelRepository:
             await asyncio.gather(*(self._retire(v) for v in list(model.versions.values())))
         self._on_change()
 
-    def schedule(self, name: str) -> None:
-        """Reconciles a model in the background (after a registry event)."""
+    def schedule(self, name: str) -> asyncio.Task:
+        """Reconciles a model in the background (after a registry event, or for a load)."""
         task = asyncio.create_task(self.reconcile(name), name=f"reconcile-{name}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def close(self) -> None:
         for task in list(self._background):
@@ -194,17 +194,26 @@ class ModelRepository:
             for version in new:
                 model.versions[version.version] = version
             await asyncio.gather(*(self._bring_up(model, v) for v in new))
-            prepared = [v for v in new if v.state == VersionState.PREPARED]
+            # Every loaded version not serving yet (this reconcile's, or one an interrupted reconcile left).
+            prepared = [v for v in model.versions.values() if v.state == VersionState.PREPARED]
             if prepared:
-                await self._barrier(name, [v.version for v in prepared])
+                await self._wait_for_siblings(name, prepared)
+                # The registry may have moved on while the processes loaded (an alias moved back): serve only what
+                # it still wants; the rest is retired below.
+                try:
+                    wanted, routes, model.reason = await self._desired(model)
+                except ModelgridError as err:
+                    logger.warning("%s: keeping the versions resolved before loading (%s)", name, err)
             # From here to the route assignment nothing awaits: the new versions and routes serve together.
             for version in prepared:
-                version.state = VersionState.AVAILABLE
-                version.available_since = time.time()
+                if version.version in wanted:
+                    version.state = VersionState.AVAILABLE
+                    version.available_since = time.time()
             # Route each alias to its new target once that is AVAILABLE; otherwise keep the old route serving.
             new_routes = {}
             for alias, number in routes.items():
-                if model.versions[number].state == VersionState.AVAILABLE:
+                target = model.versions.get(number)
+                if target is not None and target.state == VersionState.AVAILABLE:
                     new_routes[alias] = number
                 elif alias in model.routes:
                     new_routes[alias] = model.routes[alias]
@@ -215,6 +224,14 @@ class ModelRepository:
                     self._spawn(self._retire_from(model, version))
             model.settled.set()
         self._on_change()
+
+    async def _wait_for_siblings(self, name: str, prepared: list[ServedVersion]) -> None:
+        """The barrier (the replica's other processes load these versions too); a failure of the barrier itself
+        only costs the switching together, never the versions."""
+        try:
+            await self._barrier(name, sorted(v.version for v in prepared))
+        except Exception as exc:  # noqa: BLE001 - logged; serving the loaded versions is what matters
+            logger.warning("%s: could not wait for the sibling processes (%s); serving anyway", name, exc)
 
     async def _desired(self, model: ServedModel) -> tuple[dict[int, ServedVersion], dict[str, int], str]:
         """The versions the policy wants (existing objects or new LOADING ones), the alias routes, and a reason

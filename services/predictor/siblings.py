@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 LOADED = {pb.VERSION_STATE_PREPARED, pb.VERSION_STATE_AVAILABLE, pb.VERSION_STATE_UNLOADING, pb.VERSION_STATE_FAILED}
 """A sibling's version in one of these states has finished loading (or will not): nothing to wait for."""
-POLL_SECONDS = 0.005
+POLL_SECONDS = 0.02
 
 
 class Siblings:
@@ -53,7 +53,7 @@ class Siblings:
     async def wait_loaded(self, name: str, versions: list[int], timeout: float) -> None:
         """Returns once every sibling has finished loading `versions` of model `name` (a version PREPARED,
         AVAILABLE or FAILED there), doesn't serve the model, or cannot be reached; or after `timeout` seconds.
-        Asked every few milliseconds, so the processes that wait switch within one poll of the last one."""
+        Asked every POLL_SECONDS (20 ms), so the processes that wait switch within one poll of the last one."""
         waiting = set(self._sockets())
         deadline = time.monotonic() + timeout
         request = pb.GetModelMetadataRequest(name=name)
