@@ -380,7 +380,9 @@ def values_of(datatype: str, shape: list[int], raw: bytes, what: str, max_values
             raise InvalidArgument(
                 f"{what} holds bytes that are not UTF-8 text; ask for it as binary data (parameters.binary_data: true)"
             ) from None
-    if element is None or element.numpy is None or len(raw) != count * element.numpy.itemsize:
+    if element is not None and element.numpy is None:  # BF16: no numpy type to write JSON numbers from
+        raise InvalidArgument(f"{what} is {datatype}, which JSON cannot carry; ask for it as binary data")
+    if element is None or len(raw) != count * element.numpy.itemsize:
         raise ValueError(f"{what}: the predictor answered {len(raw)} bytes of {datatype} for shape {shape}")
     return np.frombuffer(raw, dtype=element.numpy).tolist()
 
@@ -390,6 +392,7 @@ def infer_response(response, call: InferCall, max_json_values: int) -> tuple[byt
     if len(response.raw_output_contents) != len(response.outputs):
         raise ValueError("the predictor's answer has no raw contents for some outputs")
     outputs, binary = [], []
+    left = max_json_values  # the bound holds for all the outputs written as JSON together
     for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
         entry = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
         parameters = _parameters_json(tensor.parameters)
@@ -397,9 +400,8 @@ def infer_response(response, call: InferCall, max_json_values: int) -> tuple[byt
             parameters["binary_data_size"] = len(raw)
             binary.append(raw)
         else:
-            entry["data"] = values_of(
-                tensor.datatype, list(tensor.shape), raw, f"output {tensor.name!r}", max_json_values
-            )
+            entry["data"] = values_of(tensor.datatype, list(tensor.shape), raw, f"output {tensor.name!r}", left)
+            left -= len(entry["data"])
         if parameters:
             entry["parameters"] = parameters
         outputs.append(entry)

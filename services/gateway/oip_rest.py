@@ -11,10 +11,11 @@ serve the model, retries, canary shares and metrics are theirs.
 
 A version that is not a number is an alias, as on the predictors' OIP ("production": the canary takes its share).
 Health answers 200 when true and 503 when false. Errors are `{"error": "..."}` with the HTTP status of the call's
-gRPC status (400, 401, 403, 404, 413, 429, 503, 504...), the message the backend or the gateway gave, never the
-request's data. The body obeys the web port's limits (web_max_body_bytes, web_body_timeout_seconds; also once
-inflated, when it comes gzip or deflate encoded as tritonclient.http can send it) and the JSON those of oip_json;
-a call has oip_rest_timeout_seconds, and a client that goes away cancels it upstream.
+gRPC status (400, 401, 403, 404, 413, 429, 503, 504...), the message the backend or the gateway gave, quoting at
+most bounded excerpts of the request (its path, a datatype, an output name). The body obeys the web port's limits
+(web_max_body_bytes, web_body_timeout_seconds; also once inflated, when it comes gzip or deflate encoded as
+tritonclient.http can send it) and the JSON those of oip_json; a call has oip_rest_timeout_seconds, and a client that
+goes away cancels it upstream.
 """
 
 import asyncio
@@ -242,6 +243,8 @@ class OipRestFront:
             return parse() if small else await asyncio.to_thread(parse)
         except ModelgridError as exc:
             raise _failure(exc) from None
+        except UnicodeError:  # JSON may hold lone UTF-16 surrogates ("\ud800"), which are no text to forward
+            raise Failure(400, "the request's JSON holds a string that is not valid Unicode text") from None
 
     async def _forward(self, method: str, metadata, request: bytes, receive: Receive):
         """The Forwarder's answer to one unary call, cancelled if the client goes away first."""
@@ -257,8 +260,13 @@ class OipRestFront:
             gone.cancel()
 
     async def _infer_answer(self, send: Send, response, call: oip_json.InferCall) -> None:
+        def write() -> tuple[bytes, int | None]:
+            return oip_json.infer_response(response, call, self._limits.max_json_values)
+
         try:
-            body, json_length = oip_json.infer_response(response, call, self._limits.max_json_values)
+            # Writing a big answer as JSON takes long (about a second per million numbers): not on the event loop.
+            small = sum(len(raw) for raw in response.raw_output_contents) < OFF_LOOP_BYTES
+            body, json_length = write() if small else await asyncio.to_thread(write)
         except ModelgridError as exc:
             raise _failure(exc) from None
         except ValueError:

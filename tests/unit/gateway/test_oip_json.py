@@ -347,3 +347,8 @@ def test_every_status_a_call_can_end_with_has_an_http_status():
     assert HTTP_STATUS[grpc.StatusCode.RESOURCE_EXHAUSTED] == 429
     assert HTTP_STATUS[grpc.StatusCode.UNAVAILABLE] == 503
     assert HTTP_STATUS[grpc.StatusCode.DEADLINE_EXCEEDED] == 504
+
+
+def test_a_bf16_output_asked_as_json_says_to_ask_for_binary_data():
+    with pytest.raises(InvalidArgument, match="binary data"):
+        oip_json.values_of("BF16", [2], b"\x00\x00\x00\x00", "output 'y'", 100)

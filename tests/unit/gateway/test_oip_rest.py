@@ -104,7 +104,7 @@ async def test_no_predictor_is_503_and_a_slow_one_504_cancelled_upstream(rest, m
     client, _ = await rest(oip_rest_timeout_seconds=0.3)
     response = await client.get("/v2/models/m1", headers={**ADMIN, "x-test-action": "sleep"})
     assert response.status_code == 504, response.text
-    await mesh.backends["a"].cancelled.wait()
+    await asyncio.wait_for(mesh.backends["a"].cancelled.wait(), 10)
 
 
 async def test_a_forbidden_origin_is_refused_and_an_allowed_host_is_needed(rest):
@@ -127,4 +127,20 @@ async def test_a_body_that_stalls_is_ended_by_the_body_timeout(rest, mesh):
     response = await client.post("/v2/models/m1/infer", content=stalling(), headers=ADMIN)
     assert response.status_code == 408 and "stalled" in response.json()["error"]
     assert asyncio.get_running_loop().time() - started < 3
+    assert mesh.backends["a"].calls + mesh.backends["b"].calls == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id": "\\ud800", "inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+        b'{"inputs": [{"name": "x\\udfff", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+        b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["\\ud800"]}]}',
+    ],
+)
+async def test_a_lone_surrogate_in_the_json_is_a_clear_400(rest, mesh, body):
+    client, _ = await rest()
+    response = await client.post("/v2/models/m1/infer", content=body, headers=ADMIN)
+    assert response.status_code == 400, response.text
+    assert "not valid Unicode" in response.json()["error"]
     assert mesh.backends["a"].calls + mesh.backends["b"].calls == 0
