@@ -66,3 +66,18 @@ def metric(text: str) -> tuple[str, float]:
         return key, float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid metric {text!r}: the value must be a number") from None
+
+
+def command(
+    group: argparse._SubParsersAction,
+    name: str,
+    handler,
+    common: argparse.ArgumentParser,
+    help_text: str,
+    **defaults,
+) -> argparse.ArgumentParser:
+    """A sub-command of `group` running `handler`, with the global options of `common` and the `defaults` the
+    command's area sets (which service it talks to, the hints its errors get)."""
+    parser = group.add_parser(name, parents=[common], help=help_text, description=help_text)
+    parser.set_defaults(handler=handler, **defaults)
+    return parser

@@ -5,6 +5,7 @@ once, on stdout, and nothing else ever prints a secret.
 """
 
 import argparse
+import functools
 import logging
 from collections.abc import Callable
 
@@ -13,6 +14,7 @@ import grpc
 from modelgrid.gateway.v1 import gateway_pb2 as pb
 from modelgrid.gateway.v1 import gateway_pb2_grpc
 from services.cli import gateway_views as views
+from services.cli.arguments import command
 from services.cli.sessions import StubSession
 
 logger = logging.getLogger(__name__)
@@ -85,12 +87,7 @@ def keys_revoke(session: GatewaySession, args: argparse.Namespace) -> None:
         session.out.line(f"revoked key {key.id} ({key.name})")
 
 
-def _command(
-    group: argparse._SubParsersAction, name: str, handler: Handler, common: argparse.ArgumentParser, help_text: str
-) -> argparse.ArgumentParser:
-    parser = group.add_parser(name, parents=[common], help=help_text, description=help_text)
-    parser.set_defaults(handler=handler, uses_gateway=True, hints=HINTS)
-    return parser
+_command = functools.partial(command, uses_gateway=True, hints=HINTS)
 
 
 def add_parsers(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ They talk to one predictor replica (`--predictor`); `batch submit` and `batch fe
 """
 
 import argparse
+import functools
 import itertools
 import json
 import logging
@@ -22,6 +23,7 @@ from modelgrid.predictor.v1 import predictor_pb2_grpc
 from services.cli import arguments
 from services.cli import predictor_views as views
 from services.cli import tensor_files as files
+from services.cli.arguments import command
 from services.cli.registry_commands import CommandError
 from services.cli.sessions import StubSession
 from services.clients.registry import convert
@@ -296,12 +298,7 @@ def _show_status(session: PredictorSession, status: pb.ModelStatus) -> None:
 # -- parsers -------------------------------------------------------------------------------------------------
 
 
-def _command(
-    group: argparse._SubParsersAction, name: str, handler: Handler, common: argparse.ArgumentParser, help_text: str
-) -> argparse.ArgumentParser:
-    parser = group.add_parser(name, parents=[common], help=help_text, description=help_text)
-    parser.set_defaults(handler=handler, uses_predictor=True)
-    return parser
+_command = functools.partial(command, uses_predictor=True)
 
 
 def _group(commands: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:

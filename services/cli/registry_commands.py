@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from modelgrid.registry.v1 import registry_pb2 as pb
 from services.cli import arguments
 from services.cli import registry_views as views
+from services.cli.arguments import command
 from services.cli.output import Output
 from services.clients.registry import RegistryClient, convert
 from services.kit.convert import ref_to_pb
@@ -277,14 +278,6 @@ def _show(session: RegistrySession, message: Message, detail: Callable[[Message]
 # -- parsers -------------------------------------------------------------------------------------------------
 
 
-def _command(
-    group: argparse._SubParsersAction, name: str, handler: Handler, common: argparse.ArgumentParser, help_text: str
-) -> argparse.ArgumentParser:
-    parser = group.add_parser(name, parents=[common], help=help_text, description=help_text)
-    parser.set_defaults(handler=handler)
-    return parser
-
-
 def _group(commands: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:
     parser = commands.add_parser(name, help=help_text, description=help_text)
     return parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -292,20 +285,20 @@ def _group(commands: argparse._SubParsersAction, name: str, help_text: str) -> a
 
 def _add_models(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     models = _group(commands, "models", "registered models")
-    parser = _command(models, "list", models_list, common, "list models (all pages)")
+    parser = command(models, "list", models_list, common, "list models (all pages)")
     parser.add_argument("--prefix", default="", metavar="P", help="only names starting with P")
     parser.add_argument("--tag", default="", metavar="K[=V]", help="only models with tag K (set to V)")
-    parser = _command(models, "show", models_show, common, "show one model")
+    parser = command(models, "show", models_show, common, "show one model")
     parser.add_argument("name", type=arguments.model_name, metavar="NAME")
-    parser = _command(models, "create", models_create, common, "register a new model")
+    parser = command(models, "create", models_create, common, "register a new model")
     parser.add_argument("name", type=arguments.model_name, metavar="NAME")
     parser.add_argument("--description", default="", metavar="D")
     parser.add_argument("--tag", type=arguments.key_value, action="append", default=[], metavar="K=V")
-    parser = _command(models, "update", models_update, common, "change a model's description")
+    parser = command(models, "update", models_update, common, "change a model's description")
     parser.add_argument("name", type=arguments.model_name, metavar="NAME")
     parser.add_argument("--description", required=True, metavar="D", help="the new description ('' clears it)")
     parser.set_defaults(hints=MODEL_HINTS)
-    parser = _command(models, "delete", models_delete, common, "delete a model and its versions' records")
+    parser = command(models, "delete", models_delete, common, "delete a model and its versions' records")
     parser.add_argument("name", type=arguments.model_name, metavar="NAME")
     parser.add_argument("--yes", action="store_true", help="do not ask (required when stdin is not a terminal)")
     parser.add_argument("--force", action="store_true", help="delete even while aliases point at its versions")
@@ -315,15 +308,15 @@ def _add_models(commands: argparse._SubParsersAction, common: argparse.ArgumentP
 
 def _add_versions(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     versions = _group(commands, "versions", "versions of a model")
-    parser = _command(versions, "list", versions_list, common, "list a model's versions, newest first")
+    parser = command(versions, "list", versions_list, common, "list a model's versions, newest first")
     parser.add_argument("name", type=arguments.model_name, metavar="NAME")
-    parser = _command(versions, "show", versions_show, common, "show one version with its signatures")
+    parser = command(versions, "show", versions_show, common, "show one version with its signatures")
     parser.add_argument("ref", type=arguments.model_ref, metavar="NAME[:V|@ALIAS]")
     parser.add_argument("version", type=arguments.version_number, nargs="?", metavar="V")
 
 
 def _add_artifacts(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = _command(commands, "push", push, common, "upload a SavedModel directory or a file as a new version")
+    parser = command(commands, "push", push, common, "upload a SavedModel directory or a file as a new version")
     parser.add_argument("name", type=arguments.model_name, metavar="NAME", help="created when missing")
     parser.add_argument("path", metavar="DIR", help="SavedModel directory (or a plain file, pushed raw)")
     parser.add_argument("--description", default="", metavar="D")
@@ -331,14 +324,14 @@ def _add_artifacts(commands: argparse._SubParsersAction, common: argparse.Argume
     parser.add_argument("--param", type=arguments.key_value, action="append", default=[], metavar="K=V")
     parser.add_argument("--tag", type=arguments.key_value, action="append", default=[], metavar="K=V")
     parser.add_argument("--alias", type=arguments.alias_name, metavar="A", help="point alias A at the new version")
-    parser = _command(commands, "pull", pull, common, "download a version into a directory, digest verified")
+    parser = command(commands, "pull", pull, common, "download a version into a directory, digest verified")
     parser.add_argument("ref", type=arguments.model_ref, metavar="NAME[:V|@ALIAS]")
     parser.add_argument("directory", metavar="DIR")
 
 
 def _add_aliases(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     aliases = _group(commands, "alias", "aliases such as production or canary")
-    parser = _command(aliases, "set", alias_set, common, "point an alias at a version")
+    parser = command(aliases, "set", alias_set, common, "point an alias at a version")
     parser.add_argument("name", type=arguments.model_name, metavar="NAME")
     parser.add_argument("alias", type=arguments.alias_name, metavar="ALIAS")
     parser.add_argument("version", type=arguments.version_number, metavar="VERSION")
@@ -348,10 +341,10 @@ def _add_aliases(commands: argparse._SubParsersAction, common: argparse.Argument
         metavar="N",
         help="compare-and-set: only if the alias now points at N (0: only if unset)",
     )
-    parser = _command(aliases, "rm", alias_rm, common, "remove an alias")
+    parser = command(aliases, "rm", alias_rm, common, "remove an alias")
     parser.add_argument("name", type=arguments.model_name, metavar="NAME")
     parser.add_argument("alias", type=arguments.alias_name, metavar="ALIAS")
-    parser = _command(commands, "history", history, common, "audit trail of a model, oldest first")
+    parser = command(commands, "history", history, common, "audit trail of a model, oldest first")
     parser.add_argument("name", type=arguments.model_name, metavar="NAME")
     parser.add_argument("--alias", type=arguments.alias_name, metavar="A", help="only events of A")
     parser.add_argument("--version", type=arguments.version_number, default=0, metavar="V", help="only events of V")

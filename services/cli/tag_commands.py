@@ -12,6 +12,7 @@ import math
 from modelgrid.registry.v1 import registry_pb2 as pb
 from services.cli import arguments
 from services.cli import tag_views as views
+from services.cli.arguments import command
 from services.cli.registry_commands import MODEL_HINTS, CommandError, Handler, RegistrySession, UsageError
 
 logger = logging.getLogger(__name__)
@@ -127,8 +128,8 @@ def canary_show(session: RegistrySession, args: argparse.Namespace) -> None:
 def _command(
     group: argparse._SubParsersAction, name: str, handler: Handler, common: argparse.ArgumentParser, help_text: str
 ) -> argparse.ArgumentParser:
-    parser = group.add_parser(name, parents=[common], help=help_text, description=help_text)
-    parser.set_defaults(handler=handler, hints=MODEL_HINTS)
+    """A command on one model: its NAME comes first."""
+    parser = command(group, name, handler, common, help_text, hints=MODEL_HINTS)
     parser.add_argument("name", type=arguments.model_name, metavar="NAME")
     return parser
 

@@ -13,6 +13,7 @@ digest as `blob_digest`. The trainer may run on another machine and reads no pat
 
 import argparse
 import difflib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from rich.live import Live
 from modelgrid.trainer.v1 import trainer_pb2 as pb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
 from services.cli import trainer_views as views
+from services.cli.arguments import command
 from services.cli.registry_commands import CommandError, UsageError
 from services.cli.sessions import StubSession
 
@@ -279,12 +281,7 @@ def workers(session: TrainerSession, args: argparse.Namespace) -> None:
 # -- parsers -------------------------------------------------------------------------------------------------
 
 
-def _command(
-    group: argparse._SubParsersAction, name: str, handler: Handler, common: argparse.ArgumentParser, help_text: str
-) -> argparse.ArgumentParser:
-    parser = group.add_parser(name, parents=[common], help=help_text, description=help_text)
-    parser.set_defaults(handler=handler, uses_trainer=True)
-    return parser
+_command = functools.partial(command, uses_trainer=True)
 
 
 def add_parsers(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
