@@ -12,6 +12,7 @@ DEBIAN_PACKAGES := redis-server docker-compose chromium iproute2
 # The stamp is named after the package list, so that adding a package to the list installs it on the next run.
 DEBIAN_STAMP := .tools/.debian-packages-$(shell echo '$(DEBIAN_PACKAGES)' | sha256sum | cut -c1-12)
 PROTO_FILES := $(shell find protos -name '*.proto')
+GEN_STAMP := clients/python/src/modelgrid/.generated
 PYTEST_ARGS ?=
 # make test runs the test files on PYTEST_WORKERS pytest-xdist workers (each file on one worker, its module fixtures
 # once), then the multi-host tests alone: their three-host labs keep their time bounds only without another worker's
@@ -37,11 +38,11 @@ help:
 	@echo "make bench-peers     predictor (direct, via gateway) vs MLServer and KServe over OIP gRPC, same models"
 	@echo "                     (BENCH_ARGS=--quick for a short run of any bench)"
 	@echo "make lint            ruff check and format check"
-	@echo "make protos          regenerate Python code from protos/ into gen/"
+	@echo "make protos          regenerate Python code from protos/ into clients/python/src/modelgrid/"
 	@echo "make settings-doc    regenerate docs/settings.md from the settings classes"
 	@echo "make web             build the web console (TypeScript from protos/, Vite) into web/dist/"
 
-setup: $(VENV)/.installed $(CONSUL) $(DEBIAN_STAMP) gen/.generated web
+setup: $(VENV)/.installed $(CONSUL) $(DEBIAN_STAMP) $(GEN_STAMP) web
 
 # Debian packages: installed only when one of them is missing.
 $(DEBIAN_STAMP):
@@ -55,19 +56,21 @@ $(DEBIAN_STAMP):
 $(CONSUL):
 	bash scripts/install-consul.sh
 
-# The generated code must exist before the editable install so that the `modelgrid` package maps to gen/.
-$(VENV)/.installed: pyproject.toml constraints.txt
+# The client distribution (clients/python: the code generated from protos/ and the typed clients) is installed first,
+# editable: the services depend on it. Its build generates the code when protos/ changed since the last generation.
+$(VENV)/.installed: pyproject.toml constraints.txt clients/python/pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt grpcio-tools
 	PY=$(PY) bash scripts/gen-protos.sh
+	$(PY) -m pip install -q -c constraints.txt -e clients/python
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $@
 
 protos: $(VENV)/.installed
 	PY=$(PY) bash scripts/gen-protos.sh
 
-gen/.generated: $(PROTO_FILES) | $(VENV)/.installed
+$(GEN_STAMP): $(PROTO_FILES) | $(VENV)/.installed
 	PY=$(PY) bash scripts/gen-protos.sh
 
 # Web console: npm packages from web/package-lock.json (again only when it changes), TypeScript generated from
@@ -96,7 +99,7 @@ status: setup
 	$(PY) -m services.kit.localinfra status --state-dir $(RUN_DIR); $(PY) scripts/mesh.py status --state-dir $(RUN_DIR)
 
 # docs/settings.md from the settings classes (a unit test fails when it is out of date).
-settings-doc: $(VENV)/.installed gen/.generated
+settings-doc: $(VENV)/.installed $(GEN_STAMP)
 	$(PY) scripts/settings_reference.py
 
 # Tiers: tests/unit (in-process), tests/integration (services as subprocesses), tests/e2e (web console, compose).
@@ -108,13 +111,13 @@ else
 endif
 
 # The inner loop: no web console build, no subprocess meshes.
-test-fast: $(VENV)/.installed $(CONSUL) $(DEBIAN_STAMP) gen/.generated
+test-fast: $(VENV)/.installed $(CONSUL) $(DEBIAN_STAMP) $(GEN_STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # tests/fuzz runs MODELGRID_FUZZ_EXAMPLES cases per target from fixed seeds in `make test`; this gives all its targets
 # MODELGRID_FUZZ_SECONDS together (split evenly) with fresh random cases. The web console is not needed.
 MODELGRID_FUZZ_SECONDS ?= 600
-fuzz: $(VENV)/.installed $(CONSUL) $(DEBIAN_STAMP) gen/.generated
+fuzz: $(VENV)/.installed $(CONSUL) $(DEBIAN_STAMP) $(GEN_STAMP)
 	MODELGRID_FUZZ_SECONDS=$(MODELGRID_FUZZ_SECONDS) $(PY) -m pytest tests/fuzz \
 		--timeout=$$(( $(firstword $(subst ., ,$(MODELGRID_FUZZ_SECONDS))) + 600 )) $(PYTEST_ARGS)
 
@@ -172,4 +175,6 @@ lock: $(VENV)/.installed
 	  $(PY) -m pip freeze --exclude-editable; } > constraints.txt
 
 clean: down
-	rm -rf $(RUN_DIR) gen build *.egg-info .pytest_cache .ruff_cache web/dist web/src/gen
+	rm -rf $(RUN_DIR) build *.egg-info .pytest_cache .ruff_cache web/dist web/src/gen clients/python/build clients/python/src/*.egg-info
+	find clients/python/src/modelgrid -mindepth 1 -maxdepth 1 ! -name client ! -name __init__.py ! -name py.typed \
+		-exec rm -rf {} +

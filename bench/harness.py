@@ -37,12 +37,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from modelgrid.client.registry import RegistryClient
+from modelgrid.client.tensors import array_to_tensor, tensor_to_array
 from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2
-from services.clients.registry import RegistryClient
 from services.kit.localinfra import ConsulAgent, RedisServer
 from services.kit.processes import ServiceProcess
-from services.kit.tensors import array_to_tensor, tensor_to_array
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]  # loopback only: never through a proxy from the environment

@@ -57,8 +57,8 @@ import numpy as np
 from harness import CHANNEL_OPTIONS, REPO_ROOT, Mesh, check_predict, console, fmt, table, tmp_root_arg, work_dir
 from rich.console import Console
 
+from modelgrid.client.registry import RegistryClient
 from modelgrid.predictor.v1 import predictor_pb2, predictor_pb2_grpc
-from services.clients.registry import RegistryClient
 from services.kit.localinfra import free_port
 from services.registry.settings import RegistrySettings
 

@@ -91,10 +91,10 @@ from harness import (
 )
 from rich.console import Console
 
-from inference import grpc_service_pb2 as oip
-from inference import grpc_service_pb2_grpc as oip_grpc
 from modelgrid.gateway.v1 import gateway_pb2 as gpb
 from modelgrid.gateway.v1 import gateway_pb2_grpc
+from modelgrid.oip import grpc_service_pb2 as oip
+from modelgrid.oip import grpc_service_pb2_grpc as oip_grpc
 from services.kit.localinfra import free_port
 
 OIP_METHOD = "/inference.GRPCInferenceService/ModelInfer"

@@ -43,11 +43,11 @@ import grpc
 from harness import Mesh, console, milliseconds, percentile, table, tmp_root_arg, work_dir
 from rich.console import Console
 
+from modelgrid.client.artifacts import file_digest
+from modelgrid.client.registry import RegistryClient
 from modelgrid.common.v1 import common_pb2
 from modelgrid.registry.v1 import registry_pb2 as pb
 from modelgrid.registry.v1 import registry_pb2_grpc
-from services.clients.registry import RegistryClient
-from services.kit.artifacts import file_digest
 
 MB = 1_000_000
 IO_BLOCK = 8 * 1024 * 1024

@@ -14,13 +14,13 @@ import numpy as np
 import yaml
 from google.protobuf import json_format
 
+from modelgrid.client.registry import RegistryClient
+from modelgrid.client.tensors import array_to_tensor, tensor_to_array
 from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2, predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2, registry_pb2_grpc
 from modelgrid.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.cli.channels import open_channel
-from services.clients.registry import RegistryClient
-from services.kit.tensors import array_to_tensor, tensor_to_array
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}

@@ -21,8 +21,8 @@ import grpc
 import numpy as np
 import pytest
 
+from modelgrid.client.registry import RegistryClient
 from modelgrid.trainer.v1 import trainer_pb2
-from services.clients.registry import RegistryClient
 from services.kit import tls
 from services.kit.localinfra import ConsulAgent, RedisServer, free_port, service_token
 from services.kit.processes import REPO_ROOT, ServiceProcess

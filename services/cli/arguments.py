@@ -1,14 +1,14 @@
 """Argument types of the CLI: each checks one command-line value and turns it into what the commands use.
 
 A bad value raises argparse.ArgumentTypeError, so argparse reports it with the usage and exit code 2 before any
-call reaches the registry. Names and references follow the registry's own rules (services.kit.modelref).
+call reaches the registry. Names and references follow the registry's own rules (modelgrid.client.modelref).
 """
 
 import argparse
 import logging
 
-from services.kit.errors import InvalidArgument
-from services.kit.modelref import ModelRef, check_alias, check_model_name
+from modelgrid.client.errors import InvalidArgument
+from modelgrid.client.modelref import ModelRef, check_alias, check_model_name
 
 logger = logging.getLogger(__name__)
 

@@ -1,55 +1,14 @@
 """Channels of the command line: gRPC to the gateway (plaintext, or TLS when its public ports have a certificate),
 or mTLS to a service inside the mesh; with the API key (when one is set, or the local gateway's admin key) on every
-call."""
-
-import collections
-import ssl
-from pathlib import Path
+call. The key header, TLS credentials and retry options are the client library's (modelgrid.client.channels)."""
 
 import grpc
 
+from modelgrid.client.channels import public_tls, with_api_key
 from services.kit import tls
 from services.kit.processes import REPO_ROOT
 
-
-class _CallDetails(
-    collections.namedtuple(
-        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
-    ),
-    grpc.ClientCallDetails,
-):
-    pass
-
-
-class _ApiKey(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    """Adds `authorization: Bearer <key>` to every call."""
-
-    def __init__(self, key: str) -> None:
-        self._header = ("authorization", f"Bearer {key}")
-
-    def _with_key(self, details: grpc.ClientCallDetails) -> _CallDetails:
-        metadata = [*(details.metadata or ()), self._header]
-        return _CallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
-        )
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._with_key(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._with_key(details), request)
-
-    def intercept_stream_unary(self, continuation, details, requests):
-        return continuation(self._with_key(details), requests)
-
-    def intercept_stream_stream(self, continuation, details, requests):
-        return continuation(self._with_key(details), requests)
-
+__all__ = ["local_admin_key", "open_channel", "public_tls"]
 
 LOCAL_ADMIN_KEY = REPO_ROOT / ".run" / "gateway" / "admin-key"
 """The admin key the gateway of `make up` made (mode 0600): the CLI of this checkout uses it for that gateway."""
@@ -68,26 +27,9 @@ def local_admin_key(target: str) -> str:
         return ""
 
 
-PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
-
-
-def public_tls(ca: str | None) -> grpc.ChannelCredentials:
-    """TLS to a gateway's public port (MODELGRID_GATEWAY_TLS_CERT): trusting the PEM certificates in `ca` (a
-    private CA), or without one the system's roots (those OpenSSL uses, so a CA the machine's administrator added
-    counts; gRPC's own bundle when the system has none)."""
-    if ca:
-        roots = Path(ca).read_bytes()
-        if PEM_CERTIFICATE not in roots:
-            raise ValueError(f"{ca} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
-        return grpc.ssl_channel_credentials(roots)
-    paths = ssl.get_default_verify_paths()
-    system = paths.cafile or paths.openssl_cafile
-    return grpc.ssl_channel_credentials(Path(system).read_bytes() if system and Path(system).is_file() else None)
-
-
 def open_channel(
     target: str,
-    options: list[tuple[str, int]],
+    options: list[tuple[str, object]],
     api_key: str = "",
     internal: tls.InternalTLS | None = None,
     service: str = "",
@@ -101,4 +43,4 @@ def open_channel(
         channel = grpc.secure_channel(target, public, options=options)
     else:
         channel = tls.dial(target, service, internal, options=options)
-    return grpc.intercept_channel(channel, _ApiKey(api_key)) if api_key else channel
+    return with_api_key(channel, api_key)

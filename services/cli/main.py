@@ -23,6 +23,9 @@ from collections.abc import Mapping
 
 import grpc
 
+from modelgrid.client.channels import channel_options
+from modelgrid.client.errors import ModelgridError
+from modelgrid.client.registry import RegistryClient
 from services.cli import (
     completion,
     config,
@@ -38,9 +41,7 @@ from services.cli.output import Output
 from services.cli.predictor_commands import PredictorSession
 from services.cli.registry_commands import CommandError, RegistrySession, UsageError
 from services.cli.trainer_commands import TrainerSession
-from services.clients.registry import RegistryClient
 from services.kit import tls
-from services.kit.errors import ModelgridError
 from services.kit.interceptors import status_of
 
 logger = logging.getLogger(__name__)
@@ -175,10 +176,7 @@ def settings_of(args: argparse.Namespace, environ: Mapping[str, str]) -> None:
 
 
 def _execute(args: argparse.Namespace, out: Output) -> None:
-    options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ]
+    options = channel_options(max_message_bytes=MAX_MESSAGE_BYTES)  # with retries of the idempotent calls
     logger.debug("connecting to %s as %s (tls %s)", args.target, args.client_id, args.tls)
     internal = tls.from_dir(args.tls_dir, "operator")
     try:

@@ -23,7 +23,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from services.clients.registry import Progress as ProgressCallback
+from modelgrid.client.registry import Progress as ProgressCallback
 
 logger = logging.getLogger(__name__)
 

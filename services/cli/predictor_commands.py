@@ -17,6 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from modelgrid.client.convert import ref_to_pb
+from modelgrid.client.modelref import ModelRef
+from modelgrid.client.predictor import PredictorClient
+from modelgrid.client.registry import convert
 from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
@@ -26,9 +30,6 @@ from services.cli import tensor_files as files
 from services.cli.arguments import command
 from services.cli.registry_commands import CommandError
 from services.cli.sessions import StubSession
-from services.clients.registry import convert
-from services.kit.convert import ref_to_pb
-from services.kit.modelref import ModelRef
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class PredictorSession(StubSession):
     """The predictor stub next to the registry session."""
 
     stub_class = predictor_pb2_grpc.PredictorStub
+    api_class = PredictorClient
 
 
 Handler = Callable[[PredictorSession, argparse.Namespace], None]
@@ -73,7 +75,7 @@ def output_file(text: str) -> Path:
 
 def _signature_inputs(session: PredictorSession, name: str) -> list[common_pb2.TensorSpec]:
     """The inputs of the model's newest available version on the replica (NOT_FOUND if it does not serve it)."""
-    status = session.call(session.stub.GetModelMetadata, pb.GetModelMetadataRequest(name=name))
+    status = session.api.metadata(name)
     if not status.inputs:
         reason = f": {status.reason}" if status.reason else ""
         raise CommandError(f"{name} has no available version to read its signature from{reason}")
@@ -114,23 +116,18 @@ def read_inputs(session: PredictorSession, ref: ModelRef, path: Path) -> dict[st
 def predict(session: PredictorSession, args: argparse.Namespace) -> None:
     ref: ModelRef = args.ref
     inputs = read_inputs(session, ref, args.input)
-    request = pb.PredictRequest(
-        model=ref_to_pb(ref),
-        inputs={name: files.to_tensor(name, array) for name, array in inputs.items()},
-        output_filter=args.output_filter,
-    )
-    response = session.call(session.stub.Predict, request)
-    names = args.output_filter or sorted(response.outputs)
-    outputs = {name: files.from_tensor(name, response.outputs[name]) for name in names}
+    answer = session.api.predict(ref, inputs, outputs=args.output_filter)
+    names = args.output_filter or sorted(answer.outputs)
+    outputs = {name: answer.outputs[name] for name in names}
     if args.output:
-        files.write_outputs(args.output, response.model_name, response.version, outputs)
+        files.write_outputs(args.output, answer.model, answer.version, outputs)
     out = session.out
     if out.json_mode:
-        out.line(json.dumps(views.prediction_json(response.model_name, response.version, outputs)))
+        out.line(json.dumps(views.prediction_json(answer.model, answer.version, outputs)))
         if args.output:
             out.note(f"wrote the outputs to {args.output}")
         return
-    out.line(f"answered by {response.model_name}:{response.version}")
+    out.line(f"answered by {answer.model}:{answer.version}")
     for name, array in outputs.items():
         out.line(views.output_heading(name, array))
         if views.output_fits_a_table(array):
@@ -146,7 +143,7 @@ def predict(session: PredictorSession, args: argparse.Namespace) -> None:
 
 
 def _get_job(session: PredictorSession, job_id: str) -> pb.BatchJob:
-    return session.call(session.stub.GetBatchJob, pb.GetBatchJobRequest(id=job_id))
+    return session.api.batch_job(job_id)
 
 
 def _wait(session: PredictorSession, job: pb.BatchJob) -> pb.BatchJob:
@@ -215,7 +212,7 @@ def batch_list(session: PredictorSession, args: argparse.Namespace) -> None:
 
 
 def batch_cancel(session: PredictorSession, args: argparse.Namespace) -> None:
-    job = session.call(session.stub.CancelBatchJob, pb.CancelBatchJobRequest(id=args.job_id))
+    job = session.api.cancel_batch_job(args.job_id)
     if session.out.json_mode:
         session.out.message(job)
     else:
@@ -244,7 +241,7 @@ def batch_fetch(session: PredictorSession, args: argparse.Namespace) -> None:
 
 
 def serving_list(session: PredictorSession, args: argparse.Namespace) -> None:
-    response = session.call(session.stub.ListModels, pb.ListModelsRequest())
+    response = pb.ListModelsResponse(models=session.api.list_models())
     if session.out.json_mode:
         session.out.message(response)
     elif response.models:
@@ -254,7 +251,7 @@ def serving_list(session: PredictorSession, args: argparse.Namespace) -> None:
 
 
 def serving_show(session: PredictorSession, args: argparse.Namespace) -> None:
-    _show_status(session, session.call(session.stub.GetModelMetadata, pb.GetModelMetadataRequest(name=args.name)))
+    _show_status(session, session.api.metadata(args.name))
 
 
 def _policy(args: argparse.Namespace) -> pb.VersionPolicy:

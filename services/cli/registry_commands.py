@@ -15,14 +15,14 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import Message
 
+from modelgrid.client.convert import ref_to_pb
+from modelgrid.client.modelref import ModelRef
+from modelgrid.client.registry import RegistryClient, convert
 from modelgrid.registry.v1 import registry_pb2 as pb
 from services.cli import arguments
 from services.cli import registry_views as views
 from services.cli.arguments import command
 from services.cli.output import Output
-from services.clients.registry import RegistryClient, convert
-from services.kit.convert import ref_to_pb
-from services.kit.modelref import ModelRef
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""A service's stub next to the registry session, for the predictor and trainer commands."""
+"""A service's typed client (from the client library, modelgrid.client) and its stub next to the registry session,
+for the predictor, trainer and gateway commands."""
 
 import logging
 from collections.abc import Callable, Iterator
@@ -8,24 +9,31 @@ from typing import Any, ClassVar
 import grpc
 from google.protobuf.message import Message
 
+from modelgrid.client.registry import RegistryClient
 from services.cli.output import Output
 from services.cli.registry_commands import RegistrySession
-from services.clients.registry import RegistryClient
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class StubSession:
-    """A stub of `stub_class` beside the registry session (its client, metadata, deadline and output)."""
+    """A stub of `stub_class` beside the registry session (its client, metadata, deadline and output), and the
+    client library's typed client of the service (`api_class`) when it has one, with the same deadline and
+    metadata: commands call `api` where it has the call, the stub for the rest (operators' calls)."""
 
     stub_class: ClassVar[type]
+    api_class: ClassVar[type | None] = None
     registry: RegistrySession
     stub: Any
+    api: Any = None
 
     @classmethod
     def over(cls, registry: RegistrySession, channel: grpc.Channel) -> "StubSession":
-        return cls(registry, cls.stub_class(channel))
+        if cls.api_class is None:
+            return cls(registry, cls.stub_class(channel))
+        api = cls.api_class(channel, timeout=registry.timeout, metadata=registry.metadata)
+        return cls(registry, api.stub, api)
 
     @property
     def out(self) -> Output:

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from modelgrid.client.tensors import BY_PROTO
 from modelgrid.common.v1 import common_pb2
 from services.cli import predictor_views as views
 from services.cli.registry_commands import CommandError
-from services.kit.errors import ModelgridError
-from services.kit.tensors import BY_PROTO, array_to_tensor, tensor_to_array
 
 
 def read_npz(path: Path, names_only: bool = False) -> dict[str, np.ndarray | None]:
@@ -59,22 +58,6 @@ def json_array(spec: common_pb2.TensorSpec, value: object) -> np.ndarray:
     if element.numpy.kind in "biu" and not np.array_equal(array, parsed):
         raise CommandError(f"{what}: values do not fit {element.name}")
     return array
-
-
-def to_tensor(name: str, array: np.ndarray) -> common_pb2.Tensor:
-    if array.dtype.kind == "U":  # text from numpy files: strings travel as UTF-8 bytes
-        array = np.char.encode(array, "utf-8")
-    try:
-        return array_to_tensor(array)
-    except ModelgridError as exc:
-        raise CommandError(f"input {name!r}: {exc}") from None
-
-
-def from_tensor(name: str, tensor: common_pb2.Tensor) -> np.ndarray:
-    try:
-        return tensor_to_array(tensor, f"output {name!r}")
-    except ModelgridError as exc:
-        raise CommandError(str(exc)) from None
 
 
 def write_outputs(path: Path, model: str, version: int, outputs: dict[str, np.ndarray]) -> None:

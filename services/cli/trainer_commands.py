@@ -27,6 +27,7 @@ from google.protobuf.descriptor import Descriptor
 from rich.console import Console
 from rich.live import Live
 
+from modelgrid.client.trainer import TrainerClient
 from modelgrid.trainer.v1 import trainer_pb2 as pb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
 from services.cli import trainer_views as views
@@ -48,6 +49,7 @@ class TrainerSession(StubSession):
     """The trainer stub next to the registry session."""
 
     stub_class = trainer_pb2_grpc.TrainerStub
+    api_class = TrainerClient
 
 
 Handler = Callable[[TrainerSession, argparse.Namespace], None]
@@ -185,7 +187,7 @@ def _follow(session: TrainerSession, job: pb.Job) -> None:
 
 
 def _get_job(session: TrainerSession, job_id: str) -> pb.Job:
-    return session.call(session.stub.GetJob, pb.GetJobRequest(id=job_id))
+    return session.api.job(job_id)
 
 
 def jobs_submit(session: TrainerSession, args: argparse.Namespace) -> None:
@@ -197,7 +199,7 @@ def jobs_submit(session: TrainerSession, args: argparse.Namespace) -> None:
         with out.transfer(f"upload {upload.name}") as progress:
             blob = session.registry.client.upload_blob(upload, progress=progress)
         spec.dataset.blob_digest = blob.digest
-    job = session.call(session.stub.SubmitJob, pb.SubmitJobRequest(spec=spec, request_id=args.request_id))
+    job = session.api.submit(spec, request_id=args.request_id)
     if out.json_mode and args.watch:  # then JobEvent lines follow: one JSON object per line
         out.line(views.compact_json(job))
     elif out.json_mode:
@@ -216,13 +218,13 @@ def jobs_watch(session: TrainerSession, args: argparse.Namespace) -> None:
 
 def jobs_list(session: TrainerSession, args: argparse.Namespace) -> None:
     jobs: list[pb.Job] = []
-    request = pb.ListJobsRequest(state=args.state or pb.JOB_STATE_UNSPECIFIED)
+    state, token = args.state or pb.JOB_STATE_UNSPECIFIED, ""
     while True:
-        request.page_size = min(PAGE_SIZE, args.limit - len(jobs)) if args.limit else PAGE_SIZE
-        response = session.call(session.stub.ListJobs, request)
+        page_size = min(PAGE_SIZE, args.limit - len(jobs)) if args.limit else PAGE_SIZE
+        response = session.api.jobs(state, page_size, token)
         jobs.extend(response.jobs)
-        request.page_token = response.next_page_token
-        if not request.page_token or (args.limit and len(jobs) >= args.limit):
+        token = response.next_page_token
+        if not token or (args.limit and len(jobs) >= args.limit):
             break
     jobs = jobs[: args.limit] if args.limit else jobs
     if session.out.json_mode:
@@ -242,7 +244,7 @@ def jobs_show(session: TrainerSession, args: argparse.Namespace) -> None:
 
 
 def jobs_cancel(session: TrainerSession, args: argparse.Namespace) -> None:
-    job = session.call(session.stub.CancelJob, pb.CancelJobRequest(id=args.job_id))
+    job = session.api.cancel(args.job_id)
     if session.out.json_mode:
         session.out.message(job)
     else:
@@ -251,8 +253,7 @@ def jobs_cancel(session: TrainerSession, args: argparse.Namespace) -> None:
 
 def jobs_logs(session: TrainerSession, args: argparse.Namespace) -> None:
     task = -1 if args.task is None else args.task
-    request = pb.GetJobLogsRequest(id=args.job_id, task_index=task, tail_lines=args.tail)
-    response = session.call(session.stub.GetJobLogs, request)
+    response = pb.GetJobLogsResponse(logs=session.api.logs(args.job_id, task=task, tail_lines=args.tail))
     out = session.out
     if out.json_mode:
         out.message(response)
@@ -269,7 +270,7 @@ def jobs_logs(session: TrainerSession, args: argparse.Namespace) -> None:
 
 
 def workers(session: TrainerSession, args: argparse.Namespace) -> None:
-    response = session.call(session.stub.ListWorkers, pb.ListWorkersRequest())
+    response = session.api.workers()
     if session.out.json_mode:
         session.out.message(response)
     elif response.workers:

@@ -1,11 +1,11 @@
 """The gateway's own API (modelgrid.gateway.v1.GatewayAdmin): API keys and a view of the routing table."""
 
+from modelgrid.client.convert import enum_member, timestamp
+from modelgrid.client.errors import FailedPrecondition, InvalidArgument
 from modelgrid.gateway.v1 import gateway_pb2 as pb
 from modelgrid.gateway.v1 import gateway_pb2_grpc
 from services.gateway.auth import ApiKey, Authorizer, Scope
 from services.gateway.upstreams import Backends
-from services.kit.convert import enum_member, timestamp
-from services.kit.errors import FailedPrecondition, InvalidArgument
 
 MIN_RATE, MAX_RATE = 0.001, 1e6
 """Bounds of a key's own rate limit (requests per second)."""

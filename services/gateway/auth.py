@@ -23,10 +23,10 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from modelgrid.client.errors import NotFound, PermissionDenied, Unauthenticated
 from services.gateway.keycache import KeyCache
 from services.gateway.ratelimit import RateLimiter
 from services.gateway.streams import OpenStreams, StreamSlot, peer_host
-from services.kit.errors import NotFound, PermissionDenied, Unauthenticated
 from services.kit.redis_client import is_outage, outage_error
 
 logger = logging.getLogger(__name__)

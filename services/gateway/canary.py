@@ -5,8 +5,8 @@ import asyncio
 import logging
 import random
 
-from services.clients.registry import AsyncRegistryClient, EventType, RegistryEvent
-from services.kit.errors import NotFound
+from modelgrid.client.errors import NotFound
+from modelgrid.client.registry import AsyncRegistryClient, EventType, RegistryEvent
 from services.kit.streams import StreamFollower
 
 logger = logging.getLogger(__name__)

@@ -8,12 +8,12 @@ import grpc
 
 # The descriptors of the routed APIs, so that both fronts know their unary methods (proxy.is_unary). Not
 # imported by the modules tests load in-process: tritonclient's copy of the inference protos would clash.
-import inference.grpc_service_pb2  # noqa: F401
+import modelgrid.oip.grpc_service_pb2  # noqa: F401
 import modelgrid.predictor.v1.predictor_pb2  # noqa: F401
 import modelgrid.registry.v1.registry_pb2  # noqa: F401
 import modelgrid.trainer.v1.trainer_pb2  # noqa: F401
+from modelgrid.client.registry import AsyncRegistryClient
 from modelgrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from services.clients.registry import AsyncRegistryClient
 from services.gateway.admin import GatewayAdminServicer
 from services.gateway.auth import Authorizer, admin_key_from_file
 from services.gateway.canary import CanaryWeights

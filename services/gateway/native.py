@@ -6,9 +6,9 @@ import contextlib
 
 import grpc
 
+from modelgrid.client.errors import ModelgridError
 from services.gateway.auth import Authorizer
 from services.gateway.proxy import End, Forwarder, Headers
-from services.kit.errors import ModelgridError
 from services.kit.interceptors import status_of
 
 _MAX_CACHED = 1024

@@ -28,8 +28,8 @@ from types import SimpleNamespace
 import numpy as np
 from google.protobuf import descriptor_pool, message_factory
 
-from services.kit.errors import InvalidArgument, ResourceExhausted
-from services.kit.tensors import BY_OIP, ElementType, decode_strings, element_count, input_label, raw_of
+from modelgrid.client.errors import InvalidArgument, ResourceExhausted
+from modelgrid.client.tensors import BY_OIP, ElementType, decode_strings, element_count, input_label, raw_of
 
 MESSAGES = (
     "ServerLiveRequest ServerLiveResponse ServerReadyRequest ServerReadyResponse ServerMetadataRequest "
@@ -54,7 +54,7 @@ def messages() -> SimpleNamespace:
     try:
         pool.FindMessageTypeByName("inference.ModelInferRequest")
     except KeyError:
-        importlib.import_module("inference.grpc_service_pb2")
+        importlib.import_module("modelgrid.oip.grpc_service_pb2")
     return SimpleNamespace(
         **{name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"inference.{name}")) for name in MESSAGES}
     )

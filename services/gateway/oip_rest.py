@@ -25,12 +25,12 @@ import uuid
 
 import grpc
 
+from modelgrid.client.errors import ModelgridError
 from services.gateway import grpcweb, oip_json
 from services.gateway.asgi import BODY_DRAIN_SECONDS, Receive, Scope, Send, drain_body
 from services.gateway.auth import Authorizer
 from services.gateway.proxy import End, Forwarder
 from services.gateway.settings import GatewaySettings
-from services.kit.errors import ModelgridError
 from services.kit.interceptors import status_of
 
 logger = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import descriptor_pool
 
+from modelgrid.client.errors import ModelgridError
 from services.gateway.call_status import BackendStatus, made_up
 from services.gateway.canary import CanaryWeights
 from services.gateway.metrics import GatewayMetrics
@@ -25,7 +26,6 @@ from services.gateway.models import model_of, redirect_to_alias
 from services.gateway.settings import GatewaySettings
 from services.gateway.upstreams import Backends
 from services.kit.channels import InstancePool, Member
-from services.kit.errors import ModelgridError
 from services.kit.telemetry import tracing_enabled
 
 logger = logging.getLogger(__name__)

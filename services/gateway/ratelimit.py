@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from services.kit.errors import ResourceExhausted
+from modelgrid.client.errors import ResourceExhausted
 
 # KEYS[1] bucket hash; ARGV rate/s, capacity, now (s), most tokens wanted. Takes what it can up to that (whole
 # tokens) and returns {taken, 0}, or {0, ms until one token is there} when the bucket holds less than one.

@@ -12,7 +12,7 @@ import ipaddress
 from typing import Self
 from urllib.parse import unquote
 
-from services.kit.errors import ResourceExhausted
+from modelgrid.client.errors import ResourceExhausted
 
 SETTING = "MODELGRID_GATEWAY_MAX_STREAMS_PER_CALLER"
 """The setting a refused caller is told about."""

@@ -32,13 +32,13 @@ import grpc
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from modelgrid.client.errors import ModelgridError
 from services.gateway import grpcweb
 from services.gateway.asgi import BODY_DRAIN_SECONDS, Receive, Scope, Send, drain_body
 from services.gateway.auth import Authorizer
 from services.gateway.oip_rest import OipRestFront
 from services.gateway.proxy import End, Forwarder, Headers
 from services.gateway.settings import GatewaySettings
-from services.kit.errors import ModelgridError
 from services.kit.interceptors import status_of
 
 logger = logging.getLogger(__name__)

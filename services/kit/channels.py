@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import grpc
 
+from modelgrid.client.errors import Unavailable
 from services.kit.consul import ConsulClient, Instance
 from services.kit.discovery import ServiceResolver
-from services.kit.errors import Unavailable
 from services.kit.telemetry import client_interceptors
 from services.kit.tls import InternalTLS, expect
 

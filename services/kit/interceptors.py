@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from services.kit import errors
+from modelgrid.client import errors
 from services.kit.metrics import MethodRecorder, RpcMetrics
 from services.kit.redis_client import is_outage, outage_error
 from services.kit.tls import peer_identity

@@ -9,7 +9,7 @@ from redis.exceptions import AuthenticationError, AuthorizationError, BusyLoadin
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.kit.errors import Unavailable
+from modelgrid.client.errors import Unavailable
 from services.kit.redis_auth import redacted_url
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from services.kit.errors import ModelgridError
+from modelgrid.client.errors import ModelgridError
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from services.kit.errors import ResourceExhausted
+from modelgrid.client.errors import ResourceExhausted
 
 CLIENT_ID_HEADER = "x-modelgrid-client"
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import redis.asyncio as aioredis
 
-from services.clients.registry import AsyncRegistryClient
-from services.kit.convert import parse_number
-from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound, ResourceExhausted
-from services.kit.modelref import ModelRef
+from modelgrid.client.convert import parse_number
+from modelgrid.client.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound, ResourceExhausted
+from modelgrid.client.modelref import ModelRef
+from modelgrid.client.registry import AsyncRegistryClient
 from services.predictor.control import ModelControl
 from services.predictor.inference import Inference
 from services.predictor.settings import DEFAULT_MAX_BULK_INPUT_BYTES, MAX_BULK_INPUT_BYTES_SETTING

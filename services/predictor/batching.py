@@ -37,7 +37,7 @@ from typing import Protocol
 
 import numpy as np
 
-from services.kit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from modelgrid.client.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 
 logger = logging.getLogger(__name__)
 

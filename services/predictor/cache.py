@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from services.kit.artifacts import unpack
+from modelgrid.client.artifacts import unpack
 
 logger = logging.getLogger(__name__)
 

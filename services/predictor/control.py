@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from services.clients.registry import AsyncRegistryClient
-from services.kit.errors import NotFound, Unavailable
-from services.kit.modelref import ModelRef, check_model_name
+from modelgrid.client.errors import NotFound, Unavailable
+from modelgrid.client.modelref import ModelRef, check_model_name
+from modelgrid.client.registry import AsyncRegistryClient
 from services.predictor.batching import BatchingConfig, BatchObserver
 from services.predictor.cache import ArtifactCache
 from services.predictor.domain import ModelStatus, VersionPolicy, VersionState, VersionStatus

@@ -8,13 +8,10 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from modelgrid.common.v1 import common_pb2
-from modelgrid.predictor.v1 import predictor_pb2 as pb
-from services.kit import convert
-from services.kit.errors import InvalidArgument
-from services.kit.modelref import ModelRef, check_model_name
-from services.kit.settings import MiB
-from services.kit.tensors import (
+from modelgrid.client import convert
+from modelgrid.client.errors import InvalidArgument
+from modelgrid.client.modelref import ModelRef, check_model_name
+from modelgrid.client.tensors import (
     BY_NAME,
     STRING_ELEMENT_BYTES,
     SizeBudget,
@@ -22,6 +19,9 @@ from services.kit.tensors import (
     input_label,
     tensor_to_array,
 )
+from modelgrid.common.v1 import common_pb2
+from modelgrid.predictor.v1 import predictor_pb2 as pb
+from services.kit.settings import MiB
 from services.predictor.domain import ModelStatus, VersionPolicy
 from services.predictor.runtime import IOSpec
 from services.predictor.settings import DEFAULT_MAX_REQUEST_BYTES, MAX_REQUEST_BYTES_SETTING

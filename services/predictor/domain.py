@@ -4,8 +4,8 @@ models that ModelControl hands to every protocol (so that each derives load stat
 import enum
 from dataclasses import dataclass
 
-from services.kit.errors import InvalidArgument
-from services.kit.modelref import check_alias
+from modelgrid.client.errors import InvalidArgument
+from modelgrid.client.modelref import check_alias
 from services.predictor.runtime import ModelSignature
 
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.clients.registry import AsyncRegistryClient, EventType, RegistryEvent
+from modelgrid.client.registry import AsyncRegistryClient, EventType, RegistryEvent
 from services.kit.redis_client import is_outage
 from services.kit.streams import Backoff, StreamFollower
 from services.predictor.control import ModelControl

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from opentelemetry import trace
 
-from services.kit.errors import InvalidArgument, ModelgridError
-from services.kit.modelref import ModelRef
+from modelgrid.client.errors import InvalidArgument, ModelgridError
+from modelgrid.client.modelref import ModelRef
 from services.kit.telemetry import tracing_enabled
 from services.predictor.batching import RequestTiming
 from services.predictor.control import ModelControl

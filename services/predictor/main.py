@@ -9,8 +9,8 @@ from collections.abc import Iterable
 
 import grpc
 
+from modelgrid.client.registry import AsyncRegistryClient
 from modelgrid.predictor.v1 import predictor_pb2, predictor_pb2_grpc
-from services.clients.registry import AsyncRegistryClient
 from services.kit.channels import InstancePool
 from services.kit.consul import ConsulClient
 from services.kit.hostaddr import resolve_addresses

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from services.kit import errors
+from modelgrid.client import errors
+from modelgrid.client.modelref import ModelRef
 from services.kit.interceptors import STATUS_OF
 from services.kit.metrics import GaugeCollector, snapshot
-from services.kit.modelref import ModelRef
 from services.predictor.domain import VersionState
 
 logger = logging.getLogger(__name__)

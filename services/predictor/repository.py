@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from services.clients.registry import AsyncRegistryClient
-from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound
-from services.kit.modelref import ModelRef, check_model_name
+from modelgrid.client.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound
+from modelgrid.client.modelref import ModelRef, check_model_name
+from modelgrid.client.registry import AsyncRegistryClient
 from services.predictor.batching import BatchingConfig, BatchObserver, BatchQueue
 from services.predictor.cache import ArtifactCache
 from services.predictor.domain import VersionPolicy, VersionState

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.kit.errors import FailedPrecondition, InvalidArgument
-from services.kit.tensors import BY_NAME, BY_TF, element_type_of
+from modelgrid.client.errors import FailedPrecondition, InvalidArgument
+from modelgrid.client.tensors import BY_NAME, BY_TF, element_type_of
 
 logger = logging.getLogger(__name__)
 

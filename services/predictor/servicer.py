@@ -3,10 +3,10 @@
 import asyncio
 from collections.abc import AsyncIterator
 
+from modelgrid.client.convert import ref_to_pb, timestamp
+from modelgrid.client.errors import InvalidArgument, ModelgridError, ResourceExhausted
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
-from services.kit.convert import ref_to_pb, timestamp
-from services.kit.errors import InvalidArgument, ModelgridError, ResourceExhausted
 from services.kit.interceptors import status_of
 from services.predictor import converters as conv
 from services.predictor.batch_jobs import BatchJob, BatchJobs

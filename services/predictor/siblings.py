@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import grpc
 
+from modelgrid.client.errors import Unavailable
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
-from services.kit.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from services.kit.artifacts import check_digest
-from services.kit.errors import Aborted, DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from modelgrid.client.artifacts import check_digest
+from modelgrid.client.errors import Aborted, DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 CHUNK = 1 << 20
 

@@ -1,8 +1,8 @@
 """Request messages of the registry's API -> the core's inputs. Replies go out through the converters the registry
-shares with its clients (services.clients.registry.convert)."""
+shares with its clients (modelgrid.client.registry.convert)."""
 
+from modelgrid.client.registry.convert import format_from_pb, lineage_from_pb
 from modelgrid.registry.v1 import registry_pb2 as pb
-from services.clients.registry.convert import format_from_pb, lineage_from_pb
 from services.registry.core import NewVersion
 
 

@@ -9,7 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from services.clients.registry.types import (
+from modelgrid.client.artifacts import check_digest
+from modelgrid.client.convert import parse_number
+from modelgrid.client.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from modelgrid.client.modelref import ModelRef, check_alias, check_model_name, shown
+from modelgrid.client.registry.types import (
     Alias,
     Artifact,
     ArtifactFormat,
@@ -19,10 +23,6 @@ from services.clients.registry.types import (
     RegistryEvent,
     VersionStatus,
 )
-from services.kit.artifacts import check_digest
-from services.kit.convert import parse_number
-from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from services.kit.modelref import ModelRef, check_alias, check_model_name, shown
 from services.registry.blobstore import BlobStore, BlobWriter
 from services.registry.settings import RegistrySettings
 from services.registry.signatures import read_signatures

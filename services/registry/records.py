@@ -1,10 +1,10 @@
-"""Registry records in Redis: the API's dataclasses (services.clients.registry.types) as JSON."""
+"""Registry records in Redis: the API's dataclasses (modelgrid.client.registry.types) as JSON."""
 
 import dataclasses
 import json
 from typing import Any
 
-from services.clients.registry.types import (
+from modelgrid.client.registry.types import (
     Artifact,
     ArtifactFormat,
     Lineage,

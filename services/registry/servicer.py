@@ -3,12 +3,12 @@
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
+from modelgrid.client.convert import ref_from_pb
+from modelgrid.client.errors import InvalidArgument
+from modelgrid.client.registry import convert as api
 from modelgrid.common.v1 import common_pb2
 from modelgrid.registry.v1 import registry_pb2 as pb
 from modelgrid.registry.v1 import registry_pb2_grpc
-from services.clients.registry import convert as api
-from services.kit.convert import ref_from_pb
-from services.kit.errors import InvalidArgument
 from services.kit.watch_limits import WatchLimits, client_id
 from services.registry.converters import new_version_from_pb
 from services.registry.core import ModelRegistry

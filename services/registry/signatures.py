@@ -4,10 +4,10 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
+from modelgrid.client.errors import InvalidArgument
+from modelgrid.client.registry.types import Signature, TensorSpec
+from modelgrid.client.tensors import BY_TF
 from modelgrid.savedmodel.v1 import savedmodel_pb2
-from services.clients.registry.types import Signature, TensorSpec
-from services.kit.errors import InvalidArgument
-from services.kit.tensors import BY_TF
 
 _MAX_GRAPH_BYTES = 512 * 1024 * 1024
 

@@ -20,7 +20,8 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import BusyLoadingError, WatchError
 
-from services.clients.registry.types import (
+from modelgrid.client.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from modelgrid.client.registry.types import (
     Alias,
     EventType,
     ModelVersion,
@@ -28,7 +29,6 @@ from services.clients.registry.types import (
     RegistryEvent,
     VersionStatus,
 )
-from services.kit.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from services.kit.redis_client import is_outage
 from services.registry.records import model_from_json, to_json, version_from_json
 

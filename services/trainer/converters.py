@@ -3,9 +3,9 @@ the core's dataclasses."""
 
 from google.protobuf import json_format
 
+from modelgrid.client.convert import enum_member, timestamp
+from modelgrid.client.errors import InvalidArgument
 from modelgrid.trainer.v1 import trainer_pb2 as pb
-from services.kit.convert import enum_member, timestamp
-from services.kit.errors import InvalidArgument
 from services.trainer.domain import Failure, Job, JobCheckpoint, JobEvent, JobState, WorkerView
 from services.trainer.jobspec import Dataset, HyperParameters, JobSpec
 

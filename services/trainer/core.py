@@ -9,9 +9,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from modelgrid.client.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound
+from modelgrid.client.registry import AsyncRegistryClient, Lineage
 from services.clients.agent import AgentClient, Export
-from services.clients.registry import AsyncRegistryClient, Lineage
-from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound
 from services.trainer import VERSION
 from services.trainer.domain import FINAL, HOLDS_SLOTS, EventType, Job, JobEvent, JobState, Placement, WorkerView
 from services.trainer.jobspec import JobSpec

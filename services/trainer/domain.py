@@ -5,7 +5,7 @@ import enum
 import json
 from dataclasses import dataclass, field
 
-from services.kit.errors import FailedPrecondition
+from modelgrid.client.errors import FailedPrecondition
 from services.trainer.jobspec import JobSpec, spec_from_dict, spec_to_dict
 
 

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from services.kit.errors import InvalidArgument
-from services.kit.modelref import shown
+from modelgrid.client.errors import InvalidArgument
+from modelgrid.client.modelref import shown
 
 MAX_LAYERS = 64
 """Most entries of a list of layer sizes (hidden_units, filters)."""

@@ -4,8 +4,8 @@ the agents; the next trainer re-attaches)."""
 import asyncio
 import logging
 
+from modelgrid.client.registry import AsyncRegistryClient
 from services.clients.agent import AgentClient
-from services.clients.registry import AsyncRegistryClient
 from services.kit.channels import InstancePool
 from services.kit.consul import ConsulClient
 from services.kit.hostaddr import resolve_addresses

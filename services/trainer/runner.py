@@ -22,9 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from services.clients.agent import AgentClient
-from services.clients.agent.types import Export, ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
-from services.kit.errors import (
+from modelgrid.client.errors import (
     Aborted,
     DeadlineExceeded,
     InvalidArgument,
@@ -32,6 +30,8 @@ from services.kit.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.clients.agent import AgentClient
+from services.clients.agent.types import Export, ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
 from services.kit.streams import Backoff
 from services.trainer.domain import EventType, Failure, Job, JobCheckpoint, JobEvent, JobState
 from services.trainer.exit_codes import ExitCode, describe_exit

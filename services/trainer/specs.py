@@ -15,6 +15,10 @@ import zipfile
 from pathlib import Path
 from typing import NoReturn
 
+from modelgrid.client.artifacts import check_digest, file_digest
+from modelgrid.client.errors import InvalidArgument, NotFound
+from modelgrid.client.modelref import check_alias, check_model_name, shown
+from modelgrid.client.registry import AsyncRegistryClient
 from services.clients.agent.types import Checkpoint, ReplicaData
 from services.clients.agent.worker_spec import (
     DATASET_FORMATS,
@@ -23,10 +27,6 @@ from services.clients.agent.worker_spec import (
     DatasetSpec,
     WorkerSpec,
 )
-from services.clients.registry import AsyncRegistryClient
-from services.kit.artifacts import check_digest, file_digest
-from services.kit.errors import InvalidArgument, NotFound
-from services.kit.modelref import check_alias, check_model_name, shown
 from services.trainer.domain import Job
 from services.trainer.jobspec import Dataset, JobSpec
 from services.trainer.limits import check_number, check_recipe_params

@@ -15,8 +15,8 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
-from services.kit.convert import parse_number
-from services.kit.errors import NotFound
+from modelgrid.client.convert import parse_number
+from modelgrid.client.errors import NotFound
 from services.kit.redis_client import is_outage
 from services.kit.streams import Backoff
 from services.trainer.domain import FINAL, EventType, Failure, Job, JobEvent, JobState

@@ -20,6 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
+from modelgrid.client.convert import ref_to_pb
+from modelgrid.client.tensors import array_to_tensor
 from modelgrid.gateway.v1 import gateway_pb2 as gpb
 from modelgrid.gateway.v1 import gateway_pb2_grpc
 from modelgrid.predictor.v1 import predictor_pb2 as pb
@@ -28,9 +30,7 @@ from modelgrid.registry.v1 import registry_pb2 as rpb
 from modelgrid.registry.v1 import registry_pb2_grpc
 from modelgrid.trainer.v1 import trainer_pb2 as tpb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
-from services.kit.convert import ref_to_pb
 from services.kit.localinfra import ConsulAgent, RedisServer, redis_ping
-from services.kit.tensors import array_to_tensor
 
 pytestmark = pytest.mark.slow
 

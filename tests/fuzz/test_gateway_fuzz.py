@@ -39,7 +39,7 @@ TIMEOUT_S = 15.0
 STREAM_S = 1.0  # a forwarded watch (or an unknown method called as a stream) may wait: our deadline ends it
 NO_INSTANCE = r"^no healthy instance of (predictor|trainer)$"
 OIP_METHODS = set(
-    re.findall(r"^\s*rpc\s+(\w+)", (REPO_ROOT / "protos/inference/grpc_service.proto").read_text(), re.MULTILINE)
+    re.findall(r"^\s*rpc\s+(\w+)", (REPO_ROOT / "protos/modelgrid/oip/grpc_service.proto").read_text(), re.MULTILINE)
 )
 
 

@@ -16,13 +16,13 @@ import grpc
 import numpy as np
 import pytest
 
+from modelgrid.client.tensors import array_to_tensor, tensor_to_array
 from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from services.kit.localinfra import ConsulAgent
 from services.kit.processes import REPO_ROOT
-from services.kit.tensors import array_to_tensor, tensor_to_array
 
 # tritonclient's copy of the OIP messages: the project's own (`inference`) must not load in a test process that also
 # uses tritonclient (the same proto file twice in one descriptor pool).
@@ -75,7 +75,7 @@ SERVICES = [
     TFS.model_service.DESCRIPTOR.services_by_name["ModelService"],
 ]
 # tritonclient's service also has Triton's own extensions (shared memory, statistics, trace settings...); the
-# predictor serves the Open Inference Protocol as protos/inference/grpc_service.proto declares it.
+# predictor serves the Open Inference Protocol as protos/modelgrid/oip/grpc_service.proto declares it.
 OIP_PROTO = REPO_ROOT / "protos" / "inference" / "grpc_service.proto"
 OIP_METHODS = set(re.findall(r"^\s*rpc\s+(\w+)", OIP_PROTO.read_text(), re.MULTILINE))
 METHODS = sorted(

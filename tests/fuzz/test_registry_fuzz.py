@@ -15,10 +15,10 @@ import grpc
 import pytest
 from hypothesis import strategies as st
 
+from modelgrid.client.registry import ArtifactFormat
 from modelgrid.common.v1 import common_pb2
 from modelgrid.registry.v1 import registry_pb2 as pb
 from modelgrid.savedmodel.v1 import savedmodel_pb2 as smpb
-from services.clients.registry import ArtifactFormat
 
 pytestmark = pytest.mark.slow  # services as subprocesses (kept in the default run)
 

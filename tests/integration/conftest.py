@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from modelgrid.client.modelref import ModelRef
+from modelgrid.client.tensors import array_to_tensor
 from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2
-from services.kit.modelref import ModelRef
 from services.kit.processes import ServiceProcess
-from services.kit.tensors import array_to_tensor
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modelgrid.client.artifacts import pack_to_file
 from services.cli.main import run
-from services.kit.artifacts import pack_to_file
 from services.kit.localinfra import free_port
 from services.kit.processes import REPO_ROOT, ServiceProcess
 

@@ -21,15 +21,15 @@ import grpc
 import numpy as np
 import pytest
 
+from modelgrid.client.convert import ref_to_pb
+from modelgrid.client.tensors import array_to_tensor
 from modelgrid.predictor.v1 import predictor_pb2 as ppb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from services.cli.main import run
 from services.kit import tls
-from services.kit.convert import ref_to_pb
 from services.kit.localinfra import ConsulAgent, free_port, service_token
 from services.kit.processes import REPO_ROOT, ServiceProcess
-from services.kit.tensors import array_to_tensor
 
 pytestmark = pytest.mark.slow
 

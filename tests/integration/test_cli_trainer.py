@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from modelgrid.client.artifacts import file_digest
 from services.cli.main import run
-from services.kit.artifacts import file_digest
 from services.kit.localinfra import ConsulAgent
 from services.kit.processes import REPO_ROOT
 

@@ -15,6 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
+from modelgrid.client.convert import ref_to_pb
+from modelgrid.client.tensors import array_to_tensor, tensor_to_array
 from modelgrid.gateway.v1 import gateway_pb2 as gpb
 from modelgrid.gateway.v1 import gateway_pb2_grpc
 from modelgrid.predictor.v1 import predictor_pb2 as pb
@@ -22,10 +24,8 @@ from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from modelgrid.registry.v1 import registry_pb2_grpc
 from services.gateway import grpcweb
-from services.kit.convert import ref_to_pb
 from services.kit.localinfra import ConsulAgent, free_port
 from services.kit.processes import REPO_ROOT
-from services.kit.tensors import array_to_tensor, tensor_to_array
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +109,7 @@ def _wait_routes(ns, predicate, timeout: float = 60):
 
 
 def _registry_via_gateway(ns):
-    from services.clients.registry import RegistryClient
+    from modelgrid.client.registry import RegistryClient
 
     return RegistryClient(ns.channel, client_id="through-gateway")
 

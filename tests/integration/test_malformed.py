@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelgrid.client.convert import ref_to_pb
+from modelgrid.client.tensors import array_to_tensor
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.registry.v1 import registry_pb2 as rpb
-from services.kit.convert import ref_to_pb
 from services.kit.localinfra import ConsulAgent
-from services.kit.tensors import array_to_tensor
 
 GARBAGE = b"\xff\xff\xff\xff\x0f not a protobuf"
 END_WITHIN_S = 5.0  # a stream with a malformed message ends this soon, though the client keeps it open

@@ -14,14 +14,14 @@ import httpx
 import numpy as np
 import pytest
 
+from modelgrid.client.convert import ref_to_pb
+from modelgrid.client.tensors import array_to_tensor, tensor_to_array
 from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from services.kit import tls
-from services.kit.convert import ref_to_pb
 from services.kit.localinfra import ConsulAgent
-from services.kit.tensors import array_to_tensor, tensor_to_array
 
 pytestmark = pytest.mark.slow
 

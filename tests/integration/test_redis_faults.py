@@ -24,9 +24,9 @@ import grpc
 import pytest
 import redis
 
+from modelgrid.client.registry import AsyncRegistryClient
 from modelgrid.registry.v1 import registry_pb2 as pb
 from modelgrid.registry.v1 import registry_pb2_grpc
-from services.clients.registry import AsyncRegistryClient
 from services.gateway.canary import CanaryWeights
 from services.kit import tls
 from services.kit.channels import InstancePool

@@ -11,12 +11,12 @@ import grpc
 import httpx
 import pytest
 
+from modelgrid.client.artifacts import pack_to_file
+from modelgrid.client.convert import ref_to_pb
+from modelgrid.client.errors import InvalidArgument, ResourceExhausted
+from modelgrid.client.registry import ArtifactFormat, VersionStatus
 from modelgrid.common.v1 import common_pb2
 from modelgrid.registry.v1 import registry_pb2 as pb
-from services.clients.registry import ArtifactFormat, VersionStatus
-from services.kit.artifacts import pack_to_file
-from services.kit.convert import ref_to_pb
-from services.kit.errors import InvalidArgument, ResourceExhausted
 
 MiB = 1024 * 1024
 MAX_ARTIFACT = 4 * MiB

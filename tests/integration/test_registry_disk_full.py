@@ -13,8 +13,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelgrid.client.errors import ResourceExhausted
 from modelgrid.registry.v1 import registry_pb2 as pb
-from services.kit.errors import ResourceExhausted
 
 KiB, MiB = 1024, 1024 * 1024
 DISK_BYTES = 4 * MiB

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelgrid.client.errors import Unavailable
+from modelgrid.client.tensors import tensor_to_array
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from services.cli.main import run
-from services.kit.errors import Unavailable
 from services.kit.localinfra import ConsulAgent
-from services.kit.tensors import tensor_to_array
 
 pytestmark = pytest.mark.slow
 

@@ -16,14 +16,14 @@ import httpx
 import numpy as np
 import pytest
 
+from modelgrid.client.convert import ref_to_pb
+from modelgrid.client.tensors import array_to_tensor, tensor_to_array
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from services.gateway import grpcweb
 from services.kit.consul_acl import TOKEN_ENV
-from services.kit.convert import ref_to_pb
 from services.kit.localinfra import ConsulAgent, free_port
-from services.kit.tensors import array_to_tensor, tensor_to_array
 
 pytestmark = pytest.mark.slow
 

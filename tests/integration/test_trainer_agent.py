@@ -17,8 +17,8 @@ import pytest
 
 from modelgrid.agent.v1 import agent_pb2 as pb
 from modelgrid.agent.v1 import agent_pb2_grpc
+from modelgrid.client.errors import ResourceExhausted
 from services.clients.agent.types import ReplicaKey, ReplicaState
-from services.kit.errors import ResourceExhausted
 from services.kit.localinfra import pid_alive
 from services.kit.processes import REPO_ROOT, ServiceProcess
 from services.trainer.agent.settings import AgentSettings

@@ -25,6 +25,8 @@ import grpc
 import numpy as np
 import pytest
 
+from modelgrid.client.convert import ref_to_pb
+from modelgrid.client.tensors import array_to_tensor
 from modelgrid.gateway.v1 import gateway_pb2 as gpb
 from modelgrid.gateway.v1 import gateway_pb2_grpc
 from modelgrid.predictor.v1 import predictor_pb2 as pb
@@ -35,11 +37,9 @@ from modelgrid.trainer.v1 import trainer_pb2_grpc
 from services.cli.channels import open_channel
 from services.kit import tls
 from services.kit.consul_acl import TOKEN_HEADER, read_token_file, write_token_file
-from services.kit.convert import ref_to_pb
 from services.kit.localinfra import redis_ping
 from services.kit.processes import REPO_ROOT
 from services.kit.redis_auth import read_password_file, write_password_file
-from services.kit.tensors import array_to_tensor
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow]
 
@@ -407,7 +407,7 @@ def test_a_cut_registry_host_leaves_predictors_serving_and_they_catch_up(mesh):
 
 UPLOAD_SCRIPT = """
 import json, sys
-from services.clients.registry import RegistryClient
+from modelgrid.client.registry import RegistryClient
 from services.kit import tls
 from services.kit.channels import CHANNEL_DEFAULTS
 

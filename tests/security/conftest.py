@@ -22,17 +22,17 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelgrid.client.registry import RegistryClient
+from modelgrid.client.tensors import array_to_tensor
 from modelgrid.common.v1 import common_pb2
 from modelgrid.gateway.v1 import gateway_pb2 as gpb
 from modelgrid.gateway.v1 import gateway_pb2_grpc
 from modelgrid.predictor.v1 import predictor_pb2 as ppb
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from modelgrid.trainer.v1 import trainer_pb2 as tpb
-from services.clients.registry import RegistryClient
 from services.gateway import grpcweb
 from services.kit.localinfra import ConsulAgent, free_port
 from services.kit.processes import REPO_ROOT, ServiceProcess
-from services.kit.tensors import array_to_tensor
 
 DIGITS_NPZ = REPO_ROOT / "data" / "digits" / "digits.npz"
 _SERVICE_OF = {

@@ -15,9 +15,9 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 from tritonclient.grpc import service_pb2 as oip  # the project's own `inference` copy must not load here too
 
+from modelgrid.client.tensors import array_to_tensor
 from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2 as ppb
-from services.kit.tensors import array_to_tensor
 
 MiB = 1 << 20
 MESH = {

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as oip  # the project's own `inference` copy must not load here too
 
+from modelgrid.client.tensors import array_to_tensor
 from modelgrid.common.v1 import common_pb2
 from modelgrid.gateway.v1 import gateway_pb2 as gpb
 from modelgrid.predictor.v1 import predictor_pb2 as ppb
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from modelgrid.trainer.v1 import trainer_pb2 as tpb
-from services.kit.tensors import array_to_tensor
 
 MESH = {"predictor": {}, "trainer": {}}
 VIAS = ("direct", "gateway", "web")

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from services.clients.registry import AsyncRegistryClient
+from modelgrid.client.registry import AsyncRegistryClient
 from services.kit.channels import InstancePool
 from services.kit.server import GrpcService
 from services.registry.main import start_registry

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from modelgrid.agent.v1 import agent_pb2 as pb
 from modelgrid.agent.v1 import agent_pb2_grpc
+from modelgrid.client.errors import Unavailable
+from modelgrid.client.rpc_errors import rpc_errors
 from services.clients.agent.types import (
     Checkpoint,
     Export,
@@ -23,8 +25,6 @@ from services.clients.agent.types import (
 from services.clients.agent.worker_spec import WorkerSpec
 from services.kit.channels import InstancePool
 from services.kit.consul import Instance
-from services.kit.errors import Unavailable
-from services.kit.rpc_errors import rpc_errors
 
 SERVICE = "trainer-agent"
 TIMEOUT = 10.0  # seconds, for every call but StartReplica

@@ -20,13 +20,13 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from inference import grpc_service_pb2 as pb
-from inference import grpc_service_pb2_grpc
-from services.kit.convert import parse_number
-from services.kit.errors import FailedPrecondition, InvalidArgument, ModelgridError
+from modelgrid.client.convert import parse_number
+from modelgrid.client.errors import FailedPrecondition, InvalidArgument, ModelgridError
+from modelgrid.client.modelref import ModelRef, check_alias, check_model_name
+from modelgrid.client.tensors import BY_NAME
+from modelgrid.oip import grpc_service_pb2 as pb
+from modelgrid.oip import grpc_service_pb2_grpc
 from services.kit.interceptors import status_of
-from services.kit.modelref import ModelRef, check_alias, check_model_name
-from services.kit.tensors import BY_NAME
 from services.predictor.control import ModelControl
 from services.predictor.converters import deadline_of, request_budget, run_conversion, string_work
 from services.predictor.domain import ModelState, VersionState

@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from services.kit.errors import InvalidArgument
-from services.kit.tensors import (
+from modelgrid.client.errors import InvalidArgument
+from modelgrid.client.tensors import (
     BY_OIP,
     STRING_ELEMENT_BYTES,
     ElementType,

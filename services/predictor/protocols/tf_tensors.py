@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
-from services.kit.errors import InvalidArgument
-from services.kit.tensors import (
+from modelgrid.client.errors import InvalidArgument
+from modelgrid.client.tensors import (
     BY_TF,
     MAX_RANK,
     STRING_ELEMENT_BYTES,

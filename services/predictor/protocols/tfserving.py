@@ -21,9 +21,9 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.apis import status_pb2 as tfs_status_pb2
 
-from services.kit.errors import InvalidArgument
-from services.kit.modelref import ModelRef, check_alias, check_model_name
-from services.kit.tensors import BY_NAME, input_label
+from modelgrid.client.errors import InvalidArgument
+from modelgrid.client.modelref import ModelRef, check_alias, check_model_name
+from modelgrid.client.tensors import BY_NAME, input_label
 from services.predictor.control import ModelControl
 from services.predictor.converters import deadline_of, request_budget, run_conversion, string_work
 from services.predictor.domain import VersionState, VersionStatus

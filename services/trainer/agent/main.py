@@ -5,7 +5,7 @@ import logging
 import socket
 from pathlib import Path
 
-from services.clients.registry import AsyncRegistryClient
+from modelgrid.client.registry import AsyncRegistryClient
 from services.kit.channels import InstancePool
 from services.kit.consul import ConsulClient
 from services.kit.hostaddr import resolve_addresses

@@ -11,7 +11,7 @@ import os
 import socket
 from pathlib import Path
 
-from services.kit.errors import ResourceExhausted
+from modelgrid.client.errors import ResourceExhausted
 
 
 class PortReservations:

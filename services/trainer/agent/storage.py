@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from modelgrid.client.artifacts import check_digest, file_digest, unpack
+from modelgrid.client.errors import Aborted, DataLoss, DeadlineExceeded, ModelgridError, Unavailable
+from modelgrid.client.registry import AsyncRegistryClient
 from services.clients.agent.types import Checkpoint, Export
-from services.clients.registry import AsyncRegistryClient
-from services.kit.artifacts import check_digest, file_digest, unpack
-from services.kit.errors import Aborted, DataLoss, DeadlineExceeded, ModelgridError, Unavailable
 from services.kit.streams import Backoff
 
 logger = logging.getLogger(__name__)

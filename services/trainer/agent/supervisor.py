@@ -33,11 +33,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.clients.agent.types import ReplicaData, ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
-from services.clients.agent.worker_spec import MAX_RECIPE_SOURCE_BYTES, WorkerSpec
-from services.clients.registry import AsyncRegistryClient
-from services.kit.artifacts import check_digest
-from services.kit.errors import (
+from modelgrid.client.artifacts import check_digest
+from modelgrid.client.errors import (
     FailedPrecondition,
     InvalidArgument,
     ModelgridError,
@@ -45,6 +42,9 @@ from services.kit.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from modelgrid.client.registry import AsyncRegistryClient
+from services.clients.agent.types import ReplicaData, ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
+from services.clients.agent.worker_spec import MAX_RECIPE_SOURCE_BYTES, WorkerSpec
 from services.trainer.agent.ports import PortReservations
 from services.trainer.agent.progress import ProgressTail
 from services.trainer.agent.settings import AgentSettings

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import pytest_asyncio
 
+from modelgrid.client.errors import ResourceExhausted, Unauthenticated
 from services.gateway.auth import Authorizer, Scope
 from services.gateway.keycache import KeyCache
-from services.kit.errors import ResourceExhausted, Unauthenticated
 from services.kit.redis_client import create_redis
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

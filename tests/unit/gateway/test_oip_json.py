@@ -15,9 +15,9 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.http import InferResult
 
+from modelgrid.client.errors import InvalidArgument
 from services.gateway import oip_json
 from services.gateway.oip_rest import HTTP_STATUS, match
-from services.kit.errors import InvalidArgument
 
 LIMITS = oip_json.JsonLimits(max_json_bytes=64 * 1024, max_json_values=10_000, max_request_bytes=1024 * 1024)
 X = np.array([[0.5, -1.0, 2.0, 0.1], [1.0, 2.0, 3.0, 4.0]], dtype=np.float32)

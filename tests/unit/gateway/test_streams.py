@@ -5,8 +5,8 @@ from gRPC's and the web front's peer strings."""
 import grpc
 import pytest
 
+from modelgrid.client.errors import ResourceExhausted
 from services.gateway.streams import SETTING, OpenStreams, peer_host
-from services.kit.errors import ResourceExhausted
 from services.kit.interceptors import status_of
 
 

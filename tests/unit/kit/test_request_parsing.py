@@ -7,11 +7,11 @@ import math
 import pytest
 from google.protobuf import struct_pb2
 
+from modelgrid.client.convert import parse_number
+from modelgrid.client.errors import InvalidArgument
+from modelgrid.client.registry.convert import format_from_pb, status_from_pb
 from modelgrid.registry.v1 import registry_pb2
 from modelgrid.trainer.v1 import trainer_pb2
-from services.clients.registry.convert import format_from_pb, status_from_pb
-from services.kit.convert import parse_number
-from services.kit.errors import InvalidArgument
 from services.kit.interceptors import MAX_DETAILS_BYTES, _bounded
 from services.trainer.converters import spec_from_pb, state_from_pb
 

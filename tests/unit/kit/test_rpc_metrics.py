@@ -10,8 +10,8 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from modelgrid.client import errors
 from modelgrid.registry.v1 import registry_pb2  # noqa: F401 - describes the methods below
-from services.kit import errors
 from services.kit.interceptors import ErrorMappingInterceptor
 from services.kit.metrics import UNKNOWN_METHOD, GaugeCollector, RpcMetrics, snapshot, status_name
 from services.predictor.metrics import grpc_status_name

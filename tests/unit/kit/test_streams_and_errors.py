@@ -8,11 +8,11 @@ import grpc
 import pytest
 from redis import exceptions as redis_errors
 
-from services.kit import errors
-from services.kit.convert import ref_from_pb, ref_to_pb, seconds_of, timestamp
+from modelgrid.client import errors
+from modelgrid.client.convert import ref_from_pb, ref_to_pb, seconds_of, timestamp
+from modelgrid.client.modelref import ModelRef
+from modelgrid.client.rpc_errors import domain_error, rpc_errors
 from services.kit.interceptors import ErrorMappingInterceptor
-from services.kit.modelref import ModelRef
-from services.kit.rpc_errors import domain_error, rpc_errors
 from services.kit.streams import Backoff, StreamFollower
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from services.clients.registry import AsyncRegistryClient, ModelVersion
+from modelgrid.client.registry import AsyncRegistryClient, ModelVersion
 from services.predictor.batching import BatchingConfig
 from services.predictor.cache import ArtifactCache
 from services.predictor.control import ModelControl

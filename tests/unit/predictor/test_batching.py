@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from services.kit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from modelgrid.client.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.predictor.batching import (
     INLINE_AFTER_IDLE,
     INLINE_PROBE_EVERY,

@@ -6,7 +6,7 @@ import asyncio
 import shutil
 from pathlib import Path
 
-from services.kit.artifacts import pack_to_file
+from modelgrid.client.artifacts import pack_to_file
 from services.predictor.cache import ArtifactCache
 
 DIGEST_A, DIGEST_B = "a" * 64, "b" * 64

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from services.kit.errors import Unavailable
+from modelgrid.client.errors import Unavailable
 from services.kit.redis_client import create_redis
 from services.kit.streams import Backoff
 from services.predictor.domain import VersionPolicy, VersionState

@@ -3,7 +3,7 @@ pure (no registry, no TensorFlow)."""
 
 import pytest
 
-from services.kit.errors import InvalidArgument
+from modelgrid.client.errors import InvalidArgument
 from services.predictor.control import model_status
 from services.predictor.domain import ModelState, VersionPolicy, VersionState
 from services.predictor.repository import ServedModel, ServedVersion

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
-from services.kit.errors import InvalidArgument
+from modelgrid.client.errors import InvalidArgument
 from services.predictor.protocols import oip_tensors, tf_tensors
 from services.predictor.protocols.tf_tensors import array_from_tensor_proto, shape_proto, tensor_proto_from_array
 

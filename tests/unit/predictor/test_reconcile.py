@@ -9,11 +9,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from services.clients.registry import AsyncRegistryClient
+from modelgrid.client.errors import NotFound, Unavailable
+from modelgrid.client.modelref import ModelRef
+from modelgrid.client.registry import AsyncRegistryClient
 from services.kit.channels import InstancePool
-from services.kit.errors import NotFound, Unavailable
 from services.kit.localinfra import free_port
-from services.kit.modelref import ModelRef
 from services.predictor.control import ModelControl
 from services.predictor.domain import ModelState, VersionPolicy, VersionState
 from services.predictor.inference import Inference

@@ -25,12 +25,12 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
+from modelgrid.client.errors import InvalidArgument, ModelgridError, ResourceExhausted
+from modelgrid.client.modelref import ModelRef
+from modelgrid.client.tensors import MAX_RANK, SizeBudget, element_count
 from modelgrid.common.v1 import common_pb2
-from services.kit.errors import InvalidArgument, ModelgridError, ResourceExhausted
 from services.kit.interceptors import status_of
-from services.kit.modelref import ModelRef
 from services.kit.redis_client import create_redis
-from services.kit.tensors import MAX_RANK, SizeBudget, element_count
 from services.predictor import converters
 from services.predictor.batch_jobs import BatchJobs, JobState, _load_npz, check_npz
 from services.predictor.domain import VersionPolicy

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from services.kit.errors import Aborted, FailedPrecondition, ResourceExhausted
+from modelgrid.client.errors import Aborted, FailedPrecondition, ResourceExhausted
 from services.registry.blobstore import LocalBlobStore
 
 

@@ -7,17 +7,17 @@ import uuid
 import grpc
 import pytest
 
-from modelgrid.registry.v1 import registry_pb2, registry_pb2_grpc
-from services.clients.registry import (
+from modelgrid.client.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from modelgrid.client.registry import (
     AsyncRegistryClient,
     EventType,
     Lineage,
     ModelVersion,
     VersionStatus,
 )
+from modelgrid.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.kit.channels import InstancePool, fewest_in_flight
 from services.kit.consul import ConsulClient
-from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from services.registry.main import start_registry
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

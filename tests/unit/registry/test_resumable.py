@@ -10,10 +10,10 @@ import time
 import grpc
 import pytest
 
+from modelgrid.client.errors import DataLoss
+from modelgrid.client.registry import RegistryClient
 from modelgrid.registry.v1 import registry_pb2 as pb
 from modelgrid.registry.v1 import registry_pb2_grpc
-from services.clients.registry import RegistryClient
-from services.kit.errors import DataLoss
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

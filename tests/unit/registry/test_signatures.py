@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from services.kit.artifacts import pack_to_file
-from services.kit.errors import InvalidArgument
+from modelgrid.client.artifacts import pack_to_file
+from modelgrid.client.errors import InvalidArgument
 from services.registry.signatures import read_signatures
 
 

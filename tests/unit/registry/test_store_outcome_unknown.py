@@ -11,8 +11,8 @@ import pytest_asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import WatchError
 
-from services.clients.registry.types import Artifact, EventType, ModelVersion, RegisteredModel, VersionStatus
-from services.kit.errors import Unavailable
+from modelgrid.client.errors import Unavailable
+from modelgrid.client.registry.types import Artifact, EventType, ModelVersion, RegisteredModel, VersionStatus
 from services.kit.redis_client import create_redis
 from services.registry.store import RegistryStore
 

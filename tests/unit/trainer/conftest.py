@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from modelgrid.client.registry import AsyncRegistryClient
 from services.clients.agent import AgentClient
-from services.clients.registry import AsyncRegistryClient
 from services.kit.channels import InstancePool
 from services.kit.consul import ConsulClient
 from services.kit.processes import REPO_ROOT

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from modelgrid.client.errors import InvalidArgument
+from modelgrid.client.registry import AsyncRegistryClient
 from services.clients.agent.types import Checkpoint, ReplicaData, ReplicaKey, ReplicaState, ReplicaStatus
 from services.clients.agent.worker_spec import DatasetSpec, WorkerSpec
-from services.clients.registry import AsyncRegistryClient
-from services.kit.errors import InvalidArgument
 from services.kit.processes import REPO_ROOT
 from services.trainer.agent.settings import AgentSettings
 from services.trainer.agent.supervisor import LOG_FILE, ReplicaSupervisor

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from modelgrid.client.errors import FailedPrecondition
 from modelgrid.trainer.v1 import trainer_pb2 as pb
 from services.clients.agent.types import Checkpoint, ReplicaData
 from services.clients.agent.worker_spec import DatasetSpec, WorkerSpec
-from services.kit.errors import FailedPrecondition
 from services.trainer.converters import job_to_pb, spec_from_pb, spec_to_pb
 from services.trainer.domain import Job, JobCheckpoint, JobState, Placement
 from services.trainer.exit_codes import ExitCode, describe_exit

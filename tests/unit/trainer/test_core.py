@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from modelgrid.client.artifacts import file_digest
+from modelgrid.client.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from modelgrid.client.registry import ArtifactFormat, AsyncRegistryClient
 from services.clients.agent import AgentClient, Export, WorkerSpec
 from services.clients.agent.types import ReplicaState
-from services.clients.registry import ArtifactFormat, AsyncRegistryClient
-from services.kit.artifacts import file_digest
 from services.kit.channels import InstancePool
-from services.kit.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.kit.localinfra import free_port
 from services.kit.server import GrpcService
 from services.registry.main import start_registry

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from services.kit.errors import InvalidArgument
+from modelgrid.client.errors import InvalidArgument
 from services.trainer.jobspec import Dataset, HyperParameters, JobSpec
 from services.trainer.limits import BUILTIN_RECIPE_PARAMS, check_recipe_params
 from services.trainer.settings import TrainerSettings

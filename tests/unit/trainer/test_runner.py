@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from modelgrid.client.registry import AsyncRegistryClient
 from services.clients.agent import AgentClient, Export
-from services.clients.registry import AsyncRegistryClient
 from services.kit.redis_client import create_redis
 from services.trainer.domain import EventType, Job, JobState, Placement
 from services.trainer.jobspec import Dataset, HyperParameters, JobSpec

@@ -17,18 +17,30 @@ from pathlib import Path
 
 import grpc
 
+from modelgrid.client.artifacts import CHUNK_BYTES, file_digest, pack_to_file, read_chunks, unpack
+from modelgrid.client.convert import ref_to_pb
+from modelgrid.client.errors import Aborted, AlreadyExists, DataLoss, Unavailable
+from modelgrid.client.modelref import ModelRef
+from modelgrid.client.registry import convert
+from modelgrid.client.registry.types import (
+    Alias,
+    ArtifactFormat,
+    Blob,
+    Download,
+    Lineage,
+    ModelVersion,
+    RegisteredModel,
+    VersionStatus,
+)
+from modelgrid.client.rpc_errors import rpc_errors
 from modelgrid.registry.v1 import registry_pb2 as pb
 from modelgrid.registry.v1 import registry_pb2_grpc
-from services.clients.registry import convert
-from services.clients.registry.types import ArtifactFormat, Blob, Download, Lineage, ModelVersion, RegisteredModel
-from services.kit.artifacts import CHUNK_BYTES, file_digest, pack_to_file, read_chunks, unpack
-from services.kit.convert import ref_to_pb
-from services.kit.errors import Aborted, AlreadyExists, DataLoss, Unavailable
-from services.kit.modelref import ModelRef
-from services.kit.rpc_errors import rpc_errors
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 SERVICE = "registry"
+TIMEOUT = 30.0
+"""Deadline of each metadata call, in seconds."""
+PAGE_SIZE = 1000
 RESUME_SECONDS = 120.0
 """How long an upload that lost its connection keeps trying to resume (a registry that notices a vanished client
 only by its keepalive holds the cut upload for some 15 s: ABORTED until then)."""
@@ -55,6 +67,58 @@ class RegistryClient:
             with rpc_errors(SERVICE):
                 reply = self.stub.GetModel(pb.GetModelRequest(name=name), metadata=self.metadata)
         return convert.model_from_pb(reply)
+
+    def _call(self, method: Callable, request, timeout: float | None = TIMEOUT):
+        with rpc_errors(SERVICE):
+            return method(request, metadata=self.metadata, timeout=timeout)
+
+    def get_model(self, name: str) -> RegisteredModel:
+        """A registered model with its aliases and latest version."""
+        return convert.model_from_pb(self._call(self.stub.GetModel, pb.GetModelRequest(name=name)))
+
+    def list_models(self, *, prefix: str = "", tag: str = "") -> list[RegisteredModel]:
+        """Every registered model, all pages; only names starting with `prefix`, only models with `tag` ("key" or
+        "key=value") when given."""
+        pages = self._pages(self.stub.ListModels, lambda: pb.ListModelsRequest(name_prefix=prefix, tag=tag), "models")
+        return [convert.model_from_pb(m) for m in pages]
+
+    def list_versions(self, name: str, *, status: VersionStatus | None = None) -> list[ModelVersion]:
+        """The versions of a model, newest first (only those in `status` when given), all pages."""
+        fields = {"model_name": name}
+        if status is not None:
+            fields["status"] = convert.status_to_pb(status)
+        pages = self._pages(self.stub.ListVersions, lambda: pb.ListVersionsRequest(**fields), "versions")
+        return [convert.version_from_pb(v) for v in pages]
+
+    def get_version(self, name: str, version: int) -> ModelVersion:
+        reply = self._call(self.stub.GetVersion, pb.GetVersionRequest(model_name=name, version=version))
+        return convert.version_from_pb(reply)
+
+    def resolve(self, ref: str | ModelRef) -> ModelVersion:
+        """The READY version a reference names: "name" (the latest), "name:3" or "name@alias"."""
+        return convert.version_from_pb(self._call(self.stub.Resolve, pb.ResolveRequest(ref=ref_to_pb(ref))))
+
+    def set_alias(self, name: str, alias: str, version: int, *, expected_version: int | None = None) -> Alias:
+        """Points an alias at a version; with `expected_version` only if it points there now (0: unset), else
+        FailedPrecondition (a compare-and-set for promotions)."""
+        request = pb.SetAliasRequest(model_name=name, alias=alias, version=version)
+        if expected_version is not None:
+            request.expected_version = expected_version
+        return convert.alias_from_pb(self._call(self.stub.SetAlias, request))
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._call(self.stub.DeleteAlias, pb.DeleteAliasRequest(model_name=name, alias=alias))
+
+    def _pages(self, method: Callable, new_request: Callable, field: str) -> Iterator:
+        token = ""
+        while True:
+            request = new_request()
+            request.page.page_size, request.page.page_token = PAGE_SIZE, token
+            reply = self._call(method, request)
+            yield from getattr(reply, field)
+            token = reply.page.next_page_token
+            if not token:
+                return
 
     def push_file(
         self,

@@ -8,7 +8,7 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from services.kit.errors import InvalidArgument
+from modelgrid.client.errors import InvalidArgument
 
 CHUNK_BYTES = 1024 * 1024
 

@@ -1,9 +1,9 @@
 """The registry's clients: `AsyncRegistryClient` for services, blocking `RegistryClient` for programs and the CLI,
 and the dataclasses both return."""
 
-from services.clients.registry.aio import AsyncRegistryClient
-from services.clients.registry.sync import Progress, RegistryClient
-from services.clients.registry.types import (
+from modelgrid.client.registry.aio import AsyncRegistryClient
+from modelgrid.client.registry.sync import Progress, RegistryClient
+from modelgrid.client.registry.types import (
     Alias,
     Artifact,
     ArtifactFormat,

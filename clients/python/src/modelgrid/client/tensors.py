@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modelgrid.client.errors import InvalidArgument, ResourceExhausted
 from modelgrid.common.v1 import common_pb2
-from services.kit.errors import InvalidArgument, ResourceExhausted
 
 MAX_RANK = 32
 """Most dimensions a request tensor may have (numpy's own limit is 32 before numpy 2, 64 after)."""

@@ -1,11 +1,11 @@
 """The registry's protobuf messages <-> its API dataclasses, in both directions: the registry's servicer sends what
 its clients read back, through the same functions."""
 
+from modelgrid.client.convert import enum_member, seconds_of, timestamp
+from modelgrid.client.registry import types
+from modelgrid.client.tensors import BY_NAME, BY_PROTO
 from modelgrid.common.v1 import common_pb2
 from modelgrid.registry.v1 import registry_pb2 as pb
-from services.clients.registry import types
-from services.kit.convert import enum_member, seconds_of, timestamp
-from services.kit.tensors import BY_NAME, BY_PROTO
 
 
 def status_to_pb(status: types.VersionStatus) -> int:

@@ -1,7 +1,8 @@
 """asyncio client of the registry for services: resolve, download and upload with digests checked, and follow the
 event stream. Replies are the registry's dataclasses; failures are the kit's domain errors, never gRPC errors.
 
-Channels come from an InstancePool (healthy registry instances in Consul) or any callable returning a channel.
+Calls go over one grpc.aio channel, or over the channel a source picks per call: a callable returning a channel, or
+an object with a `channel()` method (the services pass a pool of the healthy registry instances in Consul).
 """
 
 import asyncio
@@ -13,10 +14,13 @@ from pathlib import Path
 
 import grpc
 
-from modelgrid.registry.v1 import registry_pb2 as pb
-from modelgrid.registry.v1 import registry_pb2_grpc
-from services.clients.registry import convert
-from services.clients.registry.types import (
+from modelgrid.client.artifacts import CHUNK_BYTES, file_digest, pack_to_file, read_chunks
+from modelgrid.client.channels import ChannelSource, channel_picker
+from modelgrid.client.convert import ref_to_pb
+from modelgrid.client.errors import AlreadyExists, DataLoss, InvalidArgument, ResourceExhausted
+from modelgrid.client.modelref import ModelRef
+from modelgrid.client.registry import convert
+from modelgrid.client.registry.types import (
     Alias,
     ArtifactFormat,
     Blob,
@@ -26,12 +30,9 @@ from services.clients.registry.types import (
     RegisteredModel,
     RegistryEvent,
 )
-from services.kit.artifacts import CHUNK_BYTES, file_digest, pack_to_file, read_chunks
-from services.kit.channels import InstancePool
-from services.kit.convert import ref_to_pb
-from services.kit.errors import AlreadyExists, DataLoss, InvalidArgument, ResourceExhausted
-from services.kit.modelref import ModelRef
-from services.kit.rpc_errors import rpc_errors
+from modelgrid.client.rpc_errors import rpc_errors
+from modelgrid.registry.v1 import registry_pb2 as pb
+from modelgrid.registry.v1 import registry_pb2_grpc
 
 CLIENT_ID_HEADER = "x-modelgrid-client"
 SERVICE = "registry"
@@ -42,8 +43,8 @@ FROM_BLOB_TIMEOUT = 60.0  # a version from a blob: the registry reads its signat
 class AsyncRegistryClient:
     """Registry calls for services; a channel is picked for every call."""
 
-    def __init__(self, channels: InstancePool | Callable[[], grpc.aio.Channel], *, client_id: str = "") -> None:
-        self._channel = channels.channel if isinstance(channels, InstancePool) else channels
+    def __init__(self, channels: ChannelSource, *, client_id: str = "") -> None:
+        self._channel = channel_picker(channels)
         self._metadata = ((CLIENT_ID_HEADER, client_id),) if client_id else ()
 
     def _stub(self) -> registry_pb2_grpc.ModelRegistryStub:

@@ -1,12 +1,22 @@
 """The registry's API as plain dataclasses: what its clients receive and what the registry itself stores.
 
-Free of protobuf (services.clients.registry.convert maps them to and from the wire)."""
+Free of protobuf (modelgrid.client.registry.convert maps them to and from the wire)."""
 
 import enum
 from dataclasses import dataclass, field
 
 
-class VersionStatus(enum.StrEnum):
+class _StrEnum(str, enum.Enum):
+    """enum.StrEnum of Python 3.11, for 3.10 too: a member is equal to, prints as and formats as its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class VersionStatus(_StrEnum):
     """Lifecycle of a model version."""
 
     PENDING = "PENDING"
@@ -15,14 +25,14 @@ class VersionStatus(enum.StrEnum):
     ARCHIVED = "ARCHIVED"
 
 
-class ArtifactFormat(enum.StrEnum):
+class ArtifactFormat(_StrEnum):
     """Layout of an artifact's bytes."""
 
     RAW = "RAW"
     SAVEDMODEL_TAR = "SAVEDMODEL_TAR"
 
 
-class EventType(enum.StrEnum):
+class EventType(_StrEnum):
     """Kinds of recorded change."""
 
     MODEL_CREATED = "MODEL_CREATED"

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from services.kit import errors
+from modelgrid.client import errors
 
 _ERROR_OF: dict[grpc.StatusCode, type[errors.ModelgridError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,

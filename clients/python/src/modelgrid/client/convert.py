@@ -2,9 +2,9 @@
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from modelgrid.client.errors import InvalidArgument
+from modelgrid.client.modelref import ModelRef
 from modelgrid.common.v1 import common_pb2
-from services.kit.errors import InvalidArgument
-from services.kit.modelref import ModelRef
 
 
 def timestamp(seconds: float) -> Timestamp:

@@ -3,7 +3,7 @@
 import re
 from dataclasses import dataclass
 
-from services.kit.errors import InvalidArgument
+from modelgrid.client.errors import InvalidArgument
 
 MODEL_NAME_RULE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ALIAS_RULE = r"^[a-z][a-z0-9_-]{0,62}$"
