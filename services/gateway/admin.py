@@ -1,5 +1,9 @@
 """The gateway's own API (modelgrid.gateway.v1.GatewayAdmin): API keys and a view of the routing table."""
 
+from collections.abc import Sequence
+
+from google.protobuf.message import DecodeError
+
 from modelgrid.client.convert import enum_member, timestamp
 from modelgrid.client.errors import FailedPrecondition, InvalidArgument
 from modelgrid.gateway.v1 import gateway_pb2 as pb
@@ -74,3 +78,41 @@ class GatewayAdminServicer(gateway_pb2_grpc.GatewayAdminServicer):
                 upstreams.append(upstream)
             routes.append(pb.Route(prefix=prefix, service=service, upstreams=upstreams))
         return pb.GetRoutesResponse(routes=routes)
+
+
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["GatewayAdmin"]
+
+
+class _CallContext:
+    """What the servicer reads of a call's context: its metadata."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        self._metadata = tuple(metadata)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._metadata
+
+
+class LocalAdminCalls:
+    """GatewayAdmin's unary calls made in-process, for the web port (which has no gRPC server of its own): the
+    same servicer as on the native port, so the same key checks, scopes and rate limits; domain errors propagate
+    for the caller to map to a status."""
+
+    def __init__(self, servicer: GatewayAdminServicer) -> None:
+        self._methods = {
+            f"/{ADMIN_SERVICE.full_name}/{m.name}": (getattr(servicer, m.name), getattr(pb, m.input_type.name))
+            for m in ADMIN_SERVICE.methods
+        }
+
+    def handles(self, method: str) -> bool:
+        return method in self._methods
+
+    async def call(self, method: str, metadata: Sequence[tuple[str, str | bytes]], request: bytes) -> bytes:
+        """The serialized answer to the serialized `request`; InvalidArgument if it does not parse."""
+        handler, request_class = self._methods[method]
+        message = request_class()
+        try:
+            message.ParseFromString(request)
+        except DecodeError:
+            raise InvalidArgument(f"the request is not a valid {request_class.DESCRIPTOR.full_name}") from None
+        return (await handler(message, _CallContext(metadata))).SerializeToString()

@@ -14,7 +14,7 @@ import modelgrid.registry.v1.registry_pb2  # noqa: F401
 import modelgrid.trainer.v1.trainer_pb2  # noqa: F401
 from modelgrid.client.registry import AsyncRegistryClient
 from modelgrid.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from services.gateway.admin import GatewayAdminServicer
+from services.gateway.admin import GatewayAdminServicer, LocalAdminCalls
 from services.gateway.auth import Authorizer, admin_key_from_file
 from services.gateway.canary import CanaryWeights
 from services.gateway.metrics import GatewayMetrics
@@ -93,7 +93,7 @@ async def start_gateway(settings: GatewaySettings) -> GrpcService:
     if settings.web_port >= 0:
         from services.gateway.web import start_web_front
 
-        web_port, stop_web = await start_web_front(settings, forwarder, authorizer)
+        web_port, stop_web = await start_web_front(settings, forwarder, authorizer, LocalAdminCalls(admin))
         service.add_cleanup(stop_web)
     await service.set_serving(True)
     logger.info("gateway: gRPC on %d, gRPC-Web and console on %d", service.port, web_port)

@@ -34,6 +34,7 @@ from hypercorn.config import Config
 
 from modelgrid.client.errors import ModelgridError
 from services.gateway import grpcweb
+from services.gateway.admin import LocalAdminCalls
 from services.gateway.asgi import BODY_DRAIN_SECONDS, Receive, Scope, Send, drain_body
 from services.gateway.auth import Authorizer
 from services.gateway.oip_rest import OipRestFront
@@ -275,8 +276,16 @@ class _Reply:
 class GrpcWebApp:
     """The ASGI application of the web port."""
 
-    def __init__(self, settings: GatewaySettings, forwarder: Forwarder, authorizer: Authorizer) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        forwarder: Forwarder,
+        authorizer: Authorizer,
+        admin: LocalAdminCalls | None = None,
+    ) -> None:
+        """`admin`: the gateway's own API (GatewayAdmin), answered here in-process; None: UNIMPLEMENTED."""
         self._settings = settings
+        self._admin = admin
         self._forwarder = forwarder
         self._authorizer = authorizer
         self._origins = set(settings.cors_origins)
@@ -410,6 +419,8 @@ class GrpcWebApp:
         self, method: str, headers: dict[str, str], timeout: float | None, body: _Body, reply: _Reply, peer: str
     ):
         metadata = grpcweb.request_metadata(headers.items())
+        if self._admin is not None and self._admin.handles(method):
+            return await self._admin_call(method, metadata, body, reply)
         forwarder = self._forwarder
         route = forwarder.route(method)
         slot = None
@@ -447,6 +458,20 @@ class GrpcWebApp:
         finally:
             if slot is not None:
                 slot.close()
+
+    async def _admin_call(self, method: str, metadata, body: _Body, reply: _Reply) -> None:
+        """A GatewayAdmin call (unary: exactly one request message); its servicer checks the key."""
+        requests = body.messages()
+        first = await anext(requests, None)
+        if first is None or await anext(requests, None) is not None:
+            return await reply.end(grpc.StatusCode.INVALID_ARGUMENT, f"{method} takes exactly one request message")
+        try:
+            response = await self._admin.call(method, metadata, first)
+        except ModelgridError as exc:
+            return await reply.end(status_of(exc), str(exc))
+        await reply.start()
+        await reply.write(grpcweb.encode_message(response))
+        await reply.end(grpc.StatusCode.OK, "")
 
     # -- console and health ----------------------------------------------------------------------------------
 
@@ -501,9 +526,10 @@ def _log_failure(server: asyncio.Task) -> None:
 
 
 async def start_web_front(
-    settings: GatewaySettings, forwarder: Forwarder, authorizer: Authorizer
+    settings: GatewaySettings, forwarder: Forwarder, authorizer: Authorizer, admin: LocalAdminCalls | None = None
 ) -> tuple[int, Callable[[], Awaitable[None]]]:
-    """Starts the web port on this event loop; returns its bound port and the coroutine function that stops it."""
+    """Starts the web port on this event loop; returns its bound port and the coroutine function that stops it.
+    `admin`: the gateway's own API, for the console's API keys and routes pages (None: not on this port)."""
     config = Config()
     config.errorlog = logging.getLogger("hypercorn.error")
     config.accesslog = None
@@ -518,7 +544,7 @@ async def start_web_front(
     config.bind = [f"fd://{sock.detach()}"]
     shutdown = asyncio.Event()
     server = asyncio.create_task(
-        serve(GrpcWebApp(settings, forwarder, authorizer), config, shutdown_trigger=shutdown.wait)
+        serve(GrpcWebApp(settings, forwarder, authorizer, admin), config, shutdown_trigger=shutdown.wait)
     )
     server.add_done_callback(_log_failure)
     logger.info("gRPC-Web and console on %s://%s:%d", "https" if tls else "http", settings.host, port)

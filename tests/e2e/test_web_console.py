@@ -1,7 +1,9 @@
 """The web console from a real browser: headless Debian Chromium, driven by playwright-core
 (web/tests/console.e2e.mjs), loads the built console from the gateway's web port and talks gRPC-Web through it to a
-real registry, predictor and trainer: lists models, promotes and rolls back, predicts, and watches a training job
-stream its progress."""
+real registry, predictor, trainer and the gateway's own API: lists models, promotes and rolls back, predicts,
+compares versions' metrics, sets and rolls back a canary weight, runs a bulk job and reads its results, shows what
+each replica serves, manages API keys, submits and cancels training jobs, and watches one stream its progress and
+logs. What the browser did is checked here through the gateway's gRPC port."""
 
 import json
 import os
@@ -16,10 +18,16 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
+import yaml
+from google.protobuf import json_format
 
+from modelgrid.common.v1 import common_pb2
+from modelgrid.gateway.v1 import gateway_pb2 as gpb
+from modelgrid.gateway.v1 import gateway_pb2_grpc
 from modelgrid.predictor.v1 import predictor_pb2 as ppb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
+from modelgrid.registry.v1 import registry_pb2_grpc
 from modelgrid.trainer.v1 import trainer_pb2 as tpb
 from modelgrid.trainer.v1 import trainer_pb2_grpc
 from services.cli.channels import open_channel
@@ -32,6 +40,9 @@ CHROMIUM = "/usr/bin/chromium"
 WEB = REPO_ROOT / "web"
 SCRIPT = WEB / "tests" / "console.e2e.mjs"
 X = [[1.0, 2.0, 3.0, 4.0]]
+BATCH_RECORDS = [[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 1.0]]
+METRICS = {"1": {"accuracy": 0.9, "loss": 0.3}, "2": {"accuracy": 0.95, "loss": 0.2}}
+CANARY_WEIGHT_TAG = "modelgrid.canary-weight"
 ADMIN_KEY = f"admin.console-e2e-{uuid.uuid4().hex}"
 
 
@@ -78,8 +89,8 @@ def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, u
             model = unique("console")
             client.ensure_model(model, description="pushed by the web console test")
             paths = [build_saved_model(tmp / f"model-{seed}", seed=seed) for seed in (7, 8)]
-            for path in paths:
-                client.push_savedmodel(model, path, metrics={"accuracy": 0.9})
+            for version, path in enumerate(paths, start=1):
+                client.push_savedmodel(model, path, metrics=METRICS[str(version)])
             client.stub.SetAlias(rpb.SetAliasRequest(model_name=model, alias="production", version=1))
             registry_channel.close()
             prefix = f"mg:test-web:{uuid.uuid4().hex[:6]}:"
@@ -115,6 +126,9 @@ def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, u
                 url=f"http://127.0.0.1:{web_port}",
                 trainer=trainer_pb2_grpc.TrainerStub(channel),
                 predictor=predictor_pb2_grpc.PredictorStub(channel),
+                registry=registry_pb2_grpc.ModelRegistryStub(channel),
+                admin=gateway_pb2_grpc.GatewayAdminStub(channel),
+                target=gateway.target,
                 logs=[p.log_path for p in started],
             )
             _wait_routed(ns)
@@ -154,8 +168,8 @@ class ConsoleScript:
             self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
 
-    def wait_for(self, marker: str, timeout: float) -> None:
-        """Reads lines until one starts with `marker`; fails on the script's end or the timeout."""
+    def wait_for(self, marker: str, timeout: float) -> str:
+        """Reads lines until one starts with `marker` and returns it; fails on the script's end or the timeout."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -166,7 +180,7 @@ class ConsoleScript:
                 raise AssertionError(f"console script ended before {marker!r}:\n" + "\n".join(self.lines))
             self.lines.append(line)
             if line.startswith(marker):
-                return
+                return line
         raise AssertionError(f"no {marker!r} within {timeout}s:\n" + "\n".join(self.lines))
 
     def send(self, line: str) -> None:
@@ -190,8 +204,50 @@ def _log_tails(ns) -> str:
     return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-1500:]}" for path in ns.logs)
 
 
-def test_console_in_chromium_lists_models_predicts_and_follows_a_training_job(mesh, digits_spec, unique):
+def _production_answers(mesh, version: int) -> None:
+    """Until a call on NAME@production through the gateway is answered by `version` (the gateway follows the canary
+    weight, and the predictor the canary alias, through the registry's event stream)."""
+    x = np.array(X, np.float32)
+    tensor = common_pb2.Tensor(dtype=common_pb2.DATA_TYPE_FLOAT32, shape=x.shape, raw_data=x.tobytes())
+    request = ppb.PredictRequest(model=common_pb2.ModelRef(name=mesh.model, alias="production"), inputs={"x": tensor})
+    _wait(f"production calls answered by version {version}", lambda: mesh.predictor.Predict(request).version == version)
+    # and they stay there: a weight of 1 (or 0) leaves no share to chance
+    assert {mesh.predictor.Predict(request).version for _ in range(10)} == {version}
+
+
+def _check_canary(mesh, weight: str, version: int) -> None:
+    model = mesh.registry.GetModel(rpb.GetModelRequest(name=mesh.model))
+    assert model.tags[CANARY_WEIGHT_TAG] == weight, dict(model.tags)
+    assert model.aliases["canary"] == 2 and model.aliases["production"] == 1, dict(model.aliases)
+    _production_answers(mesh, version)
+
+
+def _key_code(mesh, secret: str, call) -> grpc.StatusCode:
+    """The status of `call(channel)` made with the API key `secret` on the gateway's gRPC port."""
+    with open_channel(mesh.target, [], secret) as channel:
+        try:
+            call(channel)
+        except grpc.RpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK
+
+
+def _list_models(channel) -> None:
+    registry_pb2_grpc.ModelRegistryStub(channel).ListModels(rpb.ListModelsRequest())
+
+
+def _list_keys(channel) -> None:
+    gateway_pb2_grpc.GatewayAdminStub(channel).ListApiKeys(gpb.ListApiKeysRequest())
+
+
+def test_console_in_chromium_drives_every_page_against_the_mesh(mesh, digits_spec, unique):
     expected = mesh.reference(np.array(X, dtype=np.float32))[0].tolist()
+    batch_expected = mesh.reference(np.array(BATCH_RECORDS, dtype=np.float32)).tolist()
+    # The job the console submits (as YAML) and follows: slow steps, so that the browser sees them arrive live.
+    spec = digits_spec(step_delay_ms=60, register_model=unique("console-trained"))
+    spec.hyper_parameters.epochs = 4
+    # One it submits as JSON and cancels: more workers than the two one-slot agents, so it waits for slots.
+    cancel_spec = digits_spec(name="console-cancel", workers=3)
     screenshots = mesh.tmp / "screenshots"
     screenshots.mkdir()
     script = ConsoleScript(
@@ -200,18 +256,35 @@ def test_console_in_chromium_lists_models_predicts_and_follows_a_training_job(me
             "API_KEY": ADMIN_KEY,
             "MODEL_NAME": mesh.model,
             "EXPECTED_Y": json.dumps(expected),
+            "EXPECTED_METRICS": json.dumps(METRICS),
+            "BATCH_RECORDS": json.dumps(BATCH_RECORDS),
+            "BATCH_EXPECTED_Y": json.dumps(batch_expected),
+            "JOB_SPEC_YAML": yaml.safe_dump(json_format.MessageToDict(spec, preserving_proto_field_name=True)),
+            "CANCEL_SPEC_JSON": json_format.MessageToJson(cancel_spec),
             "SCREENSHOT_DIR": str(screenshots),
             "CHROMIUM": CHROMIUM,
         }
     )
     try:
-        script.wait_for("CHECKPOINT ready-for-job", timeout=120)
-        # Submitted only now, so that the browser sees the job's steps arrive live.
-        spec = digits_spec(step_delay_ms=60, register_model=unique("console-trained"))
-        spec.hyper_parameters.epochs = 4
-        job = mesh.trainer.SubmitJob(tpb.SubmitJobRequest(spec=spec, request_id=uuid.uuid4().hex))
-        script.send(job.id)
-        code = script.finish(timeout=300)
+        script.wait_for("CHECKPOINT canary-set", timeout=180)
+        _check_canary(mesh, "1", version=2)  # every production call goes to the canary
+        script.send("checked")
+        script.wait_for("CHECKPOINT canary-rolled-back", timeout=60)
+        _check_canary(mesh, "0", version=1)
+        script.send("checked")
+
+        _, _, key_id, secret = script.wait_for("CHECKPOINT key-created", timeout=120).split()
+        # The key the page made works, with the READ scope it was given and no more.
+        assert _key_code(mesh, secret, _list_models) == grpc.StatusCode.OK
+        assert _key_code(mesh, secret, _list_keys) == grpc.StatusCode.PERMISSION_DENIED
+        script.send("checked")
+        script.wait_for("CHECKPOINT key-revoked", timeout=60)
+        _wait("the revoked key to be refused", lambda: _key_code(mesh, secret, _list_models) != grpc.StatusCode.OK)
+        assert _key_code(mesh, secret, _list_models) == grpc.StatusCode.UNAUTHENTICATED
+        keys = {key.id: key for key in mesh.admin.ListApiKeys(gpb.ListApiKeysRequest()).keys}
+        assert keys[key_id].revoked and list(keys[key_id].scopes) == [gpb.SCOPE_READ]
+        script.send("checked")
+        code = script.finish(timeout=420)
     except BaseException:
         script.kill()
         print("\n".join(script.lines))
@@ -221,11 +294,28 @@ def test_console_in_chromium_lists_models_predicts_and_follows_a_training_job(me
     assert code == 0, f"console script failed:\n{output}\n{_log_tails(mesh)}"
     checkpoints = [line.split()[1] for line in script.lines if line.startswith("CHECKPOINT ")]
     expected_checkpoints = (
-        "asked-for-key models-listed promoted rolled-back predicted error-shown workers-listed ready-for-job "
-        "job-progress job-succeeded jobs-listed done"
+        "asked-for-key models-listed promoted rolled-back predicted error-shown workers-listed compared canary-set "
+        "canary-rolled-back batch-fetched serving-listed key-created keys-denied key-revoked spec-refused "
+        "job-cancelled job-submitted job-progress job-succeeded job-logs jobs-listed done"
     )
     assert checkpoints == expected_checkpoints.split(), output
     assert "version=1" in output
     assert (screenshots / "job.png").stat().st_size > 0
-    final = mesh.trainer.GetJob(tpb.GetJobRequest(id=job.id))
+    detail = {line.split()[1]: line.split()[2:] for line in script.lines if line.startswith("CHECKPOINT ")}
+
+    # The bulk job the page ran: on version 1, every record.
+    batch = mesh.predictor.GetBatchJob(ppb.GetBatchJobRequest(id=detail["batch-fetched"][0]))
+    assert batch.state == ppb.BATCH_JOB_STATE_SUCCEEDED and batch.version == 1 and batch.total_records == 3
+    # The replica the serving page showed is the one the gateway routes predictions to.
+    routes = mesh.admin.GetRoutes(gpb.GetRoutesRequest()).routes
+    predictors = {u.target for r in routes if r.service == "predictor" for u in r.upstreams}
+    assert detail["serving-listed"] == [next(iter(predictors))] and len(predictors) == 1
+    # The job cancelled from its page, and the one submitted from YAML, as the trainer has them.
+    cancelled = mesh.trainer.GetJob(tpb.GetJobRequest(id=detail["job-cancelled"][0]))
+    assert cancelled.state == tpb.JOB_STATE_CANCELLED and cancelled.spec.name == "console-cancel"
+    final = mesh.trainer.GetJob(tpb.GetJobRequest(id=detail["job-submitted"][0]))
     assert final.state == tpb.JOB_STATE_SUCCEEDED and final.registered_version == 1
+    assert final.spec.register_model == spec.register_model and final.spec.hyper_parameters == spec.hyper_parameters
+    assert final.spec.step_delay_ms == 60 and final.spec.recipe_params == spec.recipe_params
+    logs = mesh.trainer.GetJobLogs(tpb.GetJobLogsRequest(id=final.id, task_index=-1)).logs
+    assert sorted(log.task_index for log in logs) == [0, 1] and all(log.lines for log in logs)

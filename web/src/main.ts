@@ -2,9 +2,13 @@
 import "./style.css";
 import { apiKey, setApiKey } from "./client";
 import { clearError, h } from "./dom";
+import { renderBatchJob, renderBatchJobs } from "./pages/batch";
 import { renderJob, renderJobs } from "./pages/jobs";
+import { renderKeys } from "./pages/keys";
 import { renderModels } from "./pages/models";
 import { renderPredict } from "./pages/predict";
+import { renderServing } from "./pages/serving";
+import { renderSubmitJob } from "./pages/submit";
 import { renderModel } from "./pages/versions";
 import { renderWorkers } from "./pages/workers";
 
@@ -14,8 +18,12 @@ type Page = (root: HTMLElement, signal: AbortSignal, param: string) => void | Pr
 const ROUTES: Record<string, { page: Page; withParam?: Page }> = {
   models: { page: renderModels, withParam: renderModel },
   predict: { page: renderPredict },
+  batch: { page: renderBatchJobs, withParam: renderBatchJob },
   jobs: { page: renderJobs, withParam: renderJob },
+  submit: { page: renderSubmitJob },
   workers: { page: renderWorkers },
+  serving: { page: renderServing },
+  keys: { page: renderKeys },
 };
 
 let current: AbortController | undefined;

@@ -1,4 +1,5 @@
-// Training jobs: the list of jobs, and one job's live progress followed over the WatchJob server stream.
+// Training jobs: the list of jobs, and one job's live progress followed over the WatchJob server stream, with its
+// worker logs and a cancel button.
 import { trainer } from "../client";
 import {
   attempt,
@@ -17,6 +18,7 @@ import {
 } from "../dom";
 import { JobEventType, JobState, type Job, type JobEvent } from "../gen/modelgrid/trainer/v1/trainer_pb";
 import { lossChart } from "./chart";
+import { jobLogs } from "./joblogs";
 
 const FINAL = new Set([JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED]);
 const LIST_REFRESH_MS = 5000;
@@ -36,7 +38,8 @@ function jobLink(id: string): HTMLElement {
 
 export async function renderJobs(root: HTMLElement, signal: AbortSignal): Promise<void> {
   const list = h("div", {});
-  fill(root, h("div", { class: "page-head" }, h("h1", {}, "Training jobs"), h("span", { class: "hint" }, "refreshes every 5 s")), list);
+  fill(root, h("div", { class: "page-head" }, h("h1", {}, "Training jobs"), h("span", { class: "hint" }, "refreshes every 5 s"),
+    h("a", { class: "button", href: "#/submit", "data-testid": "jobs-submit-link" }, "Submit a job")), list);
   while (!signal.aborted) {
     const reply = await attempt(() => trainer.listJobs({ pageSize: 100 }, { signal }));
     if (reply && !signal.aborted) {
@@ -60,7 +63,7 @@ export async function renderJobs(root: HTMLElement, signal: AbortSignal): Promis
               formatTime(job.createdAt),
             ],
           }),
-          "No training jobs yet: submit one with `modelgrid jobs submit`.",
+          "No training jobs yet: submit one here or with `modelgrid jobs submit`.",
         ),
       );
     }
@@ -104,12 +107,26 @@ export async function renderJob(root: HTMLElement, signal: AbortSignal, id: stri
   const registered = h("div", { "data-testid": "job-registered" });
   const events = h("tbody", {});
   const placements = job.placements.map((p) => `worker ${p.taskIndex} on ${p.agent}`).join(", ");
+  const logs = jobLogs(id, signal);
+  const cancel = h("button", { type: "button", class: "danger", "data-testid": "job-cancel" }, "Cancel job");
+  const showCancel = (s: JobState) => {
+    cancel.disabled = FINAL.has(s) || s === JobState.CANCELLING;
+    cancel.hidden = FINAL.has(s);
+  };
+  showCancel(job.state);
+  cancel.addEventListener("click", async () => {
+    cancel.disabled = true;
+    const reply = await attempt(() => trainer.cancelJob({ id }, { signal }));
+    if (reply && !signal.aborted) showCancel(reply.state);
+    else if (!signal.aborted) showCancel(state);
+  });
 
   fill(
     root,
     h("div", { class: "page-head" },
       h("h1", {}, h("a", { href: "#/jobs" }, "Training jobs"), " / ", id),
       streamStatus,
+      cancel,
     ),
     h("p", { class: "job-spec" },
       `${job.spec?.name ?? ""} · recipe ${job.spec?.recipe ?? "?"} · ${job.spec?.workers ?? 0} workers · ` +
@@ -124,7 +141,9 @@ export async function renderJob(root: HTMLElement, signal: AbortSignal, id: stri
       h("thead", {}, h("tr", {}, ...["Time", "Event", "State", "Attempt", "Epoch", "Step", "Metrics", "Message"].map((t) => h("th", {}, t)))),
       events,
     ),
+    logs.section,
   );
+  void logs.refresh();
 
   const losses: number[] = [];
   let restarts = job.restarts;
@@ -132,6 +151,7 @@ export async function renderJob(root: HTMLElement, signal: AbortSignal, id: stri
 
   function show(event: JobEvent): void {
     state = event.state;
+    showCancel(state);
     fill(stats.state.value, badge(enumLabel(JobState, event.state)));
     stats.state.value.dataset.state = enumLabel(JobState, event.state);
     stats.attempt.value.textContent = String(event.attempt);
@@ -187,6 +207,7 @@ export async function renderJob(root: HTMLElement, signal: AbortSignal, id: stri
       if (FINAL.has(state)) {
         streamStatus.textContent = "ended";
         streamStatus.className = "stream ended";
+        await logs.refresh(); // what the workers wrote to the end
         return;
       }
     } catch (err) {

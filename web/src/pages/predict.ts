@@ -24,7 +24,7 @@ function describeSpec(spec: TensorSpec): string {
 }
 
 /** Input tensors from the JSON text: a nested list for a one-input model, else {"input name": nested list}. */
-function buildInputs(text: string, specs: TensorSpec[]): Record<string, Tensor> {
+export function buildInputs(text: string, specs: TensorSpec[]): Record<string, Tensor> {
   const value = JSON.parse(text) as Nested | Record<string, Nested>;
   const byName: Record<string, Nested> =
     Array.isArray(value) || typeof value !== "object" ? { [specs[0]?.name ?? "x"]: value } : value;

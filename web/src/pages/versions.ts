@@ -1,4 +1,5 @@
-// Model page: the versions of one model, promoting a version to production and rolling production back.
+// Model page: the versions of one model, promoting a version to production and rolling production back, the
+// canary's weight, and the metrics of chosen versions side by side.
 import { registry } from "../client";
 import { attempt, badge, enumLabel, fill, formatMetrics, formatTime, h, table } from "../dom";
 import {
@@ -7,6 +8,8 @@ import {
   type ModelVersion,
   type RegistryEvent,
 } from "../gen/modelgrid/registry/v1/registry_pb";
+import { canaryPanel } from "./canary";
+import { metricsComparison } from "./compare";
 import { aliasBadges } from "./models";
 
 const PRODUCTION = "production";
@@ -44,13 +47,20 @@ function previousProduction(history: RegistryEvent[], current: bigint | undefine
 export async function renderModel(root: HTMLElement, signal: AbortSignal, name: string): Promise<void> {
   const summary = h("section", { class: "summary" });
   const versionsBox = h("section", {});
+  const compareBox = h("section", {});
+  const canaryBox = h("section", {});
   const historyBox = h("section", {});
+  const compared = new Set<bigint>();
   fill(
     root,
     h("div", { class: "page-head" }, h("h1", {}, h("a", { href: "#/models" }, "Models"), " / ", name)),
     summary,
     h("h2", {}, "Versions"),
     versionsBox,
+    h("h2", {}, "Compare metrics"),
+    compareBox,
+    h("h2", {}, "Canary"),
+    canaryBox,
     h("h2", {}, "Production history"),
     historyBox,
   );
@@ -106,11 +116,13 @@ export async function renderModel(root: HTMLElement, signal: AbortSignal, name: 
       ),
     );
 
+    const showComparison = () =>
+      fill(compareBox, metricsComparison(versions.filter((v) => compared.has(v.version))));
     fill(
       versionsBox,
       table(
         "versions-table",
-        ["Version", "Status", "Created", "Metrics", "Aliases", "Lineage", ""],
+        ["Compare", "Version", "Status", "Created", "Metrics", "Aliases", "Lineage", ""],
         versions,
         (version) => {
           const ready = version.status === VersionStatus.READY;
@@ -119,6 +131,18 @@ export async function renderModel(root: HTMLElement, signal: AbortSignal, name: 
           return {
             attrs: { "data-testid": "version-row", "data-version": String(version.version) },
             cells: [
+              h("input", {
+                type: "checkbox",
+                "data-testid": "compare-pick",
+                "aria-label": `compare version ${version.version}`,
+                checked: compared.has(version.version),
+                onchange: (event: Event) => {
+                  const box = event.target as HTMLInputElement;
+                  if (box.checked) compared.add(version.version);
+                  else compared.delete(version.version);
+                  showComparison();
+                },
+              }),
               version.version,
               badge(enumLabel(VersionStatus, version.status)),
               formatTime(version.createdAt),
@@ -141,6 +165,9 @@ export async function renderModel(root: HTMLElement, signal: AbortSignal, name: 
         "This model has no versions yet.",
       ),
     );
+
+    showComparison();
+    fill(canaryBox, canaryPanel(model, versions, signal, load));
 
     const changes = [...history].reverse();
     fill(
