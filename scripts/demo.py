@@ -1,6 +1,7 @@
 """`make demo`: train a model on two workers, register it, promote it, and predict through the gateway.
 
-Runs against the local mesh of `make up` (the gateway on 127.0.0.1:8080) using only the public API.
+Runs against the local mesh of `make up` (the gateway on 127.0.0.1:8080) with the client library alone
+(modelgrid.client, clients/python): what an application that installed modelgrid-client does.
 """
 
 import argparse
@@ -9,39 +10,32 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 import numpy as np
 import yaml
-from google.protobuf import json_format
 
-from modelgrid.client.registry import RegistryClient
-from modelgrid.client.tensors import array_to_tensor, tensor_to_array
-from modelgrid.common.v1 import common_pb2
-from modelgrid.predictor.v1 import predictor_pb2, predictor_pb2_grpc
-from modelgrid.registry.v1 import registry_pb2, registry_pb2_grpc
-from modelgrid.trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from services.cli.channels import open_channel
+from modelgrid.client import PredictorClient, RegistryClient, TrainerClient, connect
+from modelgrid.client.errors import NotFound, Unavailable
+from modelgrid.trainer.v1 import trainer_pb2
+from services.cli.channels import local_admin_key
 
 REPO = Path(__file__).resolve().parents[1]
-FINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
 
 
-def job_spec(channel: grpc.Channel, path: Path, model: str) -> trainer_pb2.JobSpec:
+def job_spec(registry: RegistryClient, path: Path, model: str) -> dict:
     """The example spec, registering into `model` as its "candidate" (the demo promotes it). Its data set, a file
     of ours, goes to the registry as a blob first (the trainer reads no path of ours), as `modelgrid jobs submit`
     does."""
     raw = yaml.safe_load(path.read_text())
     data = path.parent / raw["dataset"].pop("local_path")
-    raw["dataset"]["blob_digest"] = RegistryClient(channel).upload_blob(data).digest
+    raw["dataset"]["blob_digest"] = registry.upload_blob(data).digest
     raw["register_model"], raw["register_aliases"] = model, ["candidate"]
-    return json_format.ParseDict(raw, trainer_pb2.JobSpec())
+    return raw
 
 
-def train(channel: grpc.Channel, spec: trainer_pb2.JobSpec) -> trainer_pb2.Job:
-    trainer = trainer_pb2_grpc.TrainerStub(channel)
-    job = trainer.SubmitJob(trainer_pb2.SubmitJobRequest(spec=spec, request_id=f"demo-{uuid.uuid4().hex[:8]}"))
-    print(f"1. submitted job {job.id}: {spec.recipe} on {spec.workers} workers")
-    for event in trainer.WatchJob(trainer_pb2.WatchJobRequest(id=job.id)):
+def train(trainer: TrainerClient, spec: dict) -> trainer_pb2.Job:
+    job = trainer.submit(spec, request_id=f"demo-{uuid.uuid4().hex[:8]}")
+    print(f"1. submitted job {job.id}: {spec['recipe']} on {spec.get('workers', 1)} workers")
+    for event in trainer.watch(job.id):
         state = trainer_pb2.JobState.Name(event.state).removeprefix("JOB_STATE_")
         if event.type == trainer_pb2.JOB_EVENT_TYPE_EPOCH:
             print(
@@ -50,43 +44,35 @@ def train(channel: grpc.Channel, spec: trainer_pb2.JobSpec) -> trainer_pb2.Job:
             )
         elif event.type != trainer_pb2.JOB_EVENT_TYPE_STEP:
             print(f"   {state}: {event.message}")
-    job = trainer.GetJob(trainer_pb2.GetJobRequest(id=job.id))
+    job = trainer.job(job.id)
     if job.state != trainer_pb2.JOB_STATE_SUCCEEDED:
         sys.exit(f"the job ended {trainer_pb2.JobState.Name(job.state)}: {job.failure.reason}")
     return job
 
 
-def promote(channel: grpc.Channel, model: str, version: int) -> None:
-    registry = registry_pb2_grpc.ModelRegistryStub(channel)
-    current = registry.GetModel(registry_pb2.GetModelRequest(name=model)).aliases.get("production", 0)
-    registry.SetAlias(
-        registry_pb2.SetAliasRequest(model_name=model, alias="production", version=version, expected_version=current)
-    )
+def promote(registry: RegistryClient, model: str, version: int) -> None:
+    current = registry.get_model(model).aliases.get("production", 0)
+    registry.set_alias(model, "production", version, expected_version=current)
     print(f"2. promoted {model}:{version} to production (it was {current or 'unset'})")
 
 
-def predict(channel: grpc.Channel, model: str, version: int, timeout: float = 120) -> None:
-    predictor = predictor_pb2_grpc.PredictorStub(channel)
+def predict(predictor: PredictorClient, model: str, version: int, timeout: float = 120) -> None:
     with np.load(REPO / "data" / "digits" / "digits.npz") as data:
         x, y = data["x"][:200].astype(np.float32), data["y"][:200]
-    request = predictor_pb2.PredictRequest(
-        model=common_pb2.ModelRef(name=model, alias="production"), inputs={"x": array_to_tensor(x)}
-    )
     deadline = time.monotonic() + timeout
     while True:  # the predictors load the promoted version when the alias moves
         try:
-            reply = predictor.Predict(request, timeout=30)
-            if reply.version == version:
+            answer = predictor.predict(f"{model}@production", {"x": x})
+            if answer.version == version:
                 break
-        except grpc.RpcError as err:
-            if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
-                raise
+        except (NotFound, Unavailable):
+            pass
         if time.monotonic() > deadline:
             sys.exit("the predictors did not serve the promoted version in time")
         time.sleep(0.5)
-    accuracy = float(np.mean(np.argmax(tensor_to_array(reply.outputs["probabilities"]), axis=1) == y))
+    accuracy = float(np.mean(np.argmax(answer.outputs["probabilities"], axis=1) == y))
     print(
-        f"3. predicted 200 digits through the gateway with {model}@production (version {reply.version}): "
+        f"3. predicted 200 digits through the gateway with {model}@production (version {answer.version}): "
         f"accuracy {accuracy:.3f}"
     )
 
@@ -97,10 +83,12 @@ def main() -> None:
     parser.add_argument("--spec", type=Path, default=REPO / "examples" / "digits-mlp.yaml")
     parser.add_argument("--model", default="digits")
     args = parser.parse_args()
-    with open_channel(args.gateway, []) as channel:  # with the local gateway's admin key (made by `make up`)
-        job = train(channel, job_spec(channel, args.spec, args.model))
-        promote(channel, args.model, job.registered_version)
-        predict(channel, args.model, job.registered_version)
+    # The local gateway's admin key (made by `make up`); a gateway elsewhere gets none.
+    with connect(args.gateway, api_key=local_admin_key(args.gateway)) as channel:
+        registry = RegistryClient(channel)
+        job = train(TrainerClient(channel, timeout=60), job_spec(registry, args.spec, args.model))
+        promote(registry, args.model, job.registered_version)
+        predict(PredictorClient(channel), args.model, job.registered_version)
 
 
 if __name__ == "__main__":

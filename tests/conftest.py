@@ -358,10 +358,18 @@ class ServiceLauncher:
             )
         )
 
-    def gateway(self, consul_url: str, redis_url: str, data_dir: Path, **settings: str | None) -> ServiceProcess:
+    def gateway(
+        self,
+        consul_url: str,
+        redis_url: str,
+        data_dir: Path,
+        root_certificates: bytes | None = None,
+        **settings: str | None,
+    ) -> ServiceProcess:
         """A gateway without its web front (unless WEB_PORT is given), ejecting a failed upstream for 5 s. Auth is
         off unless AUTH_ENABLED says otherwise (the tests of auth say so; None leaves a setting at its default);
-        its admin key file is in `data_dir`."""
+        its admin key file is in `data_dir`. With TLS_CERT and TLS_KEY its public port speaks TLS, and
+        `root_certificates` (the CA's PEM) is what the readiness check trusts."""
         env = {
             "CONSUL_URL": consul_url,
             "CONSUL_TOKEN": service_token(consul_url, "gateway"),
@@ -377,7 +385,14 @@ class ServiceLauncher:
         env = {key: value for key, value in env.items() if value is not None}
         log = data_dir / f"gateway-{free_port()}.log"
         return self.start(
-            ServiceProcess("services.gateway", "MODELGRID_GATEWAY_", env, log, internal_tls_dir=self.internal_tls_dir)
+            ServiceProcess(
+                "services.gateway",
+                "MODELGRID_GATEWAY_",
+                env,
+                log,
+                root_certificates=root_certificates,
+                internal_tls_dir=self.internal_tls_dir,
+            )
         )
 
     def stop_all(self) -> None:

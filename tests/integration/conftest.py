@@ -1,9 +1,12 @@
 """Fixtures of the integration tier (services as real subprocesses): a registry on the session Consul and Redis,
-a real OTLP trace receiver, and the predictor's request builder."""
+a real OTLP trace receiver, the predictor's request builder, and a certificate for a gateway's public port."""
 
+import datetime
+import ipaddress
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -14,6 +17,7 @@ from modelgrid.client.modelref import ModelRef
 from modelgrid.client.tensors import array_to_tensor
 from modelgrid.common.v1 import common_pb2
 from modelgrid.predictor.v1 import predictor_pb2
+from services.kit import tls
 from services.kit.processes import ServiceProcess
 
 
@@ -94,3 +98,42 @@ def _predict_request(ref: str, x: np.ndarray, **inputs: np.ndarray) -> predictor
 def predict_request() -> Callable[..., predictor_pb2.PredictRequest]:
     """`predict_request("name@alias" | "name:3" | "name", x, **more_inputs)`: a PredictRequest with input "x"."""
     return _predict_request
+
+
+def _gateway_certificate(directory: Path) -> tuple[Path, Path, Path]:
+    """(ca.pem, cert, key): a private CA made as the mesh's is (services.kit.tls), and a certificate it signs for
+    the gateway's public ports at 127.0.0.1 (an IP address name, which the mesh's certificates do not carry)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    tls.init(directory, ())  # the CA alone
+    ca_key = serialization.load_pem_private_key(tls.key_path(directory, "ca").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(tls.cert_path(directory, "ca").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway.test")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "gateway.pem", directory / "gateway-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    return tls.cert_path(directory, "ca"), cert_file, key_file
+
+
+@pytest.fixture(scope="session")
+def gateway_certificate() -> Callable[[Path], tuple[Path, Path, Path]]:
+    """`ca, cert, key = gateway_certificate(directory)`: a private CA and a certificate it signs for a gateway's
+    public ports at 127.0.0.1."""
+    return _gateway_certificate

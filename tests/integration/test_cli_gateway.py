@@ -7,8 +7,6 @@ certificate signed by a CA this module makes. The CLI runs in-process (`run`) an
 console script matter (profiles, a stdin that is no terminal), as the installed `modelgrid` subprocess.
 """
 
-import datetime
-import ipaddress
 import json
 import os
 import subprocess
@@ -27,9 +25,8 @@ from modelgrid.predictor.v1 import predictor_pb2 as ppb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from services.cli.main import run
-from services.kit import tls
-from services.kit.localinfra import ConsulAgent, free_port, service_token
-from services.kit.processes import REPO_ROOT, ServiceProcess
+from services.kit.localinfra import ConsulAgent, free_port
+from services.kit.processes import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -37,38 +34,6 @@ ADMIN_KEY = "cli-gateway-admin-key-for-tests"
 CLIENT_ID = "cli-gateway-test@pytest"
 X = [[0.5, -1.0, 2.0, 0.1]]
 SCRIPT = Path(sys.executable).parent / "modelgrid"
-
-
-def gateway_certificate(directory: Path) -> tuple[Path, Path, Path]:
-    """(ca.pem, cert, key): a private CA made as the mesh's is (services.kit.tls), and a certificate it signs for
-    the gateway's public ports at 127.0.0.1 (an IP address name, which the mesh's certificates do not carry)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    tls.init(directory, ())  # the CA alone
-    ca_key = serialization.load_pem_private_key(tls.key_path(directory, "ca").read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate(tls.cert_path(directory, "ca").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway.test")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "gateway.pem", directory / "gateway-key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pkcs8 = serialization.PrivateFormat.PKCS8
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()))
-    key_file.chmod(0o600)
-    return tls.cert_path(directory, "ca"), cert_file, key_file
 
 
 def _wait_predicts(channel: grpc.Channel, refs: list[str], timeout: float = 120) -> None:
@@ -87,7 +52,9 @@ def _wait_predicts(channel: grpc.Channel, refs: list[str], timeout: float = 120)
 
 
 @pytest.fixture(scope="module")
-def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model):
+def mesh(
+    internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, gateway_certificate
+):
     tmp = tmp_path_factory.mktemp("cli-gateway")
     ca, cert, key = gateway_certificate(tmp / "public-tls")
     with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
@@ -100,31 +67,12 @@ def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, u
         client.stub.SetAlias(rpb.SetAliasRequest(model_name=name, alias="production", version=1))
         client.stub.SetAlias(rpb.SetAliasRequest(model_name=name, alias="canary", version=2))
         keys = {"AUTH_ENABLED": "true", "ADMIN_KEY": ADMIN_KEY, "REDIS_KEY_PREFIX": f"mg:test-cli:{unique('k')}:"}
-        tls_env = {
-            "CONSUL_URL": consul.http_url,
-            "CONSUL_TOKEN": service_token(consul.http_url, "gateway"),
-            "REDIS_URL": redis_server.url,
-            "WEB_PORT": "-1",
-            "METRICS_PORT": "0",
-            "CONSUL_CHECK_INTERVAL": "1s",
-            "ADMIN_KEY_FILE": str(tmp / "tls-admin-key"),
-            "TLS_CERT": str(cert),
-            "TLS_KEY": str(key),
-            **keys,
-        }
         with launch.together():
             models = [{"name": name, "aliases": ["production", "canary"]}]
             predictor = launch.predictor(consul.http_url, redis_server.url, tmp / "p", models)
             plain = launch.gateway(consul.http_url, redis_server.url, tmp, **keys)
-            secure = launch.start(
-                ServiceProcess(
-                    "services.gateway",
-                    "MODELGRID_GATEWAY_",
-                    tls_env,
-                    tmp / "gateway-tls.log",
-                    root_certificates=ca.read_bytes(),
-                    internal_tls_dir=internal_tls_dir,
-                )
+            secure = launch.gateway(
+                consul.http_url, redis_server.url, tmp, ca.read_bytes(), TLS_CERT=str(cert), TLS_KEY=str(key), **keys
             )
         try:
             with grpc.insecure_channel(plain.target) as gateway_channel:
