@@ -1,6 +1,6 @@
-"""Clients of the predictor, numpy in and out: `PredictorClient` / `AsyncPredictorClient` speak modelgrid's own API
-(a model reference such as "mnist", "mnist@production" or "mnist:3"; batch jobs), `InferenceClient` /
-`AsyncInferenceClient` the Open Inference Protocol (KServe v2), which every OIP server answers too.
+"""Clients of the predictor's own API, numpy in and out: `PredictorClient` / `AsyncPredictorClient` (a model reference
+such as "mnist", "mnist@production" or "mnist:3"; batch jobs). modelgrid.client.oip has the Open Inference
+Protocol's clients.
 
     with connect("127.0.0.1:8080", api_key=key) as channel:
         predictor = PredictorClient(channel)
@@ -22,9 +22,7 @@ from modelgrid.client.calls import AsyncCalls, Calls, Metadata
 from modelgrid.client.convert import ref_to_pb
 from modelgrid.client.errors import InvalidArgument
 from modelgrid.client.modelref import ModelRef
-from modelgrid.client.tensors import BY_OIP, array_from_raw, array_to_tensor, element_type_of, raw_of, tensor_to_array
-from modelgrid.oip import grpc_service_pb2 as oip
-from modelgrid.oip import grpc_service_pb2_grpc as oip_grpc
+from modelgrid.client.tensors import array_to_tensor, element_type_of, tensor_to_array
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from modelgrid.predictor.v1 import predictor_pb2_grpc
 
@@ -44,16 +42,7 @@ class Prediction:
     outputs: dict[str, np.ndarray]
 
 
-@dataclass(frozen=True)
-class Inference:
-    """The answer of one OIP infer call."""
-
-    model: str
-    version: str
-    outputs: dict[str, np.ndarray]
-
-
-def _arrays(inputs: Inputs) -> dict[str, np.ndarray]:
+def input_arrays(inputs: Inputs) -> dict[str, np.ndarray]:
     """numpy arrays of the inputs, str elements as UTF-8 bytes; InvalidArgument naming an input of no tensor type."""
     if not inputs:
         raise InvalidArgument("give at least one input tensor")
@@ -72,7 +61,7 @@ def _arrays(inputs: Inputs) -> dict[str, np.ndarray]:
 
 def predict_request(model: ModelRef | str, inputs: Inputs, outputs: Sequence[str] = ()) -> pb.PredictRequest:
     """The PredictRequest of `predict`."""
-    tensors = {name: array_to_tensor(array) for name, array in _arrays(inputs).items()}
+    tensors = {name: array_to_tensor(array) for name, array in input_arrays(inputs).items()}
     return pb.PredictRequest(model=ref_to_pb(model), inputs=tensors, output_filter=list(outputs))
 
 
@@ -86,7 +75,7 @@ def batch_requests(
 ) -> Iterator[pb.BatchPredictRequest]:
     """The stream of BatchPredict: the spec, then the records `per_message` rows at a time. The inputs are checked
     here, before any message is sent."""
-    arrays = _arrays(inputs)
+    arrays = input_arrays(inputs)
     counts = {len(array) if array.ndim else -1 for array in arrays.values()}
     if len(counts) != 1 or -1 in counts:
         raise InvalidArgument("every input of a batch job needs the same first dimension: one row per record")
@@ -167,97 +156,3 @@ class AsyncPredictorClient(AsyncCalls):
 
     async def cancel_batch_job(self, job_id: str) -> pb.BatchJob:
         return await self._call(self.stub.CancelBatchJob, pb.CancelBatchJobRequest(id=job_id))
-
-
-# ---- Open Inference Protocol -----------------------------------------------------------------------------------
-
-
-def infer_request(model: str, inputs: Inputs, version: str = "", outputs: Sequence[str] = ()) -> oip.ModelInferRequest:
-    """A ModelInferRequest with every input in raw_input_contents (the compact form every OIP server takes)."""
-    request = oip.ModelInferRequest(model_name=model, model_version=version)
-    for name, array in _arrays(inputs).items():
-        element = element_type_of(array)
-        request.inputs.add(name=name, datatype=element.oip, shape=array.shape)
-        request.raw_input_contents.append(raw_of(array))
-    for name in outputs:
-        request.outputs.add(name=name)
-    return request
-
-
-_CONTENTS = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-
-
-def inference_of(reply: oip.ModelInferResponse) -> Inference:
-    """numpy arrays of a ModelInferResponse's outputs, whether they came as raw contents or typed contents."""
-    outputs = {}
-    for index, tensor in enumerate(reply.outputs):
-        element = BY_OIP.get(tensor.datatype)
-        if element is None:
-            raise InvalidArgument(f"output {tensor.name} has an unknown datatype {tensor.datatype[:16]!r}")
-        shape = tuple(tensor.shape)
-        if index < len(reply.raw_output_contents):
-            array = array_from_raw(reply.raw_output_contents[index], element, shape, f"output {tensor.name}")
-        elif element.numpy is not None:
-            values = getattr(tensor.contents, _CONTENTS[tensor.datatype], [])
-            array = np.asarray(values, dtype=element.numpy).reshape(shape)
-        else:
-            array = np.asarray(list(tensor.contents.bytes_contents), dtype=object).reshape(shape)
-        outputs[tensor.name] = array
-    return Inference(reply.model_name, reply.model_version, outputs)
-
-
-class InferenceClient(Calls):
-    """Blocking Open Inference Protocol client (KServe v2 over gRPC)."""
-
-    service = SERVICE
-
-    def __init__(self, channel: grpc.Channel, *, timeout: float | None = TIMEOUT, metadata: Metadata = ()) -> None:
-        super().__init__(oip_grpc.GRPCInferenceServiceStub(channel), timeout, metadata)
-
-    def infer(self, model: str, inputs: Inputs, *, version: str = "", outputs: Sequence[str] = ()) -> Inference:
-        reply = self._call(self.stub.ModelInfer, infer_request(model, inputs, version, outputs))
-        return inference_of(reply)
-
-    def server_ready(self) -> bool:
-        return self._call(self.stub.ServerReady, oip.ServerReadyRequest()).ready
-
-    def model_ready(self, model: str, version: str = "") -> bool:
-        return self._call(self.stub.ModelReady, oip.ModelReadyRequest(name=model, version=version)).ready
-
-    def model_metadata(self, model: str, version: str = "") -> oip.ModelMetadataResponse:
-        return self._call(self.stub.ModelMetadata, oip.ModelMetadataRequest(name=model, version=version))
-
-
-class AsyncInferenceClient(AsyncCalls):
-    """asyncio Open Inference Protocol client: `InferenceClient`'s calls, awaited."""
-
-    service = SERVICE
-
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float | None = TIMEOUT, metadata: Metadata = ()) -> None:
-        super().__init__(oip_grpc.GRPCInferenceServiceStub(channel), timeout, metadata)
-
-    async def infer(self, model: str, inputs: Inputs, *, version: str = "", outputs: Sequence[str] = ()) -> Inference:
-        reply = await self._call(self.stub.ModelInfer, infer_request(model, inputs, version, outputs))
-        return inference_of(reply)
-
-    async def server_ready(self) -> bool:
-        return (await self._call(self.stub.ServerReady, oip.ServerReadyRequest())).ready
-
-    async def model_ready(self, model: str, version: str = "") -> bool:
-        return (await self._call(self.stub.ModelReady, oip.ModelReadyRequest(name=model, version=version))).ready
-
-    async def model_metadata(self, model: str, version: str = "") -> oip.ModelMetadataResponse:
-        return await self._call(self.stub.ModelMetadata, oip.ModelMetadataRequest(name=model, version=version))
