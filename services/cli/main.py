@@ -31,6 +31,7 @@ from services.cli import (
     config,
     gateway_commands,
     predictor_commands,
+    recipe_commands,
     registry_commands,
     tag_commands,
     trainer_commands,
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     registry_commands.add_parsers(commands, common)
     tag_commands.add_parsers(commands, common)
+    recipe_commands.add_parsers(commands, common)
     predictor_commands.add_parsers(commands, common)
     trainer_commands.add_parsers(commands, common)
     gateway_commands.add_parsers(commands, common)

@@ -57,6 +57,12 @@ _NEEDS: dict[str, frozenset[Scope]] = {
     "/tensorflow.serving.PredictionService/MultiInference": frozenset({Scope.PREDICT}),
     "/modelgrid.trainer.v1.Trainer/SubmitJob": frozenset({Scope.TRAIN}),
     "/modelgrid.trainer.v1.Trainer/CancelJob": frozenset({Scope.TRAIN}),
+    # Registering a model or a version, training recipes among them (a model tagged modelgrid.kind=recipe, whose
+    # versions are Python source every training worker runs), is ADMIN's alone: a TRAIN key may upload a blob but
+    # not make it a recipe.
+    "/modelgrid.registry.v1.ModelRegistry/CreateModel": frozenset({Scope.ADMIN}),
+    "/modelgrid.registry.v1.ModelRegistry/CreateVersion": frozenset({Scope.ADMIN}),
+    "/modelgrid.registry.v1.ModelRegistry/UpdateModel": frozenset({Scope.ADMIN}),
 }
 _READ_VERBS = tuple("Get List Watch Resolve Download Stat Server ModelReady ModelMetadata RepositoryIndex".split())
 _READ_LIKE = frozenset({Scope.READ, Scope.PREDICT, Scope.TRAIN})

@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from modelgrid.client.errors import NotFound
 from modelgrid.client.registry import AsyncRegistryClient, EventType, RegistryEvent
+from modelgrid.client.registry.types import is_recipe
 from services.kit.redis_client import is_outage
 from services.kit.streams import Backoff, StreamFollower
 from services.predictor.control import ModelControl
@@ -63,21 +65,29 @@ class RegistryFollower:
 
     async def _resync(self) -> None:
         """After a (re)connection: reconcile every served model; with auto-load, (re)load every registered one
-        under the auto-load policy (which also retries versions that failed)."""
+        under the auto-load policy (which also retries versions that failed), training recipes excepted."""
         self._control.refresh_all()
         if self._auto_load:
-            for name in await self._registry.list_model_names():
-                await self._control.load(name, AUTO_POLICY, wait=False)
+            for model in await self._registry.list_models():
+                if not is_recipe(model.tags):
+                    await self._control.load(model.name, AUTO_POLICY, wait=False)
 
     async def _on_event(self, event: RegistryEvent) -> None:
         served = self._control.is_served(event.model_name)
         if self._auto_load and not served:
-            if event.type == EventType.VERSION_CREATED:
+            if event.type == EventType.VERSION_CREATED and await self._servable(event.model_name):
                 await self._control.load(event.model_name, AUTO_POLICY, wait=False)
         elif served:
             logger.info("registry: %s on %s", event.type, event.model_name)
             self._control.refresh(event.model_name)
         await self._advance(event.cursor)
+
+    async def _servable(self, name: str) -> bool:
+        """Whether auto-load should load a model: not a training recipe, and still registered."""
+        try:
+            return not is_recipe((await self._registry.get_model(name)).tags)
+        except NotFound:
+            return False
 
     async def _advance(self, cursor: str) -> None:
         """Moves the cursor past a processed event: in memory, which a reconnection resumes after, and in Redis,

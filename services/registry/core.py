@@ -2,6 +2,7 @@
 and keeps metadata consistent through RegistryStore."""
 
 import asyncio
+import functools
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -14,6 +15,7 @@ from modelgrid.client.convert import parse_number
 from modelgrid.client.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from modelgrid.client.modelref import ModelRef, check_alias, check_model_name, shown
 from modelgrid.client.registry.types import (
+    KIND_TAG,
     Alias,
     Artifact,
     ArtifactFormat,
@@ -22,8 +24,10 @@ from modelgrid.client.registry.types import (
     RegisteredModel,
     RegistryEvent,
     VersionStatus,
+    is_recipe,
 )
 from services.registry.blobstore import BlobStore, BlobWriter
+from services.registry.recipes import check_kind_tag, check_kind_unchanged, check_recipe_format, check_recipe_source
 from services.registry.settings import RegistrySettings
 from services.registry.signatures import read_signatures
 from services.registry.store import RegistryStore
@@ -119,6 +123,7 @@ class ModelRegistry:
     async def create_model(self, name: str, description: str, tags: dict[str, str], actor: str) -> RegisteredModel:
         check_model_name(name)
         check_metadata(self._settings, description=description, tags=tags)
+        check_kind_tag(tags.get(KIND_TAG))
         return await self._store.create_model(RegisteredModel(name, description, dict(tags)), actor)
 
     async def get_model(self, name: str) -> RegisteredModel:
@@ -156,6 +161,7 @@ class ModelRegistry:
     ) -> RegisteredModel:
         check_model_name(name)
         check_metadata(self._settings, description=description, tags=set_tags)
+        check_kind_unchanged(set_tags, remove_tags)
 
         def change(model: RegisteredModel) -> dict[str, str]:
             changed = []
@@ -190,8 +196,16 @@ class ModelRegistry:
         )
         if len(meta.request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
-        await self._store.get_model(meta.model_name)  # NotFound before any byte is stored
+        model = await self._store.get_model(meta.model_name)  # NotFound before any byte is stored
         inspect = read_signatures if meta.artifact_format == ArtifactFormat.SAVEDMODEL_TAR else None
+        if is_recipe(model.tags):  # a training recipe: its source is checked before the version is committed
+            check_recipe_format(meta.artifact_format)
+            limit = self._settings.max_recipe_bytes
+            if meta.artifact_size > limit:
+                raise InvalidArgument(
+                    f"a recipe is at most {limit} bytes of Python source (setting MODELGRID_REGISTRY_MAX_RECIPE_BYTES)"
+                )
+            inspect = functools.partial(check_recipe_source, max_bytes=limit)
         if meta.from_blob:
             digest, size, signatures = await self._adopt(meta.artifact_digest, meta.artifact_size, chunks, inspect)
         else:

@@ -34,6 +34,8 @@ class RegistrySettings(ServiceSettings):
     """Most tags, metrics or params one model or version carries (each counted on its own)."""
     max_value_chars: int = Field(default=4096, ge=1)
     """Longest tag or param value."""
+    max_recipe_bytes: int = Field(default=256 * 1024, ge=1, le=16 * MiB)
+    """Largest version of a training recipe (a model tagged modelgrid.kind=recipe: one module's Python source)."""
     default_page_size: int = Field(default=50, ge=1)
     """Items per page when a list call does not say."""
     max_page_size: int = Field(default=1000, ge=1)

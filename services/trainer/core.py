@@ -16,6 +16,7 @@ from services.trainer import VERSION
 from services.trainer.domain import FINAL, HOLDS_SLOTS, EventType, Job, JobEvent, JobState, Placement, WorkerView
 from services.trainer.jobspec import JobSpec
 from services.trainer.placement import place
+from services.trainer.registry_recipes import cached_recipe, fetch_recipe, is_registry_recipe
 from services.trainer.runner import JobRunner
 from services.trainer.settings import TrainerSettings
 from services.trainer.specs import check_shape, locate_dataset
@@ -52,6 +53,7 @@ class TrainerCore:
                 await self._store.save(job)
             elif job.state != JobState.PENDING:
                 logger.info("job %s was %s when the trainer stopped: re-attaching", job.id, job.state.value)
+                await self._ensure_recipe(job)
                 self._spawn(job, reattach=True)
         self._scheduler = asyncio.create_task(self._schedule_forever(), name="scheduler")
 
@@ -71,12 +73,18 @@ class TrainerCore:
         if len(request_id) > 128:
             raise InvalidArgument("request_id is longer than 128 characters")
         check_shape(spec, self._settings)
+        recipe_digest = ""
+        if is_registry_recipe(spec.recipe):
+            recipe = await fetch_recipe(spec.recipe, self._registry, self._settings)
+            check_shape(spec, self._settings, registry_source=recipe.source)
+            recipe_digest = recipe.digest
         digest = await locate_dataset(spec, self._settings, self._registry)
         job = Job(
             id=uuid.uuid4().hex[:12],
             spec=spec,
             request_id=request_id,
             dataset_digest=digest,
+            recipe_digest=recipe_digest,
             message="waiting to be scheduled",
         )
         event = JobEvent(EventType.STATE, JobState.PENDING, 0, time.time(), message="submitted")
@@ -185,6 +193,7 @@ class TrainerCore:
             job.message = f"placing on {sorted(set(agents))}"
             await self._store.save_patiently(job, _state_event(job))
             if await self._assign(job, agents):
+                await self._ensure_recipe(job)
                 self._spawn(job, reattach=False)
             else:
                 job.move(JobState.PENDING)
@@ -226,6 +235,22 @@ class TrainerCore:
         self._wake.set()
         return False
 
+    async def _ensure_recipe(self, job: Job) -> None:
+        """A registry recipe's verified source in this trainer's scratch (fetched again when this trainer is not
+        the one that took the job); a failure here shows when the attempt builds its worker spec."""
+        if not job.recipe_digest:
+            return
+        try:
+            cached_recipe(job.spec.recipe, job.recipe_digest, self._settings)
+        except InvalidArgument:
+            try:
+                recipe = await fetch_recipe(job.spec.recipe, self._registry, self._settings)
+            except ModelgridError as exc:
+                logger.warning("job %s: fetching recipe %s failed: %s", job.id, job.spec.recipe, exc)
+                return
+            if recipe.digest != job.recipe_digest:
+                logger.warning("job %s: recipe %s changed its digest since the submit", job.id, job.spec.recipe)
+
     def _spawn(self, job: Job, reattach: bool) -> None:
         runner = JobRunner(job, self._store, self._agents, self._settings, self.register, self._replace)
         if job.cancel_requested:
@@ -261,6 +286,10 @@ class TrainerCore:
         spec, name = job.spec, job.spec.register_model
         params = {k: str(v) for k, v in dataclasses.asdict(spec.hyper_parameters).items() if v}
         params.update(recipe=spec.recipe, workers=str(job.workers), recipe_params=str(spec.recipe_params or None))
+        recipe = f"recipe {spec.recipe}"
+        if job.recipe_digest:
+            params["recipe_digest"] = job.recipe_digest
+            recipe += f" sha256:{job.recipe_digest}"
         await self._registry.ensure_model(name)
         version = await self._registry.create_version_from_blob(
             name,
@@ -272,7 +301,7 @@ class TrainerCore:
             lineage=Lineage(
                 training_job_id=job.id,
                 dataset_digest=job.dataset_digest,
-                source=f"modelgrid-trainer {VERSION}, recipe {spec.recipe}",
+                source=f"modelgrid-trainer {VERSION}, {recipe}",
             ),
         )
         for alias in spec.register_aliases:

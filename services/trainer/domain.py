@@ -122,6 +122,8 @@ class Job:
     updated_at: float = 0.0
     dataset_digest: str = ""
     """sha256 of the data set blob in the registry: all the agents ever get of the data set."""
+    recipe_digest: str = ""
+    """sha256 of a registry recipe's source (`recipe: registry:<name>/<version>`), verified at submit."""
     message: str = ""
     cancel_requested: bool = False
     checkpoint: JobCheckpoint | None = None

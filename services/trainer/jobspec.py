@@ -31,7 +31,8 @@ class Dataset:
     label_key: str = ""
     """NPZ / TFRecord: key of the labels (empty: "y")."""
     num_classes: int = 0
-    """0: derived from the labels."""
+    """0: derived from the labels. Classification only: a regression recipe (TASK = "regression") reads float labels
+    and gets the width of a label as its number of outputs."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ class JobSpec:
     name: str = ""
     """Display name."""
     recipe: str = ""
-    """Built-in recipe ("mlp", "cnn") or "file:<path inside the trainer's recipes directory>"."""
+    """Built-in recipe ("mlp", "cnn"), "file:<path inside the trainer's recipes directory>", or
+    "registry:<name>/<version>" (a recipe an ADMIN registered in the registry)."""
     recipe_params: dict[str, Any] = field(default_factory=dict)
     """Recipe parameters (JSON values), e.g. {"hidden_units": [64, 32]}."""
     dataset: Dataset = field(default_factory=Dataset)

@@ -4,7 +4,9 @@ recipe parameters against what the recipe declares.
 A built-in recipe's parameters are declared here (name, type, range), next to the recipes' signatures in
 services/trainer/worker/recipes.py; a test keeps the two in step. A file recipe's parameters are the keyword
 parameters of its `build_model`, read from its source with `ast` (the trainer never imports a user's module): a
-parameter it does not take is refused at submit unless it takes `**params`.
+parameter it does not take is refused at submit unless it takes `**params`. The same goes for a registry recipe
+(`registry:<name>/<version>`), whose source the trainer fetched; a recipe's `TASK`, if it sets one, must be one of
+the tasks of the recipe contract (services/trainer/worker/contract.py).
 """
 
 import ast
@@ -15,6 +17,7 @@ from typing import Any, NoReturn
 
 from modelgrid.client.errors import InvalidArgument
 from modelgrid.client.modelref import shown
+from services.trainer.worker.contract import TASKS
 
 MAX_LAYERS = 64
 """Most entries of a list of layer sizes (hidden_units, filters)."""
@@ -117,11 +120,16 @@ _DESCRIBE = {
 
 def _build_model_params(source: str) -> tuple[set[str], bool]:
     """The keyword parameters of a file recipe's top-level build_model (after input_shape and num_classes), and
-    whether it takes **kwargs; InvalidArgument when the source has no such function."""
+    whether it takes **kwargs; InvalidArgument when the source has no such function or sets TASK to a literal
+    that is not a task."""
     try:
         tree = ast.parse(source)
-    except SyntaxError as exc:
-        _fail(f"the recipe is not valid Python (line {exc.lineno}): {exc.msg}")
+    except (SyntaxError, ValueError) as exc:  # ValueError: a NUL byte
+        _fail(f"the recipe is not valid Python (line {getattr(exc, 'lineno', '?')}): {getattr(exc, 'msg', exc)}")
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "TASK" for t in node.targets):
+            if isinstance(node.value, ast.Constant) and node.value.value not in TASKS:
+                _fail(f"the recipe sets TASK to {shown(str(node.value.value), 40)}; it must be one of {list(TASKS)}")
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name == "build_model":
             args = node.args

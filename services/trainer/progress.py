@@ -7,12 +7,13 @@ order a worker writes them:
   shard      task, num_examples, example_ids_digest, policy  (with record_shard_ids; epoch 1 of this worker)
   started    task, workers, attempt, initial_step (global step restored from the backup, 0 if none),
              steps_per_epoch, epochs
-  step       step (global, after the step), epoch (1-based), metrics (loss, accuracy)
-  epoch      epoch, metrics (loss, accuracy, val_loss, val_accuracy)
+  step       step (global, after the step), epoch (1-based), metrics (loss and the recipe's metrics, e.g. accuracy;
+             mse, mae for regression)
+  epoch      epoch, metrics (the same, with their val_ twins: val_loss, val_accuracy...)
   checkpoint step, path (a snapshot of the backup saved at that step, for the agent to upload)  (chief only, every
              snapshot_checkpoint_every-th backup and the preemption's)
   preempted  task, step (the global step saved; null outside fit: resume from the last backup), then exit 42
-  exported   path, metrics (loss, accuracy, val_loss, val_accuracy, steps)  (chief only; the agent uploads it)
+  exported   path, metrics (the last epoch's, and steps)  (chief only; the agent uploads it)
   finished   task, step
 """
 

@@ -336,7 +336,7 @@ class JobRunner:
         match progress:
             case Step():
                 job.step, job.epoch = progress.step, progress.epoch or job.epoch
-                job.metrics.update(_only(progress.metrics, ("loss", "accuracy")))
+                job.metrics.update(_only(progress.metrics, training=True))
                 if job.state == JobState.STARTING:
                     await self._transition(JobState.RUNNING, EventType.STATE, f"attempt {job.attempt}: training")
                 if job.failed_at:  # the first step after a restart (of this runner's, or before it)
@@ -349,7 +349,7 @@ class JobRunner:
                 await self._save(step)
             case Epoch():
                 job.epoch = progress.epoch
-                job.metrics.update(_only(progress.metrics, ("loss", "accuracy", "val_loss", "val_accuracy")))
+                job.metrics.update(_only(progress.metrics))
                 message = f"epoch {job.epoch} done"
                 epoch = self._event(EventType.EPOCH, message, step=job.step, epoch=job.epoch, metrics=dict(job.metrics))
                 await self._save(epoch)
@@ -478,5 +478,11 @@ class JobRunner:
         await self._store.save_patiently(self.job, event)
 
 
-def _only(metrics: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if k in keys}
+MAX_JOB_METRICS = 64
+"""Most metrics a job shows (the loss and its recipe's metrics, with their val_ twins)."""
+
+
+def _only(metrics: dict[str, float], training: bool = False) -> dict[str, float]:
+    """The metrics a job shows: every number the worker reported (`training`: without the val_ ones), bounded."""
+    kept = {k: v for k, v in metrics.items() if not (training and k.startswith("val_"))}
+    return dict(list(kept.items())[:MAX_JOB_METRICS])

@@ -47,6 +47,9 @@ class TrainerSettings(ServiceSettings):
     """Largest layer (units, filters) a built-in recipe's parameters may ask for."""
     max_recipe_params_bytes: int = Field(default=65_536, ge=2)
     """Largest recipe_params, as JSON."""
+    max_recipe_bytes: int = Field(default=256 * 1024, ge=1, le=1024 * 1024)
+    """Largest registry recipe (`recipe: registry:<name>/<version>`, Python source) a job may use; its source
+    travels in the worker spec, which holds at most 1 MiB of it."""
     max_steps_interval: int = Field(default=10_000_000, ge=1)
     """Largest checkpoint or report interval, in steps."""
     max_restarts_limit: int = Field(default=100, ge=0)

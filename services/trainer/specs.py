@@ -30,6 +30,7 @@ from services.clients.agent.worker_spec import (
 from services.trainer.domain import Job
 from services.trainer.jobspec import Dataset, JobSpec
 from services.trainer.limits import check_number, check_recipe_params
+from services.trainer.registry_recipes import cached_recipe, is_registry_recipe, parse_recipe_ref, worker_recipe_name
 from services.trainer.settings import TrainerSettings
 from services.trainer.worker import BUILTIN_RECIPE_NAMES, FILE_PREFIX, resolve_recipe_file
 
@@ -45,15 +46,20 @@ def _fail(message: str) -> NoReturn:
     raise InvalidArgument(f"invalid job spec: {message}")
 
 
-def check_shape(spec: JobSpec, settings: TrainerSettings) -> None:
+def check_shape(spec: JobSpec, settings: TrainerSettings, registry_source: str | None = None) -> None:
     """Checks everything that needs no I/O beyond the recipes directory: every number within the trainer's limits,
-    names and sizes bounded, recipe parameters as the recipe declares them."""
+    names and sizes bounded, recipe parameters as the recipe declares them. A registry recipe's source is fetched
+    by the caller and given as `registry_source` (None: only its reference is checked)."""
     source = ""
     if spec.recipe.startswith(FILE_PREFIX):
         source = recipe_source(spec, settings)
+    elif is_registry_recipe(spec.recipe):
+        parse_recipe_ref(spec.recipe)
+        source = registry_source or ""
     elif spec.recipe not in BUILTIN_RECIPE_NAMES:
         _fail(
-            f"unknown recipe {shown(spec.recipe)}; built-in recipes are {sorted(BUILTIN_RECIPE_NAMES)}, or file:<path>"
+            f"unknown recipe {shown(spec.recipe)}; built-in recipes are {sorted(BUILTIN_RECIPE_NAMES)}, "
+            "file:<path> or registry:<name>/<version>"
         )
     if len(spec.name) > MAX_NAME_CHARS:
         _fail(f"name is longer than {MAX_NAME_CHARS} characters")
@@ -82,6 +88,8 @@ def check_shape(spec: JobSpec, settings: TrainerSettings) -> None:
     if spec.register_aliases and not spec.register_model:
         _fail("register_aliases needs register_model")
     _check_dataset_fields(spec.dataset, settings)
+    if is_registry_recipe(spec.recipe) and registry_source is None:
+        return  # its parameters are checked once its source is fetched
     check_recipe_params(
         spec.recipe, spec.recipe_params, source, settings.max_layer_units, settings.max_recipe_params_bytes
     )
@@ -208,10 +216,14 @@ def worker_spec(job: Job, settings: TrainerSettings) -> WorkerSpec:
         "features_key": dataset.features_key,
         "label_key": dataset.label_key,
     }
+    if is_registry_recipe(spec.recipe):  # it travels like a file recipe: the agent writes it where the worker reads
+        recipe, source = worker_recipe_name(spec.recipe), cached_recipe(spec.recipe, job.recipe_digest, settings).source
+    else:
+        recipe, source = spec.recipe, recipe_source(spec, settings)
     return WorkerSpec(
-        recipe=spec.recipe,
+        recipe=recipe,
         recipe_params=spec.recipe_params,
-        recipe_source=recipe_source(spec, settings),
+        recipe_source=source,
         dataset=DatasetSpec(
             format=dataset.format,
             feature_columns=dataset.feature_columns or None,

@@ -15,7 +15,8 @@ Layout of the work directory::
     <job>/<attempt>/task-<i>/progress.jsonl     its progress events (MODELGRID_PROGRESS_FILE)
     <job>/<attempt>/task-<i>/checkpoints/       its checkpoint dir (backup/chief: restored; snapshots/: to upload)
     <job>/<attempt>/task-<i>/export/            the SavedModel it writes (the chief)
-    <job>/<attempt>/task-<i>/recipes/           a file recipe's source, as the trainer sent it
+    <job>/<attempt>/task-<i>/recipes/           a file recipe's source, as the trainer sent it (a registry recipe's
+                                                under registry/<name>/<version>.py)
 """
 
 import asyncio

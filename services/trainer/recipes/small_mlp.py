@@ -5,7 +5,8 @@ accepts `file:<path>` recipes only from inside it, and each worker imports the m
 defines `build_model(input_shape, num_classes, **params)`, where `params` are the job's `recipe_params`, and returns
 an uncompiled tf-keras Model (import tf_keras, not keras: the workers run with TF_USE_LEGACY_KERAS=1) whose output
 is the class probabilities, shape [batch, num_classes]. The worker compiles it with the job's optimizer, trains it
-under MultiWorkerMirroredStrategy and exports it as a SavedModel. See services/trainer/worker/recipes.py.
+under MultiWorkerMirroredStrategy and exports it as a SavedModel. The whole recipe contract (regression and
+multi-output models, the loss, metrics and input-pipeline hooks) is in services/trainer/worker/contract.py.
 
     recipe: file:small_mlp.py
     recipe_params: {hidden_units: [128, 64], dropout: 0.1}

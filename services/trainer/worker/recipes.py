@@ -1,10 +1,13 @@
 """Model recipes: the built-in `mlp` and `cnn`, and user modules loaded from the configured recipes directory.
 
-A recipe is `build_model(input_shape, num_classes, **params) -> tf.keras.Model` (tf-keras, TF_USE_LEGACY_KERAS=1)
-whose output is the class probabilities (softmax), shape [batch, num_classes]. A user recipe is named
+What a recipe module provides is the contract in services/trainer/worker/contract.py (build_model, and optional
+TASK, loss, metrics and input-pipeline hooks). The built-ins are classifiers:
+`build_model(input_shape, num_classes, **params) -> tf.keras.Model` (tf-keras, TF_USE_LEGACY_KERAS=1) whose output
+is the class probabilities (softmax), shape [batch, num_classes]. A user recipe is named
 `file:<path relative to recipes_dir>`; the path is resolved (symlinks included) and refused unless it stays
 inside recipes_dir (`resolve_recipe_file`, which lives in the package so that the trainer can check a spec
-without importing TensorFlow).
+without importing TensorFlow). A registry recipe reaches the worker the same way: the trainer sends its source and
+the agent writes it into the replica's recipes directory.
 """
 
 import hashlib
@@ -19,10 +22,9 @@ from typing import Any
 import tf_keras as keras
 
 from services.trainer.worker import FILE_PREFIX, resolve_recipe_file
+from services.trainer.worker.contract import CLASSIFICATION, Recipe, recipe_from_module
 
 logger = logging.getLogger(__name__)
-
-Recipe = Callable[..., keras.Model]
 
 
 def mlp(
@@ -68,7 +70,7 @@ def cnn(
     return keras.Model(inputs, outputs, name="cnn")
 
 
-BUILTIN_RECIPES: dict[str, Recipe] = {"mlp": mlp, "cnn": cnn}
+BUILTIN_RECIPES: dict[str, Callable[..., keras.Model]] = {"mlp": mlp, "cnn": cnn}
 
 
 def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -82,11 +84,11 @@ def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, ...]:
     return (side, side, 1)
 
 
-def load_recipe(name: str, recipes_dir: str | Path | None = None) -> Recipe:
-    """A built-in recipe by name, or `build_model` of the module at `file:<relative path>` in recipes_dir."""
+def load(name: str, recipes_dir: str | Path | None = None) -> Recipe:
+    """A built-in recipe by name, or the recipe of the module at `file:<relative path>` in recipes_dir."""
     if not name.startswith(FILE_PREFIX):
         try:
-            return BUILTIN_RECIPES[name]
+            return Recipe(name=name, build=BUILTIN_RECIPES[name], task=CLASSIFICATION)
         except KeyError:
             known = ", ".join(sorted(BUILTIN_RECIPES))
             raise ValueError(f"recipe: unknown built-in {name!r} (known: {known}; or file:<path>)") from None
@@ -100,24 +102,34 @@ def load_recipe(name: str, recipes_dir: str | Path | None = None) -> Recipe:
         spec.loader.exec_module(module)
     except Exception as exc:  # the user's module: any failure to import it is a property of the recipe
         raise ValueError(f"recipe: importing {name} failed: {exc!r}") from exc
-    build = getattr(module, "build_model", None)
-    if not callable(build):
-        raise ValueError(f"recipe: {name} defines no build_model(input_shape, num_classes, **params)")
-    logger.info("loaded recipe %s from %s", name, path)
-    return build
+    recipe = recipe_from_module(name, module)
+    logger.info("loaded recipe %s (%s) from %s", name, recipe.task, path)
+    return recipe
+
+
+def load_recipe(name: str, recipes_dir: str | Path | None = None) -> Callable[..., keras.Model]:
+    """The build_model function of a recipe (see `load`)."""
+    return load(name, recipes_dir).build
 
 
 def build_model(
-    name: str, input_shape: Sequence[int], num_classes: int, params: dict[str, Any], recipes_dir: str | None = None
+    name: str | Recipe,
+    input_shape: Sequence[int],
+    num_outputs: int,
+    params: dict[str, Any],
+    recipes_dir: str | None = None,
 ) -> keras.Model:
-    """Loads the recipe and builds its model, checking the parameters and what the recipe returns."""
-    recipe = load_recipe(name, recipes_dir)
+    """Loads the recipe (unless given one) and builds its model, checking the parameters and what the recipe
+    returns: a tf-keras Model, and for a single-output classifier whose labels no hook reshapes, an output of
+    [batch, num_outputs]."""
+    recipe = name if isinstance(name, Recipe) else load(name, recipes_dir)
+    name = recipe.name
     try:
-        inspect.signature(recipe).bind(tuple(input_shape), num_classes, **params)
+        inspect.signature(recipe.build).bind(tuple(input_shape), num_outputs, **params)
     except TypeError as exc:
         raise ValueError(f"recipe {name}: bad recipe_params: {exc}") from None
     try:
-        model = recipe(tuple(input_shape), num_classes, **params)
+        model = recipe.build(tuple(input_shape), num_outputs, **params)
     except Exception as exc:
         raise ValueError(f"recipe {name}: build_model failed: {exc!r}") from exc
     if not isinstance(model, keras.Model):
@@ -125,6 +137,8 @@ def build_model(
             f"recipe {name}: build_model returned {type(model).__name__}, not a tf-keras Model "
             "(use tf.keras with TF_USE_LEGACY_KERAS=1, or import tf_keras)"
         )
-    if tuple(model.output_shape[1:]) != (num_classes,):
-        raise ValueError(f"recipe {name}: output shape {model.output_shape} is not [batch, {num_classes}]")
+    single = len(model.outputs) == 1
+    if recipe.task == CLASSIFICATION and single and not recipe.reshapes_labels:
+        if tuple(model.output_shape[1:]) != (num_outputs,):
+            raise ValueError(f"recipe {name}: output shape {model.output_shape} is not [batch, {num_outputs}]")
     return model

@@ -39,8 +39,9 @@ from services.trainer.progress import (
     Step,
 )
 from services.trainer.worker import InvalidJob
+from services.trainer.worker.contract import CLASSIFICATION, SERVING_OUTPUT, Recipe
 from services.trainer.worker.data import TrainingData, make_training_data
-from services.trainer.worker.recipes import build_model
+from services.trainer.worker.recipes import build_model, load
 
 logger = logging.getLogger(__name__)
 
@@ -153,11 +154,11 @@ class ProgressReporter(keras.callbacks.Callback):
             # Batch logs are each worker's running means summed over replicas (distribute_reduction_method "sum");
             # epoch logs come from the synchronized metrics.
             replicas = self.model.distribute_strategy.num_replicas_in_sync
-            values = {k: v / replicas for k, v in _floats(logs, "loss", "accuracy").items()}
+            values = {k: v / replicas for k, v in _floats(logs).items() if not k.startswith("val_")}
             self.progress.emit(Step(step=step, epoch=self.epoch, metrics=values))
 
     def on_epoch_end(self, epoch, logs=None):
-        self.last_epoch_logs = _floats(logs, "loss", "accuracy", "val_loss", "val_accuracy")
+        self.last_epoch_logs = _floats(logs)
         self.progress.emit(Epoch(epoch=epoch + 1, metrics=dict(self.last_epoch_logs)))
 
 
@@ -179,8 +180,37 @@ class TestingAids(keras.callbacks.Callback):
             os._exit(ExitCode.INJECTED_CRASH)
 
 
-def _floats(logs: dict | None, *names: str) -> dict[str, float]:
-    return {n: float(logs[n]) for n in names if logs and n in logs}
+MAX_REPORTED_METRICS = 64
+"""Most metrics one progress event carries (the loss and every compiled metric, per output, with val_ twins)."""
+
+
+def _floats(logs: dict | None) -> dict[str, float]:
+    """The numeric entries of keras logs (the loss and each metric), at most MAX_REPORTED_METRICS of them."""
+    values = {}
+    for name, value in (logs or {}).items():
+        try:
+            values[str(name)] = float(value)
+        except (TypeError, ValueError):
+            continue
+        if len(values) == MAX_REPORTED_METRICS:
+            break
+    return values
+
+
+def compile_args(recipe: Recipe) -> dict:
+    """loss and metrics for model.compile: the recipe's hooks, or its task's defaults (call under the strategy's
+    scope: metric objects belong to it)."""
+    if recipe.task == CLASSIFICATION:
+        loss = keras.losses.SparseCategoricalCrossentropy()
+        metrics = ["accuracy"]
+    else:
+        loss = keras.losses.MeanSquaredError()
+        metrics = [keras.metrics.MeanSquaredError(name="mse"), keras.metrics.MeanAbsoluteError(name="mae")]
+    if recipe.loss is not None:
+        loss = recipe.loss()
+    if recipe.metrics is not None:
+        metrics = recipe.metrics()
+    return {"loss": loss, "metrics": metrics}
 
 
 def next_attempt(checkpoint_dir: Path, task: int) -> int:
@@ -192,7 +222,9 @@ def next_attempt(checkpoint_dir: Path, task: int) -> int:
     return attempt
 
 
-def record_shard(strategy, spec: WorkerSpec, task: int, workers: int, progress: ProgressLog) -> None:
+def record_shard(
+    strategy, spec: WorkerSpec, task: int, workers: int, progress: ProgressLog, recipe: Recipe | None = None
+) -> None:
     """Reads epoch 1 of the training set exactly as fit distributes it, with ids, and records this worker's ids."""
     data = make_training_data(
         spec.dataset,
@@ -203,6 +235,7 @@ def record_shard(strategy, spec: WorkerSpec, task: int, workers: int, progress: 
         seed=spec.seed,
         with_ids=True,
         repeat=False,
+        recipe=recipe,
     )
     ids: list[np.ndarray] = []
     for _, _, example_ids in strategy.experimental_distribute_dataset(data.train):
@@ -261,14 +294,28 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def export(model: keras.Model, input_shape: tuple[int, ...], export_dir: str, scratch: Path, chief: bool) -> str:
-    """SavedModel with signature serving_default(x) -> {"probabilities"}; every worker saves, the chief's counts."""
+def export(
+    model: keras.Model,
+    input_shape: tuple[int, ...],
+    export_dir: str,
+    scratch: Path,
+    chief: bool,
+    task: str = CLASSIFICATION,
+) -> str:
+    """SavedModel with signature serving_default(x) -> {"probabilities"} (a classifier), {"predictions"} (a
+    regression model), or one output per name of a multi-output model; every worker saves, the chief's counts."""
     module = tf.Module()
     module.model = model
+    names = list(model.output_names)
 
     @tf.function(input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name="x")])
     def serve(x):
-        return {"probabilities": model(x, training=False)}
+        outputs = model(x, training=False)
+        if isinstance(outputs, dict):
+            return dict(outputs)
+        if isinstance(outputs, list | tuple):
+            return dict(zip(names, outputs, strict=True))
+        return {SERVING_OUTPUT[task]: outputs}
 
     module.serve = serve
     target = Path(export_dir) if chief else scratch
@@ -308,8 +355,9 @@ def run(spec: WorkerSpec) -> int:
     signal.signal(signal.SIGTERM, lambda *_: preempted())
     keras.utils.set_random_seed(spec.seed)
     try:
+        recipe = load(spec.recipe, spec.recipes_dir)
         if spec.record_shard_ids:
-            record_shard(strategy, spec, task, workers, progress)
+            record_shard(strategy, spec, task, workers, progress, recipe)
         data: TrainingData = make_training_data(
             spec.dataset,
             per_replica_batch=spec.batch_size,
@@ -317,19 +365,22 @@ def run(spec: WorkerSpec) -> int:
             num_workers=workers,
             validation_split=spec.validation_split,
             seed=spec.seed,
+            recipe=recipe,
         )
         with strategy.scope():
-            model = build_model(spec.recipe, data.input_shape, data.num_classes, spec.recipe_params, spec.recipes_dir)
+            model = build_model(recipe, data.input_shape, data.num_outputs, spec.recipe_params)
+            optimizer_cls = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[spec.optimizer]
+            try:
+                compiled = compile_args(recipe)
+            except Exception as exc:  # the user's hooks: any failure is a property of the recipe
+                raise ValueError(f"recipe {recipe.name}: its loss or metrics hook failed: {exc!r}") from exc
+            try:
+                model.compile(optimizer=optimizer_cls(learning_rate=spec.learning_rate), **compiled)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"recipe {recipe.name}: compile failed with its loss and metrics: {exc}") from exc
+            model.distribute_reduction_method = "sum"
     except (ValueError, tf.errors.InvalidArgumentError) as exc:  # bad recipe, unreadable or malformed data
         raise InvalidJob(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
-    with strategy.scope():
-        optimizer_cls = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}[spec.optimizer]
-        model.compile(
-            optimizer=optimizer_cls(learning_rate=spec.learning_rate),
-            loss=keras.losses.SparseCategoricalCrossentropy(),
-            metrics=["accuracy"],
-        )
-        model.distribute_reduction_method = "sum"
     snapshots = None
     if chief and spec.snapshot_checkpoint_every:
         global_step = lambda: int(model.optimizer.iterations.numpy())  # noqa: E731
@@ -357,7 +408,8 @@ def run(spec: WorkerSpec) -> int:
         results = model.evaluate(data.validation, verbose=0, return_dict=True)
         metrics.update({f"val_{k}": float(v) for k, v in results.items()})
     if spec.export_dir:
-        path = export(model, data.input_shape, spec.export_dir, checkpoint_dir / f"export-task-{task}", chief)
+        scratch = checkpoint_dir / f"export-task-{task}"
+        path = export(model, data.input_shape, spec.export_dir, scratch, chief, recipe.task)
         if chief:
             progress.emit(Exported(path=path, metrics=metrics))
     if chief:

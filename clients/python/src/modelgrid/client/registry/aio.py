@@ -64,18 +64,22 @@ class AsyncRegistryClient:
             reply = await self._stub().GetModel(pb.GetModelRequest(name=name), metadata=self._metadata, timeout=TIMEOUT)
         return convert.model_from_pb(reply)
 
-    async def list_model_names(self) -> list[str]:
-        """Names of every registered model."""
-        names, token = [], ""
+    async def list_models(self) -> list[RegisteredModel]:
+        """Every registered model, with its tags and aliases."""
+        models, token = [], ""
         while True:
             request = pb.ListModelsRequest()
             request.page.page_size, request.page.page_token = 1000, token
             with rpc_errors(SERVICE):
                 reply = await self._stub().ListModels(request, metadata=self._metadata, timeout=TIMEOUT)
-            names += [m.name for m in reply.models]
+            models += [convert.model_from_pb(m) for m in reply.models]
             token = reply.page.next_page_token
             if not token:
-                return names
+                return models
+
+    async def list_model_names(self) -> list[str]:
+        """Names of every registered model."""
+        return [model.name for model in await self.list_models()]
 
     async def list_versions(self, name: str) -> list[ModelVersion]:
         """Every READY version of a model, newest first."""

@@ -16,6 +16,17 @@ class _StrEnum(str, enum.Enum):
         return format(self.value, spec)
 
 
+KIND_TAG = "modelgrid.kind"
+"""The tag that says what a registered model holds, set when it is created and never changed: absent for models
+(SavedModels and files), RECIPE_KIND for training recipes (one Python module's source per version)."""
+RECIPE_KIND = "recipe"
+
+
+def is_recipe(tags: dict[str, str]) -> bool:
+    """Whether a registered model with these tags holds training recipes (not something to serve)."""
+    return tags.get(KIND_TAG) == RECIPE_KIND
+
+
 class VersionStatus(_StrEnum):
     """Lifecycle of a model version."""
 
