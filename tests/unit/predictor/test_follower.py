@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from modelgrid.client.errors import Unavailable
+from modelgrid.client.registry.types import KIND_TAG, RECIPE_KIND, ArtifactFormat
+from modelgrid.registry.v1 import registry_pb2 as pb
 from services.kit.redis_client import create_redis
 from services.kit.streams import Backoff
 from services.predictor.domain import VersionPolicy, VersionState
@@ -74,11 +76,25 @@ async def test_an_alias_moved_in_the_registry_swaps_the_served_version(control, 
         await follower.stop()
 
 
+async def register_recipe(registry_client, name: str, tmp_path) -> None:
+    """A training recipe in the registry (a model tagged as one, a version holding Python source)."""
+    await registry_client._stub().CreateModel(pb.CreateModelRequest(name=name, tags={KIND_TAG: RECIPE_KIND}))
+    source = tmp_path / f"{name}.py"
+    source.write_text("def build_model(input_shape, num_outputs):\n    raise NotImplementedError\n")
+    blob = await registry_client.upload_blob(source)
+    await registry_client.create_version_from_blob(
+        name, blob.digest, request_id=uuid.uuid4().hex, artifact_format=ArtifactFormat.RAW
+    )
+
+
 async def test_auto_load_serves_registered_models_and_models_pushed_later(
-    control, registry_client, push, redis, unique
+    control, registry_client, push, redis, unique, tmp_path
 ):
+    """...and never a training recipe, registered before the follower starts or after."""
     before, later = unique("before"), unique("later")
+    recipe_before, recipe_later = unique("recipe"), unique("recipe")
     await push(before, 1)
+    await register_recipe(registry_client, recipe_before, tmp_path)
     follower = RegistryFollower(
         registry_client, control, redis, f"mg:unit:{uuid.uuid4().hex[:8]}:cursor", auto_load=True, backoff=FAST
     )
@@ -86,10 +102,13 @@ async def test_auto_load_serves_registered_models_and_models_pushed_later(
     try:
         await eventually(lambda: control.is_served(before), "the registered model is served")
         assert control.status(before).policy == AUTO_POLICY
+        await register_recipe(registry_client, recipe_later, tmp_path)
         await push(later, 1)
         await eventually(
             lambda: control.is_served(later) and bool(control.status(later).available), "the later model serves"
         )
+        # The recipe's VERSION_CREATED came before the later model's, and the resync listed the first one.
+        assert not control.is_served(recipe_before) and not control.is_served(recipe_later)
     finally:
         await follower.stop()
 
