@@ -10,8 +10,10 @@ import pytest
 import pytest_asyncio
 
 from modelgrid.common.v1 import common_pb2
+from modelgrid.gateway.v1 import gateway_pb2 as gpb
 from modelgrid.predictor.v1 import predictor_pb2 as pb
 from services.gateway import grpcweb
+from services.gateway.admin import GatewayAdminServicer, LocalAdminCalls
 from services.gateway.auth import Authorizer
 from services.gateway.native import ProxyHandler
 from services.gateway.web import GrpcWebApp
@@ -132,6 +134,38 @@ async def test_web_unary_call_and_errors(mesh, web):
     assert messages == [] and "x-replica" not in response.headers
     assert trailers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
     assert "exactly one request message" in trailers["grpc-message"]
+
+
+async def test_web_answers_the_gateways_own_api_with_its_key_checks(new_gateway, authorizer):
+    """GatewayAdmin on the web port (the console's keys and routes pages) is the native port's servicer: the same
+    key checks and scopes; a malformed call is INVALID_ARGUMENT."""
+    gateway = new_gateway()
+    admin = LocalAdminCalls(GatewayAdminServicer(authorizer, gateway.backends, gateway.settings.routes))
+    app = GrpcWebApp(gateway.settings, gateway.forwarder, authorizer, admin)
+    list_keys = "/modelgrid.gateway.v1.GatewayAdmin/ListApiKeys"
+    body = grpcweb.encode_message(gpb.ListApiKeysRequest().SerializeToString())
+    auth = {"authorization": f"Bearer {ADMIN_KEY}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as web:
+        created = gpb.CreateApiKeyRequest(name="web-read", scopes=[gpb.SCOPE_READ])
+        create = grpcweb.encode_message(created.SerializeToString())
+        _, messages, trailers = await _web_call(web, "/modelgrid.gateway.v1.GatewayAdmin/CreateApiKey", create, **auth)
+        assert trailers["grpc-status"] == "0"
+        read_key = gpb.CreateApiKeyResponse.FromString(messages[0]).secret
+
+        _, messages, trailers = await _web_call(web, list_keys, body, **auth)
+        assert trailers["grpc-status"] == "0"
+        assert "web-read" in [key.name for key in gpb.ListApiKeysResponse.FromString(messages[0]).keys]
+
+        for headers, status in [
+            ({}, grpc.StatusCode.UNAUTHENTICATED),
+            ({"authorization": f"Bearer {read_key}"}, grpc.StatusCode.PERMISSION_DENIED),
+        ]:
+            _, messages, trailers = await _web_call(web, list_keys, body, **headers)
+            assert messages == [] and trailers["grpc-status"] == str(status.value[0])
+
+        for malformed in (b"", body + body, grpcweb.encode_message(b"\xff\xff")):
+            _, messages, trailers = await _web_call(web, list_keys, malformed, **auth)
+            assert messages == [] and trailers["grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
 
 
 async def test_web_stream(mesh, web):
