@@ -13,6 +13,7 @@ import numpy as np
 from modelgrid.client.errors import InvalidArgument
 from modelgrid.client.tensors import (
     BY_OIP,
+    CONTENTS_FIELD,
     STRING_ELEMENT_BYTES,
     ElementType,
     SizeBudget,
@@ -24,21 +25,6 @@ from modelgrid.client.tensors import (
     raw_of,
 )
 
-# The InferTensorContents member that carries each datatype's elements (FP16 and BF16 have none: raw only).
-CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
 CONTENTS_FIELDS = tuple(dict.fromkeys(CONTENTS_FIELD.values()))
 
 

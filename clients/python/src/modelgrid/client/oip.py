@@ -18,7 +18,7 @@ import numpy as np
 from modelgrid.client.calls import AsyncCalls, Calls, Metadata
 from modelgrid.client.errors import InvalidArgument
 from modelgrid.client.predictor import SERVICE, TIMEOUT, Inputs, input_arrays
-from modelgrid.client.tensors import BY_OIP, array_from_raw, element_type_of, raw_of
+from modelgrid.client.tensors import BY_OIP, CONTENTS_FIELD, array_from_raw, element_type_of, raw_of
 from modelgrid.oip import grpc_service_pb2 as oip
 from modelgrid.oip import grpc_service_pb2_grpc as oip_grpc
 
@@ -44,22 +44,6 @@ def infer_request(model: str, inputs: Inputs, version: str = "", outputs: Sequen
     return request
 
 
-_CONTENTS = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-
-
 def inference_of(reply: oip.ModelInferResponse) -> Inference:
     """numpy arrays of a ModelInferResponse's outputs, whether they came as raw contents or typed contents."""
     outputs = {}
@@ -71,7 +55,7 @@ def inference_of(reply: oip.ModelInferResponse) -> Inference:
         if index < len(reply.raw_output_contents):
             array = array_from_raw(reply.raw_output_contents[index], element, shape, f"output {tensor.name}")
         elif element.numpy is not None:
-            values = getattr(tensor.contents, _CONTENTS[tensor.datatype], [])
+            values = getattr(tensor.contents, CONTENTS_FIELD[tensor.datatype], [])
             array = np.asarray(values, dtype=element.numpy).reshape(shape)
         else:
             array = np.asarray(list(tensor.contents.bytes_contents), dtype=object).reshape(shape)

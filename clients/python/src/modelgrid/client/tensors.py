@@ -60,6 +60,22 @@ BY_NAME = {t.name: t for t in ELEMENT_TYPES}
 BY_PROTO = {t.proto: t for t in ELEMENT_TYPES}
 BY_OIP = {t.oip: t for t in ELEMENT_TYPES}
 BY_TF = {t.tf: t for t in ELEMENT_TYPES}
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+"""The Open Inference Protocol's InferTensorContents member that carries each datatype's elements (FP16 and BF16 have
+none: raw contents only)."""
 
 
 def element_bytes(element: ElementType) -> int:
