@@ -190,10 +190,13 @@ class _AioStreamStream(_AioApiKey, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(details), requests)
 
 
-def _credentials(tls: bool, ca: str | Path | None) -> grpc.ChannelCredentials | None:
+def _channel_args(
+    tls: bool, ca: str | Path | None, retry: Retry | None, max_message_bytes: int, options: Sequence[tuple[str, Any]]
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
+    """The TLS credentials (None: plaintext) and channel options of `connect` and `aio_connect`."""
     if ca and not tls:
         raise ValueError("ca is for TLS: pass tls=True with it")
-    return public_tls(ca) if tls else None
+    return public_tls(ca) if tls else None, [*channel_options(retry, max_message_bytes), *options]
 
 
 def connect(
@@ -209,8 +212,7 @@ def connect(
     """A blocking channel to `target` ("host:port" of a gateway, or of a service on a trusted network): TLS when
     `tls` (with `ca`, a PEM file, for a private CA), every call carrying `api_key` when one is given. Close it, or
     use it in a `with` block."""
-    credentials = _credentials(tls, ca)
-    all_options = [*channel_options(retry, max_message_bytes), *options]
+    credentials, all_options = _channel_args(tls, ca, retry, max_message_bytes, options)
     if credentials is None:
         channel = grpc.insecure_channel(target, options=all_options)
     else:
@@ -234,13 +236,12 @@ def aio_connect(
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """`connect` for asyncio: a grpc.aio channel (`await channel.close()`, or `async with`)."""
-    credentials = _credentials(tls, ca)
+    credentials, all_options = _channel_args(tls, ca, retry, max_message_bytes, options)
     interceptors = (
         [cls(api_key) for cls in (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)]
         if api_key
         else None
     )
-    all_options = [*channel_options(retry, max_message_bytes), *options]
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=all_options, interceptors=interceptors)
     return grpc.aio.secure_channel(target, credentials, options=all_options, interceptors=interceptors)

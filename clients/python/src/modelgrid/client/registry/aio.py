@@ -6,6 +6,7 @@ an object with a `channel()` method (the services pass a pool of the healthy reg
 """
 
 import asyncio
+import functools
 import hashlib
 import os
 import tempfile
@@ -66,16 +67,7 @@ class AsyncRegistryClient:
 
     async def list_models(self) -> list[RegisteredModel]:
         """Every registered model, with its tags and aliases."""
-        models, token = [], ""
-        while True:
-            request = pb.ListModelsRequest()
-            request.page.page_size, request.page.page_token = 1000, token
-            with rpc_errors(SERVICE):
-                reply = await self._stub().ListModels(request, metadata=self._metadata, timeout=TIMEOUT)
-            models += [convert.model_from_pb(m) for m in reply.models]
-            token = reply.page.next_page_token
-            if not token:
-                return models
+        return [convert.model_from_pb(m) for m in await self._all_pages("ListModels", pb.ListModelsRequest, "models")]
 
     async def list_model_names(self) -> list[str]:
         """Names of every registered model."""
@@ -83,16 +75,21 @@ class AsyncRegistryClient:
 
     async def list_versions(self, name: str) -> list[ModelVersion]:
         """Every READY version of a model, newest first."""
-        versions, token = [], ""
+        request = functools.partial(pb.ListVersionsRequest, model_name=name, status=pb.VERSION_STATUS_READY)
+        return [convert.version_from_pb(v) for v in await self._all_pages("ListVersions", request, "versions")]
+
+    async def _all_pages(self, method: str, new_request: Callable, field: str) -> list:
+        """The `field` items of every page of a list call (1000 a page)."""
+        items, token = [], ""
         while True:
-            request = pb.ListVersionsRequest(model_name=name, status=pb.VERSION_STATUS_READY)
+            request = new_request()
             request.page.page_size, request.page.page_token = 1000, token
             with rpc_errors(SERVICE):
-                reply = await self._stub().ListVersions(request, metadata=self._metadata, timeout=TIMEOUT)
-            versions += [convert.version_from_pb(v) for v in reply.versions]
+                reply = await getattr(self._stub(), method)(request, metadata=self._metadata, timeout=TIMEOUT)
+            items += getattr(reply, field)
             token = reply.page.next_page_token
             if not token:
-                return versions
+                return items
 
     async def download_version(self, name: str, version: int, dest: Path) -> Download:
         """Downloads one version's artifact into `dest`, resuming from what `dest` holds already (a download cut
