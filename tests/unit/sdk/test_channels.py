@@ -135,8 +135,9 @@ def test_every_retried_method_exists():
 def test_bad_options_are_refused_before_connecting(tmp_path):
     with pytest.raises(ValueError, match="attempts"):
         Retry(attempts=9)
-    with pytest.raises(ValueError, match="backoff"):
-        Retry(initial_backoff=2, maximum_backoff=1)
+    for backoffs in [(2, 1), (1e-5, 1e-5), (1, 1e16)]:
+        with pytest.raises(ValueError, match="backoff"):
+            Retry(initial_backoff=backoffs[0], maximum_backoff=backoffs[1])
     with pytest.raises(ValueError, match="tls=True"):
         connect("127.0.0.1:1", ca=tmp_path / "ca.pem")
     with pytest.raises(ValueError, match="without spaces"):

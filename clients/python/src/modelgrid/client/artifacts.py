@@ -69,7 +69,21 @@ def unpack(tar_path: str | os.PathLike, directory: str | os.PathLike) -> None:
     """Extracts a packed artifact; entries that would land outside `directory` or are links are refused."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     with tarfile.open(tar_path, mode="r:") as tar:
-        tar.extractall(directory, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python 3.10.12+, 3.11.4+
+            tar.extractall(directory, filter="data")
+        else:
+            tar.extractall(directory, members=_plain_members(tar))
+
+
+def _plain_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """What the "data" extraction filter lets through, for Pythons without it: regular files and directories at
+    relative paths that stay inside the target; InvalidArgument for anything else."""
+    members = tar.getmembers()
+    for member in members:
+        parts = Path(member.name).parts
+        if not (member.isfile() or member.isdir()) or Path(member.name).is_absolute() or ".." in parts:
+            raise InvalidArgument(f"artifact entry {member.name[:64]!r} is not a plain file or directory inside it")
+    return members
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -66,8 +66,10 @@ class Retry:
     def __post_init__(self) -> None:
         if not 1 <= self.attempts <= 5:
             raise ValueError("Retry.attempts must be between 1 and 5 (gRPC caps retries at 5 tries)")
-        if self.initial_backoff <= 0 or self.maximum_backoff < self.initial_backoff or self.multiplier < 1:
-            raise ValueError("Retry needs 0 < initial_backoff <= maximum_backoff and multiplier >= 1")
+        if not 0.001 <= self.initial_backoff <= self.maximum_backoff <= 3600 or not 1 <= self.multiplier <= 10:
+            raise ValueError(
+                "Retry needs 0.001 <= initial_backoff <= maximum_backoff <= 3600 (seconds) and 1 <= multiplier <= 10"
+            )
 
     def service_config(self) -> str:
         """The channel's service config (JSON) that carries this policy."""
@@ -78,8 +80,8 @@ class Retry:
         if self.attempts > 1:
             config["retryPolicy"] = {
                 "maxAttempts": self.attempts,
-                "initialBackoff": f"{self.initial_backoff}s",
-                "maxBackoff": f"{self.maximum_backoff}s",
+                "initialBackoff": f"{self.initial_backoff:.3f}s",  # a protobuf Duration: no exponent
+                "maxBackoff": f"{self.maximum_backoff:.3f}s",
                 "backoffMultiplier": self.multiplier,
                 "retryableStatusCodes": ["UNAVAILABLE"],
             }
@@ -213,11 +215,12 @@ def connect(
     `tls` (with `ca`, a PEM file, for a private CA), every call carrying `api_key` when one is given. Close it, or
     use it in a `with` block."""
     credentials, all_options = _channel_args(tls, ca, retry, max_message_bytes, options)
+    interceptor = ApiKey(api_key) if api_key else None  # a bad key is refused before a channel exists
     if credentials is None:
         channel = grpc.insecure_channel(target, options=all_options)
     else:
         channel = grpc.secure_channel(target, credentials, options=all_options)
-    return with_api_key(channel, api_key)
+    return grpc.intercept_channel(channel, interceptor) if interceptor else channel
 
 
 def with_api_key(channel: grpc.Channel, api_key: str) -> grpc.Channel:

@@ -18,7 +18,7 @@ import numpy as np
 from modelgrid.client.calls import AsyncCalls, Calls, Metadata
 from modelgrid.client.errors import InvalidArgument
 from modelgrid.client.predictor import SERVICE, TIMEOUT, Inputs, input_arrays
-from modelgrid.client.tensors import BY_OIP, CONTENTS_FIELD, array_from_raw, element_type_of, raw_of
+from modelgrid.client.tensors import BY_OIP, CONTENTS_FIELD, array_from_raw, element_count, element_type_of, raw_of
 from modelgrid.oip import grpc_service_pb2 as oip
 from modelgrid.oip import grpc_service_pb2_grpc as oip_grpc
 
@@ -45,21 +45,27 @@ def infer_request(model: str, inputs: Inputs, version: str = "", outputs: Sequen
 
 
 def inference_of(reply: oip.ModelInferResponse) -> Inference:
-    """numpy arrays of a ModelInferResponse's outputs, whether they came as raw contents or typed contents."""
+    """numpy arrays of a ModelInferResponse's outputs, whether they came as raw contents or typed contents;
+    InvalidArgument for an output that does not hold what its datatype and shape say."""
     outputs = {}
     for index, tensor in enumerate(reply.outputs):
+        what = f"output {tensor.name[:64]!r}"
         element = BY_OIP.get(tensor.datatype)
         if element is None:
-            raise InvalidArgument(f"output {tensor.name} has an unknown datatype {tensor.datatype[:16]!r}")
+            raise InvalidArgument(f"{what} has an unknown datatype {tensor.datatype[:16]!r}")
         shape = tuple(tensor.shape)
         if index < len(reply.raw_output_contents):
-            array = array_from_raw(reply.raw_output_contents[index], element, shape, f"output {tensor.name}")
-        elif element.numpy is not None:
-            values = getattr(tensor.contents, CONTENTS_FIELD[tensor.datatype], [])
-            array = np.asarray(values, dtype=element.numpy).reshape(shape)
-        else:
-            array = np.asarray(list(tensor.contents.bytes_contents), dtype=object).reshape(shape)
-        outputs[tensor.name] = array
+            outputs[tensor.name] = array_from_raw(reply.raw_output_contents[index], element, shape, what)
+            continue
+        field = CONTENTS_FIELD.get(tensor.datatype)
+        if field is None:
+            raise InvalidArgument(f"{what}: {tensor.datatype} travels only as raw contents, and the reply has none")
+        values = list(getattr(tensor.contents, field))
+        count = element_count(shape, what)
+        if len(values) != count:
+            raise InvalidArgument(f"{what}: {len(values)} values do not fill shape {list(shape)} ({count})")
+        array = np.asarray(values, dtype=element.numpy if element.numpy is not None else object)
+        outputs[tensor.name] = array.reshape(shape)
     return Inference(reply.model_name, reply.model_version, outputs)
 
 

@@ -70,16 +70,22 @@ def prediction_of(reply: pb.PredictResponse) -> Prediction:
     return Prediction(reply.model_name, reply.version, outputs)
 
 
+MESSAGE_BYTES = 4 * 1024 * 1024
+"""About how many bytes of records one BatchPredict message carries (at least one record each)."""
+
+
 def batch_requests(
-    model: ModelRef | str, inputs: Inputs, *, batch_size: int = 0, outputs: Sequence[str] = (), per_message: int = 1024
+    model: ModelRef | str, inputs: Inputs, *, batch_size: int = 0, outputs: Sequence[str] = ()
 ) -> Iterator[pb.BatchPredictRequest]:
-    """The stream of BatchPredict: the spec, then the records `per_message` rows at a time. The inputs are checked
-    here, before any message is sent."""
+    """The stream of BatchPredict: the spec, then the records, about MESSAGE_BYTES of them per message. The inputs
+    are checked here, before any message is sent."""
     arrays = input_arrays(inputs)
     counts = {len(array) if array.ndim else -1 for array in arrays.values()}
     if len(counts) != 1 or -1 in counts:
         raise InvalidArgument("every input of a batch job needs the same first dimension: one row per record")
     total = counts.pop()
+    row_bytes = sum(array.nbytes // max(total, 1) for array in arrays.values())  # strings: their pointers only
+    per_message = max(1, MESSAGE_BYTES // max(row_bytes, 1))
     spec = pb.BatchJobSpec(model=ref_to_pb(model), output_filter=list(outputs), batch_size=batch_size)
 
     def messages() -> Iterator[pb.BatchPredictRequest]:
