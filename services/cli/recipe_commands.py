@@ -37,8 +37,10 @@ def _read_source(path: Path) -> bytes:
         tree = ast.parse(data.decode(), filename=str(path))
     except UnicodeDecodeError:
         raise CommandError(f"{path} is not UTF-8 text") from None
-    except SyntaxError as exc:
-        raise CommandError(f"{path} is not valid Python: {exc.msg} (line {exc.lineno})") from None
+    except (SyntaxError, ValueError) as exc:  # ValueError: a NUL byte
+        raise CommandError(f"{path} is not valid Python: {getattr(exc, 'msg', exc)}") from None
+    except (RecursionError, MemoryError):
+        raise CommandError(f"{path} is nested too deeply for the Python parser") from None
     if not any(isinstance(node, ast.FunctionDef) and node.name == "build_model" for node in tree.body):
         raise CommandError(f"{path} defines no top-level build_model(input_shape, num_outputs, **params)")
     return data

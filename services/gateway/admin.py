@@ -113,6 +113,6 @@ class LocalAdminCalls:
         message = request_class()
         try:
             message.ParseFromString(request)
-        except DecodeError:
+        except (DecodeError, ValueError, RuntimeError):  # what protobuf raises for bytes that are no such message
             raise InvalidArgument(f"the request is not a valid {request_class.DESCRIPTOR.full_name}") from None
         return (await handler(message, _CallContext(metadata))).SerializeToString()

@@ -31,6 +31,7 @@ from pathlib import Path
 import grpc
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
+from redis.exceptions import RedisError
 
 from modelgrid.client.errors import ModelgridError
 from services.gateway import grpcweb
@@ -41,6 +42,7 @@ from services.gateway.oip_rest import OipRestFront
 from services.gateway.proxy import End, Forwarder, Headers
 from services.gateway.settings import GatewaySettings
 from services.kit.interceptors import status_of
+from services.kit.redis_client import is_outage
 
 logger = logging.getLogger(__name__)
 
@@ -469,6 +471,10 @@ class GrpcWebApp:
             response = await self._admin.call(method, metadata, first)
         except ModelgridError as exc:
             return await reply.end(status_of(exc), str(exc))
+        except RedisError as exc:  # the key store: as the native port's interceptor answers
+            if not is_outage(exc):
+                raise
+            return await reply.end(grpc.StatusCode.UNAVAILABLE, "the gateway's key store (Redis) is unavailable")
         await reply.start()
         await reply.write(grpcweb.encode_message(response))
         await reply.end(grpc.StatusCode.OK, "")

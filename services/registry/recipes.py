@@ -62,6 +62,8 @@ def check_recipe_source(artifact: str | Path | BinaryIO, max_bytes: int) -> list
         raise InvalidArgument(f"the recipe is not valid Python: {exc.msg} (line {exc.lineno})") from None
     except ValueError:  # NUL bytes
         raise InvalidArgument("the recipe is not valid Python: it holds NUL bytes") from None
+    except (RecursionError, MemoryError):  # expressions nested thousands deep
+        raise InvalidArgument("the recipe is nested too deeply for the Python parser") from None
     if not any(isinstance(node, ast.FunctionDef) and node.name == "build_model" for node in tree.body):
         raise InvalidArgument(
             "the recipe defines no top-level function build_model(input_shape, num_outputs, **params)"

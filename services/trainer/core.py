@@ -9,7 +9,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from modelgrid.client.errors import FailedPrecondition, InvalidArgument, ModelgridError, NotFound
+from modelgrid.client.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ModelgridError,
+    NotFound,
+    Unavailable,
+)
 from modelgrid.client.registry import AsyncRegistryClient, Lineage
 from services.clients.agent import AgentClient, Export
 from services.trainer import VERSION
@@ -23,6 +30,8 @@ from services.trainer.specs import check_shape, locate_dataset
 from services.trainer.store import JobStore
 
 logger = logging.getLogger(__name__)
+RECIPE_FETCH_SECONDS = 20.0
+"""Bound on fetching a registry recipe before a job starts (the scheduler waits for it; the job stays PENDING)."""
 
 
 class TrainerCore:
@@ -181,6 +190,8 @@ class TrainerCore:
         hold back smaller jobs behind it)."""
         pending = sorted((j for j in self.jobs.values() if j.state == JobState.PENDING), key=lambda j: j.created_at)
         for job in pending:
+            if not await self._recipe_ready(job):
+                continue
             free = {w.id: w.slots - w.used for w in self.workers()}
             agents = place(job.workers, free)
             if agents is None:
@@ -193,7 +204,6 @@ class TrainerCore:
             job.message = f"placing on {sorted(set(agents))}"
             await self._store.save_patiently(job, _state_event(job))
             if await self._assign(job, agents):
-                await self._ensure_recipe(job)
                 self._spawn(job, reattach=False)
             else:
                 job.move(JobState.PENDING)
@@ -235,21 +245,34 @@ class TrainerCore:
         self._wake.set()
         return False
 
-    async def _ensure_recipe(self, job: Job) -> None:
-        """A registry recipe's verified source in this trainer's scratch (fetched again when this trainer is not
-        the one that took the job); a failure here shows when the attempt builds its worker spec."""
+    async def _recipe_ready(self, job: Job) -> bool:
+        """Whether the job can start as far as its recipe goes: a registry recipe's verified source must be in this
+        trainer's scratch (fetched again when this trainer is not the one that took the job). While the registry
+        cannot be reached the job waits, PENDING; a recipe the registry no longer has (or that changed) fails the
+        attempt as an invalid spec when it builds its worker spec."""
         if not job.recipe_digest:
-            return
+            return True
         try:
             cached_recipe(job.spec.recipe, job.recipe_digest, self._settings)
+            return True
         except InvalidArgument:
-            try:
+            pass
+        try:
+            async with asyncio.timeout(RECIPE_FETCH_SECONDS):
                 recipe = await fetch_recipe(job.spec.recipe, self._registry, self._settings)
-            except ModelgridError as exc:
-                logger.warning("job %s: fetching recipe %s failed: %s", job.id, job.spec.recipe, exc)
-                return
-            if recipe.digest != job.recipe_digest:
-                logger.warning("job %s: recipe %s changed its digest since the submit", job.id, job.spec.recipe)
+        except (Unavailable, DeadlineExceeded, TimeoutError) as exc:
+            message = f"waiting for the registry to fetch recipe {job.spec.recipe}: {exc or 'timed out'}"
+            logger.warning("job %s: %s", job.id, message)
+            if job.message != message:
+                job.message = message
+                await self._store.save_patiently(job)
+            return False
+        except ModelgridError as exc:
+            logger.warning("job %s: fetching recipe %s failed: %s", job.id, job.spec.recipe, exc)
+            return True
+        if recipe.digest != job.recipe_digest:
+            logger.warning("job %s: recipe %s changed its digest since the submit", job.id, job.spec.recipe)
+        return True
 
     def _spawn(self, job: Job, reattach: bool) -> None:
         runner = JobRunner(job, self._store, self._agents, self._settings, self.register, self._replace)

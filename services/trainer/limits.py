@@ -126,6 +126,8 @@ def _build_model_params(source: str) -> tuple[set[str], bool]:
         tree = ast.parse(source)
     except (SyntaxError, ValueError) as exc:  # ValueError: a NUL byte
         _fail(f"the recipe is not valid Python (line {getattr(exc, 'lineno', '?')}): {getattr(exc, 'msg', exc)}")
+    except (RecursionError, MemoryError):  # expressions nested thousands deep
+        _fail("the recipe is nested too deeply for the Python parser")
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "TASK" for t in node.targets):
             if isinstance(node.value, ast.Constant) and node.value.value not in TASKS:

@@ -238,27 +238,33 @@ def make_training_data(
     else:
         num_outputs = spec.num_classes or max(2, 1 + int(examples.reduce(tf.constant(-1, tf.int64), _max_label)))
     hooks = recipe if recipe is not None and not with_ids else None
-    if hooks is not None and hooks.preprocess is not None:
-        per_example = hooks.preprocess
-        train = train.map(lambda x, y, example_id: (*per_example(x, y), example_id))
-        validation = validation.map(lambda x, y, example_id: (*per_example(x, y), example_id))
+    try:  # the recipe's preprocess hooks are traced here: an exception of theirs is a property of the recipe
+        if hooks is not None and hooks.preprocess is not None:
+            per_example = hooks.preprocess
+            train = train.map(lambda x, y, example_id: (*per_example(x, y), example_id))
+            validation = validation.map(lambda x, y, example_id: (*per_example(x, y), example_id))
 
-    global_batch = per_replica_batch * num_replicas
-    drop_id = (lambda x, y, example_id: (x, y)) if not with_ids else None
-    if hooks is not None and hooks.preprocess_batch is not None:
-        per_batch = hooks.preprocess_batch
-        drop_id = lambda x, y, example_id: per_batch(x, y)  # noqa: E731
-    train = train.shuffle(min(train_examples, 100_000), seed=seed, reshuffle_each_iteration=True).batch(global_batch)
-    if drop_id:
-        train = train.map(drop_id)
-    if repeat:
-        train = train.repeat()
-    train = train.with_options(options).prefetch(tf.data.AUTOTUNE)
-    if validation_examples:
-        validation = validation.batch(global_batch)
-        validation = (validation.map(drop_id) if drop_id else validation).with_options(options)
-    else:
-        validation = None
+        global_batch = per_replica_batch * num_replicas
+        drop_id = (lambda x, y, example_id: (x, y)) if not with_ids else None
+        if hooks is not None and hooks.preprocess_batch is not None:
+            per_batch = hooks.preprocess_batch
+            drop_id = lambda x, y, example_id: per_batch(x, y)  # noqa: E731
+        train = train.shuffle(min(train_examples, 100_000), seed=seed, reshuffle_each_iteration=True)
+        train = train.batch(global_batch)
+        if drop_id:
+            train = train.map(drop_id)
+        if repeat:
+            train = train.repeat()
+        train = train.with_options(options).prefetch(tf.data.AUTOTUNE)
+        if validation_examples:
+            validation = validation.batch(global_batch)
+            validation = (validation.map(drop_id) if drop_id else validation).with_options(options)
+        else:
+            validation = None
+    except Exception as exc:
+        if hooks is None:
+            raise
+        raise ValueError(f"recipe {getattr(hooks, 'name', '')}: a preprocess hook failed: {exc!r}"[:500]) from exc
     steps = -(-train_examples // global_batch)
     logger.info(
         "dataset %s: %d train / %d validation examples, global batch %d, %d steps per epoch, shard policy %s",

@@ -138,7 +138,9 @@ def build_model(
             "(use tf.keras with TF_USE_LEGACY_KERAS=1, or import tf_keras)"
         )
     single = len(model.outputs) == 1
-    if recipe.task == CLASSIFICATION and single and not recipe.reshapes_labels:
-        if tuple(model.output_shape[1:]) != (num_outputs,):
+    if single and not recipe.reshapes_labels:  # hooks may reshape the labels: then the fit checks the shapes
+        shape = tuple(model.output_shape[1:])
+        fits = shape == (num_outputs,) or (recipe.task != CLASSIFICATION and num_outputs == 1 and shape == ())
+        if not fits:  # a regression output narrower than its targets would broadcast in the loss, silently
             raise ValueError(f"recipe {name}: output shape {model.output_shape} is not [batch, {num_outputs}]")
     return model

@@ -19,6 +19,8 @@ import pytest_asyncio
 from modelgrid.client.artifacts import file_digest
 from modelgrid.client.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from modelgrid.client.registry import ArtifactFormat, AsyncRegistryClient
+from modelgrid.client.registry.types import KIND_TAG, RECIPE_KIND
+from modelgrid.registry.v1 import registry_pb2 as rpb
 from services.clients.agent import AgentClient, Export, WorkerSpec
 from services.clients.agent.types import ReplicaState
 from services.kit.channels import InstancePool
@@ -457,6 +459,34 @@ async def test_registration_waits_out_a_registry_outage_then_registers_once(
     assert [v.version for v in await client.list_versions(model)] == [1]
     version = await client.resolve(f"{model}@production")
     assert version.version == 1 and version.lineage.training_job_id == job.id
+
+
+async def test_a_job_waits_pending_while_its_registry_recipe_cannot_be_fetched(
+    agents, agent_client, cores, digits_npz, trainers_registry, trainer_settings, unique, tmp_path
+):
+    """A trainer that did not take the job (its scratch lacks the recipe) while the registry is down: the job
+    waits, PENDING and saying why, and runs once the registry is back; it is not failed as an invalid spec."""
+    door, client = trainers_registry
+    core = await cores(client)
+    name = unique("recipe")
+    await client._stub().CreateModel(rpb.CreateModelRequest(name=name, tags={KIND_TAG: RECIPE_KIND}))
+    source = tmp_path / "recipe.py"
+    source.write_text("def build_model(input_shape, num_outputs, **params):\n    raise NotImplementedError\n")
+    blob = await client.upload_blob(source)
+    await client.create_version_from_blob(name, blob.digest, request_id=unique("r"), artifact_format=ArtifactFormat.RAW)
+
+    job = await core.submit(spec_of(digits_npz, recipe=f"registry:{name}/1"), "")  # no agent yet: it waits
+    for cached in (trainer_settings.scratch_dir / "recipes").glob("*.py"):
+        cached.unlink()
+    await door.stop()
+    await agents(slots=2)
+    await ready(agent_client, 1)
+    waiting = await until(core, job.id, lambda j: j.message.startswith("waiting for the registry to fetch recipe"))
+    assert waiting.state == JobState.PENDING
+
+    await door.start(client)
+    done, _ = await until_final(core, job.id, timeout=60)
+    assert done.state == JobState.SUCCEEDED, done
 
 
 class LosesTheFirstPushAnswer(AsyncRegistryClient):

@@ -109,6 +109,10 @@ def test_regression_labels_are_floats_and_their_width_is_the_number_of_outputs(t
     )
     x, y = next(iter(data(regression_spec("y2"), hooked).train))
     assert np.all(x.numpy() == 1.0) and set(y) == {"first", "second"} and y["second"].shape == (16, 1)
+    # A hook that raises anything while it is traced is the recipe's fault: ValueError, an invalid job, no restart.
+    broken = recipe_from_module("b", module(build_model=build, TASK=REGRESSION, preprocess=lambda x, y: x["nope"]))
+    with pytest.raises(ValueError, match="a preprocess hook failed"):
+        data(regression_spec("y"), broken)
 
     # CSV and TFRecord carry float labels too (TFRecord: a vector of targets as well).
     arrays = np.load(REGRESSION_NPZ)
@@ -139,6 +143,12 @@ def test_the_task_sets_the_default_loss_and_metrics_and_the_serving_output(tmp_p
 
     recipe = load("file:regression_mlp.py", EXAMPLES)
     assert recipe.task == REGRESSION and [m.name for m in compile_args(recipe)["metrics"]] == ["mse", "mae", "rmse"]
+
+    def one_wide(input_shape, num_outputs):  # ignores num_outputs: one output for 3 targets would broadcast
+        return mlp(input_shape, 1)
+
+    with pytest.raises(ValueError, match=r"is not \[batch, 3\]"):
+        build_model(recipe_from_module("narrow", module(build_model=one_wide, TASK=REGRESSION)), (8,), 3, {})
     model = build_model(recipe, (8,), 1, {"hidden_units": [4]})
     export(model, (8,), str(tmp_path / "single"), tmp_path / "scratch", True, recipe.task)
     serving = tf.saved_model.load(str(tmp_path / "single")).signatures["serving_default"]

@@ -73,11 +73,12 @@ def test_the_registry_checks_a_recipe_source(tmp_path):
         (b"\xff\xfe", "UTF-8"),
         (b"class build_model:\n    pass\n", "no top-level function build_model"),
         (b"if True:\n    def build_model(a, b):\n        pass\n", "no top-level function build_model"),
+        (b"x = " + b"-" * 200_000 + b"1\n", "nested too deeply"),
     ]:
         bad = tmp_path / "bad.py"
         bad.write_bytes(source)
         with pytest.raises(InvalidArgument, match=message) as err:
-            check_recipe_source(bad, 1024)
+            check_recipe_source(bad, 300_000)
         assert "build_model(:" not in str(err.value)  # the error names the check, not the content
 
 
