@@ -76,7 +76,7 @@ SERVICES = [
 ]
 # tritonclient's service also has Triton's own extensions (shared memory, statistics, trace settings...); the
 # predictor serves the Open Inference Protocol as protos/modelgrid/oip/grpc_service.proto declares it.
-OIP_PROTO = REPO_ROOT / "protos" / "inference" / "grpc_service.proto"
+OIP_PROTO = REPO_ROOT / "protos" / "modelgrid" / "oip" / "grpc_service.proto"
 OIP_METHODS = set(re.findall(r"^\s*rpc\s+(\w+)", OIP_PROTO.read_text(), re.MULTILINE))
 METHODS = sorted(
     [
