@@ -62,7 +62,7 @@ class TrainerCore:
                 await self._store.save(job)
             elif job.state != JobState.PENDING:
                 logger.info("job %s was %s when the trainer stopped: re-attaching", job.id, job.state.value)
-                await self._ensure_recipe(job)
+                await self._recipe_ready(job, report=False)  # a later attempt's worker spec needs it
                 self._spawn(job, reattach=True)
         self._scheduler = asyncio.create_task(self._schedule_forever(), name="scheduler")
 
@@ -245,11 +245,11 @@ class TrainerCore:
         self._wake.set()
         return False
 
-    async def _recipe_ready(self, job: Job) -> bool:
+    async def _recipe_ready(self, job: Job, report: bool = True) -> bool:
         """Whether the job can start as far as its recipe goes: a registry recipe's verified source must be in this
         trainer's scratch (fetched again when this trainer is not the one that took the job). While the registry
         cannot be reached the job waits, PENDING; a recipe the registry no longer has (or that changed) fails the
-        attempt as an invalid spec when it builds its worker spec."""
+        attempt as an invalid spec when it builds its worker spec. `report`: say so in the job's message."""
         if not job.recipe_digest:
             return True
         try:
@@ -263,7 +263,7 @@ class TrainerCore:
         except (Unavailable, DeadlineExceeded, TimeoutError) as exc:
             message = f"waiting for the registry to fetch recipe {job.spec.recipe}: {exc or 'timed out'}"
             logger.warning("job %s: %s", job.id, message)
-            if job.message != message:
+            if report and job.message != message:
                 job.message = message
                 await self._store.save_patiently(job)
             return False
