@@ -10,17 +10,17 @@ Registering needs an ADMIN key at the gateway (CreateModel and CreateVersion); t
 """
 
 import argparse
-import ast
 import logging
 from pathlib import Path
 
-from modelgrid.client.errors import AlreadyExists
+from modelgrid.client.errors import AlreadyExists, InvalidArgument
 from modelgrid.client.registry.types import KIND_TAG, RECIPE_KIND, is_recipe
 from modelgrid.client.rpc_errors import rpc_errors
 from modelgrid.registry.v1 import registry_pb2 as pb
 from services.cli import arguments
 from services.cli.arguments import command
 from services.cli.registry_commands import MODEL_HINTS, CommandError, RegistrySession
+from services.registry.recipes import check_recipe_source
 
 logger = logging.getLogger(__name__)
 
@@ -29,21 +29,15 @@ REGISTRY_PREFIX = "registry:"
 
 
 def _read_source(path: Path) -> bytes:
-    """The recipe's bytes, checked as the registry will check them (so a typo fails before anything is sent)."""
+    """The recipe's bytes, checked as the registry will check them (so a typo fails before anything is sent; the
+    registry applies its own size limit)."""
     if not path.is_file():
         raise CommandError(f"{path} is not a file")
-    data = path.read_bytes()
     try:
-        tree = ast.parse(data.decode(), filename=str(path))
-    except UnicodeDecodeError:
-        raise CommandError(f"{path} is not UTF-8 text") from None
-    except (SyntaxError, ValueError) as exc:  # ValueError: a NUL byte
-        raise CommandError(f"{path} is not valid Python: {getattr(exc, 'msg', exc)}") from None
-    except (RecursionError, MemoryError):
-        raise CommandError(f"{path} is nested too deeply for the Python parser") from None
-    if not any(isinstance(node, ast.FunctionDef) and node.name == "build_model" for node in tree.body):
-        raise CommandError(f"{path} defines no top-level build_model(input_shape, num_outputs, **params)")
-    return data
+        check_recipe_source(path, path.stat().st_size)
+    except InvalidArgument as exc:
+        raise CommandError(f"{path}: {exc}") from None
+    return path.read_bytes()
 
 
 def _ensure_recipe_model(session: RegistrySession, name: str, description: str) -> None:

@@ -12,7 +12,6 @@ The verified source is kept in the trainer's scratch (`recipes/<digest>.py`), wh
 reads it back (checking its digest again); a trainer on another host fetches it again before it starts the job.
 """
 
-import asyncio
 import hashlib
 import logging
 import re
@@ -116,21 +115,20 @@ async def fetch_recipe(recipe: str, registry: AsyncRegistryClient, settings: Tra
             f"recipe {ref} is {artifact.size_bytes} bytes, over the trainer's limit of {settings.max_recipe_bytes} "
             "(setting MODELGRID_TRAINER_MAX_RECIPE_BYTES)"
         )
+    try:
+        return cached_recipe(recipe, artifact.digest, settings)  # fetched before and still intact
+    except InvalidArgument:
+        pass
     path = _cache_path(settings, artifact.digest)
-    if not path.is_file() or _digest(path.read_bytes()) != artifact.digest:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{artifact.digest}.{uuid.uuid4().hex[:8]}.partial")
-        try:
-            await registry.download_version(name, number, partial)  # verified against the version's digest
-            data = await asyncio.to_thread(partial.read_bytes)
-            if _digest(data) != artifact.digest:
-                raise FailedPrecondition(f"recipe {ref}: the downloaded bytes do not match the version's digest")
-            partial.rename(path)
-        finally:
-            partial.unlink(missing_ok=True)
-        logger.info("fetched recipe %s (%s, %d bytes)", ref, artifact.digest, artifact.size_bytes)
-    data = path.read_bytes()
-    return RegistryRecipe(name, number, artifact.digest, _decode(data, ref))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{artifact.digest}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        await registry.download_version(name, number, partial)  # verified against the version's digest
+        partial.rename(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    logger.info("fetched recipe %s (%s, %d bytes)", ref, artifact.digest, artifact.size_bytes)
+    return cached_recipe(recipe, artifact.digest, settings)
 
 
 def cached_recipe(recipe: str, digest: str, settings: TrainerSettings) -> RegistryRecipe:
