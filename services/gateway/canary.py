@@ -17,14 +17,18 @@ _MODEL_EVENTS = frozenset({EventType.MODEL_CREATED, EventType.MODEL_UPDATED, Eve
 class CanaryWeights:
     """model name -> weight in [0, 1]."""
 
-    def __init__(self, registry: AsyncRegistryClient, tag: str) -> None:
+    def __init__(self, registry: AsyncRegistryClient, tag: str, *, resync_seconds: float | None = None) -> None:
         self._registry = registry
         self._tag = tag
         self.weights: dict[str, float] = {}
         self._cursor = ""  # the last event processed: a reconnection resumes after it ("": from now)
         # Each (re)connection watches from the cursor, then reads every model's tag: no change is missed.
         self._follower = StreamFollower(
-            "canary-weights", lambda: registry.watch(self._cursor), self._on_event, on_connect=self._resync
+            "canary-weights",
+            lambda: registry.watch(self._cursor),
+            self._on_event,
+            on_connect=self._resync,
+            resync_seconds=resync_seconds,
         )
 
     @property

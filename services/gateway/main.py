@@ -58,7 +58,11 @@ async def start_gateway(settings: GatewaySettings) -> GrpcService:
         tls=settings.internal_tls(SERVICE_NAME),
     )
     registry_pool = await backends.get(settings.routes.get("modelgrid.registry.v1.", "registry"))
-    canary = CanaryWeights(AsyncRegistryClient(registry_pool, client_id="gateway"), settings.canary_weight_tag)
+    canary = CanaryWeights(
+        AsyncRegistryClient(registry_pool, client_id="gateway"),
+        settings.canary_weight_tag,
+        resync_seconds=settings.registry_resync_seconds,
+    )
     forwarder = Forwarder(settings, backends, canary, metrics)
     authorizer = Authorizer(
         redis,

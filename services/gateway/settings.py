@@ -83,6 +83,9 @@ class GatewaySettings(ReplicaSettings):
     """Alias whose traffic the canary shares."""
     canary_weight_tag: str = "modelgrid.canary-weight"
     """Registry model tag holding the canary's share (0..1); set it with UpdateModel, 0 rolls back at once."""
+    registry_resync_seconds: float = Field(default=30.0, gt=0, le=86400)
+    """When the registry's event stream delivered nothing for this long, open it again and read every canary
+    weight: the safety net for a stream that hangs without an error."""
     cors_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8081", "http://localhost:8081"])
     """Origins allowed to call gRPC-Web from a browser ("*": any)."""
     web_allowed_hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"])

@@ -2,6 +2,7 @@
 resync on every (re)connection so that nothing that happened while it was down is missed."""
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +41,11 @@ class StreamFollower(Generic[T]):
     callbacks, which is logged with its traceback) or ends, it waits `backoff.next()` and opens it again; the
     caller keeps its own cursor, read by `open_stream` each time.
     `ready` is set after the first successful `on_connect`.
+
+    With `resync_seconds`, a stream that delivered nothing for that long is closed and opened again at once (no
+    backoff: it did not fail), which runs `on_connect` again: the periodic resync of Kubernetes' informers. It is
+    the safety net for what no error reports: a stream left hanging on a connection that died without a word, or
+    a change that reached no stream.
     """
 
     def __init__(
@@ -50,12 +56,16 @@ class StreamFollower(Generic[T]):
         *,
         on_connect: Callable[[], Awaitable[None]] | None = None,
         backoff: Backoff | None = None,
+        resync_seconds: float | None = None,
     ) -> None:
+        if resync_seconds is not None and resync_seconds <= 0:
+            raise ValueError(f"{name}: resync_seconds must be positive, not {resync_seconds}")
         self.name = name
         self._open_stream = open_stream
         self._on_item = on_item
         self._on_connect = on_connect
         self._backoff = backoff or Backoff()
+        self._resync_seconds = resync_seconds
         self._task: asyncio.Task | None = None
         self.ready = asyncio.Event()
 
@@ -71,20 +81,61 @@ class StreamFollower(Generic[T]):
 
     async def _run(self) -> None:
         while True:
+            stream: AsyncIterator[T] | None = None
             try:
                 stream = self._open_stream()
                 if self._on_connect is not None:
                     await self._on_connect()
                 self.ready.set()
-                async for item in stream:
-                    await self._on_item(item)
-                    self._backoff.reset()
+                if await self._follow(stream):
+                    logger.info("%s: nothing for %.0fs; opening the stream again", self.name, self._resync_seconds)
+                    continue
                 reason = "it ended"
             except (ModelgridError, LookupError) as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+            except asyncio.CancelledError:
+                # grpc.aio raises CancelledError for a call cancelled under it, e.g. when the channel pool closes
+                # the channel of an instance that left Consul while its stream was open. Only a cancellation of
+                # this task itself (stop()) ends the follower; the other is a broken stream like any other.
+                if cancelling():
+                    raise
+                reason = "the call was cancelled under it (its channel closed)"
             except Exception as exc:  # noqa: BLE001 - a follower lives as long as its process: log, back off, go on
                 logger.error("%s: unexpected error while following", self.name, exc_info=exc)
                 reason = f"unexpected {type(exc).__name__}"
+            finally:
+                if stream is not None:
+                    await _close(stream)
             delay = self._backoff.next()
             logger.warning("%s: the stream broke (%s); reconnecting in %.1fs", self.name, reason, delay)
             await asyncio.sleep(delay)
+
+    async def _follow(self, stream: AsyncIterator[T]) -> bool:
+        """Hands each item to `on_item` until the stream ends (False) or stays quiet `resync_seconds` (True)."""
+        items = aiter(stream)
+        while True:
+            try:
+                item = await asyncio.wait_for(anext(items), self._resync_seconds)
+            except StopAsyncIteration:
+                return False
+            except TimeoutError:
+                return True
+            await self._on_item(item)
+            self._backoff.reset()
+
+
+async def _close(stream: object) -> None:
+    """Ends a stream whatever its state: an async generator is closed (a client's generator cancels its call in
+    its `finally`), a gRPC call is cancelled."""
+    with contextlib.suppress(Exception):
+        if hasattr(stream, "aclose"):
+            await stream.aclose()
+        elif hasattr(stream, "cancel"):
+            stream.cancel()
+
+
+def cancelling() -> bool:
+    """Whether the running task itself is being cancelled, as opposed to a gRPC call it awaited (grpc.aio raises
+    CancelledError in the awaiting task when a call is cancelled under it, e.g. by its channel's close())."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0

@@ -36,6 +36,7 @@ class RegistryFollower:
         *,
         auto_load: bool = False,
         backoff: Backoff | None = None,
+        resync_seconds: float | None = None,
     ) -> None:
         self._registry = registry
         self._control = control
@@ -44,7 +45,12 @@ class RegistryFollower:
         self._auto_load = auto_load
         self._cursor = ""
         self._stream = StreamFollower(
-            "registry-follower", self._open, self._on_event, on_connect=self._resync, backoff=backoff
+            "registry-follower",
+            self._open,
+            self._on_event,
+            on_connect=self._resync,
+            backoff=backoff,
+            resync_seconds=resync_seconds,
         )
 
     @property

@@ -207,7 +207,12 @@ async def start_predictor(settings: PredictorSettings) -> GrpcService:
         await control.load(model.name, policy, wait=False)
     if settings.follow_registry:
         follower = RegistryFollower(
-            registry, control, redis, f"mg:predictor:{jobs.instance}:cursor", auto_load=settings.auto_load
+            registry,
+            control,
+            redis,
+            f"mg:predictor:{jobs.instance}:cursor",
+            auto_load=settings.auto_load,
+            resync_seconds=settings.registry_resync_seconds,
         )
         await follower.start()
         service.add_cleanup(follower.stop)

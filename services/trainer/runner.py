@@ -32,7 +32,7 @@ from modelgrid.client.errors import (
 )
 from services.clients.agent import AgentClient
 from services.clients.agent.types import Export, ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
-from services.kit.streams import Backoff
+from services.kit.streams import Backoff, cancelling
 from services.trainer.domain import EventType, Failure, Job, JobCheckpoint, JobEvent, JobState
 from services.trainer.exit_codes import ExitCode, describe_exit
 from services.trainer.progress import Epoch, Exported, Preempted, ProgressEvent, Started, Step
@@ -255,9 +255,11 @@ class JobRunner:
             try:
                 async for event in self._agents.watch_replicas(agent, self.job.id):
                     await events.put(("replica", agent, event))
-            except ModelgridError as exc:
+            except (ModelgridError, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and cancelling():
+                    raise  # the attempt is over; otherwise the agent's channel was closed under the stream
                 if agent not in self._agents.agents:
-                    await events.put(("lost", agent, str(exc)))
+                    await events.put(("lost", agent, str(exc) or "its channel closed"))
                     return
             await asyncio.sleep(0.5)
 

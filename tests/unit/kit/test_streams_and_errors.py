@@ -232,3 +232,106 @@ async def test_wrong_redis_credentials_are_no_outage_and_stay_internal():
     exc = redis_errors.AuthenticationError("invalid username-password pair")
     code, details = await _status_through_interceptor(exc, "/modelgrid.trainer.v1.Trainer/ListJobs", stream=False)
     assert code == grpc.StatusCode.INTERNAL and "invalid" not in details
+
+
+class _PassThrough(grpc.aio.UnaryUnaryClientInterceptor):
+    """Any client interceptor (tracing adds one to every pooled channel) runs a call as a task of its own."""
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(client_call_details, request)
+
+
+async def _server(handlers: dict) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.S", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_a_follower_outlives_a_call_cancelled_under_it_by_its_channels_close():
+    """The channel pool closes the channel of an instance that left Consul; grpc.aio then cancels the calls it
+    finds on it, and the task awaiting one gets CancelledError. Before, that ended the follower for good, and the
+    predictor never heard of the registry again. It must count as a broken stream, while stop() still stops."""
+    entered = asyncio.Event()
+
+    async def hang(request: bytes, context) -> bytes:
+        entered.set()
+        await asyncio.Event().wait()
+
+    async def watch(request: bytes, context):
+        yield b"event"
+        await asyncio.Event().wait()
+
+    handlers = {
+        "Hang": grpc.unary_unary_rpc_method_handler(hang),
+        "Watch": grpc.unary_stream_rpc_method_handler(watch),
+    }
+    server, target = await _server(handlers)
+    channels: list[grpc.aio.Channel] = []
+    received: list[bytes] = []
+
+    def open_stream():
+        channels.append(grpc.aio.insecure_channel(target, interceptors=[_PassThrough()]))
+        return channels[-1].unary_stream("/t.S/Watch")(b"")
+
+    async def on_connect() -> None:  # the first resync waits on the registry when the channel closes
+        if len(channels) == 1:
+            await channels[0].unary_unary("/t.S/Hang")(b"", timeout=30)
+
+    async def on_item(item: bytes) -> None:
+        received.append(item)
+
+    follower = StreamFollower(
+        "closed", open_stream, on_item, on_connect=on_connect, backoff=Backoff(initial=0.01, maximum=0.02)
+    )
+    follower.start()
+    try:
+        await asyncio.wait_for(entered.wait(), 5)
+        await channels[0].close()  # as InstancePool does once the grace period after leaving has passed
+        for _ in range(300):
+            if received:
+                break
+            await asyncio.sleep(0.01)
+        assert received == [b"event"] and len(channels) == 2
+        await follower.stop()
+        assert follower._task.cancelled()
+    finally:
+        await follower.stop()
+        for channel in channels:
+            await channel.close()
+        await server.stop(None)
+
+
+async def test_a_quiet_stream_is_opened_again_and_resyncs_after_resync_seconds():
+    """A stream can hang on a connection that died without a word, or a change can reach no stream: with
+    `resync_seconds` the follower opens it again (resyncing) when it delivered nothing for that long."""
+    opened: list[int] = []
+    resyncs: list[int] = []
+
+    def open_stream():
+        opened.append(len(opened))
+
+        async def items():
+            if len(opened) == 1:
+                yield 1  # an item restarts the quiet period
+            await asyncio.Event().wait()  # then nothing, ever
+
+        return items()
+
+    async def on_connect() -> None:
+        resyncs.append(len(opened))
+
+    async def on_item(item: int) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="resync_seconds"):
+        StreamFollower("bad", open_stream, on_item, resync_seconds=0)
+    follower = StreamFollower("quiet", open_stream, on_item, on_connect=on_connect, resync_seconds=0.1)
+    follower.start()
+    try:
+        await asyncio.sleep(0.55)
+    finally:
+        await follower.stop()
+    assert 3 <= len(opened) <= 7, opened  # about every 0.1 s, and at once (no backoff: nothing failed)
+    assert resyncs == [n + 1 for n in range(len(opened))]
