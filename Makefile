@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 RUN_DIR := .run
 CONSUL := .tools/consul/usr/bin/consul
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBIAN_PACKAGES := redis-server docker-compose chromium iproute2
+DEBIAN_PACKAGES := redis-server redis-sentinel docker-compose chromium iproute2
 # The stamp is named after the package list, so that adding a package to the list installs it on the next run.
 DEBIAN_STAMP := .tools/.debian-packages-$(shell echo '$(DEBIAN_PACKAGES)' | sha256sum | cut -c1-12)
 PROTO_FILES := $(shell find protos -name '*.proto')

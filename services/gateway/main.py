@@ -25,7 +25,7 @@ from services.gateway.upstreams import Backends
 from services.kit.consul import ConsulClient
 from services.kit.hostaddr import resolve_addresses
 from services.kit.logs import configure_logging
-from services.kit.redis_client import create_redis
+from services.kit.redis_client import create_redis_from
 from services.kit.replica import Supervisor, die_with_supervisor
 from services.kit.server import GrpcService, ServiceSpec, grpc_options
 from services.kit.telemetry import setup_tracing
@@ -43,11 +43,7 @@ async def start_gateway(settings: GatewaySettings) -> GrpcService:
     (unless metrics_port is -1). Returns the running service (its bound port is `.port`)."""
     await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(SERVICE_NAME, VERSION, settings)  # before any channel: they take its interceptors
-    redis = create_redis(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        pool_timeout=settings.redis_pool_timeout_seconds,
-    )
+    redis = create_redis_from(settings, "gateway")
     await redis.ping()
     consul = ConsulClient(settings.consul_url, token=settings.consul_token)
     metrics = GatewayMetrics()

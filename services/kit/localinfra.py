@@ -52,6 +52,7 @@ from services.kit.redis_auth import (
     RedisPasswordError,
     generate_password,
     read_password_file,
+    requirepass_directive,
     url_with_password,
     write_password_file,
     write_redis_auth_config,
@@ -164,6 +165,17 @@ def redis_binary() -> str:
     if Path("/usr/bin/redis-server").is_file():
         return "/usr/bin/redis-server"
     raise InfraError("redis-server not found: run `make setup` (it installs Debian's redis-server)")
+
+
+def sentinel_binary() -> list[str]:
+    """The command that runs a Redis Sentinel: Debian's `redis-sentinel` (package redis-sentinel), else
+    `redis-server --sentinel` (the same program)."""
+    found = shutil.which("redis-sentinel") or (
+        "/usr/bin/redis-sentinel" if Path("/usr/bin/redis-sentinel").is_file() else None
+    )
+    if found:
+        return [found]
+    return [redis_binary(), "--sentinel"]
 
 
 def _executable(path: str, variable: str) -> str:
@@ -500,7 +512,11 @@ class RedisServer(_LoopbackProcess):
     """A real Debian `redis-server` on loopback with its own data dir, AOF on and RDB snapshots off, that requires a
     password: the one given, else the one kept in <state dir>/redis-password, else a new random one. Each start
     writes it there (mode 0600), so a later RedisServer on the same state dir (`make up` again, `status`,
-    scripts/mesh.py) uses the same one; `.url` carries it."""
+    scripts/mesh.py) uses the same one; `.url` carries it.
+
+    `replica_of`: the port of a primary on loopback that this server replicates (`replicaof`), with the same
+    password (`masterauth`); with a RedisSentinel watching them, either may become the primary after a fail-over.
+    """
 
     name = "redis"
 
@@ -512,8 +528,10 @@ class RedisServer(_LoopbackProcess):
         detached: bool = False,
         appendfsync: str = "everysec",
         password: str | None = None,
+        replica_of: int | None = None,
     ) -> None:
         super().__init__(state_dir, detached=detached)
+        self.replica_of = replica_of
         self.data_dir = self.state_dir / "redis-data"
         self.password_file = self.state_dir / REDIS_PASSWORD_FILE
         if password == "":
@@ -543,6 +561,9 @@ class RedisServer(_LoopbackProcess):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         write_password_file(self.password_file, self.password)
         write_redis_auth_config(self._auth_config, self.password)
+        # A replica, or a primary that a fail-over makes a replica, authenticates to its primary with this password.
+        with open(self._auth_config, "a", encoding="utf-8") as config:
+            config.write(requirepass_directive(self.password).replace("requirepass", "masterauth", 1))
         super().start()
         self._port_given = True  # clients hold this port now: a restart never moves it
 
@@ -563,7 +584,11 @@ class RedisServer(_LoopbackProcess):
             "--daemonize": "no",
             "--protected-mode": "yes",
             "--logfile": str(self.log_path),
+            # A new replica gets its full copy at once (Redis waits 5 s for more replicas to share one by default).
+            "--repl-diskless-sync-delay": "0",
         }
+        if self.replica_of is not None:
+            options["--replicaof"] = f"{LOOPBACK} {self.replica_of}"
         return [redis_binary(), str(self._auth_config), *_flatten(options)]  # a config file comes first
 
     def _answers(self) -> bool:
@@ -576,6 +601,85 @@ class RedisServer(_LoopbackProcess):
             return read_password_file(self.password_file)
         except RedisPasswordError as exc:
             raise InfraError(str(exc)) from None
+
+
+class RedisSentinel(_LoopbackProcess):
+    """A real Redis Sentinel (Debian's redis-sentinel) on loopback that monitors the primary at `primary_port` under
+    `master` with `quorum`, authenticating to the Redis servers with `redis_password`; it requires `password` itself
+    if one is given. `down_after_ms` and `failover_timeout_ms` are short by default, so that a fail-over takes a few
+    seconds (tests); Sentinel's own defaults are 30 s and 3 min. Its configuration (mode 0600: it holds passwords)
+    is in its state dir, which Sentinel rewrites as it learns the other sentinels, the replicas and fail-overs.
+    Give every sentinel its own state dir."""
+
+    name = "sentinel"
+
+    def __init__(
+        self,
+        state_dir: Path | str,
+        *,
+        primary_port: int,
+        redis_password: str,
+        master: str = "modelgrid",
+        quorum: int = 2,
+        password: str | None = None,
+        port: int | None = None,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
+    ) -> None:
+        super().__init__(state_dir)
+        self.primary_port = primary_port
+        self.redis_password = redis_password
+        self.master = master
+        self.quorum = quorum
+        self.password = password
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.config_file = self.state_dir / "sentinel.conf"
+        self._port_given = port is not None
+        self.port = port if port is not None else free_port()
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        super().start()
+        self._port_given = True
+
+    def _write_config(self) -> None:
+        def quoted(value: str) -> str:
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        lines = [
+            f"port {self.port}",
+            f"bind {LOOPBACK}",
+            "daemonize no",
+            f"logfile {quoted(str(self.log_path))}",
+            f"dir {quoted(str(self.state_dir))}",
+            f"sentinel monitor {self.master} {LOOPBACK} {self.primary_port} {self.quorum}",
+            f"sentinel auth-pass {self.master} {quoted(self.redis_password)}",
+            f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}",
+            f"sentinel failover-timeout {self.master} {self.failover_timeout_ms}",
+            f"sentinel parallel-syncs {self.master} 1",
+        ]
+        if self.password is not None:
+            # Sentinels talk to each other too: with a password of their own, each gives it to the others.
+            lines += [f"requirepass {quoted(self.password)}", f"sentinel sentinel-pass {quoted(self.password)}"]
+        write_private_file(self.config_file, "\n".join(lines) + "\n")
+
+    def _choose_new_ports(self) -> bool:
+        if self._port_given:
+            return False
+        self.port = free_port()
+        return True
+
+    def _command(self) -> list[str]:
+        self._write_config()  # each launch: a port chosen again must be in it
+        return [*sentinel_binary(), str(self.config_file)]
+
+    def _answers(self) -> bool:
+        return redis_ping(LOOPBACK, self.port, password=self.password)
 
 
 # ---- command line: detached processes tracked by <state-dir>/<name>.pid and <name>.addr -------------------

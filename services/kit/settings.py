@@ -1,15 +1,17 @@
 """Settings every modelgrid service shares; each service subclasses them with its own env prefix."""
 
+import json
 import os
 import socket
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from services.kit.consul_acl import read_token_file
 from services.kit.redis_auth import read_password_file, url_with_password
+from services.kit.redis_client import parse_sentinels
 from services.kit.tls import InternalTLS, from_dir
 
 MiB = 1024 * 1024
@@ -81,6 +83,23 @@ class ServiceSettings(BaseSettings):
     redis_pool_timeout_seconds) instead of failing at once."""
     redis_pool_timeout_seconds: float = Field(default=5.0, gt=0)
     """How long a call waits for a free Redis connection before it fails with UNAVAILABLE."""
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Redis Sentinel addresses (host:port; in the environment comma-separated or a JSON list). Set: the service
+    connects to the primary the sentinels name for redis_sentinel_master, and after a fail-over to the new one
+    without a restart; redis_url then gives only the password (or redis_password_file does) and the database, not
+    the host. Empty: redis_url's server, as without Sentinel."""
+    redis_sentinel_master: str = "modelgrid"
+    """The name the sentinels monitor the primary under (`sentinel monitor NAME ...` in their configuration)."""
+    redis_sentinel_password_file: Path | None = None
+    """File holding the password the sentinels themselves require (their `requirepass`), when they require one;
+    read once, as the settings are built. Unset: the sentinels are asked without a password."""
+    redis_min_replicas: int | None = Field(default=None, ge=0, le=16)
+    """How many replicas must acknowledge a write that must not be lost (a committed model version, an alias move,
+    a job state change) before it is answered: Redis' WAIT after the write. Fewer within
+    redis_replica_ack_timeout_ms: the call fails with UNAVAILABLE saying the write is applied on the primary but not
+    acknowledged. 0: no WAIT. Unset: 1 with redis_sentinels, 0 with a plain redis_url."""
+    redis_replica_ack_timeout_ms: int = Field(default=1000, ge=1, le=20000)
+    """How long (milliseconds) a guarded write waits for redis_min_replicas replicas to acknowledge it."""
     max_watch_streams: int = Field(default=24, ge=0)
     """Most watch streams (WatchEvents, WatchJob) open at once; each holds a Redis connection, so this stays well
     below redis_max_connections. More are refused with RESOURCE_EXHAUSTED."""
@@ -108,6 +127,12 @@ class ServiceSettings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     """Log lines as human-readable text or one JSON object each."""
 
+    _sentinel_password: str | None = PrivateAttr(default=None)
+
+    def redis_sentinel_password(self) -> str | None:
+        """The password of redis_sentinel_password_file (None without one); in no repr and no log."""
+        return self._sentinel_password
+
     def internal_tls(self, identity: str) -> InternalTLS | None:
         """This service's certificates as `identity` (kit.tls), or None when internal_tls_dir is not set."""
         return from_dir(self.internal_tls_dir, identity)
@@ -125,6 +150,25 @@ class ServiceSettings(BaseSettings):
         if self.redis_password_file is not None:
             self.redis_url = url_with_password(self.redis_url, read_password_file(self.redis_password_file))
         return self
+
+    @model_validator(mode="after")
+    def _redis_sentinel_password_from_file(self) -> Self:
+        """Reads the sentinels' password once (the error names the file, never a password)."""
+        if self.redis_sentinel_password_file is not None:
+            self._sentinel_password = read_password_file(self.redis_sentinel_password_file)
+        return self
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _sentinel_list(cls, value: object) -> object:
+        """From the environment "a:26379,b:26379" or '["a:26379", "b:26379"]', or a list; each must be host:port."""
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [part for part in text.split(",") if part.strip()]
+        if isinstance(value, list):
+            parse_sentinels([str(item) for item in value])  # ValueError names the address that is not host:port
+            return [str(item).strip() for item in value]
+        return value
 
     @field_validator("advertise_host")
     @classmethod

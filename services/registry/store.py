@@ -10,6 +10,11 @@ Keys (after the configured prefix):
   model:{name}:requests     hash: client request id -> version number (idempotent CreateVersion)
   model:{name}:history      stream: the model's audit trail (kept after a delete)
   events                    stream: every change, for WatchEvents
+
+Writes that must not be lost (creating a model, committing a version, setting, moving or deleting an alias) are
+guarded (kit.redis_client.guarded_pipeline): with redis_min_replicas above 0 their transaction is followed, on the same
+connection, by WAIT for that many replicas, and fails with UNAVAILABLE (applied on the primary, not acknowledged)
+when too few answer within redis_replica_ack_timeout_ms.
 """
 
 import json
@@ -29,10 +34,12 @@ from modelgrid.client.registry.types import (
     RegistryEvent,
     VersionStatus,
 )
-from services.kit.redis_client import is_outage
+from services.kit.redis_client import guarded_pipeline, is_demoted_primary, is_outage
 from services.registry.records import model_from_json, to_json, version_from_json
 
 T = TypeVar("T")
+DEMOTED_RETRIES = 3
+"""How often a transaction that a demoted primary refused (READONLY) is run again on the primary the sentinels name."""
 Pipeline = aioredis.client.Pipeline
 
 
@@ -56,13 +63,21 @@ class RegistryStore:
 
     # -- transactions ------------------------------------------------------------------------------------------
 
-    async def _transact(self, watch: list[str], body: Callable[[Pipeline], Awaitable[T]]) -> T:
+    async def _transact(
+        self, watch: list[str], body: Callable[[Pipeline], Awaitable[T]], *, guarded: bool = False
+    ) -> T:
         """Runs body(pipe) with `watch` keys watched: body reads, raises domain errors or calls pipe.multi() and
         queues writes. Retries when another client changed a watched key in between, or when the connection
         dropped before MULTI/EXEC was sent. A connection lost during MULTI/EXEC leaves the outcome unknown (Redis
         may have applied it and died before answering): that is Unavailable, never a second run, which could
-        apply the change twice or answer AlreadyExists/FailedPrecondition for a change that was applied."""
-        async with self._redis.pipeline(transaction=True) as pipe:
+        apply the change twice or answer AlreadyExists/FailedPrecondition for a change that was applied. A primary
+        that a fail-over made a replica refuses the write (READONLY: nothing written); it runs again on the primary
+        the sentinels name now, DEMOTED_RETRIES times at most.
+        `guarded`: a write that must not be lost; it waits for the replicas the client's WriteGuard asks for and
+        raises ReplicaNotAcknowledged (UNAVAILABLE) after it is applied when they do not acknowledge it in time."""
+        pipeline = guarded_pipeline(self._redis) if guarded else self._redis.pipeline(transaction=True)
+        demoted = 0
+        async with pipeline as pipe:
             while True:
                 try:
                     await pipe.watch(*watch)
@@ -74,6 +89,9 @@ class RegistryStore:
                     return result
                 except WatchError as exc:
                     lost = exc.__context__  # the connection error redis-py turned into a WatchError, if any
+                    if is_demoted_primary(lost) and demoted < DEMOTED_RETRIES:
+                        demoted += 1  # READONLY from the old primary after a fail-over: nothing was written
+                        continue
                     if lost is not None and is_outage(lost) and not isinstance(lost, BusyLoadingError):
                         raise Unavailable(
                             "the registry's state store (Redis) went away while this change was being committed; "
@@ -125,7 +143,7 @@ class RegistryStore:
             self._queue_event(pipe, RegistryEvent(EventType.MODEL_CREATED, model.name, actor, model.created_at))
             return model
 
-        return await self._transact([key], body)
+        return await self._transact([key], body, guarded=True)
 
     async def get_model(self, name: str) -> RegisteredModel:
         """A model with its aliases and latest version number; NotFound when absent."""
@@ -223,7 +241,7 @@ class RegistryStore:
             )
             return number, True
 
-        number, created = await self._transact([key, seq_key, requests_key], body)
+        number, created = await self._transact([key, seq_key, requests_key], body, guarded=True)
         return await self.get_version(name, number), created
 
     async def get_version(self, name: str, number: int) -> ModelVersion:
@@ -304,7 +322,7 @@ class RegistryStore:
             )
             return Alias(name, alias, number, current)
 
-        return await self._transact([versions_key, aliases_key, self._k(name)], body)
+        return await self._transact([versions_key, aliases_key, self._k(name)], body, guarded=True)
 
     async def delete_alias(self, name: str, alias: str, actor: str) -> int:
         """Removes an alias and returns the version it pointed at; NotFound when it is not set."""
@@ -325,7 +343,7 @@ class RegistryStore:
             )
             return int(current)
 
-        return await self._transact([aliases_key], body)
+        return await self._transact([aliases_key], body, guarded=True)
 
     async def alias_target(self, name: str, alias: str) -> int:
         """The version an alias points at; NotFound when the model or alias is absent."""
