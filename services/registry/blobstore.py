@@ -6,7 +6,9 @@ the store opens. Uploads by digest (UploadBlob) are resumable: one cut short kee
 while a writer holds them, and the next upload of that digest continues from an offset up to their size; kept
 bytes nobody resumes are removed after `resume_ttl_seconds`. A full disk or quota (ENOSPC, EDQUOT) on any step
 of an upload drops the staged bytes and raises ResourceExhausted; what is stored already stays readable.
-`BlobStore` is the interface an object-store backend would implement.
+`BlobStore` is the interface of a backend: `LocalBlobStore` here (a directory), `S3BlobStore` in blobstore_s3 (a
+bucket of an S3-compatible store); `open_blob_store` builds the one the settings name
+(MODELGRID_REGISTRY_BLOB_BACKEND).
 """
 
 import abc
@@ -20,10 +22,13 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from modelgrid.client.artifacts import check_digest
 from modelgrid.client.errors import Aborted, DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+
+if TYPE_CHECKING:
+    from services.registry.settings import RegistrySettings
 
 CHUNK = 1 << 20
 
@@ -169,7 +174,8 @@ class LocalBlobWriter(BlobWriter):
         self._hash.update(data)
         self.size += len(data)
 
-    def commit(self, expected_digest: str) -> str:
+    def _verify(self, expected_digest: str) -> str:
+        """The digest of the bytes written; on a mismatch with `expected_digest` aborts and raises InvalidArgument."""
         actual = self._hash.hexdigest()
         if actual != expected_digest:
             self.abort()
@@ -177,6 +183,10 @@ class LocalBlobWriter(BlobWriter):
                 f"artifact digest mismatch: declared {expected_digest}, received bytes hash to {actual} "
                 f"({self.size} bytes); the upload was discarded"
             )
+        return actual
+
+    def commit(self, expected_digest: str) -> str:
+        actual = self._verify(expected_digest)
         with self._space_errors():
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -290,6 +300,23 @@ class LocalBlobStore(BlobStore):
             return self.blob_path(digest).open("rb")
         except FileNotFoundError:
             raise NotFound(f"no blob {digest}") from None
+
+
+class BlobStoreConfigError(RuntimeError):
+    """The configured blob store cannot be used (a missing bucket, no access, an unreachable endpoint): the registry
+    does not start. The message names the store, never a credential."""
+
+
+def open_blob_store(settings: "RegistrySettings") -> BlobStore:
+    """The backend the settings name, checked: "local" (blob_dir) or "s3" (the bucket must exist and answer, else
+    BlobStoreConfigError). Blocking: call it from a thread when an event loop runs."""
+    if settings.blob_backend == "s3":
+        from services.registry.blobstore_s3 import S3BlobStore  # boto3 is imported only when it is used
+
+        store = S3BlobStore.from_settings(settings)
+        store.check()
+        return store
+    return LocalBlobStore(settings.blob_dir, settings.upload_resume_ttl_seconds)
 
 
 def _open_locked(path: Path) -> BinaryIO:

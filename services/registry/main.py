@@ -6,11 +6,11 @@ import logging
 from modelgrid.registry.v1 import registry_pb2, registry_pb2_grpc
 from services.kit.hostaddr import resolve_addresses
 from services.kit.logs import configure_logging
-from services.kit.redis_client import create_redis
+from services.kit.redis_client import create_redis_from
 from services.kit.server import GrpcService, ServiceSpec
 from services.kit.telemetry import setup_tracing
 from services.kit.watch_limits import WatchLimits
-from services.registry.blobstore import LocalBlobStore
+from services.registry.blobstore import open_blob_store
 from services.registry.core import ModelRegistry
 from services.registry.metrics import registry_metrics
 from services.registry.servicer import ModelRegistryServicer
@@ -28,14 +28,10 @@ async def start_registry(settings: RegistrySettings) -> GrpcService:
     """Builds and starts the registry; returns the running service (its bound port is `.port`)."""
     await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(SERVICE_NAME, VERSION, settings)
-    redis = create_redis(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        pool_timeout=settings.redis_pool_timeout_seconds,
-    )
+    redis = create_redis_from(settings, "registry")
     await redis.ping()
     store = RegistryStore(redis, settings.redis_key_prefix, settings.events_max_length)
-    blobs = LocalBlobStore(settings.blob_dir, settings.upload_resume_ttl_seconds)
+    blobs = await asyncio.to_thread(open_blob_store, settings)  # local dir or S3 bucket, checked
     registry = ModelRegistry(store, blobs, settings)
     spec = ServiceSpec(
         name=SERVICE_NAME,

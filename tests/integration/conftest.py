@@ -137,3 +137,25 @@ def gateway_certificate() -> Callable[[Path], tuple[Path, Path, Path]]:
     """`ca, cert, key = gateway_certificate(directory)`: a private CA and a certificate it signs for a gateway's
     public ports at 127.0.0.1."""
     return _gateway_certificate
+
+
+# -- an S3-compatible store ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory) -> Iterator:
+    """moto's S3 server (kit.s3local.S3Server) on a free loopback port for the module; meanwhile its test credentials
+    are in this process's standard AWS variables (and nothing of this machine's ~/.aws is read), so that the services
+    the module launches inherit them. `.endpoint_url`, `.create_bucket(name)`, `.client()`."""
+    from services.kit.s3local import S3Server
+
+    directory = tmp_path_factory.mktemp("s3")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in S3Server.credentials_env().items():
+            patch.setenv(name, value)
+        patch.setenv("AWS_CONFIG_FILE", str(directory / "no-aws-config"))
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(directory / "no-aws-credentials"))
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        patch.delenv("AWS_PROFILE", raising=False)
+        with S3Server(directory) as server:
+            yield server
