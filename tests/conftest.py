@@ -342,6 +342,8 @@ class ServiceLauncher:
             "RECIPES_DIR": str(data_dir / "recipes"),
             "DATASET_ROOTS": json.dumps([str(DIGITS_NPZ.parent)]),  # digits_spec names the shipped data by path
             "REDIS_KEY_PREFIX": prefix,
+            # Trainers sharing the prefix elect one leader; those of other tests elect theirs apart.
+            "LEADER_KEY": "modelgrid/trainer/" + "".join(c if c.isalnum() else "-" for c in prefix).strip("-"),
             "RECORD_SHARD_IDS": "true",
             "RESTART_BACKOFF_SECONDS": "0.2",
             "CONSUL_CHECK_INTERVAL": "1s",

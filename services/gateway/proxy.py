@@ -171,6 +171,7 @@ class Forwarder:
         self._metrics = metrics
         self._prefixes = sorted(settings.routes.items(), key=lambda item: len(item[0]), reverse=True)
         self._non_idempotent = frozenset(settings.non_idempotent_methods)
+        self._preferred_tags = dict(settings.preferred_tags)
         self._attempts = settings.retry_attempts
         self._eject_seconds = settings.eject_seconds
         self._stable_alias = settings.stable_alias
@@ -238,12 +239,13 @@ class Forwarder:
             for channel in [c for c in cache if c not in live]:
                 del cache[channel]
 
-    def _prepare(self, method: str, first: bytes | None) -> tuple[bytes | None, str]:
+    def _prepare(self, method: str, first: bytes | None, service: str) -> tuple[bytes | None, str]:
         """The first request (sent to the canary alias for its share of a model's stable traffic) and the
-        instance tag to prefer ("model=<name>" for a predictor call)."""
+        instance tag to prefer ("model=<name>" for a predictor call, the service's preferred tag otherwise: the
+        trainer's "leader")."""
         model, alias = model_of(method, first)
         if not model:
-            return first, ""
+            return first, self._preferred_tags.get(service, "")
         if alias == self._stable_alias and self._canary.pick_canary(model):
             first = redirect_to_alias(method, first, self._canary_alias)
             self._metrics.canary.labels(model).inc()
@@ -284,7 +286,7 @@ class Forwarder:
         started = time.monotonic()
         code = grpc.StatusCode.UNKNOWN
         try:
-            request, tag = self._prepare(method, request)
+            request, tag = self._prepare(method, request, route.service)
             try:
                 pool = route.pool or await self._pool(route)
             except Exception as exc:  # noqa: BLE001 - Consul unreachable: the call is UNAVAILABLE, not INTERNAL
@@ -356,7 +358,7 @@ class Forwarder:
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 yield End(code, _request_count(method, first is not None))
                 return
-            first, tag = self._prepare(method, first)
+            first, tag = self._prepare(method, first, route.service)
             replay = _Replay(requests, first, done=route.one_request)
             try:
                 pool = route.pool or await self._pool(route)

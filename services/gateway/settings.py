@@ -30,6 +30,9 @@ class GatewaySettings(ReplicaSettings):
     routes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
     """Fully-qualified service name prefix -> Consul service name. The longest matching prefix wins; a call that
     matches none is UNIMPLEMENTED. A backend that adds an RPC needs no change here."""
+    preferred_tags: dict[str, str] = Field(default_factory=lambda: {"trainer": "leader"})
+    """Consul service -> the instance tag its calls go to while an instance carries it (others take them when
+    none does): the leading trainer, elected in Consul, tags itself "leader"; standbys refuse writes."""
     retry_attempts: int = Field(default=3, ge=1)
     """Tries of a call that failed UNAVAILABLE before any response (each on another instance when there is one)."""
     non_idempotent_methods: list[str] = Field(

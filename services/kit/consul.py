@@ -184,6 +184,58 @@ class ConsulClient:
             entries.append((instance, passing))
         return new_index, entries
 
+    # -- sessions and KV locks (Consul's leader-election recipe) --------------------------------------------------
+
+    async def create_session(
+        self, name: str, *, ttl_seconds: float, checks: list[str], lock_delay_seconds: float
+    ) -> str:
+        """A session on the local agent's node (PUT /v1/session/create) that Consul invalidates when one of `checks`
+        turns critical (e.g. "serfHealth": the node, and the holder's own service check) or when it is not renewed
+        within `ttl_seconds`; a lock it held is then released. `lock_delay_seconds`: how long Consul refuses the
+        lock to others after that."""
+        body = {
+            "Name": name,
+            "TTL": f"{ttl_seconds:.0f}s",
+            "Checks": checks,
+            "LockDelay": f"{lock_delay_seconds:.0f}s",
+            "Behavior": "release",
+        }
+        response = await self._http.put("/v1/session/create", json=body)
+        _raise_for_status(response)
+        return str(response.json()["ID"])
+
+    async def renew_session(self, session_id: str) -> bool:
+        """Restarts the session's TTL; False when Consul no longer has it (invalidated: its locks are gone)."""
+        response = await self._http.put(f"/v1/session/renew/{session_id}")
+        if response.status_code == 404:
+            return False
+        _raise_for_status(response)
+        return True
+
+    async def destroy_session(self, session_id: str) -> None:
+        """Ends the session at once, releasing its locks (a leader that stops hands over without waiting)."""
+        response = await self._http.put(f"/v1/session/destroy/{session_id}")
+        _raise_for_status(response)
+
+    async def acquire(self, key: str, session_id: str, value: bytes) -> bool:
+        """Takes the lock on `key` for the session (PUT /v1/kv/:key?acquire=): True when it holds it now."""
+        response = await self._http.put(f"/v1/kv/{key}", params={"acquire": session_id}, content=value)
+        _raise_for_status(response)
+        return response.json() is True
+
+    async def read_key(self, key: str, *, index: int = 0, wait: str = "30s") -> tuple[int, dict | None]:
+        """The KV entry of `key` (its Session, LockIndex, ModifyIndex...) or None; blocking with index > 0 until it
+        changes or `wait` runs out. Returns the index for the next call with it."""
+        params: dict[str, str | int] = {"index": index, "wait": wait} if index else {}
+        timeout = duration_seconds(wait) + 10 if index else self._http.timeout.read
+        response = await self._http.get(f"/v1/kv/{key}", params=params, timeout=timeout)
+        new_index = int(response.headers.get("X-Consul-Index", "0"))
+        if response.status_code == 404:
+            return new_index, None
+        _raise_for_status(response)
+        entries = response.json()
+        return new_index, (entries[0] if entries else None)
+
     async def close(self) -> None:
         """Closes the HTTP connection pool."""
         await self._http.aclose()

@@ -67,7 +67,14 @@ def service_rules(name: str) -> str:
         'node_prefix "" { policy = "read" }\n'
         # GET /v1/agent/self: the address this host's agent uses (kit.hostaddr)
         'agent_prefix "" { policy = "read" }\n'
-    )
+    ) + EXTRA_RULES.get(name, "")
+
+
+EXTRA_RULES = {
+    # Leader election (kit.leader): a session on its node, and the lock under the default leader_key's prefix.
+    "trainer": 'session_prefix "" { policy = "write" }\nkey_prefix "modelgrid/trainer/" { policy = "write" }\n',
+}
+"""What a service's token may do besides registering: by service name."""
 
 
 class ConsulTokenError(RuntimeError):

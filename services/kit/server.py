@@ -226,8 +226,9 @@ class GrpcService:
 
     async def update_registration(self, *, tags: list[str] | None = None, meta: dict[str, str] | None = None) -> None:
         """Re-registers with new tags or meta (e.g. the models a predictor serves). When the agent cannot be
-        reached, the change is kept and the registration keeper makes it when the agent is back."""
-        if self._registration is None or self._consul is None:
+        reached, the change is kept and the registration keeper makes it when the agent is back. Nothing once the
+        service is stopping: it has deregistered, and must not appear again."""
+        if self._registration is None or self._consul is None or self._stopping:
             return
         if tags is not None:
             self._registration.tags = list(tags)

@@ -1,13 +1,19 @@
 """The trainer's transport-free core: accept jobs, schedule them onto agents (gang scheduling, spread), run each
 with a JobRunner, and answer queries. Jobs live in Redis, so a restarted trainer reloads them and re-attaches to
-workers that kept running: nothing is lost and nothing runs twice."""
+workers that kept running: nothing is lost and nothing runs twice.
+
+Several trainers may run; one leads (kit.leader, elected in Consul) and only it schedules, runs jobs and accepts
+writes. The others are standbys: they answer reads from Redis and refuse writes with UNAVAILABLE. `start(epoch)`
+takes the lead, `stop()` gives it up; every write carries the epoch (trainer.store), and one refused as fenced out
+makes the leader step down (`on_fenced`)."""
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from modelgrid.client.errors import (
     DeadlineExceeded,
@@ -27,7 +33,7 @@ from services.trainer.registry_recipes import cached_recipe, fetch_recipe, is_re
 from services.trainer.runner import JobRunner
 from services.trainer.settings import TrainerSettings
 from services.trainer.specs import check_shape, locate_dataset
-from services.trainer.store import JobStore
+from services.trainer.store import FencedOut, JobStore
 
 logger = logging.getLogger(__name__)
 RECIPE_FETCH_SECONDS = 20.0
@@ -49,12 +55,23 @@ class TrainerCore:
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
         self._submit_lock = asyncio.Lock()
+        self.leading = False
+        self._led = asyncio.Event()  # set while leading
+        self.on_fenced: Callable[[], None] = lambda: None
+        """Called when a write was refused as fenced out (a newer leader exists): the election resigns."""
+        self.leader_elsewhere: Callable[[], bool] = lambda: False
+        """Whether the election saw another instance hold the lock (a write then is refused at once)."""
         agents.add_listener(self._wake.set)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Reloads unfinished jobs, re-attaches to running ones, starts the scheduler."""
+    async def start(self, epoch: int) -> None:
+        """Takes the lead with `epoch`: claims the job store (FencedOut when a newer leader did), reloads unfinished
+        jobs, re-attaches to running ones, starts the scheduler."""
+        await self._store.claim(epoch)
+        self.leading = True
+        self._led.set()
+        self.jobs.clear()
         for job in await self._store.unfinished():
             self.jobs[job.id] = job
             if job.state == JobState.SCHEDULING:
@@ -67,18 +84,45 @@ class TrainerCore:
         self._scheduler = asyncio.create_task(self._schedule_forever(), name="scheduler")
 
     async def stop(self) -> None:
-        """Stops following jobs (their workers keep running for the next trainer)."""
+        """Gives up the lead: stops following jobs (their workers keep running for the next leader)."""
+        self.leading = False
+        self._led.clear()
         tasks = [t for _, t in self._runners.values()]
         if self._scheduler:
             tasks.append(self._scheduler)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._scheduler = None
+        self._runners.clear()
+        self.jobs.clear()
+
+    async def _require_leader(self) -> None:
+        """Writes are the leader's. While no leader is known (a trainer starting, a take-over under way) a write
+        waits up to leader_wait_seconds for this one to lead; with another leading it is refused at once."""
+        if not self.leading and not self.leader_elsewhere():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._settings.leader_wait_seconds):
+                    await self._led.wait()
+        if not self.leading:
+            raise Unavailable(
+                "this trainer is a standby (the leader is elected in Consul); retry: the gateway sends calls to "
+                "the leader"
+            )
+
+    def _fenced_out(self, exc: FencedOut) -> Unavailable:
+        """Steps down after a refused write; the caller's error."""
+        logger.error("a write was refused (%s): another trainer leads now; stepping down", exc)
+        self.leading = False
+        self._led.clear()
+        self.on_fenced()
+        return Unavailable("this trainer just lost its leadership to another one; retry")
 
     # -- API ---------------------------------------------------------------------------------------------------
 
     async def submit(self, spec: JobSpec, request_id: str) -> Job:
         """Validates and queues a job; nothing is queued when the spec is invalid."""
+        await self._require_leader()
         if len(request_id) > 128:
             raise InvalidArgument("request_id is longer than 128 characters")
         check_shape(spec, self._settings)
@@ -98,7 +142,10 @@ class TrainerCore:
         )
         event = JobEvent(EventType.STATE, JobState.PENDING, 0, time.time(), message="submitted")
         async with self._submit_lock:
-            job, created = await self._store.create(job, event)
+            try:
+                job, created = await self._store.create(job, event)
+            except FencedOut as exc:
+                raise self._fenced_out(exc) from exc
             if created:
                 self.jobs[job.id] = job
                 logger.info("job %s submitted: %s x%d", job.id, spec.recipe, job.workers)
@@ -115,18 +162,22 @@ class TrainerCore:
         return [self.jobs.get(j.id, j) for j in jobs], token
 
     async def cancel(self, job_id: str) -> Job:
+        await self._require_leader()
         job = await self.get(job_id)
         if job.state in FINAL:
             raise FailedPrecondition(f"job {job_id} is already {job.state.value}")
         job.cancel_requested = True
-        if job.id in self._runners:
-            self._runners[job.id][0].cancel.set()
-            await self._store.save(job)
-        else:  # PENDING: nothing runs
-            job.move(JobState.CANCELLED)
-            job.message = "cancelled before it started"
-            await self._store.save(job, _state_event(job))
-            self.jobs.pop(job.id, None)
+        try:
+            if job.id in self._runners:
+                self._runners[job.id][0].cancel.set()
+                await self._store.save(job)
+            else:  # PENDING: nothing runs
+                job.move(JobState.CANCELLED)
+                job.message = "cancelled before it started"
+                await self._store.save(job, _state_event(job))
+                self.jobs.pop(job.id, None)
+        except FencedOut as exc:
+            raise self._fenced_out(exc) from exc
         return job
 
     async def watch(self, job_id: str, cursor: str) -> AsyncIterator[JobEvent]:
@@ -157,9 +208,13 @@ class TrainerCore:
             raise NotFound(f"job {job_id} has no worker {task_index}")
         return out
 
-    def workers(self) -> list[WorkerView]:
+    async def worker_views(self) -> list[WorkerView]:
+        """The agents and what runs on them: a standby counts the unfinished jobs in Redis."""
+        return self.workers(None if self.leading else await self._store.unfinished())
+
+    def workers(self, jobs: list[Job] | None = None) -> list[WorkerView]:
         views = {a.id: WorkerView(a.id, a.host, a.address, a.slots) for a in self._agents.agents.values()}
-        for job in self.jobs.values():
+        for job in self.jobs.values() if jobs is None else jobs:
             if job.state in HOLDS_SLOTS:
                 for placement in job.placements:
                     if placement.agent in views:
@@ -182,6 +237,9 @@ class TrainerCore:
             self._wake.clear()
             try:
                 await self._schedule_pending()
+            except FencedOut as exc:
+                self._fenced_out(exc)
+                return
             except Exception:  # noqa: BLE001 - the scheduler must survive one bad round
                 logger.exception("scheduling round failed")
 
@@ -287,6 +345,8 @@ class TrainerCore:
             await runner.run(reattach=reattach)
         except asyncio.CancelledError:
             raise
+        except FencedOut as exc:  # the job is the new leader's now: leave it as it is
+            self._fenced_out(exc)
         except Exception:  # noqa: BLE001 - a broken runner fails its job, never the trainer
             logger.exception("job %s: runner failed", job.id)
             job.failure.reason = job.failure.reason or "internal error in the trainer"

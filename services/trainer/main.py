@@ -9,8 +9,9 @@ from services.clients.agent import AgentClient
 from services.kit.channels import InstancePool
 from services.kit.consul import ConsulClient
 from services.kit.hostaddr import resolve_addresses
+from services.kit.leader import LeaderElection
 from services.kit.logs import configure_logging
-from services.kit.redis_client import create_redis
+from services.kit.redis_client import create_redis_from
 from services.kit.server import GrpcService, ServiceSpec, grpc_options
 from services.kit.telemetry import setup_tracing
 from services.kit.watch_limits import WatchLimits
@@ -24,17 +25,15 @@ from services.trainer.store import JobStore
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "trainer"
+LEADER_TAG = "leader"
+"""Consul tag of the leading trainer instance."""
 
 
 async def start_trainer(settings: TrainerSettings) -> GrpcService:
     """Builds and starts the trainer; returns the running service (its bound port is `.port`)."""
     await resolve_addresses(settings)  # "auto" host and advertise_host: this host's address
     tracer_provider = setup_tracing(SERVICE_NAME, VERSION, settings)
-    redis = create_redis(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        pool_timeout=settings.redis_pool_timeout_seconds,
-    )
+    redis = create_redis_from(settings, "trainer")
     await redis.ping()
     consul = ConsulClient(settings.consul_url, token=settings.consul_token)
     targets = [settings.registry_target] if settings.registry_target else []
@@ -67,10 +66,45 @@ async def start_trainer(settings: TrainerSettings) -> GrpcService:
         await service.stop()
         raise
     await service.start()
-    service.add_cleanup(core.stop)
-    await core.start()
-    await service.set_serving(True)
+    await service.set_serving(True)  # a standby serves too: it answers reads
+
+    async def lead(epoch: int) -> None:
+        await core.start(epoch)
+        await _tag(service, [LEADER_TAG])
+
+    async def step_down() -> None:
+        await core.stop()
+        await _tag(service, [])
+
+    election = LeaderElection(
+        consul,
+        settings.leader_key,
+        holder=service.instance_id,
+        # The session ends with this host (serfHealth) or when this instance stops answering its health check.
+        checks=["serfHealth", *([f"{service.instance_id}:grpc-health"] if settings.consul_enabled else [])],
+        ttl_seconds=settings.leader_session_ttl_seconds,
+        lock_delay_seconds=settings.leader_lock_delay_seconds,
+        on_elected=lead,
+        on_deposed=step_down,
+    )
+    core.on_fenced = election.resign
+    core.leader_elsewhere = lambda: election.held_elsewhere
+    election.start()
+    service.add_cleanup(election.stop)  # runs first: the lead is handed over before the channels close
+    try:  # ready when there is a leader, this one or another (a first trainer waits for Consul's first check)
+        async with asyncio.timeout(settings.leader_session_ttl_seconds):
+            await election.settled.wait()
+    except TimeoutError:
+        logger.warning("no trainer leads yet after %.0fs; serving reads meanwhile", settings.leader_session_ttl_seconds)
     return service
+
+
+async def _tag(service: GrpcService, tags: list[str]) -> None:
+    """Publishes in Consul whether this instance leads (the gateway sends Trainer calls to the one tagged)."""
+    try:
+        await service.update_registration(tags=tags)
+    except Exception:  # noqa: BLE001 - the registration keeper publishes it when Consul is back
+        logger.warning("could not update the Consul registration", exc_info=True)
 
 
 async def serve(settings: TrainerSettings) -> None:

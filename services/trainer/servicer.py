@@ -46,4 +46,4 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         return pb.GetJobLogsResponse(logs=[pb.WorkerLog(task_index=t, agent=a, lines=lines) for t, a, lines in logs])
 
     async def ListWorkers(self, request: pb.ListWorkersRequest, context) -> pb.ListWorkersResponse:
-        return pb.ListWorkersResponse(workers=[conv.worker_to_pb(w) for w in self._core.workers()])
+        return pb.ListWorkersResponse(workers=[conv.worker_to_pb(w) for w in await self._core.worker_views()])

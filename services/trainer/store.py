@@ -2,8 +2,11 @@
 events per job. A state change and its event are written in one MULTI, so a watcher never sees one without
 the other.
 
+Every write is fenced: it carries the writing leader's epoch (kit.leader) and a Lua script refuses it when a newer
+leader has claimed the store, so a trainer that lost its leadership cannot change a job after another took over.
+
 Keys (after the prefix): job:{id}, jobs (sorted set by submit time), requests (hash request id -> job id),
-job:{id}:events (stream).
+job:{id}:events (stream), epoch (the newest leader's epoch).
 """
 
 import asyncio
@@ -13,23 +16,81 @@ import logging
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisError
 
 from modelgrid.client.convert import parse_number
 from modelgrid.client.errors import NotFound
-from services.kit.redis_client import is_outage
+from services.kit.redis_client import guarded_pipeline, is_outage
 from services.kit.streams import Backoff
 from services.trainer.domain import FINAL, EventType, Failure, Job, JobEvent, JobState
 
 logger = logging.getLogger(__name__)
 
 
+class FencedOut(Exception):
+    """A write was refused: a newer leader has claimed the store. Not a ModelgridError on purpose: no handler of
+    ordinary failures may swallow it; the trainer steps down."""
+
+
+# KEYS[1] epoch; ARGV[1] the writer's epoch. A script returns 0 when the writer is fenced out.
+_FENCE = """
+local newest = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) < newest then return 0 end
+"""
+_CLAIM = _FENCE + "redis.call('SET', KEYS[1], ARGV[1]) return 1"
+# KEYS[2] job, KEYS[3] events; ARGV[2] the job's JSON, ARGV[3] an event's JSON or "".
+_SAVE = (
+    _FENCE
+    + """
+redis.call('SET', KEYS[2], ARGV[2])
+if ARGV[3] ~= '' then redis.call('XADD', KEYS[3], '*', 'event', ARGV[3]) end
+return 1
+"""
+)
+# KEYS[2] job, KEYS[3] events, KEYS[4] jobs, KEYS[5] requests; ARGV[2] job JSON, ARGV[3] event JSON, ARGV[4] job id,
+# ARGV[5] created_at, ARGV[6] request id or "". Returns the earlier job's id for a request id seen before.
+_CREATE = (
+    _FENCE
+    + """
+if ARGV[6] ~= '' then
+  local earlier = redis.call('HGET', KEYS[5], ARGV[6])
+  if earlier then return earlier end
+  redis.call('HSET', KEYS[5], ARGV[6], ARGV[4])
+end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+redis.call('XADD', KEYS[3], '*', 'event', ARGV[3])
+return 1
+"""
+)
+
+
 class JobStore:
-    """Reads and writes jobs and their events."""
+    """Reads and writes jobs and their events; writes carry `epoch`, set by the leader that claimed the store."""
 
     def __init__(self, redis: aioredis.Redis, prefix: str = "mg:trainer:") -> None:
         self._redis = redis
         self._prefix = prefix
+        self.epoch = 0
+        self._claim = redis.register_script(_CLAIM)
+        self._save = redis.register_script(_SAVE)
+        self._create = redis.register_script(_CREATE)
+
+    @property
+    def _epoch_key(self) -> str:
+        return f"{self._prefix}epoch"
+
+    async def claim(self, epoch: int) -> None:
+        """Makes `epoch` the store's newest: from now on writes of earlier leaders are refused. FencedOut when a
+        newer one claimed it already."""
+        if not await self._claim(keys=[self._epoch_key], args=[epoch]):
+            newest = await self._redis.get(self._epoch_key)
+            raise FencedOut(f"leader epoch {epoch} is older than the store's {newest}")
+        self.epoch = epoch
+
+    def _fenced(self, written: object) -> None:
+        if not written:
+            raise FencedOut(f"a newer leader than epoch {self.epoch} claimed the job store")
 
     def _job_key(self, job_id: str) -> str:
         return f"{self._prefix}job:{job_id}"
@@ -39,34 +100,37 @@ class JobStore:
 
     async def create(self, job: Job, event: JobEvent) -> tuple[Job, bool]:
         """Stores a new job; with a request id seen before, returns the job it created and False."""
-        requests_key = f"{self._prefix}requests"
-        async with self._redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(requests_key)
-                    if job.request_id and (earlier := await pipe.hget(requests_key, job.request_id)):
-                        await pipe.reset()
-                        return await self.get(earlier), False
-                    job.created_at = job.updated_at = time.time()
-                    pipe.multi()
-                    if job.request_id:
-                        pipe.hset(requests_key, job.request_id, job.id)
-                    pipe.set(self._job_key(job.id), job.to_json())
-                    pipe.zadd(f"{self._prefix}jobs", {job.id: job.created_at})
-                    self._queue_event(pipe, job.id, event)
-                    await pipe.execute()
-                    return job, True
-                except WatchError:
-                    continue
+        job.created_at = job.updated_at = time.time()
+        keys = [
+            self._epoch_key,
+            self._job_key(job.id),
+            self._events_key(job.id),
+            f"{self._prefix}jobs",
+            f"{self._prefix}requests",
+        ]
+        args = [self.epoch, job.to_json(), _event_json(event), job.id, job.created_at, job.request_id]
+        written = await self._guarded(self._create, keys, args)
+        self._fenced(written)
+        if written != 1:
+            return await self.get(str(written)), False
+        return job, True
 
     async def save(self, job: Job, event: JobEvent | None = None) -> None:
-        """Writes the job (and appends an event) atomically."""
+        """Writes the job (and appends an event) atomically; FencedOut when a newer leader claimed the store."""
         job.updated_at = time.time()
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._job_key(job.id), job.to_json())
-            if event is not None:
-                self._queue_event(pipe, job.id, event)
-            await pipe.execute()
+        keys = [self._epoch_key, self._job_key(job.id), self._events_key(job.id)]
+        args = [self.epoch, job.to_json(), _event_json(event) if event else ""]
+        if event is not None and event.type == EventType.STATE:  # a state change must survive a fail-over
+            written = await self._guarded(self._save, keys, args)
+        else:  # progress (steps, epochs, checkpoints) is written often and told again by the next one
+            written = await self._save(keys=keys, args=args)
+        self._fenced(written)
+
+    async def _guarded(self, script, keys: list, args: list) -> object:
+        """Runs a write script so that it waits for the replicas the settings ask for (kit.redis_client WAIT)."""
+        async with guarded_pipeline(self._redis, transaction=False) as pipe:
+            await script(keys=keys, args=args, client=pipe)
+            return (await pipe.execute())[0]
 
     async def save_patiently(self, job: Job, event: JobEvent | None = None) -> None:
         """`save`, waiting out a Redis outage (a restart, an AOF replay) with backoff instead of failing: for the
@@ -86,11 +150,6 @@ class JobStore:
                 await asyncio.sleep(delay)
         if failing_since:
             logger.info("job %s: saved again after %.1fs without Redis", job.id, time.monotonic() - failing_since)
-
-    def _queue_event(self, pipe, job_id: str, event: JobEvent) -> None:
-        data = dataclasses.asdict(event)
-        data.pop("cursor")
-        pipe.xadd(self._events_key(job_id), {"event": json.dumps(data)})
 
     async def get(self, job_id: str) -> Job:
         raw = await self._redis.get(self._job_key(job_id)) if job_id else None
@@ -130,3 +189,9 @@ class JobStore:
             data["failure"] = Failure(**data["failure"]) if data["failure"] else None
             events.append(JobEvent(**data, cursor=cursor))
         return events
+
+
+def _event_json(event: JobEvent) -> str:
+    data = dataclasses.asdict(event)
+    data.pop("cursor")
+    return json.dumps(data)

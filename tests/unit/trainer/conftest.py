@@ -218,6 +218,7 @@ def trainer_settings(redis_server, tmp_path, agent_service) -> TrainerSettings:
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / FAKE_RECIPE).write_text(FAKE_RECIPE_SOURCE)
     (tmp_path / "data").mkdir()
+    unique = uuid.uuid4().hex[:8]
     return TrainerSettings(
         port=0,
         consul_enabled=False,
@@ -226,7 +227,8 @@ def trainer_settings(redis_server, tmp_path, agent_service) -> TrainerSettings:
         recipes_dir=tmp_path / "recipes",
         dataset_roots=[REPO_ROOT / "data", tmp_path / "data"],
         agent_service=agent_service,
-        redis_key_prefix=f"mg:unit-trainer:{uuid.uuid4().hex[:8]}:",
+        redis_key_prefix=f"mg:unit-trainer:{unique}:",
+        leader_key=f"modelgrid/trainer/unit-{unique}",  # trainers of other tests elect their leaders apart
         restart_backoff_seconds=0.1,
         schedule_interval_seconds=0.2,
     )
@@ -246,7 +248,7 @@ async def cores(
         trainer_settings.scratch_dir.mkdir(parents=True, exist_ok=True)
         store = JobStore(redis, trainer_settings.redis_key_prefix)
         core = TrainerCore(store, agent_client, registry or registry_client, trainer_settings)
-        await core.start()
+        await core.start(epoch=1)
         started.append(core)
         return core
 
