@@ -226,7 +226,7 @@ class TrainerCore:
     # -- scheduling --------------------------------------------------------------------------------------------
 
     async def _schedule_forever(self) -> None:
-        while True:
+        while self.leading:  # a leader fenced out stops scheduling at once, before its election steps it down
             # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancel that arrives as the wait ends
             # (a runner setting _wake as the trainer stops), and the scheduler then never stops.
             try:

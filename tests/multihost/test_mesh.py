@@ -2,13 +2,14 @@
 
     a: Consul server, Redis, registry, gateway          (198.18.<k>.1)
     b: Consul server, predictor, worker agent, trainer  (198.18.<k>.2)
-    c: Consul server, predictor, worker agent           (198.18.<k>.3)
+    c: Consul server, predictor, worker agent, trainer  (198.18.<k>.3)  (the trainers elect a leader in Consul)
 
 Every service binds and advertises its host's address and registers with the Consul agent of its own host, with a
 Consul ACL token of its own (ACLs on, default deny; the test asks Consul with the cluster's master token). The
 test process reaches the hosts through the lab's client link (198.18.<k>.254). The tests run in file order and
 share the module's mesh: serving across hosts, then one fault at a time (a cut link, a cut registry host, an upload
-cut with its host, a dead Consul server host), each measured and healed before the next.
+cut with its host, a dead Consul server host, the leading trainer's host dying mid-job), each measured and healed
+before the next (the last one is not healed: the lab goes with it).
 """
 
 import hashlib
@@ -65,6 +66,7 @@ LAYOUT = {
         "services": {
             "predictor": {"settings": {"AUTO_LOAD": "true", "TF_THREADS": "1"}},
             "agent": {"settings": {"SLOTS": "1"}},
+            "trainer": {},
         }
     },
 }
@@ -268,7 +270,8 @@ def test_services_advertise_their_hosts_and_serve_across_them(mesh):
     assert passing(mesh, a, "gateway") == {a.address}
     assert passing(mesh, c, "predictor") == {b.address, c.address}
     assert passing(mesh, c, "trainer-agent") == {b.address, c.address}
-    assert passing(mesh, c, "trainer") == {b.address}
+    assert passing(mesh, c, "trainer") == {b.address, c.address}
+    assert len(leading_trainers(mesh)) == 1
     # Each host's services are registered with the agent of their own host.
     for host, kinds in ((a, {"registry", "gateway"}), (b, {"predictor", "trainer-agent", "trainer"})):
         local = {s["Service"] for s in consul_get(mesh, host, "/v1/agent/services").values()}
@@ -493,3 +496,53 @@ def test_a_dead_consul_server_host_keeps_the_cluster_serving(mesh):
     runner = host_up(c, mesh.paths["c"])
     assert runner.wait(300) == 0, (c.log_dir / "modelgrid-host.log").read_text()[-4000:]
     wait_routes(mesh, {b.address, c.address}, 120, "c's predictor back in the routing table")
+
+
+def leading_trainers(ns) -> set[str]:
+    """Addresses of the trainers tagged as leading and passing, as a's agent sees them."""
+    try:
+        entries = consul_get(ns, ns.a, "/v1/health/service/trainer?passing=true&tag=leader")
+    except OSError:
+        return set()
+    return {e["Service"]["Address"] for e in entries}
+
+
+TAKEOVER_LIMIT_S = 30.0
+"""The standby's take-over after its leader's host died: Serf's failure detection (seconds with the test hosts'
+gossip settings), the end of the session, the lock delay (1 s), then the new leader's claim. The default
+leader_session_ttl_seconds (15) bounds it when the host lives on; a loaded CI machine gets slack on top."""
+
+
+def test_a_dead_leading_trainer_host_hands_its_job_to_the_standby_which_finishes_it_once(mesh, digits_spec, unique):
+    a, b, c = mesh.a, mesh.b, mesh.c
+    wait_for(lambda: cluster_whole(mesh), REJOIN_TIMEOUT_S, "three voting servers before the trainer host dies")
+    trainers = lambda: passing(mesh, a, "trainer") == {b.address, c.address} and len(leading_trainers(mesh)) == 1  # noqa: E731
+    wait_for(trainers, REJOIN_TIMEOUT_S, "two trainers, one leading")
+    (leader,) = leading_trainers(mesh)
+    dying, survivor = (b, c) if leader == b.address else (c, b)
+    blob = mesh.registry.upload_blob(DIGITS_NPZ)
+    name = unique("failover")
+    spec = digits_spec(workers=1, register_model=name, checkpoint_every_steps=5, step_delay_ms=100)
+    spec.dataset.CopyFrom(tpb.Dataset(blob_digest=blob.digest, format="npz", features_key="x", label_key="y"))
+    job = mesh.trainer.SubmitJob(tpb.SubmitJobRequest(spec=spec, request_id=uuid.uuid4().hex), timeout=30)
+    wait_for(lambda: job_now(mesh, job.id).step >= 10, 240, "the job training")
+    worker_host = job_now(mesh, job.id).placements[0].address.rsplit(":", 1)[0]
+
+    dying.die()  # the leader's host crashes mid-job: its trainer cannot even say goodbye
+    took = wait_for(lambda: leading_trainers(mesh) == {survivor.address}, 90, "the standby leading")
+    wait_for(lambda: job_now(mesh, job.id).state in FINAL_JOB_STATES, 420, "the job finishing")
+    done = job_now(mesh, job.id)
+    assert tpb.JobState.Name(done.state) == "JOB_STATE_SUCCEEDED", done.message
+    events = list(mesh.trainer.WatchJob(tpb.WatchJobRequest(id=job.id), timeout=60))
+    starts = [e.attempt for e in events if e.type == tpb.JOB_EVENT_TYPE_STATE and e.state == tpb.JOB_STATE_STARTING]
+    assert starts == sorted(set(starts)), f"an attempt was started twice: {starts}"
+    if worker_host == survivor.address:  # its worker lived on: the new leader re-attached to it
+        assert (done.attempt, done.restarts) == (1, 0), done
+    versions = mesh.registry.stub.ListVersions(rpb.ListVersionsRequest(model_name=name), timeout=10).versions
+    assert [v.version for v in versions] == [1], "the job registered more than one version"
+    where = "the same host" if worker_host == dying.address else "the other host"
+    print(
+        f"\nthe leading trainer's host ({dying.letter}) died mid-job, its worker on {where}: {survivor.letter} led "
+        f"{took:.1f}s later; the job finished after {done.attempt} attempt(s), 1 version registered"
+    )
+    assert took < TAKEOVER_LIMIT_S

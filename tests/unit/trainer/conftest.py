@@ -238,17 +238,18 @@ def trainer_settings(redis_server, tmp_path, agent_service) -> TrainerSettings:
 async def cores(
     trainer_settings, agent_client, registry_client
 ) -> AsyncIterator[Callable[..., Awaitable[TrainerCore]]]:
-    """`await cores(registry=None)`: a started TrainerCore on this test's Redis keys and agents (several share the
-    store, as trainers restarted one after the other do); every core is stopped after the test. Without a registry
-    client the core gets the in-process registry's, the one the agents use."""
+    """`await cores(registry=None, epoch=1)`: a TrainerCore leading with `epoch` on this test's Redis keys and
+    agents (several share the store, as trainers restarted one after the other do, or a standby that takes over
+    with a newer epoch); every core is stopped after the test. Without a registry client the core gets the
+    in-process registry's, the one the agents use."""
     redis = create_redis(trainer_settings.redis_url)
     started: list[TrainerCore] = []
 
-    async def start(registry: AsyncRegistryClient | None = None) -> TrainerCore:
+    async def start(registry: AsyncRegistryClient | None = None, epoch: int = 1) -> TrainerCore:
         trainer_settings.scratch_dir.mkdir(parents=True, exist_ok=True)
         store = JobStore(redis, trainer_settings.redis_key_prefix)
         core = TrainerCore(store, agent_client, registry or registry_client, trainer_settings)
-        await core.start(epoch=1)
+        await core.start(epoch)
         started.append(core)
         return core
 

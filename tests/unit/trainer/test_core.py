@@ -32,6 +32,7 @@ from services.trainer.core import TrainerCore
 from services.trainer.domain import EventType, Job, JobEvent, JobState
 from services.trainer.exit_codes import ExitCode
 from services.trainer.jobspec import Dataset, HyperParameters, JobSpec
+from services.trainer.store import FencedOut
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -349,6 +350,37 @@ async def test_a_restarted_trainer_re_attaches_to_running_workers(agents, agent_
     assert done.state == JobState.SUCCEEDED, done
     assert (done.attempt, done.restarts) == (1, 0), "the job was started again instead of re-attached"
     assert done.step == 8
+
+
+async def test_a_deposed_leader_is_fenced_out_and_the_new_one_finishes_its_job_once(
+    agents, agent_client, cores, digits_npz
+):
+    """A standby takes over (its claim carries a newer epoch) while the old leader, cut off, still follows a job:
+    the old one's next write is refused and it steps down; the job is re-attached, not started again."""
+    await agents(slots=2)
+    await ready(agent_client, 1)
+    old = await cores(epoch=1)
+    fenced: list[bool] = []
+    old.on_fenced = lambda: fenced.append(True)
+    job = await old.submit(spec_of(digits_npz, step_delay_ms=100), request_id="")
+    await until(old, job.id, lambda j: j.state == JobState.RUNNING and j.step >= 2)
+
+    new = await cores(epoch=2)
+    deadline = time.monotonic() + 10
+    while not fenced:  # its next progress write
+        assert time.monotonic() < deadline, "the deposed leader's writes were not refused"
+        await asyncio.sleep(0.05)
+    assert not old.leading
+    old.leader_elsewhere = lambda: True  # what its election sees now
+    with pytest.raises(Unavailable, match="standby"):
+        await old.submit(spec_of(digits_npz), request_id="")
+    with pytest.raises(FencedOut):
+        await old._store.save(await new.get(job.id))
+
+    done, events = await until_final(new, job.id)
+    assert done.state == JobState.SUCCEEDED, done
+    assert (done.attempt, done.restarts) == (1, 0), "the job was started again instead of re-attached"
+    assert [e.state for e in events if e.type == EventType.STATE].count(JobState.STARTING) == 1
 
 
 # -- registration --------------------------------------------------------------------------------------------------
