@@ -86,7 +86,7 @@ class GatewaySettings(ReplicaSettings):
     """Alias whose traffic the canary shares."""
     canary_weight_tag: str = "modelgrid.canary-weight"
     """Registry model tag holding the canary's share (0..1); set it with UpdateModel, 0 rolls back at once."""
-    registry_resync_seconds: float = Field(default=30.0, gt=0, le=86400)
+    registry_resync_seconds: float = Field(default=30.0, ge=1, le=86400)
     """When the registry's event stream delivered nothing for this long, open it again and read every canary
     weight: the safety net for a stream that hangs without an error."""
     cors_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8081", "http://localhost:8081"])

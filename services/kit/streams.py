@@ -114,12 +114,17 @@ class StreamFollower(Generic[T]):
         """Hands each item to `on_item` until the stream ends (False) or stays quiet `resync_seconds` (True)."""
         items = aiter(stream)
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancel (stop()) that arrives as an item
+            # does, and the follower would then never stop.
             try:
-                item = await asyncio.wait_for(anext(items), self._resync_seconds)
+                async with asyncio.timeout(self._resync_seconds) as quiet:
+                    item = await anext(items)
             except StopAsyncIteration:
                 return False
             except TimeoutError:
-                return True
+                if quiet.expired():
+                    return True
+                raise
             await self._on_item(item)
             self._backoff.reset()
 

@@ -86,7 +86,7 @@ class PredictorSettings(ReplicaSettings):
     for."""
     follow_registry: bool = True
     """Follow the registry's event stream to load new versions and move aliases (hot swap)."""
-    registry_resync_seconds: float = Field(default=30.0, gt=0, le=86400)
+    registry_resync_seconds: float = Field(default=30.0, ge=1, le=86400)
     """When the registry's event stream delivered nothing for this long, open it again and reconcile every served
     model: the safety net for a stream that hangs without an error, as Kubernetes' informers resync."""
     batch_job_batch_size: int = Field(default=256, ge=1)

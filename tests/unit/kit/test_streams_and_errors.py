@@ -335,3 +335,29 @@ async def test_a_quiet_stream_is_opened_again_and_resyncs_after_resync_seconds()
         await follower.stop()
     assert 3 <= len(opened) <= 7, opened  # about every 0.1 s, and at once (no backoff: nothing failed)
     assert resyncs == [n + 1 for n in range(len(opened))]
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2])
+async def test_stop_ends_a_follower_whose_item_arrives_with_the_cancel(turns):
+    """stop() as an item arrives, `turns` loop turns apart: Python 3.11's wait_for lost such a cancel, and the
+    follower (and the service's shutdown) then never ended."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+
+    def open_stream():
+        async def items():
+            while True:
+                yield await queue.get()
+
+        return items()
+
+    async def on_item(item: int) -> None:
+        pass
+
+    follower = StreamFollower("racing", open_stream, on_item, resync_seconds=30)
+    follower.start()
+    await asyncio.sleep(0.05)
+    queue.put_nowait(1)
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    await asyncio.wait_for(follower.stop(), 2)
+    assert follower._task.done()
