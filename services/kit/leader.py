@@ -110,18 +110,21 @@ class LeaderElection:
                 await asyncio.sleep(self._ttl / 3)
 
     async def _end_term(self) -> None:
-        """Steps down if leading, then ends the session (which releases the lock if Consul still had it)."""
-        if self.leading:
-            self.leading = False
-            logger.warning("leader election %s: %s steps down (epoch %d)", self._key, self._holder, self.epoch)
-            try:
-                await self._on_deposed()
-            except Exception:  # noqa: BLE001 - stepping down must go on to release the lock
-                logger.exception("leader election %s: stepping down failed", self._key)
-        if self._session:
-            with contextlib.suppress(httpx.HTTPError):
-                await self._consul.destroy_session(self._session)
-            self._session = ""
+        """Steps down if leading, then ends the session (which releases the lock if Consul still had it), the latter
+        also when a second cancel interrupts the former."""
+        try:
+            if self.leading:
+                self.leading = False
+                logger.warning("leader election %s: %s steps down (epoch %d)", self._key, self._holder, self.epoch)
+                try:
+                    await self._on_deposed()
+                except Exception:  # noqa: BLE001 - stepping down must go on to release the lock
+                    logger.exception("leader election %s: stepping down failed", self._key)
+        finally:
+            if self._session:
+                session, self._session = self._session, ""
+                with contextlib.suppress(httpx.HTTPError):
+                    await self._consul.destroy_session(session)
 
     async def _campaign(self) -> bool:
         """As a standby: tries the lock whenever it is free. Returns when the session is gone (False), or after a
@@ -146,38 +149,61 @@ class LeaderElection:
                 return False
 
     async def _lead(self, epoch: int) -> None:
-        """One term: renews the session and watches the key until the lock is lost or the leader resigns."""
+        """One term: a heartbeat renews the session from the first moment; the term ends when the lock is taken
+        away, the session is lost, or the leader resigns."""
         self.leading, self.epoch = True, epoch
+        self._resigned.clear()  # a resign meant for an earlier term does not end this one
         logger.info("leader election %s: %s leads (epoch %d)", self._key, self._holder, epoch)
+        lost = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(lost))
         try:
-            await self._on_elected(epoch)
-        except Exception:  # noqa: BLE001 - e.g. fenced out at once: a newer leader exists
-            logger.exception("leader election %s: taking the lead failed; stepping down", self._key)
-            return
-        self.settled.set()
-        index, renewed = 0, time.monotonic()
-        while not self._resigned.is_set():
             try:
-                if not await self._consul.renew_session(self._session):
-                    logger.warning("leader election %s: Consul invalidated the session", self._key)
-                    return
-                renewed = time.monotonic()
+                await self._on_elected(epoch)
+            except Exception:  # noqa: BLE001 - e.g. fenced out at once: a newer leader exists
+                logger.exception("leader election %s: taking the lead failed; stepping down", self._key)
+                return
+            self.settled.set()
+            index = 0
+            while not (self._resigned.is_set() or lost.is_set()):
                 read = asyncio.ensure_future(self._consul.read_key(self._key, index=index, wait=self._wait))
-                resigned = asyncio.ensure_future(self._resigned.wait())
+                ended = [asyncio.ensure_future(self._resigned.wait()), asyncio.ensure_future(lost.wait())]
                 try:
-                    await asyncio.wait({read, resigned}, return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait({read, *ended}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    resigned.cancel()
-                    if not read.done():
-                        read.cancel()
-                if self._resigned.is_set():
-                    return
-                index, entry = read.result()
+                    for task in (read, *ended):
+                        if not task.done():
+                            task.cancel()
+                if not read.done() or read.cancelled():
+                    continue
+                try:
+                    index, entry = read.result()
+                except httpx.HTTPError:  # the heartbeat decides whether the session may be gone
+                    await asyncio.sleep(1.0)
+                    continue
                 if entry is None or entry.get("Session") != self._session:
                     logger.warning("leader election %s: the lock was taken away", self._key)
                     return
-            except httpx.HTTPError as exc:
-                if time.monotonic() - renewed > self._ttl:  # Consul may have ended the session by now
-                    logger.warning("leader election %s: Consul unreachable for a TTL (%s)", self._key, exc)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def _heartbeat(self, lost: asyncio.Event) -> None:
+        """Renews the session every third of the TTL for the whole term. Sets `lost` when Consul ended it, or when
+        no renewal went through for two thirds of the TTL: Consul keeps a session at least a TTL after its last
+        renewal, so a leader that cannot renew steps down before anyone else can take the lock."""
+        renewed = time.monotonic()
+        while True:
+            try:
+                async with asyncio.timeout(self._ttl / 3):
+                    alive = await self._consul.renew_session(self._session)
+                if not alive:
+                    logger.warning("leader election %s: Consul ended the session", self._key)
+                    lost.set()
                     return
-                await asyncio.sleep(1.0)
+                renewed = time.monotonic()
+            except (httpx.HTTPError, TimeoutError) as exc:
+                if time.monotonic() - renewed > self._ttl * 2 / 3:
+                    logger.warning("leader election %s: no renewal for %.0fs (%s)", self._key, self._ttl * 2 / 3, exc)
+                    lost.set()
+                    return
+            await asyncio.sleep(self._ttl / 3)

@@ -285,7 +285,11 @@ class S3BlobStore(BlobStore):
             )
         if status >= 500 or status in (408, 429) or code in ("SlowDown", "RequestTimeout", "ServiceUnavailable"):
             return Unavailable(f"the registry's blob store (S3) is failing ({code or status}); retry in a few seconds")
-        return Unavailable(f"the registry's blob store (S3) refused a request ({code or status})")
+        # Any other refusal (400, 409, a KMS error...) comes back the same when retried: the operator's to fix.
+        return FailedPrecondition(
+            f"the registry's blob store (S3) refused a request ({code or status}); its operator must check the "
+            "bucket's configuration"
+        )
 
     # -- writes ------------------------------------------------------------------------------------------------
 

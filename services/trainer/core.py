@@ -25,6 +25,7 @@ from modelgrid.client.errors import (
 )
 from modelgrid.client.registry import AsyncRegistryClient, Lineage
 from services.clients.agent import AgentClient, Export
+from services.kit.redis_client import ReplicaNotAcknowledged
 from services.trainer import VERSION
 from services.trainer.domain import FINAL, HOLDS_SLOTS, EventType, Job, JobEvent, JobState, Placement, WorkerView
 from services.trainer.jobspec import JobSpec
@@ -69,8 +70,6 @@ class TrainerCore:
         """Takes the lead with `epoch`: claims the job store (FencedOut when a newer leader did), reloads unfinished
         jobs, re-attaches to running ones, starts the scheduler."""
         await self._store.claim(epoch)
-        self.leading = True
-        self._led.set()
         self.jobs.clear()
         for job in await self._store.unfinished():
             self.jobs[job.id] = job
@@ -81,6 +80,8 @@ class TrainerCore:
                 logger.info("job %s was %s when the trainer stopped: re-attaching", job.id, job.state.value)
                 await self._recipe_ready(job, report=False)  # a later attempt's worker spec needs it
                 self._spawn(job, reattach=True)
+        self.leading = True  # only now: a cancel before the runners are back would take the wrong branch
+        self._led.set()
         self._scheduler = asyncio.create_task(self._schedule_forever(), name="scheduler")
 
     async def stop(self) -> None:
@@ -96,6 +97,7 @@ class TrainerCore:
         self._scheduler = None
         self._runners.clear()
         self.jobs.clear()
+        self._store.epoch = 0  # a late write of this term is refused even before another leader claims
 
     async def _require_leader(self) -> None:
         """Writes are the leader's. While no leader is known (a trainer starting, a take-over under way) a write
@@ -113,9 +115,10 @@ class TrainerCore:
     def _fenced_out(self, exc: FencedOut) -> Unavailable:
         """Steps down after a refused write; the caller's error."""
         logger.error("a write was refused (%s): another trainer leads now; stepping down", exc)
-        self.leading = False
+        was_leading, self.leading = self.leading, False
         self._led.clear()
-        self.on_fenced()
+        if was_leading:  # once per term: a resign reaching the election between terms would end the next one
+            self.on_fenced()
         return Unavailable("this trainer just lost its leadership to another one; retry")
 
     # -- API ---------------------------------------------------------------------------------------------------
@@ -142,10 +145,16 @@ class TrainerCore:
         )
         event = JobEvent(EventType.STATE, JobState.PENDING, 0, time.time(), message="submitted")
         async with self._submit_lock:
+            if not self.leading:  # lost the lead while the recipe and the data set were checked
+                raise Unavailable("this trainer lost its leadership while checking the job; retry")
             try:
                 job, created = await self._store.create(job, event)
             except FencedOut as exc:
                 raise self._fenced_out(exc) from exc
+            except ReplicaNotAcknowledged:  # stored on the primary: schedule it; the caller hears it may be lost
+                self.jobs.setdefault(job.id, job)
+                self._wake.set()
+                raise
             if created:
                 self.jobs[job.id] = job
                 logger.info("job %s submitted: %s x%d", job.id, spec.recipe, job.workers)
@@ -352,7 +361,10 @@ class TrainerCore:
             job.failure.reason = job.failure.reason or "internal error in the trainer"
             if job.state not in FINAL:
                 job.state = JobState.FAILED
-                await self._store.save_patiently(job, _state_event(job, "internal error in the trainer"))
+                try:
+                    await self._store.save_patiently(job, _state_event(job, "internal error in the trainer"))
+                except FencedOut as exc:
+                    self._fenced_out(exc)
         finally:
             if self._runners.get(job.id, (None,))[0] is runner:
                 self._runners.pop(job.id, None)

@@ -82,12 +82,14 @@ class TrainerSettings(ServiceSettings):
     schedule_interval_seconds: float = Field(default=1.0, gt=0)
     """How often pending jobs are matched against free slots (also on every submit and agent change)."""
     leader_key: str = Field(default="modelgrid/trainer/leader", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
-    """Consul KV key whose lock the leading trainer holds (trainers sharing one Redis prefix must share it)."""
+    """Consul KV key whose lock the leading trainer holds (trainers sharing one Redis prefix must share it). The
+    trainer's Consul token may write keys under modelgrid/trainer/ (kit.consul_acl): another key needs a policy
+    that allows it."""
     leader_session_ttl_seconds: float = Field(default=15.0, ge=10, le=3600)
-    """The leader's Consul session TTL, which it renews every third of it. A dead host or a trainer that stops
-    answering its health check loses the lead as soon as Consul sees it (seconds); one whose host and check look
-    healthy but that stopped renewing loses it within this TTL (Consul may take up to twice it). A standby takes
-    over right after."""
+    """The leader's Consul session TTL, renewed every third of it from the moment it takes the lock. A dead host or
+    a trainer that stops answering its health check loses the lead as soon as Consul sees it (seconds); one whose
+    host and check look healthy but that stopped renewing loses it between this TTL and twice it (Consul's rule),
+    and steps down by itself after two thirds of it without a renewal. A standby takes over right after."""
     leader_wait_seconds: float = Field(default=10.0, ge=0, le=300)
     """A write (SubmitJob, CancelJob) that reaches a trainer while no leader is known (it is starting, or taking
     over) waits this long for it to lead before UNAVAILABLE. With another trainer leading it is refused at once."""

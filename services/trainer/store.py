@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from modelgrid.client.convert import parse_number
 from modelgrid.client.errors import NotFound
-from services.kit.redis_client import guarded_pipeline, is_outage
+from services.kit.redis_client import ReplicaNotAcknowledged, guarded_pipeline, is_outage
 from services.kit.streams import Backoff
 from services.trainer.domain import FINAL, EventType, Failure, Job, JobEvent, JobState
 
@@ -33,11 +33,13 @@ class FencedOut(Exception):
 
 
 # KEYS[1] epoch; ARGV[1] the writer's epoch. A script returns 0 when the writer is fenced out.
+# A write of the newest leader also stores its epoch again, should a Redis fail-over have lost the claim.
 _FENCE = """
 local newest = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[1]) < newest then return 0 end
+if tonumber(ARGV[1]) > newest then redis.call('SET', KEYS[1], ARGV[1]) end
 """
-_CLAIM = _FENCE + "redis.call('SET', KEYS[1], ARGV[1]) return 1"
+_CLAIM = _FENCE + "return 1"
 # KEYS[2] job, KEYS[3] events; ARGV[2] the job's JSON, ARGV[3] an event's JSON or "".
 _SAVE = (
     _FENCE
@@ -83,9 +85,12 @@ class JobStore:
     async def claim(self, epoch: int) -> None:
         """Makes `epoch` the store's newest: from now on writes of earlier leaders are refused. FencedOut when a
         newer one claimed it already."""
-        if not await self._claim(keys=[self._epoch_key], args=[epoch]):
+        if not await self._guarded(self._claim, [self._epoch_key], [epoch]):
             newest = await self._redis.get(self._epoch_key)
-            raise FencedOut(f"leader epoch {epoch} is older than the store's {newest}")
+            raise FencedOut(
+                f"leader epoch {epoch} is older than the job store's {newest}: another trainer leads now. (If "
+                f"Consul's data was reset, its indexes start over: delete the Redis key {self._epoch_key}.)"
+            )
         self.epoch = epoch
 
     def _fenced(self, written: object) -> None:
@@ -140,6 +145,9 @@ class JobStore:
         while True:
             try:
                 await self.save(job, event)
+                break
+            except ReplicaNotAcknowledged as exc:  # written on the primary: go on (the next state change WAITs again)
+                logger.warning("job %s: %s", job.id, exc)
                 break
             except RedisError as exc:
                 if not is_outage(exc):
