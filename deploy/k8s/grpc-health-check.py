@@ -1,16 +1,16 @@
 """gRPC health check of one modelgrid role, run inside its container: `modelgrid-health-check ROLE [SERVICE] [--live]`.
 
 deploy/Dockerfile copies this file into every role image as /usr/local/bin/modelgrid-health-check; the images'
-HEALTHCHECK and the Kubernetes probes of deploy/k8s run it. It calls grpc.health.v1 Check on 127.0.0.1 at the role's
-port and exits 0 only when the answer is SERVING (1 otherwise, 2 on bad arguments). SERVICE is the name put in the
-request ("" by default: the server's overall health; e.g. modelgrid.registry.v1.ModelRegistry). With --live any
-answer counts (NOT_SERVING too: a predictor loading its models, a service draining): the process is alive; only no
-answer at all fails (the liveness probes).
+HEALTHCHECK runs it (deploy/k8s uses the kubelet's own gRPC probes on the services' plaintext HEALTH_PORT). It
+calls grpc.health.v1 Check on 127.0.0.1 at the role's port and exits 0 only when the answer is SERVING (1
+otherwise, 2 on bad arguments). SERVICE is the name put in the request ("" by default: the server's overall
+health; e.g. modelgrid.registry.v1.ModelRegistry). With --live any answer counts (NOT_SERVING too: a predictor
+loading its models, a service draining): the process is alive; only no answer at all fails.
 
 It reads the role's own settings from the environment, as the service does (MODELGRID_<ROLE>_...):
   PORT               the gRPC port (default: the role's)
   INTERNAL_TLS_DIR   the mesh's certificates: the call is mutual TLS with the role's own certificate, as every
-                     internal port requires one (this is why the kubelet's built-in `grpc:` probe cannot check them)
+                     internal port requires one (the kubelet's built-in `grpc:` probe asks HEALTH_PORT instead)
   TLS_CERT           the gateway's public certificate: the call is TLS, trusting that certificate or a public CA,
                      with the certificate's first DNS name as the expected server name
 """

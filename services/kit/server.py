@@ -109,6 +109,8 @@ class GrpcService:
         self._cleanups: list[Callable[[], Awaitable[None]]] = []
         self._on_stopping: list[Callable[[], None]] = []
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = -1
         self._consul: ConsulClient | None = None
         self._registration: Registration | None = None
         self._keeper: asyncio.Task | None = None
@@ -180,6 +182,7 @@ class GrpcService:
             server.add_insecure_port(f"unix:{control_socket}")
         await server.start()
         self._server = server
+        await self._serve_health()
         self.serve_metrics()
         await self.set_serving(False)
         logger.info("%s listening on %s:%d", self.spec.name, self.settings.host, self.port)
@@ -187,6 +190,19 @@ class GrpcService:
             await self._register()
             self._keeper = asyncio.create_task(self._keep_registered(), name=f"{self.spec.name}-registration")
         return self.port
+
+    async def _serve_health(self) -> None:
+        """The health-only plaintext port (settings.health_port), when asked for: the same statuses, no API."""
+        port = getattr(self.settings, "health_port", -1)
+        if port < 0:
+            return
+        server = grpc.aio.server(options=list(KEEPALIVE_POLICY))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.health_port = server.add_insecure_port(f"{self.settings.host}:{port}")
+        if self.health_port == 0:
+            raise OSError(f"cannot bind the health port {self.settings.host}:{port}")
+        await server.start()
+        self._health_server = server
 
     def _server_credentials(self) -> grpc.ServerCredentials | None:
         """The public certificate for the gateway; internal mTLS for the others, whose plaintext is refused off
@@ -315,6 +331,8 @@ class GrpcService:
                 await asyncio.wait_for(self._server.stop(grace), grace + 5)
             except TimeoutError:
                 logger.warning("%s: the gRPC server did not stop %.0fs after its grace period", self.spec.name, 5.0)
+        if self._health_server is not None:
+            await self._health_server.stop(None)
         for cleanup in reversed(self._cleanups):
             try:
                 await cleanup()

@@ -118,6 +118,10 @@ class ServiceSettings(BaseSettings):
     otel_sample_ratio: float | None = Field(default=None, ge=0, le=1)
     """Share of new traces sampled (a trace a caller sampled is always continued). Unset: the standard
     OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG (default: every trace)."""
+    health_port: int = Field(default=-1, ge=-1, le=65535)
+    """A plaintext port that serves grpc.health.v1 alone, for probes that cannot present the client certificate
+    internal mTLS asks for (Kubernetes' built-in grpc probes); it tells whether the service serves, nothing else.
+    -1: off (0: any free port)."""
     metrics_port: int = Field(default=-1, ge=-1, le=65535)
     """Prometheus /metrics HTTP port on `host` (0: any free port, -1: off): RPC counts, latency and calls in flight
     (kit.metrics), and the service's own metrics and gauges. Default -1, except the predictor's 9161 and the

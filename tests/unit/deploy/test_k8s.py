@@ -33,8 +33,6 @@ DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
 OVERLAYS = ("dev", "prod")
 KUBERNETES_VERSION = latest_version()
 """The newest Kubernetes release whose schemas the installed kubernetes-validate bundles."""
-HEALTH_CHECK = ["python", "/usr/local/bin/modelgrid-health-check"]
-"""The probes' command (deploy/k8s/grpc-health-check.py, which deploy/Dockerfile puts in every role image)."""
 
 # role -> (its workload, settings class, the proto service its readiness asks for, its gRPC port)
 ROLES = {
@@ -246,8 +244,9 @@ def test_each_overlay_renders_and_every_object_is_valid(rendered: tuple[str, lis
 
 
 def test_every_role_runs_its_image_with_grpc_health_probes_on_its_port(rendered: tuple[str, list[dict]]) -> None:
-    """Startup and liveness: the server answers grpc.health.v1 at all; readiness: it serves its API. They run the
-    health check over mutual TLS inside the container (the kubelet's own grpc probe has no client certificate)."""
+    """The kubelet's own gRPC probes (grpc.health.v1) on the role's health-only plaintext port (HEALTH_PORT: the
+    service's port asks for a client certificate). Startup and liveness: the server answers at all; readiness: it
+    serves its API."""
     overlay, objects = rendered
     for role, (_, _, proto_service, port) in ROLES.items():
         _, container = _role_container(objects, role)
@@ -257,15 +256,18 @@ def test_every_role_runs_its_image_with_grpc_health_probes_on_its_port(rendered:
         prefix = f"MODELGRID_{'AGENT' if role == 'agent' else role.upper()}_"
         env = _env(container)
         assert env[prefix + "PORT"]["value"] == str(port), f"{overlay}: {role} serves elsewhere than its probes"
+        health_port = int(env[prefix + "HEALTH_PORT"]["value"])
+        assert health_port not in (port, 0), f"{overlay}: {role}'s health port must be a port of its own"
+        assert health_port in [p["containerPort"] for p in container["ports"]], f"{overlay}: {role}: no health port"
         expected = {
-            "startupProbe": [*HEALTH_CHECK, role, "--live"],
-            "livenessProbe": [*HEALTH_CHECK, role, "--live"],
-            "readinessProbe": [*HEALTH_CHECK, role, proto_service],
+            "startupProbe": {"port": health_port},
+            "livenessProbe": {"port": health_port},
+            "readinessProbe": {"port": health_port, "service": proto_service},
         }
-        for probe, command in expected.items():
+        for probe, grpc_probe in expected.items():
             assert probe in container, f"{overlay}: {role} has no {probe}"
-            assert container[probe].get("exec", {}).get("command") == command, (
-                f"{overlay}: {role}'s {probe} is {container[probe]}, expected the gRPC health check {command}"
+            assert container[probe].get("grpc") == grpc_probe, (
+                f"{overlay}: {role}'s {probe} is {container[probe]}, expected the gRPC probe {grpc_probe}"
             )
 
 

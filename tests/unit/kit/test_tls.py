@@ -166,3 +166,35 @@ async def test_a_service_without_certificates_refuses_to_serve_plaintext_off_loo
     with pytest.raises(RuntimeError, match="internal_tls_dir"):
         await service.start()
     await service.stop()
+
+
+async def test_the_health_port_answers_plaintext_health_and_nothing_else(certs):
+    """For Kubernetes' grpc probes, which present no client certificate: the mTLS port refuses them, the health
+    port (HEALTH_PORT) answers grpc.health.v1 in plaintext, with the service's statuses, and serves no API."""
+    settings = ServiceSettings(
+        host="127.0.0.1",
+        port=0,
+        health_port=0,
+        consul_enabled=False,
+        internal_tls_dir=certs,
+        shutdown_grace_seconds=0.1,
+    )
+    spec = ServiceSpec("trainer-agent", "0", ["modelgrid.test.v1.Echo"], _add_echo)
+    service = GrpcService(spec, settings, TracerProvider())
+    await service.start()
+    try:
+        assert service.health_port > 0 and service.health_port != service.port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.health_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            ask = health_pb2.HealthCheckRequest(service="modelgrid.test.v1.Echo")
+            assert (await stub.Check(ask, timeout=5)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            await service.set_serving(True)
+            assert (await stub.Check(ask, timeout=5)).status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary(ECHO)(b"hi", timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as plain:
+            with pytest.raises(grpc.aio.AioRpcError):  # the service's own port: mTLS only
+                await _health(plain)
+    finally:
+        await service.stop()
