@@ -6,6 +6,7 @@ made a replica goes to the new primary at its first write instead of failing the
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,6 +228,10 @@ async def test_an_open_connection_to_a_demoted_primary_moves_to_the_new_primary_
             Redis(port=replica.port, password=replica.password) as new,
             Redis(port=primary.port, password=primary.password) as old,
         ):
+            deadline = time.monotonic() + 10  # replication is asynchronous: on a loaded machine it takes a while
+            while new.get("before") is None:
+                assert time.monotonic() < deadline, "the replica never got the first write"
+                await asyncio.sleep(0.02)
             new.replicaof("NO", "ONE")
             old.replicaof("127.0.0.1", replica.port)
         names["modelgrid"] = ("127.0.0.1", replica.port)
