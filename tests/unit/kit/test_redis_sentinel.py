@@ -40,8 +40,8 @@ from services.kit.settings import ServiceSettings
 
 
 def test_sentinel_addresses_come_comma_separated_or_as_json_and_must_be_host_port(monkeypatch) -> None:
-    monkeypatch.setenv("MODELGRID_REDIS_SENTINELS", "10.0.0.1:26379, 10.0.0.2:26380")
-    assert ServiceSettings().redis_sentinels == ["10.0.0.1:26379", "10.0.0.2:26380"]
+    monkeypatch.setenv("MODELGRID_REDIS_SENTINELS", "198.18.0.1:26379, 198.18.0.2:26380")
+    assert ServiceSettings().redis_sentinels == ["198.18.0.1:26379", "198.18.0.2:26380"]
     monkeypatch.setenv("MODELGRID_REDIS_SENTINELS", '["a:1", "[::1]:26379"]')
     assert ServiceSettings().redis_sentinels == ["a:1", "[::1]:26379"]
     assert parse_sentinels(["a:1", "[::1]:26379"]) == [("a", 1), ("::1", 26379)]
