@@ -41,15 +41,9 @@ AWS_ENV = {
 }
 WRITE_LOOP_MAX_S = 120.0  # the guarded-write loop stops by itself at the latest then
 FAILOVER_LIMIT_S = 60.0
+# The hosts library (tests/multihost/hosts.py), which conftest.py loads by its path before any test module.
+wait_for = sys.modules["modelgrid_tests_multihost_hosts"].wait_for
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
-
-
-def wait_for(condition, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"{what}: not within {timeout:.0f}s"
-        time.sleep(0.2)
-    return time.monotonic() - started
 
 
 def start_replica(hosts_lib, host, primary) -> None:
