@@ -58,7 +58,9 @@ def _agent(launch, consul_url: str, data_dir: Path) -> ServiceProcess:
 
 
 @pytest.fixture(scope="module")
-def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model):
+def mesh(
+    internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, predict_request
+):
     tmp = tmp_path_factory.mktemp("metrics")
     with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
         prefix = f"mg:test-metrics:{uuid.uuid4().hex[:6]}:"
@@ -87,6 +89,9 @@ def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, u
         agent_channel = agent.channel(identity="trainer")  # an agent accepts only the trainer
         gateway_channel = grpc.insecure_channel(gateway.target)
         try:
+            # The gateway routes to the predictor once Consul has seen its health check pass: wait for that, so the
+            # first test's calls through the gateway do not race it.
+            _wait_routed(predictor_pb2_grpc.PredictorStub(gateway_channel), predict_request(model, X))
             yield SimpleNamespace(
                 model=model,
                 ports=ports,
@@ -102,6 +107,14 @@ def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, u
                 open_channel.close()
             for process in (gateway, predictor, trainer, agent, registry):
                 process.stop()
+
+
+def _wait_routed(gateway, request, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while (code := _code(gateway.Predict, request)) == grpc.StatusCode.UNAVAILABLE:
+        assert time.monotonic() < deadline, "the gateway never routed a prediction to the predictor"
+        time.sleep(0.2)
+    assert code == grpc.StatusCode.OK, code
 
 
 class Exposition:

@@ -60,6 +60,18 @@ def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for):
         while len(ns.trainer.ListWorkers(pb.ListWorkersRequest()).workers) < 2:
             assert time.monotonic() < deadline, "the trainer did not find both agents"
             time.sleep(0.2)
+        # The gateway routes to the registry once Consul has seen the registry's health check pass.
+        through_gateway = registry_pb2_grpc.ModelRegistryStub(gateway_channel)
+        bearer = (("authorization", f"Bearer {ADMIN_KEY}"),)
+        while True:
+            try:
+                through_gateway.GetModel(rpb.GetModelRequest(name="absent"), metadata=bearer, timeout=10)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
+                    break
+            assert time.monotonic() < deadline + 30, "the gateway never routed to the registry"
+            time.sleep(0.2)
         try:
             yield ns
         finally:
