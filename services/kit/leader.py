@@ -7,8 +7,8 @@ out, or its holder stops (it destroys the session: the hand-over is immediate).
 
 The leader's fencing token (`epoch`) is the key's ModifyIndex right after it took the lock: a Raft index, so every
 new term has a larger one. The leader puts it on every write it makes to shared state, and the state refuses a write
-whose epoch is below the newest it has seen (see trainer.store), so a leader cut off from Consul cannot act after
-another took over, even before it notices.
+whose epoch is below the newest it has seen (see trainer.store and the trainer's worker agents), so a leader cut
+off from Consul cannot act after another took over, even before it notices.
 """
 
 import asyncio
@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import httpx
 
@@ -26,6 +27,19 @@ logger = logging.getLogger(__name__)
 
 MIN_TTL_SECONDS = 10.0
 """Consul refuses session TTLs below 10 s."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A leader's fencing token: the lock it leads by (a Consul KV key) and its epoch on that lock."""
+
+    lock: str
+    epoch: int
+
+
+class FencedOut(Exception):
+    """A write or an action was refused: a newer leader holds the lock now. Not a ModelgridError on purpose: no
+    handler of ordinary failures may swallow it; the refused leader steps down."""
 
 
 class LeaderElection:

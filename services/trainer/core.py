@@ -4,8 +4,9 @@ workers that kept running: nothing is lost and nothing runs twice.
 
 Several trainers may run; one leads (kit.leader, elected in Consul) and only it schedules, runs jobs and accepts
 writes. The others are standbys: they answer reads from Redis and refuse writes with UNAVAILABLE. `start(epoch)`
-takes the lead, `stop()` gives it up; every write carries the epoch (trainer.store), and one refused as fenced out
-makes the leader step down (`on_fenced`)."""
+takes the lead, `stop()` gives it up; every write carries the epoch (trainer.store), so does every call that starts
+or stops workers (the agents keep the newest epoch), and one refused as fenced out makes the leader step down
+(`on_fenced`)."""
 
 import asyncio
 import contextlib
@@ -25,6 +26,7 @@ from modelgrid.client.errors import (
 )
 from modelgrid.client.registry import AsyncRegistryClient, Lineage
 from services.clients.agent import AgentClient, Export
+from services.kit.leader import Fence
 from services.kit.redis_client import ReplicaNotAcknowledged
 from services.trainer import VERSION
 from services.trainer.domain import FINAL, HOLDS_SLOTS, EventType, Job, JobEvent, JobState, Placement, WorkerView
@@ -49,6 +51,8 @@ class TrainerCore:
     ) -> None:
         self._store = store
         self._agents = agents
+        self._leader_agents = agents.fenced(Fence(settings.leader_key, 0))
+        """The agents as this trainer's current term calls them: with its fence (the scheduler and the runners)."""
         self._registry = registry
         self._settings = settings
         self.jobs: dict[str, Job] = {}
@@ -69,7 +73,8 @@ class TrainerCore:
     async def start(self, epoch: int) -> None:
         """Takes the lead with `epoch`: claims the job store (FencedOut when a newer leader did), reloads unfinished
         jobs, re-attaches to running ones, starts the scheduler."""
-        await self._store.claim(epoch)
+        await self._store.claim(epoch)  # before any agent hears the epoch: an agent refuses no term the store admits
+        self._leader_agents = self._agents.fenced(Fence(self._settings.leader_key, epoch))
         self.jobs.clear()
         for job in await self._store.unfinished():
             self.jobs[job.id] = job
@@ -285,7 +290,7 @@ class TrainerCore:
             per_agent.setdefault(agent, []).append(task)
         for agent, tasks in per_agent.items():
             try:
-                ports = await self._agents.reserve_ports(agent, job.id, len(tasks))
+                ports = await self._leader_agents.reserve_ports(agent, job.id, len(tasks))
                 host = self._agents.agents[agent].host
             except (ModelgridError, KeyError) as exc:
                 logger.warning("reserving ports on %s for job %s failed: %s", agent, job.id, exc)
@@ -342,7 +347,7 @@ class TrainerCore:
         return True
 
     def _spawn(self, job: Job, reattach: bool) -> None:
-        runner = JobRunner(job, self._store, self._agents, self._settings, self.register, self._replace)
+        runner = JobRunner(job, self._store, self._leader_agents, self._settings, self.register, self._replace)
         if job.cancel_requested:
             runner.cancel.set()
         task = asyncio.create_task(self._run(runner, reattach), name=f"job-{job.id}")

@@ -20,16 +20,12 @@ from redis.exceptions import RedisError
 
 from modelgrid.client.convert import parse_number
 from modelgrid.client.errors import NotFound
+from services.kit.leader import FencedOut
 from services.kit.redis_client import ReplicaNotAcknowledged, guarded_pipeline, is_outage
 from services.kit.streams import Backoff
 from services.trainer.domain import FINAL, EventType, Failure, Job, JobEvent, JobState
 
 logger = logging.getLogger(__name__)
-
-
-class FencedOut(Exception):
-    """A write was refused: a newer leader has claimed the store. Not a ModelgridError on purpose: no handler of
-    ordinary failures may swallow it; the trainer steps down."""
 
 
 # KEYS[1] epoch; ARGV[1] the writer's epoch. A script returns 0 when the writer is fenced out.

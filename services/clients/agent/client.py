@@ -4,14 +4,18 @@ Every call names the agent it is for. Work is only given to healthy agents (`res
 `replica_logs`); stopping, listing, watching and releasing also reach an agent that was healthy before, since a
 busy agent whose check just failed may still run workers that must be stopped. Replies are the types of
 services.clients.agent.types; failures are the kit's domain errors, never gRPC errors.
+
+A leading trainer calls through `fenced(fence)`: every call but ReplicaLogs carries its fencing token, and an
+agent that has seen a newer leader refuses the calls that start or stop workers, raised here as FencedOut.
 """
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from modelgrid.agent.v1 import agent_pb2 as pb
 from modelgrid.agent.v1 import agent_pb2_grpc
-from modelgrid.client.errors import Unavailable
+from modelgrid.client.errors import Aborted, Unavailable
 from modelgrid.client.rpc_errors import rpc_errors
 from services.clients.agent.types import (
     Checkpoint,
@@ -25,6 +29,7 @@ from services.clients.agent.types import (
 from services.clients.agent.worker_spec import WorkerSpec
 from services.kit.channels import InstancePool
 from services.kit.consul import Instance
+from services.kit.leader import Fence, FencedOut
 
 SERVICE = "trainer-agent"
 TIMEOUT = 10.0  # seconds, for every call but StartReplica
@@ -47,10 +52,26 @@ class Agent:
 
 
 class AgentClient:
-    """Calls to the worker agents of one InstancePool."""
+    """Calls to the worker agents of one InstancePool (unfenced, or with one leader's fence)."""
 
-    def __init__(self, pool: InstancePool) -> None:
+    def __init__(self, pool: InstancePool, fence: Fence | None = None) -> None:
         self._pool = pool
+        self._fence = pb.LeaderFence(lock=fence.lock, epoch=fence.epoch) if fence is not None else None
+
+    def fenced(self, fence: Fence) -> "AgentClient":
+        """A client over the same agents whose calls carry `fence`."""
+        return AgentClient(self._pool, fence)
+
+    @contextlib.contextmanager
+    def _calling(self, agent_id: str) -> Iterator[None]:
+        """Domain errors for gRPC ones; the agent's ABORTED to a fenced call is FencedOut."""
+        try:
+            with rpc_errors(SERVICE):
+                yield
+        except Aborted as exc:
+            if self._fence is None:
+                raise
+            raise FencedOut(f"worker agent {agent_id} refused a call: {exc}") from exc
 
     @property
     def agents(self) -> dict[str, Agent]:
@@ -72,15 +93,16 @@ class AgentClient:
     async def reserve_ports(self, agent_id: str, job_id: str, count: int) -> list[int]:
         """`count` ports on the agent's host for the job: the same ones on every call."""
         stub = self._stub(agent_id, healthy_only=True)
-        with rpc_errors(SERVICE):
-            reply = await stub.ReservePorts(pb.ReservePortsRequest(job_id=job_id, count=count), timeout=TIMEOUT)
+        request = pb.ReservePortsRequest(job_id=job_id, count=count, fence=self._fence)
+        with self._calling(agent_id):
+            reply = await stub.ReservePorts(request, timeout=TIMEOUT)
         return list(reply.ports)
 
     async def release_ports(self, agent_id: str, job_id: str) -> None:
         """Frees the job's ports on the agent (and its exited replicas there)."""
         stub = self._stub(agent_id, healthy_only=False)
-        with rpc_errors(SERVICE):
-            await stub.ReleasePorts(pb.ReleasePortsRequest(job_id=job_id), timeout=TIMEOUT)
+        with self._calling(agent_id):
+            await stub.ReleasePorts(pb.ReleasePortsRequest(job_id=job_id, fence=self._fence), timeout=TIMEOUT)
 
     async def start_replica(
         self, agent_id: str, key: ReplicaKey, tf_config: str, spec: WorkerSpec, data: ReplicaData | None = None
@@ -95,36 +117,39 @@ class AgentClient:
             task_index=key.task_index,
             tf_config=tf_config,
             worker_spec=spec.to_json(),
+            fence=self._fence,
         )
         if data is not None:
             request.data.CopyFrom(data_to_pb(data))
         stub = self._stub(agent_id, healthy_only=True)
-        with rpc_errors(SERVICE):
+        with self._calling(agent_id):
             reply = await stub.StartReplica(request, timeout=START_TIMEOUT)
         return replica_from_pb(reply)
 
     async def stop_replica(self, agent_id: str, key: ReplicaKey, *, kill: bool) -> ReplicaStatus:
         """SIGTERM (a preemption) or SIGKILL (`kill`) to the worker process of `key`."""
-        request = pb.StopReplicaRequest(job_id=key.job_id, attempt=key.attempt, task_index=key.task_index, kill=kill)
+        request = pb.StopReplicaRequest(
+            job_id=key.job_id, attempt=key.attempt, task_index=key.task_index, kill=kill, fence=self._fence
+        )
         stub = self._stub(agent_id, healthy_only=False)
-        with rpc_errors(SERVICE):
+        with self._calling(agent_id):
             reply = await stub.StopReplica(request, timeout=TIMEOUT)
         return replica_from_pb(reply)
 
     async def list_replicas(self, agent_id: str, job_id: str = "") -> list[ReplicaStatus]:
         """The worker processes the agent knows (of one job when given), running or exited."""
         stub = self._stub(agent_id, healthy_only=False)
-        with rpc_errors(SERVICE):
-            reply = await stub.ListReplicas(pb.ListReplicasRequest(job_id=job_id), timeout=TIMEOUT)
+        with self._calling(agent_id):
+            reply = await stub.ListReplicas(pb.ListReplicasRequest(job_id=job_id, fence=self._fence), timeout=TIMEOUT)
         return [replica_from_pb(r) for r in reply.replicas]
 
     async def watch_replicas(self, agent_id: str, job_id: str = "") -> AsyncIterator[ReplicaEvent]:
         """The current state of each replica, then every progress line and exit as it happens. Ends with a domain
         error when the stream breaks (the caller reconnects)."""
         stub = self._stub(agent_id, healthy_only=False)
-        call = stub.WatchReplicas(pb.WatchReplicasRequest(job_id=job_id))
+        call = stub.WatchReplicas(pb.WatchReplicasRequest(job_id=job_id, fence=self._fence))
         try:
-            with rpc_errors(SERVICE):
+            with self._calling(agent_id):
                 async for event in call:
                     yield ReplicaEvent(replica_from_pb(event.replica), event.progress)
         finally:

@@ -1,4 +1,5 @@
-"""Thin gRPC servicer of modelgrid.agent.v1.WorkerAgent: protobuf in, ReplicaSupervisor call, protobuf out."""
+"""Thin gRPC servicer of modelgrid.agent.v1.WorkerAgent: protobuf in, ReplicaSupervisor call, protobuf out. Calls
+that start or stop workers pass the trainer's fence first (agent.fences)."""
 
 from collections.abc import AsyncIterator
 
@@ -6,6 +7,7 @@ from modelgrid.agent.v1 import agent_pb2 as pb
 from modelgrid.agent.v1 import agent_pb2_grpc
 from services.clients.agent.client import checkpoint_to_pb, data_from_pb
 from services.clients.agent.types import ReplicaEvent, ReplicaKey, ReplicaState, ReplicaStatus
+from services.trainer.agent.fences import FenceBook
 from services.trainer.agent.supervisor import ReplicaSupervisor
 
 _STATES = {ReplicaState.RUNNING: pb.REPLICA_STATE_RUNNING, ReplicaState.EXITED: pb.REPLICA_STATE_EXITED}
@@ -20,33 +22,40 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
 
     def __init__(self, supervisor: ReplicaSupervisor) -> None:
         self._supervisor = supervisor
+        self._fences = FenceBook()
 
     def add_to(self, server) -> None:
         """Serves this servicer on `server`."""
         agent_pb2_grpc.add_WorkerAgentServicer_to_server(self, server)
 
     async def ReservePorts(self, request: pb.ReservePortsRequest, context) -> pb.ReservePortsResponse:
+        self._fences.admit(request.fence)
         return pb.ReservePortsResponse(ports=self._supervisor.reserve_ports(request.job_id, request.count))
 
     async def ReleasePorts(self, request: pb.ReleasePortsRequest, context) -> pb.ReleasePortsResponse:
+        self._fences.admit(request.fence)
         await self._supervisor.release_ports(request.job_id)
         return pb.ReleasePortsResponse()
 
     async def StartReplica(self, request: pb.StartReplicaRequest, context) -> pb.Replica:
+        self._fences.admit(request.fence)
         key = ReplicaKey(request.job_id, request.attempt, request.task_index)
         data = data_from_pb(request.data) if request.HasField("data") else None
         status = await self._supervisor.start_replica(key, request.tf_config, request.worker_spec, data)
         return replica_to_pb(status)
 
     async def StopReplica(self, request: pb.StopReplicaRequest, context) -> pb.Replica:
+        self._fences.admit(request.fence)
         key = ReplicaKey(request.job_id, request.attempt, request.task_index)
         return replica_to_pb(self._supervisor.stop_replica(key, request.kill))
 
     async def ListReplicas(self, request: pb.ListReplicasRequest, context) -> pb.ListReplicasResponse:
+        self._fences.note(request.fence)
         replicas = self._supervisor.list_replicas(request.job_id)
         return pb.ListReplicasResponse(replicas=[replica_to_pb(r) for r in replicas])
 
     async def WatchReplicas(self, request: pb.WatchReplicasRequest, context) -> AsyncIterator[pb.ReplicaEvent]:
+        self._fences.note(request.fence)
         async for event in self._supervisor.watch(request.job_id):
             yield event_to_pb(event)
 

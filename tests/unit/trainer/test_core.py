@@ -22,7 +22,7 @@ from modelgrid.client.registry import ArtifactFormat, AsyncRegistryClient
 from modelgrid.client.registry.types import KIND_TAG, RECIPE_KIND
 from modelgrid.registry.v1 import registry_pb2 as rpb
 from services.clients.agent import AgentClient, Export, WorkerSpec
-from services.clients.agent.types import ReplicaState
+from services.clients.agent.types import ReplicaKey, ReplicaState
 from services.kit.channels import InstancePool
 from services.kit.localinfra import free_port
 from services.kit.server import GrpcService
@@ -356,16 +356,21 @@ async def test_a_deposed_leader_is_fenced_out_and_the_new_one_finishes_its_job_o
     agents, agent_client, cores, digits_npz
 ):
     """A standby takes over (its claim carries a newer epoch) while the old leader, cut off, still follows a job:
-    the old one's next write is refused and it steps down; the job is re-attached, not started again."""
+    the agents refuse its calls that act on workers, its next write is refused and it steps down; the job is
+    re-attached, not started again."""
     await agents(slots=2)
     await ready(agent_client, 1)
     old = await cores(epoch=1)
     fenced: list[bool] = []
     old.on_fenced = lambda: fenced.append(True)
     job = await old.submit(spec_of(digits_npz, step_delay_ms=100), request_id="")
-    await until(old, job.id, lambda j: j.state == JobState.RUNNING and j.step >= 2)
+    running = await until(old, job.id, lambda j: j.state == JobState.RUNNING and j.step >= 2)
 
     new = await cores(epoch=2)
+    placement = running.placements[0]
+    await new._leader_agents.list_replicas(placement.agent, job.id)  # as its re-attaching runner does
+    with pytest.raises(FencedOut):  # the old leader, unaware yet, can no longer stop the workers the new one follows
+        await old._leader_agents.stop_replica(placement.agent, ReplicaKey(job.id, 1, placement.task_index), kill=True)
     deadline = time.monotonic() + 10
     while not fenced:  # its next progress write
         assert time.monotonic() < deadline, "the deposed leader's writes were not refused"
