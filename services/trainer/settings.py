@@ -81,7 +81,9 @@ class TrainerSettings(ServiceSettings):
     """Prefix of every Redis key the trainer writes (lets several trainers share one Redis)."""
     schedule_interval_seconds: float = Field(default=1.0, gt=0)
     """How often pending jobs are matched against free slots (also on every submit and agent change)."""
-    leader_key: str = Field(default="modelgrid/trainer/leader", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+    leader_key: str = Field(
+        default="modelgrid/trainer/leader", max_length=512, pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$"
+    )
     """Consul KV key whose lock the leading trainer holds (trainers sharing one Redis prefix must share it). The
     trainer's Consul token may write keys under modelgrid/trainer/ (kit.consul_acl): another key needs a policy
     that allows it."""

@@ -85,7 +85,8 @@ class JobStore:
             newest = await self._redis.get(self._epoch_key)
             raise FencedOut(
                 f"leader epoch {epoch} is older than the job store's {newest}: another trainer leads now. (If "
-                f"Consul's data was reset, its indexes start over: delete the Redis key {self._epoch_key}.)"
+                f"Consul's data was reset, its indexes start over: delete the Redis key {self._epoch_key} and "
+                "restart the worker agents, which remember the newest epoch too.)"
             )
         self.epoch = epoch
 

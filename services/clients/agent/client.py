@@ -6,7 +6,8 @@ busy agent whose check just failed may still run workers that must be stopped. R
 services.clients.agent.types; failures are the kit's domain errors, never gRPC errors.
 
 A leading trainer calls through `fenced(fence)`: every call but ReplicaLogs carries its fencing token, and an
-agent that has seen a newer leader refuses the calls that start or stop workers, raised here as FencedOut.
+agent that has seen a newer leader refuses the calls that start or stop workers (reserve_ports, start_replica,
+stop_replica), raised here as FencedOut.
 """
 
 import contextlib
@@ -63,8 +64,9 @@ class AgentClient:
         return AgentClient(self._pool, fence)
 
     @contextlib.contextmanager
-    def _calling(self, agent_id: str) -> Iterator[None]:
-        """Domain errors for gRPC ones; the agent's ABORTED to a fenced call is FencedOut."""
+    def _acting(self, agent_id: str) -> Iterator[None]:
+        """Around a call that starts or stops workers: domain errors for gRPC ones, and the agent's ABORTED to a
+        fenced call is FencedOut (the other calls are never refused for their fence)."""
         try:
             with rpc_errors(SERVICE):
                 yield
@@ -94,14 +96,14 @@ class AgentClient:
         """`count` ports on the agent's host for the job: the same ones on every call."""
         stub = self._stub(agent_id, healthy_only=True)
         request = pb.ReservePortsRequest(job_id=job_id, count=count, fence=self._fence)
-        with self._calling(agent_id):
+        with self._acting(agent_id):
             reply = await stub.ReservePorts(request, timeout=TIMEOUT)
         return list(reply.ports)
 
     async def release_ports(self, agent_id: str, job_id: str) -> None:
         """Frees the job's ports on the agent (and its exited replicas there)."""
         stub = self._stub(agent_id, healthy_only=False)
-        with self._calling(agent_id):
+        with rpc_errors(SERVICE):
             await stub.ReleasePorts(pb.ReleasePortsRequest(job_id=job_id, fence=self._fence), timeout=TIMEOUT)
 
     async def start_replica(
@@ -122,7 +124,7 @@ class AgentClient:
         if data is not None:
             request.data.CopyFrom(data_to_pb(data))
         stub = self._stub(agent_id, healthy_only=True)
-        with self._calling(agent_id):
+        with self._acting(agent_id):
             reply = await stub.StartReplica(request, timeout=START_TIMEOUT)
         return replica_from_pb(reply)
 
@@ -132,14 +134,14 @@ class AgentClient:
             job_id=key.job_id, attempt=key.attempt, task_index=key.task_index, kill=kill, fence=self._fence
         )
         stub = self._stub(agent_id, healthy_only=False)
-        with self._calling(agent_id):
+        with self._acting(agent_id):
             reply = await stub.StopReplica(request, timeout=TIMEOUT)
         return replica_from_pb(reply)
 
     async def list_replicas(self, agent_id: str, job_id: str = "") -> list[ReplicaStatus]:
         """The worker processes the agent knows (of one job when given), running or exited."""
         stub = self._stub(agent_id, healthy_only=False)
-        with self._calling(agent_id):
+        with rpc_errors(SERVICE):
             reply = await stub.ListReplicas(pb.ListReplicasRequest(job_id=job_id, fence=self._fence), timeout=TIMEOUT)
         return [replica_from_pb(r) for r in reply.replicas]
 
@@ -149,7 +151,7 @@ class AgentClient:
         stub = self._stub(agent_id, healthy_only=False)
         call = stub.WatchReplicas(pb.WatchReplicasRequest(job_id=job_id, fence=self._fence))
         try:
-            with self._calling(agent_id):
+            with rpc_errors(SERVICE):
                 async for event in call:
                     yield ReplicaEvent(replica_from_pb(event.replica), event.progress)
         finally:

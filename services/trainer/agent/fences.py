@@ -1,10 +1,12 @@
 """The newest leader epoch an agent has seen of each trainer lock (kit.leader): a call of an older epoch that would
 start or stop workers is refused, so a trainer that lost its leadership, and has not noticed yet, cannot act on the
-workers the new leader follows. Reads carry the fence too and teach the agent a newer epoch; they are never refused.
+workers the new leader follows. The other calls carry the fence too and teach the agent a newer epoch; they are never
+refused.
 
 Kept in memory: an agent that restarts learns the epoch again from the leader's next call. The new leader claims the
 job store before it calls any agent, so an agent refusing an old leader never refuses a job the store still lets it
-write."""
+write. Consul's indexes start over only when its data is lost; the agents must then be restarted too, like the job
+store's epoch deleted (trainer.store says so when it refuses the claim)."""
 
 from collections import OrderedDict
 
@@ -39,7 +41,8 @@ class FenceBook:
         if fence.epoch < newest:
             raise Aborted(
                 f"a newer trainer leads (epoch {newest} of {fence.lock}, this call's is {fence.epoch}): a deposed "
-                "leader may not start or stop workers"
+                "leader may not start or stop workers. (If Consul's data was reset, its indexes start over: restart "
+                "this agent.)"
             )
         self._record(fence.lock, fence.epoch)
 

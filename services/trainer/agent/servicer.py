@@ -33,7 +33,7 @@ class WorkerAgentServicer(agent_pb2_grpc.WorkerAgentServicer):
         return pb.ReservePortsResponse(ports=self._supervisor.reserve_ports(request.job_id, request.count))
 
     async def ReleasePorts(self, request: pb.ReleasePortsRequest, context) -> pb.ReleasePortsResponse:
-        self._fences.admit(request.fence)
+        self._fences.note(request.fence)  # only after the job's final state was stored: the store fenced that
         await self._supervisor.release_ports(request.job_id)
         return pb.ReleasePortsResponse()
 
