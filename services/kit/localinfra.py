@@ -30,10 +30,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
 import weakref
+from collections import deque
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
@@ -93,11 +95,23 @@ FREE_PORT_LOW = 20000
 """free_ports() picks from FREE_PORT_LOW up to the kernel's ephemeral range, never inside it: the kernel hands
 ephemeral ports to outgoing connections and to bind(port 0) all the time, so a port picked from that range can be
 taken between the pick and the service's bind (seen under parallel test runs)."""
+KERNEL_PORTS_ENV = "MODELGRID_KERNEL_PORTS"
+"""Set to 1 in the environment of a service a test starts (kit.processes): the ports that service picks for itself (a
+replica's worker metrics ports) come from the kernel, never from the range the test process picks from, so it cannot
+take a port the test picked for a service that has not bound it yet (seen: a gateway's worker took the port of a
+predictor still importing TensorFlow)."""
+_RECENT_PICKS: deque[int] = deque(maxlen=1024)
+"""What free_ports() handed out lately in this process: never handed out again while here, since a picked port may
+not be bound yet (services started together import for seconds before they bind)."""
+_PICK_LOCK = threading.Lock()
 
 
 def _pick_range() -> range:
     """The ports free_ports() picks from: below the ephemeral range, split between parallel test workers
-    (pytest-xdist's PYTEST_XDIST_WORKER=gw<i> of PYTEST_XDIST_WORKER_COUNT) so that they never pick the same."""
+    (pytest-xdist's PYTEST_XDIST_WORKER=gw<i> of PYTEST_XDIST_WORKER_COUNT) so that they never pick the same.
+    Empty (the kernel chooses) in a service a test started (KERNEL_PORTS_ENV)."""
+    if os.environ.get(KERNEL_PORTS_ENV) == "1":
+        return range(0)
     try:
         ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -115,7 +129,15 @@ def _pick_range() -> range:
 
 def free_ports(count: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[int]:
     """`count` distinct TCP ports on 127.0.0.1 that were free a moment ago (held open together while chosen, so
-    none repeats), none of them in `exclude`; below the kernel's ephemeral range when there is room (_pick_range)."""
+    none repeats), none of them in `exclude` or handed out lately by this process; below the kernel's ephemeral range
+    when there is room (_pick_range)."""
+    with _PICK_LOCK:
+        ports = _free_ports(count, exclude | set(_RECENT_PICKS))
+        _RECENT_PICKS.extend(ports)
+        return ports
+
+
+def _free_ports(count: int, exclude: set[int] | frozenset[int]) -> list[int]:
     sockets: list[socket.socket] = []
     span = _pick_range()
     try:

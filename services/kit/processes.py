@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.kit import tls
 from services.kit.consul_acl import TOKEN_ENV
-from services.kit.localinfra import free_port
+from services.kit.localinfra import KERNEL_PORTS_ENV, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,6 +92,7 @@ class ServiceProcess:
         settings = {"PROCESSES": "1", **settings}
         self.port = int(settings.get("PORT", 0)) or free_port()
         self.env = {**os.environ, **{f"{env_prefix}{k}": str(v) for k, v in {**settings, "PORT": self.port}.items()}}
+        self.env[KERNEL_PORTS_ENV] = "1"  # ports it picks itself must not be ones this process picked for others
         if "CONSUL_TOKEN" in settings or "CONSUL_TOKEN_FILE" in settings:
             # A service given its own Consul ACL token must not fall back to the caller's (often the master token).
             self.env.pop(TOKEN_ENV, None)

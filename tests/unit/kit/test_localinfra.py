@@ -105,3 +105,22 @@ def test_free_ports_are_picked_below_the_ephemeral_range_and_split_between_test_
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
     second = _pick_range()
     assert first and second and not set(first) & set(second)
+
+
+def test_a_picked_port_is_not_handed_out_again_before_it_is_bound():
+    from services.kit.localinfra import free_port
+
+    # Unbound picks from a range of some thousand ports: without the memory of recent picks, 400 of them would
+    # repeat one almost surely (the birthday bound), and two services started together would share it.
+    picked = [free_port() for _ in range(400)]
+    assert len(set(picked)) == len(picked), "a port was handed out twice while none of them was bound"
+
+
+def test_a_service_started_by_a_test_picks_its_own_ports_from_the_kernel(monkeypatch, tmp_path):
+    from services.kit.localinfra import KERNEL_PORTS_ENV, _pick_range
+    from services.kit.processes import ServiceProcess
+
+    process = ServiceProcess("services.registry", "MODELGRID_REGISTRY_", {}, tmp_path / "registry.log")
+    assert process.env[KERNEL_PORTS_ENV] == "1"
+    monkeypatch.setenv(KERNEL_PORTS_ENV, "1")
+    assert not _pick_range()  # the test process's range is its own
