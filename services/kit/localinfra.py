@@ -98,11 +98,11 @@ taken between the pick and the service's bind (seen under parallel test runs).""
 KERNEL_PORTS_ENV = "MODELGRID_KERNEL_PORTS"
 """Set to 1 in the environment of a service a test starts (kit.processes): the ports that service picks for itself (a
 replica's worker metrics ports) come from the kernel, never from the range the test process picks from, so it cannot
-take a port the test picked for a service that has not bound it yet (seen: a gateway's worker took the port of a
-predictor still importing TensorFlow)."""
+take a port the test picked for a service that has not bound it yet."""
 _RECENT_PICKS: deque[int] = deque(maxlen=1024)
 """What free_ports() handed out lately in this process: never handed out again while here, since a picked port may
-not be bound yet (services started together import for seconds before they bind)."""
+not be bound yet (services started together import for seconds before they bind; seen: a gateway bound as its web
+port the port picked next for a predictor still importing TensorFlow)."""
 _PICK_LOCK = threading.Lock()
 
 
