@@ -1,8 +1,10 @@
 """Fixtures of the integration tier (services as real subprocesses): a registry on the session Consul and Redis,
-a real OTLP trace receiver, the predictor's request builder, and a certificate for a gateway's public port."""
+a real OTLP trace receiver, the predictor's request builder, a wait for a gateway's first route, and a certificate
+for a gateway's public port."""
 
 import datetime
 import ipaddress
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -98,6 +100,28 @@ def _predict_request(ref: str, x: np.ndarray, **inputs: np.ndarray) -> predictor
 def predict_request() -> Callable[..., predictor_pb2.PredictRequest]:
     """`predict_request("name@alias" | "name:3" | "name", x, **more_inputs)`: a PredictRequest with input "x"."""
     return _predict_request
+
+
+def _until_routed(call: Callable[[], object], what: str, timeout: float = 60.0) -> grpc.StatusCode:
+    """Makes `call()` (a call through a gateway) until it is answered by something other than UNAVAILABLE, which a
+    gateway answers until Consul has seen the backend's health check pass; returns the status of that answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            call()
+            return grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                return err.code()
+        assert time.monotonic() < deadline, f"the gateway never routed to {what}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def until_routed() -> Callable[..., grpc.StatusCode]:
+    """`until_routed(call, what, timeout=60)`: waits until a gateway routes `call` to its backend (module fixtures
+    that start a gateway beside its backends wait so before their first test)."""
+    return _until_routed
 
 
 def _gateway_certificate(directory: Path) -> tuple[Path, Path, Path]:

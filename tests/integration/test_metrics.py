@@ -59,7 +59,15 @@ def _agent(launch, consul_url: str, data_dir: Path) -> ServiceProcess:
 
 @pytest.fixture(scope="module")
 def mesh(
-    internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, unique, build_saved_model, predict_request
+    internal_tls_dir,
+    redis_server,
+    tmp_path_factory,
+    launch,
+    client_for,
+    unique,
+    build_saved_model,
+    predict_request,
+    until_routed,
 ):
     tmp = tmp_path_factory.mktemp("metrics")
     with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
@@ -89,9 +97,12 @@ def mesh(
         agent_channel = agent.channel(identity="trainer")  # an agent accepts only the trainer
         gateway_channel = grpc.insecure_channel(gateway.target)
         try:
-            # The gateway routes to the predictor once Consul has seen its health check pass: wait for that, so the
-            # first test's calls through the gateway do not race it.
-            _wait_routed(predictor_pb2_grpc.PredictorStub(gateway_channel), predict_request(model, X))
+            through_gateway = predictor_pb2_grpc.PredictorStub(gateway_channel)
+            request = predict_request(model, X)
+            assert (
+                until_routed(lambda: through_gateway.Predict(request, timeout=30), "the predictor")
+                == grpc.StatusCode.OK
+            )
             yield SimpleNamespace(
                 model=model,
                 ports=ports,
@@ -107,14 +118,6 @@ def mesh(
                 open_channel.close()
             for process in (gateway, predictor, trainer, agent, registry):
                 process.stop()
-
-
-def _wait_routed(gateway, request, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while (code := _code(gateway.Predict, request)) == grpc.StatusCode.UNAVAILABLE:
-        assert time.monotonic() < deadline, "the gateway never routed a prediction to the predictor"
-        time.sleep(0.2)
-    assert code == grpc.StatusCode.OK, code
 
 
 class Exposition:

@@ -35,7 +35,7 @@ FINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 
 
 @pytest.fixture(scope="module")
-def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for):
+def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for, until_routed):
     tmp = tmp_path_factory.mktemp("recipes")
     with ConsulAgent(tmp / "consul", tls_dir=internal_tls_dir) as consul:
         prefix = f"mg:test-recipes:{uuid.uuid4().hex[:6]}:"
@@ -60,18 +60,11 @@ def mesh(internal_tls_dir, redis_server, tmp_path_factory, launch, client_for):
         while len(ns.trainer.ListWorkers(pb.ListWorkersRequest()).workers) < 2:
             assert time.monotonic() < deadline, "the trainer did not find both agents"
             time.sleep(0.2)
-        # The gateway routes to the registry once Consul has seen the registry's health check pass.
         through_gateway = registry_pb2_grpc.ModelRegistryStub(gateway_channel)
         bearer = (("authorization", f"Bearer {ADMIN_KEY}"),)
-        while True:
-            try:
-                through_gateway.GetModel(rpb.GetModelRequest(name="absent"), metadata=bearer, timeout=10)
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
-                    break
-            assert time.monotonic() < deadline + 30, "the gateway never routed to the registry"
-            time.sleep(0.2)
+        absent = rpb.GetModelRequest(name="absent")
+        code = until_routed(lambda: through_gateway.GetModel(absent, metadata=bearer, timeout=10), "the registry")
+        assert code == grpc.StatusCode.NOT_FOUND, code
         try:
             yield ns
         finally:
